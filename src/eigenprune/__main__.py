@@ -1,0 +1,3 @@
+from eigenprune.cli import app
+
+app(prog_name="eigenprune")

@@ -1,0 +1,118 @@
+"""Save and load MLPs as safetensors + a JSON architecture (no pickled code is ever loaded).
+
+Supported modules: `nn.Sequential` of `nn.Linear`, `SpectralLinear`, `nn.ReLU` and `nn.Identity`.
+The architecture lives in the safetensors metadata under the key "eigenprune".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from eigenprune.layers import SpectralLinear
+
+FORMAT = "eigenprune-mlp/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, stated in one line."""
+
+
+def architecture(model: nn.Module) -> list[dict]:
+    """A JSON-able description of an `nn.Sequential` MLP, one entry per module."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"only nn.Sequential MLPs can be saved, got {type(model).__name__}")
+    arch: list[dict] = []
+    for m in model:
+        if isinstance(m, SpectralLinear):
+            arch.append({
+                "type": "spectral", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                "trains": m.trainable_parts(),
+                "l2_phi": m.l2_phi, "l2_lam": m.l2_lam,
+            })
+        elif isinstance(m, nn.Linear):
+            arch.append({"type": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                         "trains": m.weight.requires_grad})
+        elif isinstance(m, nn.ReLU):
+            arch.append({"type": "relu"})
+        elif isinstance(m, nn.Identity):
+            arch.append({"type": "identity"})
+        else:
+            raise TypeError(f"cannot save module of type {type(m).__name__}; supported: Linear, SpectralLinear, ReLU, Identity")
+    return arch
+
+
+def build(arch: list[dict], dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """An `nn.Sequential` with the given architecture (parameters uninitialised in value)."""
+    mods: list[nn.Module] = []
+    for entry in arch:
+        kind = entry.get("type")
+        if kind == "spectral":
+            trains = set(entry["trains"])
+            mods.append(SpectralLinear(
+                entry["in"], entry["out"], bias=entry["bias"], train_phi="phi" in trains, train_lam_in="lam_in" in trains,
+                train_lam_out="lam_out" in trains, train_bias="bias" in trains, l2_phi=entry["l2_phi"], l2_lam=entry["l2_lam"],
+                dtype=dtype,
+            ))
+        elif kind == "linear":
+            lin = nn.Linear(entry["in"], entry["out"], bias=entry["bias"], dtype=dtype)
+            lin.requires_grad_(bool(entry.get("trains", True)))
+            mods.append(lin)
+        elif kind == "relu":
+            mods.append(nn.ReLU())
+        elif kind == "identity":
+            mods.append(nn.Identity())
+        else:
+            raise CheckpointError(f"unknown layer type in architecture: {kind!r}")
+    return nn.Sequential(*mods)
+
+
+def save_model(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
+    """Write `model` to `path` (safetensors, atomically) with its architecture and `extra` metadata."""
+    path = Path(path)
+    meta = {"format": FORMAT, "eigenprune": json.dumps(architecture(model)), "extra": json.dumps(extra or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata dict of a safetensors file; `CheckpointError` if it is missing or unreadable."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an eigenprune checkpoint (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+    return meta
+
+
+def load_model(path: str | Path) -> tuple[nn.Sequential, dict]:
+    """Load a model saved by `save_model`; returns (model, extra metadata)."""
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+        arch = json.loads(meta["eigenprune"])
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: corrupted checkpoint ({err})") from None
+    dtypes = {t.dtype for t in tensors.values()}
+    model = build(arch, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: tensors do not match the stored architecture ({str(err).splitlines()[0]})") from None
+    return model, json.loads(meta.get("extra", "{}"))

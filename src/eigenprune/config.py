@@ -1,0 +1,158 @@
+"""Validated run configuration.
+
+The defaults *are* the embedded "quick" config: a CPU-sized version of the paper's experiment
+(PAPER.md section 2) that keeps many small Adam steps so the effect shows on 2 cores. A YAML file
+only needs the fields it changes. Every validation problem becomes one `ConfigError` line that
+names the field, the bad value and what is valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, stated in one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TeacherConfig(_Strict):
+    kind: Literal["mlp", "linear", "hidden_manifold"] = "mlp"
+    widths: Annotated[list[PositiveInt], Field(min_length=1)] = [20, 10]
+    seed: int = 1234
+    latent_dim: PositiveInt = 5
+
+
+class DataConfig(_Strict):
+    input_dim: PositiveInt = 10
+    n_train: PositiveInt = 4000
+    n_test: PositiveInt = 4000
+    seed: int = 0
+    standardize_targets: bool = False
+    teacher: TeacherConfig = TeacherConfig()
+
+
+class MethodConfig(_Strict):
+    lr: PositiveFloat
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    l2_phi: NonNegativeFloat = 0.01
+    l2_lam: NonNegativeFloat = 5e-4
+
+
+class SpectralConfig(MethodConfig):
+    lr: PositiveFloat = 0.005
+    batch_size: PositiveInt = 100
+    epochs: PositiveInt = 500
+
+
+class DirectConfig(MethodConfig):
+    lr: PositiveFloat = 0.002
+    batch_size: PositiveInt = 100
+    epochs: PositiveInt = 150
+
+
+class StudentConfig(_Strict):
+    widths: Annotated[list[PositiveInt], Field(min_length=1)] = [20, 60, 200]
+    rest: list[PositiveInt] = [10]
+
+
+class AnalysisConfig(_Strict):
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    probe_kept: list[PositiveInt] = [20, 30]
+
+
+class Config(_Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "quick"
+    seed: int = 0
+    trials: PositiveInt = 3
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str = "cpu"
+    methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
+    data: DataConfig = DataConfig()
+    student: StudentConfig = StudentConfig()
+    spectral: SpectralConfig = SpectralConfig()
+    direct: DirectConfig = DirectConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
+    save_students: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("cpu", "cuda", "auto") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"must be cpu, cuda, cuda:N or auto, got {v!r}")
+        return v
+
+    def method(self, name: str) -> MethodConfig:
+        return getattr(self, name)
+
+    def digest(self) -> str:
+        """A hash of everything that changes results (not the device or the name)."""
+        payload = self.model_dump(exclude={"device", "name"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def _one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{where}: {msg} (got {e['input']!r})" if e["type"] != "missing" else f"{where}: {msg}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def parse_config(data: object, source: str = "config") -> Config:
+    """Validate a mapping (e.g. parsed YAML) into a `Config`; raises `ConfigError`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_one_line(err)}") from None
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> Config:
+    """Load a YAML config (None = the embedded defaults) and apply `overrides` (dotted keys)."""
+    data: dict = {}
+    source = "default config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if overrides:
+        if not isinstance(data, dict):
+            data = {} if data is None else data
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+    return parse_config(data, source)

@@ -1,0 +1,148 @@
+"""Many students as one batched computation.
+
+S students of the same depth are stacked along a leading dimension; narrower ones are zero-padded.
+Padded entries have zero weight, zero activation and zero gradient, so they stay exactly zero under
+Adam (an element-wise optimizer): training the stack equals training each student alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from eigenprune.layers import SpectralLinear, spectral_weight
+from eigenprune.nets import linear_layers
+
+_PARTS = ("phi", "lam_in", "lam_out", "bias")
+
+
+class StackedLayer(nn.Module):
+    """One layer of S students: phi [S, O, I], lam_in [S, I], lam_out [S, O], bias [S, O] or None."""
+
+    def __init__(self, layers: list[SpectralLinear]) -> None:
+        super().__init__()
+        first = layers[0]
+        for layer in layers:
+            if not isinstance(layer, SpectralLinear):
+                raise TypeError(f"ensemble layers must be SpectralLinear, got {type(layer).__name__}")
+            if (layer.bias is None, layer.trainable_parts()) != (first.bias is None, first.trainable_parts()):
+                raise ValueError("students stacked in one ensemble must train the same parts of each layer")
+        n_out = max(layer.out_features for layer in layers)
+        n_in = max(layer.in_features for layer in layers)
+        s, kw = len(layers), {"dtype": first.phi.dtype, "device": first.phi.device}
+        stacked = {
+            "phi": torch.zeros(s, n_out, n_in, **kw), "lam_in": torch.zeros(s, n_in, **kw),
+            "lam_out": torch.zeros(s, n_out, **kw), "bias": torch.zeros(s, n_out, **kw),
+        }
+        for i, layer in enumerate(layers):
+            o, n = layer.out_features, layer.in_features
+            stacked["phi"][i, :o, :n] = layer.phi.detach()
+            stacked["lam_in"][i, :n] = layer.lam_in.detach()
+            stacked["lam_out"][i, :o] = layer.lam_out.detach()
+            if first.bias is not None:
+                stacked["bias"][i, :o] = layer.bias.detach()
+        for name in _PARTS:
+            if getattr(first, name) is None:
+                self.bias = None
+            else:
+                setattr(self, name, nn.Parameter(stacked[name], getattr(first, name).requires_grad))
+        self.register_buffer("widths", torch.tensor([layer.out_features for layer in layers]))
+        self.register_buffer("in_widths", torch.tensor([layer.in_features for layer in layers]))
+        self.register_buffer("l2_phi", torch.tensor([layer.l2_phi for layer in layers], **kw))
+        self.register_buffer("l2_lam", torch.tensor([layer.l2_lam for layer in layers], **kw))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Direct-space weights [S, O, I] (see `spectral_weight`)."""
+        return spectral_weight(self.phi, self.lam_in, self.lam_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.bmm(x, self.weight.transpose(1, 2))
+        return z if self.bias is None else z + self.bias.unsqueeze(1)
+
+    def penalty(self) -> torch.Tensor:
+        """Per-student L2 terms [S] on the trainable parts (same as `SpectralLinear.penalty`)."""
+        total = self.phi.new_zeros(self.phi.shape[0])
+        if self.phi.requires_grad:
+            total = total + self.l2_phi * self.phi.square().sum((1, 2))
+        for lam in (self.lam_in, self.lam_out):
+            if lam.requires_grad:
+                total = total + self.l2_lam * lam.square().sum(1)
+        return total
+
+    def student_layer(self, s: int) -> SpectralLinear:
+        """Student `s`'s layer, unpadded, as a standalone `SpectralLinear`."""
+        o, n = int(self.widths[s]), int(self.in_widths[s])
+        layer = SpectralLinear(
+            n, o, bias=self.bias is not None, train_phi=self.phi.requires_grad, train_lam_in=self.lam_in.requires_grad,
+            train_lam_out=self.lam_out.requires_grad, train_bias=self.bias is not None and self.bias.requires_grad,
+            l2_phi=float(self.l2_phi[s]), l2_lam=float(self.l2_lam[s]), dtype=self.phi.dtype, device=self.phi.device,
+        )
+        with torch.no_grad():
+            layer.phi.copy_(self.phi[s, :o, :n])
+            layer.lam_in.copy_(self.lam_in[s, :n])
+            layer.lam_out.copy_(self.lam_out[s, :o])
+            if self.bias is not None:
+                layer.bias.copy_(self.bias[s, :o])
+        return layer
+
+
+class Ensemble(nn.Module):
+    """S students (`nn.Sequential`s of `SpectralLinear` + ReLU, same depth) trained as one computation.
+
+    Input x is [S, B, input_dim]; output [S, B, n_outputs]. ReLU follows every layer but the last.
+    """
+
+    def __init__(self, students: list[nn.Module]) -> None:
+        super().__init__()
+        if not students:
+            raise ValueError("an ensemble needs at least one student")
+        per_student = [linear_layers(s) for s in students]
+        depth = len(per_student[0])
+        if any(len(layers) != depth for layers in per_student):
+            raise ValueError("students stacked in one ensemble must have the same number of layers")
+        self.layers = nn.ModuleList(StackedLayer([layers[i] for layers in per_student]) for i in range(depth))
+
+    @property
+    def n_students(self) -> int:
+        return self.layers[0].phi.shape[0]
+
+    def forward(self, x: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Batched forward; `keep` maps a layer index to a [S, O] 0/1 mask of the nodes left in place."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+                if keep is not None and i in keep:
+                    x = x * keep[i].unsqueeze(1)
+        return x
+
+    def hidden(self, x: torch.Tensor, upto: int) -> torch.Tensor:
+        """Post-ReLU activations of layer `upto` [S, B, O]."""
+        for layer in self.layers[: upto + 1]:
+            x = F.relu(layer(x))
+        return x
+
+    def head(self, a: torch.Tensor, start: int) -> torch.Tensor:
+        """The network from the *pre-activation* of layer `start` to the output."""
+        x = a
+        for i in range(start, len(self.layers)):
+            if i > start:
+                x = self.layers[i](x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+    def penalty(self) -> torch.Tensor:
+        """Per-student regularization [S]."""
+        return sum(layer.penalty() for layer in self.layers)
+
+    def student(self, s: int) -> nn.Sequential:
+        """Student `s` as a standalone, unpadded `nn.Sequential` (a copy)."""
+        mods: list[nn.Module] = []
+        for i, layer in enumerate(self.layers):
+            mods.append(layer.student_layer(s))
+            if i < len(self.layers) - 1:
+                mods.append(nn.ReLU())
+        return nn.Sequential(*mods)

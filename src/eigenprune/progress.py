@@ -1,0 +1,35 @@
+"""A rich progress bar (one line per chunk: epochs done and the current mean loss), or nothing."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as _RichProgress
+
+
+class Progress:
+    """Context manager; `add(description, epochs)` -> task id; `update(task, epochs_done, loss)`."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._bar = None if quiet else _RichProgress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+
+    def __enter__(self) -> Progress:
+        if self._bar is not None:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def add(self, description: str, total: int) -> int:
+        return -1 if self._bar is None else self._bar.add_task(description, total=total, loss="-")
+
+    def update(self, task: int, done: int, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(task, completed=done, loss=f"{loss:.4g}")

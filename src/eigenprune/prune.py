@@ -1,0 +1,54 @@
+"""Pruning by importance: masks and pruning curves.
+
+A pruning curve is the test loss when only the k most important nodes of a layer are kept,
+for every k from 1 to the layer's width (`delta_loss = loss_k - loss_full`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eigenprune.ensemble import Ensemble
+from eigenprune.train import Task, task_loss
+
+
+def keep_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    """0/1 mask [..., N] keeping the k highest-scoring nodes of each row (ties broken by index)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = order.argsort(dim=-1)
+    k = torch.as_tensor(k, device=scores.device)
+    return (ranks < k.unsqueeze(-1) if k.dim() else ranks < k).to(scores.dtype)
+
+
+@torch.no_grad()
+def pruning_curves(
+    ens: Ensemble, layer: int, scores: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+    trial_index: torch.Tensor, task: Task, budget: int = 2**24,
+) -> torch.Tensor:
+    """Test loss [S, N] of every student keeping its top-k nodes of hidden layer `layer`, k = 1..N.
+
+    Uses prefix sums: with nodes sorted by importance, the next layer's pre-activation with k nodes
+    kept is the cumulative sum of the first k nodes' contributions, so all N curves cost about one
+    forward pass with an extra node axis. x [T, Q, D], y [T, Q] are the trials' test sets.
+    Entries beyond a student's own width repeat its full-width loss.
+    """
+    if not 0 <= layer < len(ens.layers) - 1:
+        raise ValueError(f"layer must be a hidden layer index in 0..{len(ens.layers) - 2}, got {layer}")
+    s_count, n = scores.shape
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    nxt = ens.layers[layer + 1]
+    w_next = torch.gather(nxt.weight, 2, order.unsqueeze(1).expand(-1, nxt.weight.shape[1], -1))  # [S, O, N]
+    q = x.shape[1]
+    per_row = n * max(w_next.shape[1], 1) * s_count
+    chunk = max(1, min(q, budget // max(per_row, 1)))
+    total = x.new_zeros(s_count, n)
+    for start in range(0, q, chunk):
+        xb, yb = x[trial_index, start : start + chunk], y[trial_index, start : start + chunk]
+        a = torch.gather(ens.hidden(xb, layer), 2, order.unsqueeze(1).expand(-1, xb.shape[1], -1))  # [S, B, N]
+        z = torch.cumsum(a.unsqueeze(-1) * w_next.transpose(1, 2).unsqueeze(1), dim=2)  # [S, B, N(k), O]
+        if nxt.bias is not None:
+            z = z + nxt.bias[:, None, None, :]
+        out = ens.head(z.flatten(1, 2), layer + 1).unflatten(1, (xb.shape[1], n))  # [S, B, N, C]
+        yk = yb.unsqueeze(-1).expand(-1, -1, n)  # [S, B, N]
+        total += task_loss(out.transpose(1, 2), yk.transpose(1, 2), task) * xb.shape[1]
+    return total / q

@@ -1,0 +1,135 @@
+"""The training loop: Adam on mini-batches, L2 regularization, divergence guard.
+
+`train_ensemble` trains a stack of students; `train_alone` is the same loop for one ordinary
+PyTorch model and is the oracle the batched path is tested against. Both draw every epoch's
+shuffle from one `torch.Generator` per trial seeded by `shuffle_seed`, so they see identical batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from eigenprune.ensemble import Ensemble
+from eigenprune.nets import spectral_penalty
+
+Task = Literal["regression", "classification"]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How a group of students trains: all share learning rate, batch size and epoch count."""
+
+    lr: float
+    batch_size: int
+    epochs: int
+    task: Task = "regression"
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
+    """Loss per leading index, averaged over the batch: out [..., B, C], y [..., B] -> [...].
+
+    regression: mean squared error of the single output; classification: cross-entropy.
+    """
+    if task == "regression":
+        return (out.squeeze(-1) - y).square().mean(-1)
+    lead = out.shape[:-1]
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none").view(lead).mean(-1)
+
+
+def _optimizer(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def _batches(n: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+@dataclass
+class TrainLog:
+    """What training left besides the parameters: per-student first non-finite step (-1 = none)."""
+
+    failed_step: torch.Tensor
+    steps: int
+
+
+def train_ensemble(
+    ens: Ensemble,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    trial_index: torch.Tensor,
+    spec: TrainSpec,
+    shuffle_seeds: list[int],
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> TrainLog:
+    """Train every student of `ens` on its own trial's data, in place.
+
+    x [T, P, D] and y [T, P] hold the training sets of T trials; `trial_index` [S] says which one
+    each student uses; `shuffle_seeds[t]` seeds trial t's batch order. A student whose loss turns
+    NaN/inf is frozen (its gradients are zeroed from then on) and reported in `failed_step`;
+    the others are untouched by it. `on_epoch(epoch, mean_loss_of_live_students)` reports progress.
+    """
+    params = [p for p in ens.parameters() if p.requires_grad]
+    opt = _optimizer(params, spec.lr)
+    gens = [torch.Generator().manual_seed(int(s)) for s in shuffle_seeds]
+    n = x.shape[1]
+    batches = _batches(n, spec.batch_size)
+    failed_step = torch.full((ens.n_students,), -1, dtype=torch.long, device=x.device)
+    alive = torch.ones(ens.n_students, dtype=torch.bool, device=x.device)
+    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    step, any_dead = 0, False
+    for epoch in range(spec.epochs):
+        perm = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(x.device)
+        xs, ys = x[rows, perm][trial_index], y[rows, perm][trial_index]
+        running = x.new_zeros(ens.n_students)
+        for b in batches:
+            loss = task_loss(ens(xs[:, b]), ys[:, b], spec.task) + ens.penalty()
+            bad = ~torch.isfinite(loss)
+            failed_step = torch.where(bad & (failed_step < 0), step, failed_step)
+            loss = torch.where(alive & ~bad, loss, torch.zeros_like(loss))
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            if any_dead:
+                for p in params:
+                    p.grad[~alive] = 0
+            opt.step()
+            running += loss.detach()
+            step += 1
+        alive = failed_step < 0
+        any_dead = not bool(alive.all())
+        if on_epoch is not None:
+            live = running[alive]
+            on_epoch(epoch, float(live.mean()) / len(batches) if live.numel() else float("nan"))
+    return TrainLog(failed_step=failed_step.cpu(), steps=step)
+
+
+def train_alone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec, shuffle_seed: int) -> nn.Module:
+    """Train one ordinary PyTorch model with the same loop (x [P, D], y [P]); the batched path's oracle."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(params, spec.lr)
+    gen = torch.Generator().manual_seed(int(shuffle_seed))
+    n = x.shape[0]
+    for _ in range(spec.epochs):
+        perm = torch.randperm(n, generator=gen).to(x.device)
+        xs, ys = x[perm], y[perm]
+        for b in _batches(n, spec.batch_size):
+            loss = task_loss(model(xs[b]), ys[b], spec.task) + spectral_penalty(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model
+
+
+@torch.no_grad()
+def evaluate(ens: Ensemble, x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor, task: Task, chunk: int = 8192) -> torch.Tensor:
+    """Loss of every student on its trial's set (x [T, P, D], y [T, P]) -> [S] (no penalty)."""
+    total = x.new_zeros(ens.n_students)
+    n = x.shape[1]
+    for b in _batches(n, chunk):
+        total += task_loss(ens(x[trial_index, b]), y[trial_index, b], task) * (b.stop - b.start)
+    return total / n

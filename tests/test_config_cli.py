@@ -1,0 +1,93 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import TINY
+from eigenprune.cli import app
+from eigenprune.config import Config, ConfigError, load_config, parse_config
+
+runner = CliRunner()
+
+
+def _run(args):
+    result = runner.invoke(app, args)
+    return result.exit_code, result.stderr, result.stdout
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"trials": 2, "bogus": 1}, "bogus: unknown key (got 1)"),
+        ({"student": {"widths": [20, -3]}}, "student.widths.1: Input should be greater than 0 (got -3)"),
+        ({"trials": "three"}, "trials: Input should be a valid integer"),
+        ({"data": {"teacher": {"kind": "quadratic"}}}, "data.teacher.kind: Input should be 'mlp', 'linear' or 'hidden_manifold'"),
+        ({"spectral": {"lr": 0}}, "spectral.lr: Input should be greater than 0 (got 0)"),
+        ({"device": "tpu"}, "device: Value error, must be cpu, cuda, cuda:N or auto, got 'tpu'"),
+        ([1, 2], "the top level must be a mapping"),
+    ],
+)
+def test_config_errors_are_one_line_exit_2_and_leave_no_run_folder(tmp_path, body, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(body))
+    out = tmp_path / "run"
+    code, err, _ = _run(["run", str(cfg), "--out", str(out), "--quiet"])
+    assert code == 2
+    assert message in err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    code, err, _ = _run(["run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")])
+    assert code == 2 and "config file not found" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trials: [1, 2\n")
+    code, err, _ = _run(["run", str(bad), "--out", str(tmp_path / "r")])
+    assert code == 2 and "not valid YAML at line" in err
+    code, err, _ = _run(["run", "--set", "trials", "--out", str(tmp_path / "r")])
+    assert code == 2 and "--set takes KEY=VALUE" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_defaults_are_the_quick_config_and_overrides_apply():
+    cfg = load_config(None, {"spectral.epochs": 7, "student.widths": [5]})
+    assert cfg.spectral.epochs == 7 and cfg.student.widths == [5]
+    assert cfg.data.teacher.widths == [20, 10] and cfg.spectral.lr == 0.005
+    assert parse_config({"spectral": {"l2_lam": "5e-4"}}).spectral.l2_lam == 5e-4  # YAML 1.1 reads 5e-4 as text
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config({"spectral": {"lr_": 1.0}})
+    assert Config().digest() == Config(device="cuda", name="other").digest()
+    assert Config().digest() != Config(trials=4).digest()
+
+
+def test_run_end_to_end_writes_the_run_folder(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "name": "tiny"}))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "eigenprune", "run", str(cfg), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("config.yaml", "manifest.json", "summary.json", "results.parquet", "curves.parquet", "report.html"):
+        assert (out / name).is_file(), name
+    for fig in ("importance_histograms", "effective_dimension", "pruning_curves", "losses"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
+    res = pd.read_parquet(out / "results.parquet")
+    assert {"method", "width", "trial", "teacher_widths", "train_loss", "test_loss", "effective_dim"} <= set(res.columns)
+    assert len(res) == 2 * 2 * 2 and set(res.width) == {6, 12} and (res.status == "ok").all()
+    assert res.effective_dim.between(1, 12).all()
+    curves = pd.read_parquet(out / "curves.parquet")
+    assert {"method", "width", "trial", "kept", "test_loss", "delta_loss"} <= set(curves.columns)
+    assert len(curves) == 2 * 2 * (6 + 12)
+    full = curves[curves.kept == curves.width].merge(res, on=["method", "width", "trial"])
+    assert (full.delta_loss == 0).all()
+    assert (full.test_loss_x - full.test_loss_y).abs().max() < 1e-5
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(g["method"], g["width"]) for g in summary["groups"]} == {(m, w) for m in ("spectral", "direct") for w in (6, 12)}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["device"] == "cpu" and manifest["wall_seconds"] > 0 and manifest["torch"]
+    assert Config.model_validate(yaml.safe_load((out / "config.yaml").read_text())).trials == 2

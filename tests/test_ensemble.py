@@ -1,0 +1,77 @@
+import copy
+
+import pytest
+import torch
+
+from eigenprune.ensemble import Ensemble
+from eigenprune.nets import LayerPlan, make_student, make_teacher
+from eigenprune.train import TrainSpec, train_alone, train_ensemble
+
+
+def _plans(width, kind):
+    return [LayerPlan(width, kind), LayerPlan(10, "direct", 0.0, 0.0), LayerPlan(1, "fixed", 0.0, 0.0)]
+
+
+def _data(trials=2, n=120, dtype=torch.float32):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(trials, n, 10, generator=g, dtype=dtype)
+    y = make_teacher(10, [20, 10], 3, dtype)(x).squeeze(-1)
+    return x, y
+
+
+@pytest.mark.parametrize("kind", ["spectral", "direct"])
+def test_batched_training_equals_training_each_student_alone(kind):
+    """3 students of different widths, 50 Adam steps: batched == one by one (rel. error <= 1e-5)."""
+    x, y = _data()
+    students = [make_student(10, _plans(w, kind), seed=w) for w in (5, 17, 40)]
+    trial_index = torch.tensor([0, 1, 0])
+    shuffle = [101, 202]
+    spec = TrainSpec(lr=0.01, batch_size=24, epochs=10)  # 5 batches x 10 epochs = 50 steps
+    ens = Ensemble([copy.deepcopy(s) for s in students])
+    log = train_ensemble(ens, x, y, trial_index, spec, shuffle)
+    assert log.steps == 50
+    for s, student in enumerate(students):
+        start = copy.deepcopy(student)
+        train_alone(student, x[trial_index[s]], y[trial_index[s]], spec, shuffle[trial_index[s]])
+        batched = ens.student(s)
+        for (name, alone), (_, other), (_, before) in zip(
+            student.named_parameters(), batched.named_parameters(), start.named_parameters()
+        ):
+            if alone.requires_grad:
+                assert not torch.equal(alone, before), f"{name} did not train"
+            err = (alone - other).norm() / alone.norm().clamp_min(1e-12)
+            assert err <= 1e-5, f"student {s} {name}: rel. error {err:.2e}"
+
+
+def test_padding_stays_zero_and_students_extract_exactly():
+    x, y = _data()
+    ens = Ensemble([make_student(10, _plans(w, "spectral"), seed=w) for w in (3, 8)])
+    train_ensemble(ens, x, y, torch.tensor([0, 1]), TrainSpec(0.01, 40, 2), [1, 2])
+    first = ens.layers[0]
+    assert torch.all(first.phi[0, 3:] == 0) and torch.all(first.lam_out[0, 3:] == 0)
+    assert torch.all(ens.layers[1].phi[0, :, 3:] == 0)
+    xs = x[:, :7]
+    out = ens(xs)
+    for s in range(2):
+        torch.testing.assert_close(ens.student(s)(xs[s]), out[s])
+
+
+def test_diverging_student_is_stopped_and_others_are_unaffected():
+    x, y = _data()
+    students = [make_student(10, _plans(w, "spectral"), seed=w) for w in (6, 9, 12)]
+    with torch.no_grad():  # student 1 starts with huge eigenvalues -> its loss overflows to inf
+        students[1][0].lam_out.fill_(1e30)
+    spec = TrainSpec(0.01, 40, 3)
+    ens = Ensemble([copy.deepcopy(s) for s in students])
+    log = train_ensemble(ens, x, y, torch.tensor([0, 0, 1]), spec, [1, 2])
+    assert log.failed_step.tolist() == [-1, 0, -1]
+    ref = Ensemble([copy.deepcopy(students[0]), copy.deepcopy(students[2])])
+    train_ensemble(ref, x, y, torch.tensor([0, 1]), spec, [1, 2])
+    for got, want in ((0, 0), (2, 1)):
+        for a, b in zip(ens.student(got).parameters(), ref.student(want).parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_flags_are_refused():
+    with pytest.raises(ValueError, match="same parts"):
+        Ensemble([make_student(10, _plans(4, "spectral"), 1), make_student(10, _plans(4, "direct"), 1)])
