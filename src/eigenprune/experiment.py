@@ -7,9 +7,12 @@ so that padding never more than `pack_factor`-folds the work (see `plan_chunks`)
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from eigenprune.data import TrialData, derive_seed, teacher_data
 from eigenprune.ensemble import Ensemble
 from eigenprune.importance import node_importance, normalize
 from eigenprune.nets import LayerPlan, make_student
-from eigenprune.progress import Progress
+from eigenprune.progress import Progress, QueueProgress
 from eigenprune.prune import pruning_curves
 from eigenprune.store import RunFolder
 from eigenprune.train import TrainSpec, evaluate, train_ensemble
@@ -155,12 +158,12 @@ def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
     return out
 
 
-def manifest(cfg: Config, device: torch.device, wall: float, chunks: list[Chunk], skipped: list[str]) -> dict:
+def manifest(cfg: Config, device: torch.device, wall: float, chunks: list[Chunk], skipped: list[str], workers: int) -> dict:
     info = {
         "eigenprune": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
         "numpy": np.__version__, "pandas": pd.__version__, "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(), "cpu_count": __import__("os").cpu_count(),
-        "torch_threads": torch.get_num_threads(), "device": str(device),
+        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "workers": workers, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
         "config_digest": cfg.digest(), "seed": cfg.seed, "data_seed": cfg.data.seed, "teacher_seed": cfg.data.teacher.seed,
         "wall_seconds": round(wall, 3), "chunks": [c.id for c in chunks], "chunks_resumed": skipped,
@@ -169,8 +172,63 @@ def manifest(cfg: Config, device: torch.device, wall: float, chunks: list[Chunk]
     return info
 
 
+def chunk_cost(cfg: Config, chunk: Chunk) -> float:
+    """A rough relative training cost (steps x padded students x width) used to order the work."""
+    m = cfg.method(chunk.method)
+    steps = m.epochs * -(-cfg.data.n_train // m.batch_size)
+    return steps * (1 + len(chunk.widths) * len(chunk.trials) * max(chunk.widths) / 2000)
+
+
+def train_and_commit(cfg: Config, chunk: Chunk, folder: RunFolder, data: TrialData, device: torch.device, progress) -> str:
+    """Train one chunk and rename its tables and checkpoints into the run folder."""
+    tables, ens, keys = run_chunk(cfg, chunk, data, device, progress)
+
+    def write_students(tmp: Path) -> None:
+        if not cfg.save_students:
+            return
+        (tmp / "students").mkdir()
+        for s, (w, t) in enumerate(keys):
+            meta = {"method": chunk.method, "width": w, "trial": t, "config_digest": cfg.digest()}
+            save_model(ens.student(s).cpu(), tmp / "students" / f"{chunk.method}-N{w}-t{t}.safetensors", meta)
+
+    folder.commit_chunk(chunk.id, tables, write_students)
+    return chunk.id
+
+
+def _chunk_job(cfg_data: dict, chunk: Chunk, folder: str, queue, threads: int) -> str:
+    """Worker-process entry: rebuild the (seeded, hence identical) data and train one chunk."""
+    torch.set_num_threads(threads)
+    cfg = Config.model_validate(cfg_data)
+    return train_and_commit(cfg, chunk, RunFolder(folder), make_data(cfg), torch.device("cpu"), QueueProgress(queue, chunk.id))
+
+
+def _run_in_workers(cfg: Config, todo: list[Chunk], folder: RunFolder, workers: int, progress: Progress) -> None:
+    ctx = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        queue = manager.Queue()
+        futures = [pool.submit(_chunk_job, cfg.model_dump(), c, str(folder.path), queue, threads) for c in todo]
+        try:
+            while True:
+                finished = all(f.done() for f in futures)
+                while not queue.empty():
+                    progress.relay(queue.get())
+                if finished:
+                    break
+                time.sleep(0.1)
+            for f in futures:
+                f.result()  # re-raises a worker's exception here
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def run_experiment(cfg: Config, out: str | Path, fresh: bool = False, quiet: bool = False) -> Path:
-    """Run every chunk of `cfg` not already finished in `out`, then merge, summarize and plot."""
+    """Run every chunk of `cfg` not already finished in `out`, then merge, summarize and report.
+
+    On the CPU, chunks run in `cfg.workers` processes (0 = one per core); on CUDA, in this process.
+    """
     from eigenprune.report import build_report
 
     device = resolve_device(cfg.device)
@@ -178,26 +236,19 @@ def run_experiment(cfg: Config, out: str | Path, fresh: bool = False, quiet: boo
     folder.prepare(cfg, fresh=fresh)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
-    data = make_data(cfg).to(device)
     chunks = plan_chunks(cfg)
     skipped = [c.id for c in chunks if folder.done(c.id)]
+    todo = sorted((c for c in chunks if c.id not in skipped), key=lambda c: -chunk_cost(cfg, c))
+    workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
     with Progress(quiet=quiet) as progress:
-        for chunk in chunks:
-            if chunk.id in skipped:
-                continue
-            tables, ens, keys = run_chunk(cfg, chunk, data, device, progress)
-
-            def write_students(tmp: Path, ens=ens, keys=keys, chunk=chunk) -> None:
-                if not cfg.save_students:
-                    return
-                (tmp / "students").mkdir()
-                for s, (w, t) in enumerate(keys):
-                    meta = {"method": chunk.method, "width": w, "trial": t, "config_digest": cfg.digest()}
-                    save_model(ens.student(s).cpu(), tmp / "students" / f"{chunk.method}-N{w}-t{t}.safetensors", meta)
-
-            folder.commit_chunk(chunk.id, tables, write_students)
+        if workers > 1:
+            _run_in_workers(cfg, todo, folder, workers, progress)
+        elif todo:
+            data = make_data(cfg).to(device)
+            for chunk in todo:
+                train_and_commit(cfg, chunk, folder, data, device, progress)
     tables = folder.merge()
     folder.write_json("summary.json", summarize(cfg, tables["results"], tables["curves"]))
-    folder.write_json("manifest.json", manifest(cfg, device, time.perf_counter() - start, chunks, skipped))
+    folder.write_json("manifest.json", manifest(cfg, device, time.perf_counter() - start, chunks, skipped, workers))
     build_report(folder.path, quiet=quiet)
     return folder.path

@@ -12,6 +12,7 @@ class Progress:
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
+        self._remote = {}
         self._bar = None if quiet else _RichProgress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
             TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -33,3 +34,25 @@ class Progress:
     def update(self, task: int, done: int, loss: float) -> None:
         if self._bar is not None:
             self._bar.update(task, completed=done, loss=f"{loss:.4g}")
+
+    def relay(self, message: tuple) -> None:
+        """Apply a message sent by a `QueueProgress` in a worker process."""
+        kind, key, *args = message
+        if kind == "add":
+            self._remote[key] = self.add(*args)
+        else:
+            self.update(self._remote[key], *args)
+
+
+class QueueProgress:
+    """The `Progress` interface for worker processes: forwards every call through a queue."""
+
+    def __init__(self, queue, key: str) -> None:
+        self.queue, self.key = queue, key
+
+    def add(self, description: str, total: int) -> int:
+        self.queue.put(("add", self.key, description, total))
+        return 0
+
+    def update(self, task: int, done: int, loss: float) -> None:
+        self.queue.put(("update", self.key, done, loss))
