@@ -68,6 +68,22 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by `e
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def collapse(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders, e.g. one per teacher width")],
+    out: Annotated[Path, typer.Option(help="folder for collapse.png and collapse.json")] = Path("runs/collapse"),
+) -> None:
+    """Rescale the spectral pruning curves of several runs (delta/max vs n/h_T - 1) and measure their collapse."""
+    from eigenprune.report import collapse_runs
+
+    try:
+        result = collapse_runs(run_dirs, out)
+    except USER_ERRORS as err:
+        _fail(str(err))
+    typer.echo(f"spread before {result['spread_before']:.3f}, after {result['spread_after']:.3f} "
+               f"(ratio {result['ratio']:.2f}); wrote {out / 'collapse.png'}")
+
+
 @app.command("config")
 def show_config(config: Annotated[Optional[Path], typer.Argument(help="YAML config to resolve")] = None) -> None:
     """Print a config with every default filled in (no argument: the embedded quick config)."""

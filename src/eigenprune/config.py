@@ -75,6 +75,7 @@ class StudentConfig(_Strict):
 class AnalysisConfig(_Strict):
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.05
     probe_kept: list[PositiveInt] = [20, 30]
+    critical_rel_tol: Annotated[float, Field(gt=0)] = 0.1  # n_c: pruning costs <= this x the full test loss
 
 
 class Config(_Strict):

@@ -21,13 +21,13 @@ import pandas as pd
 import torch
 
 from eigenprune import __version__
-from eigenprune.analysis import effective_dim
+from eigenprune.analysis import critical_point, effective_dim, teacher_comparison
 from eigenprune.checkpoint import save_model
 from eigenprune.config import Config, ConfigError
 from eigenprune.data import TrialData, derive_seed, teacher_data
 from eigenprune.ensemble import Ensemble
 from eigenprune.importance import node_importance, normalize
-from eigenprune.nets import LayerPlan, make_student
+from eigenprune.nets import LayerPlan, make_student, make_teacher
 from eigenprune.progress import Progress, QueueProgress
 from eigenprune.prune import pruning_curves
 from eigenprune.store import RunFolder
@@ -113,22 +113,31 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
     norm = normalize(scores).cpu()
     scores = scores.cpu()
     t_widths = list(cfg.data.teacher.widths)
+    teacher = None
+    if cfg.data.teacher.kind == "mlp" and len(t_widths) >= 2 and len(ens.layers) >= 3:
+        teacher = make_teacher(cfg.data.input_dim, t_widths, cfg.data.teacher.seed, dtype)
     results, curve_rows, imp_rows = [], [], []
     for s, (w, t) in enumerate(keys):
         failed = int(log.failed_step[s]) >= 0
         base = {"method": chunk.method, "width": w, "trial": t}
+        kept = np.arange(1, w + 1)
+        full = float(curves[s, w - 1])  # the full model through the same computation: delta is exactly 0 at k = N
+        n_c = critical_point(kept, curves[s, :w].numpy() - full, cfg.analysis.critical_rel_tol * full)
+        compared = {"path_distance": np.nan, "in_strength_distance": np.nan}
+        if teacher is not None and not failed:
+            cmp = teacher_comparison(ens.student(s).cpu(), teacher, min(t_widths[0], w))
+            compared = {k: cmp[k] for k in compared}
         results.append({
             **base, "teacher_kind": cfg.data.teacher.kind, "teacher_widths": ",".join(map(str, t_widths)),
             "teacher_width": t_widths[0], "train_loss": float(train_loss[s]), "test_loss": float(test_loss[s]),
-            "effective_dim": int(eff[s]) if not failed else -1, "status": "failed" if failed else "ok",
+            "effective_dim": int(eff[s]) if not failed else -1, "critical_point": n_c if not failed else -1, **compared,
+            "status": "failed" if failed else "ok",
             "failed_step": int(log.failed_step[s]), "fail_reason": "non-finite loss" if failed else "",
             "lr": m.lr, "batch_size": m.batch_size, "epochs": m.epochs, "steps": log.steps,
             "l2_phi": m.l2_phi, "l2_lam": m.l2_lam if chunk.method == "spectral" else 0.0,
             "seed": student_seed(cfg, t, w), "chunk": chunk.id, "chunk_train_seconds": seconds,
             "checkpoint": f"chunks/{chunk.id}/students/{chunk.method}-N{w}-t{t}.safetensors" if cfg.save_students else "",
         })
-        full = float(curves[s, w - 1])  # the full model through the same computation: delta is exactly 0 at k = N
-        kept = np.arange(1, w + 1)
         curve_rows.append(pd.DataFrame({**base, "kept": kept, "test_loss": curves[s, :w].numpy(),
                                         "delta_loss": curves[s, :w].numpy() - full, "kept_minus_teacher": kept - t_widths[0]}))
         imp_rows.append(pd.DataFrame({**base, "node": np.arange(w), "importance": scores[s, :w].numpy(),
@@ -146,7 +155,7 @@ def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
     for (method, width), g in ok.groupby(["method", "width"]):
         row = {"method": method, "width": int(width), "trials_ok": len(g), "trials_failed": int(
             ((results.method == method) & (results.width == width) & (results.status != "ok")).sum())}
-        for col in ("train_loss", "test_loss", "effective_dim"):
+        for col in ("train_loss", "test_loss", "effective_dim", "critical_point", "path_distance", "in_strength_distance"):
             row[f"{col}_mean"] = float(g[col].mean())
             row[f"{col}_std"] = float(g[col].std(ddof=0))
         for k in cfg.analysis.probe_kept:

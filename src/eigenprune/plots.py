@@ -71,7 +71,7 @@ def losses(results: pd.DataFrame):
 
 
 def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: int):
-    """Mean delta loss vs kept - h_T, one line per width, one panel per method."""
+    """Mean delta loss vs kept - h_T, one line per width, one panel per method; ticks at mean n_c - h_T."""
     ok = _ok(results)[["method", "width", "trial"]]
     cur = curves.merge(ok, on=["method", "width", "trial"])
     methods = [m for m in ("spectral", "direct") if m in set(cur.method)]
@@ -81,13 +81,68 @@ def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: i
     for ax, method in zip(axes[0], methods):
         for j, w in enumerate(widths):
             g = cur[(cur.method == method) & (cur.width == w)].groupby("kept_minus_teacher").delta_loss.mean()
-            ax.plot(g.index, g.values, color=cmap(j / max(len(widths) - 1, 1)), label=f"N={w}")
+            color = cmap(j / max(len(widths) - 1, 1))
+            ax.plot(g.index, g.values, color=color, label=f"N={w}")
+            if "critical_point" in results:
+                n_c = results[(results.method == method) & (results.width == w) & (results.status == "ok")].critical_point.mean()
+                ax.axvline(n_c - teacher_width, color=color, ls=":", lw=1)
         ax.axvline(0, ls="--", color="k", lw=1)
         ax.set_xlim(-teacher_width, 3 * teacher_width)
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_title(method)
         ax.set_xlabel(r"kept nodes $n_\lambda - h_T$")
         ax.set_ylabel(r"$\Delta$MSE (test)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def collapse(curves: list[tuple[str, int, np.ndarray, np.ndarray]], measure: dict[str, float]):
+    """Rescaled pruning curves: delta / max(delta) against kept / h_T - 1, one line per (label, h_T)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    cmap = plt.get_cmap("plasma")
+    for j, (label, h, kept, delta) in enumerate(curves):
+        color = cmap(j / max(len(curves) - 1, 1) * 0.85)
+        axes[0].plot(kept - h, delta, color=color, label=label)
+        axes[1].plot(kept / h - 1, delta / max(float(np.max(delta)), 1e-300), color=color, label=label)
+    axes[0].set_xlim(-max(h for _, h, _, _ in curves), 2 * max(h for _, h, _, _ in curves))
+    axes[0].set_xlabel(r"$n_\lambda - h_T$")
+    axes[0].set_ylabel(r"$\Delta$MSE")
+    axes[0].set_title(f"raw (spread {measure['spread_before']:.3f})")
+    axes[1].set_xlim(-1, 2)
+    axes[1].set_xlabel(r"$n_\lambda / h_T - 1$")
+    axes[1].set_ylabel(r"$\Delta$MSE / max $\Delta$MSE")
+    axes[1].set_title(f"rescaled (spread {measure['spread_after']:.3f}, ratio {measure['ratio']:.2f})")
+    for ax in axes:
+        ax.axvline(0, ls="--", color="k", lw=1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def paths(comparisons: dict[str, dict], teacher_label: str = "teacher"):
+    """Sorted path products (left) and in-strength histograms (right): students vs the teacher."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    first = next(iter(comparisons.values()))
+    tp = first["teacher_paths"]
+    axes[0].plot(np.linspace(0, 1, len(tp)), tp, color="k", lw=2, label=teacher_label)
+    bins = np.linspace(
+        min(float(np.min(c["student_in"])) for c in comparisons.values()) - 0.1,
+        max(float(np.max(c["student_in"])) for c in comparisons.values()) + 0.1, 30,
+    )
+    axes[1].hist(first["teacher_in"], bins=bins, color="k", alpha=0.35, label=teacher_label, density=True)
+    for label, c in comparisons.items():
+        color = COLORS.get(label.split()[0], None)
+        axes[0].plot(np.linspace(0, 1, len(c["student_paths"])), c["student_paths"], color=color,
+                     label=f"{label} (W1 {c['path_distance']:.3f})")
+        axes[1].hist(c["student_in"], bins=bins, histtype="step", lw=2, color=color, density=True,
+                     label=f"{label} (W1 {c['in_strength_distance']:.3f})")
+    axes[0].set_xlabel("rank (fraction of paths)")
+    axes[0].set_ylabel(r"path product $w^{(1)}_{ji} w^{(2)}_{kj}$")
+    axes[0].set_title("sorted path products, pruned to h_T nodes")
+    axes[1].set_xlabel("in-strength (sum of incoming weights)")
+    axes[1].set_title("in-strength of first-layer nodes")
+    for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -8,19 +8,75 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import yaml
 
 from eigenprune import plots
+from eigenprune.analysis import collapse_measure, fit_exponential, teacher_comparison
+from eigenprune.checkpoint import load_model
 from eigenprune.config import Config
-from eigenprune.store import RunFolder, write_text_atomic
+from eigenprune.nets import linear_layers, make_teacher
+from eigenprune.store import RunFolder, RunFolderError, write_text_atomic
 
 FIGURES = {
     "importance_histograms": "Normalised node importance: spectral L (a spike at 0 plus a few large nodes) vs direct M.",
     "effective_dimension": "Effective dimension against student width, teacher width dashed.",
     "losses": "Train (dotted) and test (solid) MSE against student width.",
-    "pruning_curves": "Test ΔMSE when keeping the n most important nodes, against n − h_T.",
+    "pruning_curves": "Test ΔMSE when keeping the n most important nodes, against n − h_T; dotted: mean critical point n_c.",
+    "collapse": "Spectral pruning curves of every N before and after the paper's rescaling (one teacher: only ΔMSE is rescaled).",
+    "paths": "Trial 0, largest N, pruned to h_T nodes: sorted path products and first-layer in-strengths vs the teacher's.",
 }
+
+
+def mean_curves(curves: pd.DataFrame, results: pd.DataFrame, method: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(width, kept, mean delta over ok trials) for every width of `method`."""
+    ok = results[(results.status == "ok") & (results.method == method)][["method", "width", "trial"]]
+    cur = curves.merge(ok, on=["method", "width", "trial"])
+    out = []
+    for w, g in cur.groupby("width"):
+        m = g.groupby("kept").delta_loss.mean()
+        out.append((int(w), m.index.to_numpy(), m.to_numpy()))
+    return out
+
+
+def fits(curves: pd.DataFrame, results: pd.DataFrame, h_t: int) -> pd.DataFrame:
+    """The exponential fit a*exp(-b*x)+c of the mean curve below the mean critical point, x = kept - h_T."""
+    rows = []
+    for method in sorted(results.method.unique()):
+        for w, kept, delta in mean_curves(curves, results, method):
+            sel = results[(results.method == method) & (results.width == w) & (results.status == "ok")]
+            n_c = float(sel.critical_point.mean())
+            below = kept < n_c
+            rows.append({"method": method, "width": w, "n_c_mean": n_c, "n_c_std": float(sel.critical_point.std(ddof=0)),
+                         "points": int(below.sum()), **fit_exponential(kept[below] - h_t, delta[below])})
+    return pd.DataFrame(rows)
+
+
+def run_collapse(curves: pd.DataFrame, results: pd.DataFrame, h_t: int) -> tuple[list, dict]:
+    """Spectral mean curves of widths > h_T and their collapse measure (see `collapse_measure`)."""
+    items = [(f"spectral N={w}", h_t, k, d) for w, k, d in mean_curves(curves, results, "spectral") if w > h_t]
+    if len(items) < 2:
+        return items, {"spread_before": np.nan, "spread_after": np.nan, "ratio": np.nan}
+    return items, collapse_measure([(h, k, d) for _, h, k, d in items])
+
+
+def path_comparisons(run_dir: Path, cfg: Config, results: pd.DataFrame) -> dict[str, dict]:
+    """Teacher comparison of trial 0's largest student of each method, from its checkpoint."""
+    t = cfg.data.teacher
+    if t.kind != "mlp" or len(t.widths) < 2 or "checkpoint" not in results:
+        return {}
+    teacher = make_teacher(cfg.data.input_dim, list(t.widths), t.seed)
+    out = {}
+    ok = results[(results.status == "ok") & (results.checkpoint != "")]
+    for method, g in ok.groupby("method"):
+        row = g.sort_values(["width", "trial"], ascending=[False, True]).iloc[0]
+        path = run_dir / row.checkpoint
+        if path.is_file():
+            student, _ = load_model(path)
+            if len(linear_layers(student)) >= 3:
+                out[f"{method} N={row.width}"] = teacher_comparison(student, teacher, min(t.widths[0], int(row.width)))
+    return out
 
 
 def make_figures(run_dir: Path, cfg: Config, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
@@ -32,6 +88,12 @@ def make_figures(run_dir: Path, cfg: Config, tables: dict[str, pd.DataFrame]) ->
         "losses": plots.losses(res),
         "pruning_curves": plots.pruning_curves(tables["curves"], res, h_t),
     }
+    items, measure = run_collapse(tables["curves"], res, h_t)
+    if len(items) >= 2:
+        figs["collapse"] = plots.collapse(items, measure)
+    comparisons = path_comparisons(run_dir, cfg, res)
+    if comparisons:
+        figs["paths"] = plots.paths(comparisons)
     out = run_dir / "figures"
     out.mkdir(exist_ok=True)
     paths = {}
@@ -44,8 +106,8 @@ def make_figures(run_dir: Path, cfg: Config, tables: dict[str, pd.DataFrame]) ->
     return paths
 
 
-def claims(cfg: Config, summary: dict) -> list[tuple[str, str]]:
-    """(claim, what this run measured) pairs for the paper's central claims."""
+def claims(cfg: Config, summary: dict, collapse: dict | None = None) -> list[tuple[str, str]]:
+    """(claim, what this run measured) pairs for the paper's claims."""
     groups = pd.DataFrame(summary["groups"])
     h_t = cfg.data.teacher.widths[0]
     rows = []
@@ -64,6 +126,16 @@ def claims(cfg: Config, summary: dict) -> list[tuple[str, str]]:
         col = f"delta_loss_at_{k}"
         if col + "_mean" in groups:
             rows.append((f"Keeping the top {k} nodes costs ~nothing for spectral, much more for direct (ΔMSE at kept = {k})",
+                         "; ".join(f"{m}: " + per_width(m, col, "{:.4f}") for m in groups.method.unique())))
+    if "critical_point_mean" in groups:
+        rows.append((f"Pruning has a sharp transition at n_c ≈ h_T = {h_t} for spectral students (critical point per trial)",
+                     "; ".join(f"{m}: " + per_width(m, "critical_point") for m in groups.method.unique())))
+    if collapse is not None and not np.isnan(collapse["ratio"]):
+        rows.append(("Spectral pruning curves of different N collapse after rescaling (spread = mean coefficient of variation)",
+                     f"before {collapse['spread_before']:.3f}, after {collapse['spread_after']:.3f} (ratio {collapse['ratio']:.2f})"))
+    for col, what in (("path_distance", "path products"), ("in_strength_distance", "in-strengths")):
+        if f"{col}_mean" in groups and groups[f"{col}_mean"].notna().any():
+            rows.append((f"The pruned spectral student's {what} resemble the teacher's more than the direct one's (Wasserstein-1)",
                          "; ".join(f"{m}: " + per_width(m, col, "{:.4f}") for m in groups.method.unique())))
     return rows
 
@@ -86,7 +158,9 @@ def build_report(run_dir: str | Path, quiet: bool = True) -> Path:
         f"<figcaption>{html.escape(FIGURES[name])}</figcaption></figure>"
         for name, p in paths.items()
     )
-    claim_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(m)}</td></tr>" for c, m in claims(cfg, summary))
+    _, measure = run_collapse(tables["curves"], tables["results"], cfg.data.teacher.widths[0])
+    claim_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(m)}</td></tr>" for c, m in claims(cfg, summary, measure))
+    fit_table = _table(fits(tables["curves"], tables["results"], cfg.data.teacher.widths[0]))
     machine = ", ".join(f"{k}: {manifest.get(k)}" for k in ("device", "device_name", "cpu_count", "torch", "platform") if k in manifest)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>eigenprune run {html.escape(cfg.name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
@@ -99,9 +173,38 @@ students N ∈ {list(cfg.student.widths)}; {cfg.trials} trials; wall time {manif
 <h2>Claims and what this run measured</h2>
 <table class="c"><tr><th>claim</th><th>measured (mean ± std over trials)</th></tr>{claim_rows}</table>
 <h2>Figures</h2>{imgs}
+<h2>Critical point and exponential fit below it</h2>
+<p>n_c per trial: the smallest kept count from which ΔMSE stays below {cfg.analysis.critical_rel_tol:g} × the full model's test MSE.
+Fit: ΔMSE ≈ a·exp(−b·x) + c on the trial-mean curve for kept &lt; mean n_c, x = kept − h_T.</p>{fit_table}
 <h2>Summary per method and width</h2>{_table(pd.DataFrame(summary['groups']))}
 <h2>Config</h2><pre>{html.escape(cfg.to_yaml())}</pre>
 <h2>Manifest</h2><pre>{html.escape(json.dumps(manifest, indent=2))}</pre>
 </body></html>"""
     write_text_atomic(run_dir / "report.html", page)
     return run_dir / "report.html"
+
+
+def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
+    """Collapse of spectral pruning curves across runs with different teachers (e.g. h_T = 20 and 100).
+
+    Writes `collapse.png` and `collapse.json` (the measure and the curves used) under `out`.
+    """
+    items = []
+    for run in run_dirs:
+        folder = RunFolder(run)
+        tables = folder.load()
+        cfg = Config.model_validate(yaml.safe_load((folder.path / "config.yaml").read_text()))
+        h_t = cfg.data.teacher.widths[0]
+        items += [(f"h_T={h_t} N={w}", h_t, k, d) for w, k, d in mean_curves(tables["curves"], tables["results"], "spectral")
+                  if w > h_t]
+    if len(items) < 2:
+        raise RunFolderError("collapse needs at least two spectral curves with N > h_T across the given runs")
+    measure = collapse_measure([(h, k, d) for _, h, k, d in items])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = plots.collapse(items, measure)
+    fig.savefig(out / "collapse.png", dpi=110)
+    plt.close(fig)
+    result = {"runs": [str(r) for r in run_dirs], "curves": [label for label, *_ in items], **measure}
+    write_text_atomic(out / "collapse.json", json.dumps(result, indent=2) + "\n")
+    return result
