@@ -78,6 +78,20 @@ class AnalysisConfig(_Strict):
     critical_rel_tol: Annotated[float, Field(gt=0)] = 0.1  # n_c: pruning costs <= this x the full test loss
 
 
+class RegularizationConfig(_Strict):
+    """Fixed strengths (the paper) or a path: K multipliers of every L2 coefficient, trained together.
+
+    On a path, `validation_fraction` of each trial's training set is held out (not trained on) to
+    choose a strength: "best" = lowest mean validation loss; "1se" = the largest strength whose mean
+    validation loss is within one standard error (over trials) of the best.
+    """
+
+    mode: Literal["fixed", "path"] = "fixed"
+    multipliers: Annotated[list[PositiveFloat], Field(min_length=1)] = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    rule: Literal["best", "1se"] = "1se"
+
+
 class Config(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "quick"
     seed: int = 0
@@ -86,6 +100,8 @@ class Config(_Strict):
     device: str = "cpu"
     methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
     data: DataConfig = DataConfig()
+    teachers: list[TeacherConfig] = []  # several teachers in one run (each replaces data.teacher); empty = data.teacher
+    regularization: RegularizationConfig = RegularizationConfig()
     student: StudentConfig = StudentConfig()
     spectral: SpectralConfig = SpectralConfig()
     direct: DirectConfig = DirectConfig()
@@ -103,6 +119,19 @@ class Config(_Strict):
 
     def method(self, name: str) -> MethodConfig:
         return getattr(self, name)
+
+    def teacher_list(self) -> list[TeacherConfig]:
+        """The run's teachers: `teachers` if given, else the one `data.teacher`."""
+        return list(self.teachers) or [self.data.teacher]
+
+    def for_teacher(self, index: int) -> Config:
+        """This config with `data.teacher` set to teacher `index` of `teacher_list()`."""
+        teacher = self.teacher_list()[index]
+        return self.model_copy(update={"data": self.data.model_copy(update={"teacher": teacher})})
+
+    def strengths(self) -> list[float]:
+        """L2 multipliers trained in this run ([1.0] unless regularization.mode is path)."""
+        return list(self.regularization.multipliers) if self.regularization.mode == "path" else [1.0]
 
     def digest(self) -> str:
         """A hash of everything that changes results (not the device, the name or the worker count)."""

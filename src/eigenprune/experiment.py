@@ -30,43 +30,56 @@ from eigenprune.importance import node_importance, normalize
 from eigenprune.nets import LayerPlan, make_student, make_teacher
 from eigenprune.progress import Progress, QueueProgress
 from eigenprune.prune import pruning_curves
-from eigenprune.store import RunFolder
+from eigenprune.regpath import select_strengths
+from eigenprune.store import GROUP_KEYS, STUDENT_KEYS, RunFolder, write_parquet_atomic
 from eigenprune.train import TrainSpec, evaluate, train_ensemble
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Students trained together: one method, some widths, all trials."""
+    """Students trained together: one teacher, one method, some widths, all trials and L2 strengths."""
 
     method: str
     widths: tuple[int, ...]
     trials: tuple[int, ...]
+    teacher: int = 0
+    strengths: tuple[float, ...] = (1.0,)
 
     @property
     def id(self) -> str:
-        return f"{self.method}-w{'_'.join(map(str, self.widths))}"
+        return f"{self.method}-w{'_'.join(map(str, self.widths))}" + (f"-t{self.teacher}" if self.teacher else "")
+
+    def keys(self) -> list[tuple[int, int, float]]:
+        """(width, trial, strength) of every student, in ensemble order."""
+        return [(w, t, k) for w in self.widths for t in self.trials for k in self.strengths]
 
 
 def plan_chunks(cfg: Config, pack_factor: float = 1.5) -> list[Chunk]:
     """Group widths (sorted) greedily while the padded size stays <= pack_factor x the real size."""
     chunks = []
-    for method in cfg.methods:
-        buckets: list[list[int]] = []
-        for w in sorted(set(cfg.student.widths)):
-            if buckets and (len(buckets[-1]) + 1) * w <= pack_factor * (sum(buckets[-1]) + w):
-                buckets[-1].append(w)
-            else:
-                buckets.append([w])
-        chunks += [Chunk(method, tuple(b), tuple(range(cfg.trials))) for b in buckets]
+    for teacher in range(len(cfg.teacher_list())):
+        for method in cfg.methods:
+            buckets: list[list[int]] = []
+            for w in sorted(set(cfg.student.widths)):
+                if buckets and (len(buckets[-1]) + 1) * w <= pack_factor * (sum(buckets[-1]) + w):
+                    buckets[-1].append(w)
+                else:
+                    buckets.append([w])
+            chunks += [Chunk(method, tuple(b), tuple(range(cfg.trials)), teacher, tuple(cfg.strengths())) for b in buckets]
     return chunks
 
 
-def student_plans(cfg: Config, method: str, width: int) -> list[LayerPlan]:
-    """The paper's student: width N (spectral or direct, L2) -> rest (dense, no L2) -> sum readout."""
+def student_plans(cfg: Config, method: str, width: int, strength: float = 1.0) -> list[LayerPlan]:
+    """The paper's student: width N (spectral or direct, L2 x strength) -> rest (dense, no L2) -> sum readout."""
     m = cfg.method(method)
-    plans = [LayerPlan(width, method, m.l2_phi, m.l2_lam)]
+    plans = [LayerPlan(width, method, m.l2_phi * strength, m.l2_lam * strength)]
     plans += [LayerPlan(w, "direct", 0.0, 0.0) for w in cfg.student.rest]
     return plans + [LayerPlan(1, "fixed", 0.0, 0.0)]
+
+
+def student_file(method: str, width: int, trial: int, strength: float) -> str:
+    """File name of a student's checkpoint inside its chunk's students/ folder."""
+    return f"{method}-N{width}-t{trial}" + (f"-s{strength:g}" if strength != 1.0 else "") + ".safetensors"
 
 
 def student_seed(cfg: Config, trial: int, width: int) -> int:
@@ -90,21 +103,39 @@ def make_data(cfg: Config) -> TrialData:
     )
 
 
+def validation_split(cfg: Config) -> int:
+    """Training patterns actually trained on (the rest of the training set validates a regularization path)."""
+    if cfg.regularization.mode != "path":
+        return cfg.data.n_train
+    n_fit = cfg.data.n_train - round(cfg.data.n_train * cfg.regularization.validation_fraction)
+    if n_fit < 1 or n_fit == cfg.data.n_train:
+        raise ConfigError(f"regularization.validation_fraction {cfg.regularization.validation_fraction} leaves no "
+                          f"training or no validation patterns out of data.n_train = {cfg.data.n_train}")
+    return n_fit
+
+
 def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, progress: Progress) -> tuple[dict, Ensemble, list]:
-    """Train one chunk and measure every student in it; returns (tables, ensemble, student keys)."""
+    """Train one chunk on its teacher's `data` and measure every student; returns (tables, ensemble, keys)."""
+    cfg = cfg.for_teacher(chunk.teacher)
     dtype = getattr(torch, cfg.dtype)
-    keys = [(w, t) for w in chunk.widths for t in chunk.trials]
-    students = [make_student(cfg.data.input_dim, student_plans(cfg, chunk.method, w), student_seed(cfg, t, w), dtype) for w, t in keys]
+    keys = chunk.keys()
+    students = [make_student(cfg.data.input_dim, student_plans(cfg, chunk.method, w, k), student_seed(cfg, t, w), dtype)
+                for w, t, k in keys]
     ens = Ensemble(students).to(device)
-    trial_index = torch.tensor([t for _, t in keys], device=device)
+    trial_index = torch.tensor([t for _, t, _ in keys], device=device)
     m = cfg.method(chunk.method)
     spec = TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs)
     shuffle = [derive_seed("shuffle", cfg.seed, t) for t in range(cfg.trials)]
-    task = progress.add(f"{chunk.method} N={','.join(map(str, chunk.widths))} ({len(keys)} students)", m.epochs)
+    n_fit = validation_split(cfg)
+    label = f"{chunk.method} N={','.join(map(str, chunk.widths))}" + (f" h_T={cfg.data.teacher.widths[0]}" if chunk.teacher else "")
+    task = progress.add(f"{label} ({len(keys)} students)", m.epochs)
     start = time.perf_counter()
-    log = train_ensemble(ens, data.x_train, data.y_train, trial_index, spec, shuffle, lambda e, loss: progress.update(task, e + 1, loss))
+    log = train_ensemble(ens, data.x_train[:, :n_fit], data.y_train[:, :n_fit], trial_index, spec, shuffle,
+                         lambda e, loss: progress.update(task, e + 1, loss))
     seconds = time.perf_counter() - start
-    train_loss = evaluate(ens, data.x_train, data.y_train, trial_index, spec.task).cpu()
+    train_loss = evaluate(ens, data.x_train[:, :n_fit], data.y_train[:, :n_fit], trial_index, spec.task).cpu()
+    val_loss = (evaluate(ens, data.x_train[:, n_fit:], data.y_train[:, n_fit:], trial_index, spec.task).cpu()
+                if n_fit < data.x_train.shape[1] else torch.full_like(train_loss, float("nan")))
     test_loss = evaluate(ens, data.x_test, data.y_test, trial_index, spec.task).cpu()
     scores = node_importance(ens.layers[0])
     widths = ens.layers[0].widths
@@ -117,9 +148,9 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
     if cfg.data.teacher.kind == "mlp" and len(t_widths) >= 2 and len(ens.layers) >= 3:
         teacher = make_teacher(cfg.data.input_dim, t_widths, cfg.data.teacher.seed, dtype)
     results, curve_rows, imp_rows = [], [], []
-    for s, (w, t) in enumerate(keys):
+    for s, (w, t, k) in enumerate(keys):
         failed = int(log.failed_step[s]) >= 0
-        base = {"method": chunk.method, "width": w, "trial": t}
+        base = {"teacher_index": chunk.teacher, "method": chunk.method, "width": w, "trial": t, "strength": k}
         kept = np.arange(1, w + 1)
         full = float(curves[s, w - 1])  # the full model through the same computation: delta is exactly 0 at k = N
         n_c = critical_point(kept, curves[s, :w].numpy() - full, cfg.analysis.critical_rel_tol * full)
@@ -129,14 +160,15 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
             compared = {k: cmp[k] for k in compared}
         results.append({
             **base, "teacher_kind": cfg.data.teacher.kind, "teacher_widths": ",".join(map(str, t_widths)),
-            "teacher_width": t_widths[0], "train_loss": float(train_loss[s]), "test_loss": float(test_loss[s]),
+            "teacher_width": t_widths[0], "train_loss": float(train_loss[s]), "val_loss": float(val_loss[s]),
+            "test_loss": float(test_loss[s]),
             "effective_dim": int(eff[s]) if not failed else -1, "critical_point": n_c if not failed else -1, **compared,
             "status": "failed" if failed else "ok",
             "failed_step": int(log.failed_step[s]), "fail_reason": "non-finite loss" if failed else "",
             "lr": m.lr, "batch_size": m.batch_size, "epochs": m.epochs, "steps": log.steps,
-            "l2_phi": m.l2_phi, "l2_lam": m.l2_lam if chunk.method == "spectral" else 0.0,
+            "l2_phi": m.l2_phi * k, "l2_lam": m.l2_lam * k if chunk.method == "spectral" else 0.0,
             "seed": student_seed(cfg, t, w), "chunk": chunk.id, "chunk_train_seconds": seconds,
-            "checkpoint": f"chunks/{chunk.id}/students/{chunk.method}-N{w}-t{t}.safetensors" if cfg.save_students else "",
+            "checkpoint": f"chunks/{chunk.id}/students/{student_file(chunk.method, w, t, k)}" if cfg.save_students else "",
         })
         curve_rows.append(pd.DataFrame({**base, "kept": kept, "test_loss": curves[s, :w].numpy(),
                                         "delta_loss": curves[s, :w].numpy() - full, "kept_minus_teacher": kept - t_widths[0]}))
@@ -148,21 +180,29 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
 
 
 def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
-    """Per (method, width): mean and std over trials of losses, effective dimension and delta at probes."""
+    """Per (teacher, method, width, strength): mean and std over ok trials of losses, effective
+    dimension, critical point, teacher distances and delta loss at the probe kept counts."""
     ok = results[results.status == "ok"]
-    out: dict = {"teacher_widths": list(cfg.data.teacher.widths), "threshold": cfg.analysis.threshold, "groups": []}
-    ok_curves = curves.merge(ok[["method", "width", "trial"]], on=["method", "width", "trial"])
-    for (method, width), g in ok.groupby(["method", "width"]):
-        row = {"method": method, "width": int(width), "trials_ok": len(g), "trials_failed": int(
-            ((results.method == method) & (results.width == width) & (results.status != "ok")).sum())}
-        for col in ("train_loss", "test_loss", "effective_dim", "critical_point", "path_distance", "in_strength_distance"):
-            row[f"{col}_mean"] = float(g[col].mean())
-            row[f"{col}_std"] = float(g[col].std(ddof=0))
+    out: dict = {"teachers": [list(t.widths) for t in cfg.teacher_list()], "threshold": cfg.analysis.threshold,
+                 "regularization": cfg.regularization.mode, "groups": []}
+    ok_curves = curves.merge(ok[STUDENT_KEYS], on=STUDENT_KEYS)
+    for key, g in results.groupby(GROUP_KEYS):
+        good = g[g.status == "ok"]
+        row = {**dict(zip(GROUP_KEYS, key)), "teacher_width": int(g.teacher_width.iloc[0]),
+               "trials_ok": len(good), "trials_failed": len(g) - len(good)}
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        for flag in ("selected_best", "selected_1se"):
+            if flag in g:
+                row[flag] = bool(g[flag].any())
+        for col in ("train_loss", "val_loss", "test_loss", "effective_dim", "critical_point", "path_distance", "in_strength_distance"):
+            row[f"{col}_mean"] = float(good[col].mean()) if len(good) else float("nan")
+            row[f"{col}_std"] = float(good[col].std(ddof=0)) if len(good) else float("nan")
+        sel = ok_curves.merge(pd.DataFrame([dict(zip(GROUP_KEYS, key))]), on=GROUP_KEYS)
         for k in cfg.analysis.probe_kept:
-            sel = ok_curves[(ok_curves.method == method) & (ok_curves.width == width) & (ok_curves.kept == k)]
-            if len(sel):
-                row[f"delta_loss_at_{k}_mean"] = float(sel.delta_loss.mean())
-                row[f"delta_loss_at_{k}_std"] = float(sel.delta_loss.std(ddof=0))
+            at = sel[sel.kept == k]
+            if len(at):
+                row[f"delta_loss_at_{k}_mean"] = float(at.delta_loss.mean())
+                row[f"delta_loss_at_{k}_std"] = float(at.delta_loss.std(ddof=0))
         out["groups"].append(row)
     return out
 
@@ -196,9 +236,10 @@ def train_and_commit(cfg: Config, chunk: Chunk, folder: RunFolder, data: TrialDa
         if not cfg.save_students:
             return
         (tmp / "students").mkdir()
-        for s, (w, t) in enumerate(keys):
-            meta = {"method": chunk.method, "width": w, "trial": t, "config_digest": cfg.digest()}
-            save_model(ens.student(s).cpu(), tmp / "students" / f"{chunk.method}-N{w}-t{t}.safetensors", meta)
+        for s, (w, t, k) in enumerate(keys):
+            meta = {"method": chunk.method, "width": w, "trial": t, "strength": k, "teacher_index": chunk.teacher,
+                    "config_digest": cfg.digest()}
+            save_model(ens.student(s).cpu(), tmp / "students" / student_file(chunk.method, w, t, k), meta)
 
     folder.commit_chunk(chunk.id, tables, write_students)
     return chunk.id
@@ -208,7 +249,8 @@ def _chunk_job(cfg_data: dict, chunk: Chunk, folder: str, queue, threads: int) -
     """Worker-process entry: rebuild the (seeded, hence identical) data and train one chunk."""
     torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_data)
-    return train_and_commit(cfg, chunk, RunFolder(folder), make_data(cfg), torch.device("cpu"), QueueProgress(queue, chunk.id))
+    data = make_data(cfg.for_teacher(chunk.teacher))
+    return train_and_commit(cfg, chunk, RunFolder(folder), data, torch.device("cpu"), QueueProgress(queue, chunk.id))
 
 
 def _run_in_workers(cfg: Config, todo: list[Chunk], folder: RunFolder, workers: int, progress: Progress) -> None:
@@ -252,11 +294,15 @@ def run_experiment(cfg: Config, out: str | Path, fresh: bool = False, quiet: boo
     with Progress(quiet=quiet) as progress:
         if workers > 1:
             _run_in_workers(cfg, todo, folder, workers, progress)
-        elif todo:
-            data = make_data(cfg).to(device)
+        else:
+            data: dict[int, TrialData] = {}
             for chunk in todo:
-                train_and_commit(cfg, chunk, folder, data, device, progress)
+                if chunk.teacher not in data:
+                    data[chunk.teacher] = make_data(cfg.for_teacher(chunk.teacher)).to(device)
+                train_and_commit(cfg, chunk, folder, data[chunk.teacher], device, progress)
     tables = folder.merge()
+    tables["results"] = select_strengths(tables["results"])
+    write_parquet_atomic(tables["results"], folder.path / "results.parquet")
     folder.write_json("summary.json", summarize(cfg, tables["results"], tables["curves"]))
     folder.write_json("manifest.json", manifest(cfg, device, time.perf_counter() - start, chunks, skipped, workers))
     build_report(folder.path, quiet=quiet)

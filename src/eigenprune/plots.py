@@ -146,3 +146,39 @@ def paths(comparisons: dict[str, dict], teacher_label: str = "teacher"):
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def regularization_path(results: pd.DataFrame, table: pd.DataFrame, cfg):
+    """Per teacher (rows): effective dimension and validation loss against the L2 multiplier."""
+    teachers = sorted(results.teacher_index.unique())
+    fig, axes = plt.subplots(len(teachers), 2, figsize=(11, 3.6 * len(teachers)), squeeze=False)
+    ok = results[results.status == "ok"]
+    cmap = plt.get_cmap("viridis")
+    for row, ti in enumerate(teachers):
+        h_t = cfg.for_teacher(int(ti)).data.teacher.widths[0]
+        sub, tab = ok[ok.teacher_index == ti], table[table.teacher_index == ti]
+        combos = sorted({(m, w) for m, w in zip(sub.method, sub.width)})
+        for j, (method, width) in enumerate(combos):
+            color = cmap(j / max(len(combos) - 1, 1) * 0.9)
+            ls = "-" if method == "spectral" else "--"
+            g = sub[(sub.method == method) & (sub.width == width)].groupby("strength").effective_dim.agg(["mean", "std"])
+            axes[row][0].errorbar(g.index, g["mean"], yerr=g["std"].fillna(0), color=color, ls=ls, marker="o", ms=3,
+                                  capsize=2, label=f"{method} N={width}")
+            t = tab[(tab.method == method) & (tab.width == width)]
+            axes[row][1].errorbar(t.strength, t.val_mean, yerr=t.val_se.fillna(0), color=color, ls=ls, marker="o", ms=3, capsize=2)
+            for flag, marker in (("selected_best", "o"), ("selected_1se", "*")):
+                chosen = sub[(sub.method == method) & (sub.width == width) & sub[flag]]
+                if len(chosen):
+                    k = chosen.strength.iloc[0]
+                    axes[row][1].plot([k], t[t.strength == k].val_mean, marker=marker, ms=13, mfc="none", mec=color, mew=2)
+                    axes[row][0].plot([k], [chosen.effective_dim.mean()], marker=marker, ms=13, mfc="none", mec=color, mew=2)
+        axes[row][0].axhline(h_t, color="k", ls=":", lw=1)
+        axes[row][0].set_ylabel(f"effective dim (h_T = {h_t})")
+        axes[row][1].set_ylabel("validation MSE")
+        for ax in axes[row]:
+            ax.set_xscale("log")
+            ax.set_xlabel("L2 multiplier")
+        axes[row][1].set_yscale("log")
+        axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -17,7 +17,8 @@ from eigenprune.analysis import collapse_measure, fit_exponential, teacher_compa
 from eigenprune.checkpoint import load_model
 from eigenprune.config import Config
 from eigenprune.nets import linear_layers, make_teacher
-from eigenprune.store import RunFolder, RunFolderError, write_text_atomic
+from eigenprune.regpath import path_table
+from eigenprune.store import GROUP_KEYS, STUDENT_KEYS, RunFolder, RunFolderError, write_text_atomic
 
 FIGURES = {
     "importance_histograms": "Normalised node importance: spectral L (a spike at 0 plus a few large nodes) vs direct M.",
@@ -79,8 +80,34 @@ def path_comparisons(run_dir: Path, cfg: Config, results: pd.DataFrame) -> dict[
     return out
 
 
-def make_figures(run_dir: Path, cfg: Config, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
-    """Write every figure of the run as PNG under figures/; returns name -> path."""
+def teacher_slices(cfg: Config, tables: dict[str, pd.DataFrame]) -> list[tuple[Config, dict[str, pd.DataFrame], str]]:
+    """Per teacher: its config, the tables restricted to it (on a regularization path: to the selected
+    strength of every method and width), and a file-name suffix (empty for a one-teacher run)."""
+    res = tables["results"]
+    multi = len(cfg.teacher_list()) > 1
+    out = []
+    for ti in sorted(res.teacher_index.unique()):
+        r = res[res.teacher_index == ti]
+        if cfg.regularization.mode == "path":
+            r = r[r[f"selected_{cfg.regularization.rule}"]]
+        keys = r[STUDENT_KEYS]
+        sliced = {"results": r, **{n: tables[n].merge(keys, on=STUDENT_KEYS) for n in ("curves", "importance")}}
+        tcfg = cfg.for_teacher(int(ti))
+        out.append((tcfg, sliced, f"_t{ti}_hT{tcfg.data.teacher.widths[0]}" if multi else ""))
+    return out
+
+
+def _save(fig, out: Path, stem: str) -> Path:
+    out.mkdir(exist_ok=True)
+    path, tmp = out / f"{stem}.png", out / f".{stem}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def make_figures(run_dir: Path, cfg: Config, tables: dict[str, pd.DataFrame], suffix: str = "") -> list[tuple[Path, str]]:
+    """Write one teacher's figures as PNG under figures/; returns (path, caption) pairs."""
     res, h_t = tables["results"], cfg.data.teacher.widths[0]
     figs = {
         "importance_histograms": plots.importance_histograms(tables["importance"], res),
@@ -94,21 +121,11 @@ def make_figures(run_dir: Path, cfg: Config, tables: dict[str, pd.DataFrame]) ->
     comparisons = path_comparisons(run_dir, cfg, res)
     if comparisons:
         figs["paths"] = plots.paths(comparisons)
-    out = run_dir / "figures"
-    out.mkdir(exist_ok=True)
-    paths = {}
-    for name, fig in figs.items():
-        paths[name] = out / f"{name}.png"
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(paths[name])
-    return paths
+    return [(_save(fig, run_dir / "figures", name + suffix), FIGURES[name]) for name, fig in figs.items()]
 
 
-def claims(cfg: Config, summary: dict, collapse: dict | None = None) -> list[tuple[str, str]]:
-    """(claim, what this run measured) pairs for the paper's claims."""
-    groups = pd.DataFrame(summary["groups"])
+def claims(cfg: Config, groups: pd.DataFrame, collapse: dict | None = None) -> list[tuple[str, str]]:
+    """(claim, what this run measured) pairs for the paper's claims, from summary groups of one teacher."""
     h_t = cfg.data.teacher.widths[0]
     rows = []
 
@@ -127,14 +144,13 @@ def claims(cfg: Config, summary: dict, collapse: dict | None = None) -> list[tup
         if col + "_mean" in groups:
             rows.append((f"Keeping the top {k} nodes costs ~nothing for spectral, much more for direct (ΔMSE at kept = {k})",
                          "; ".join(f"{m}: " + per_width(m, col, "{:.4f}") for m in groups.method.unique())))
-    if "critical_point_mean" in groups:
-        rows.append((f"Pruning has a sharp transition at n_c ≈ h_T = {h_t} for spectral students (critical point per trial)",
-                     "; ".join(f"{m}: " + per_width(m, "critical_point") for m in groups.method.unique())))
+    rows.append((f"Pruning has a sharp transition at n_c ≈ h_T = {h_t} for spectral students (critical point per trial)",
+                 "; ".join(f"{m}: " + per_width(m, "critical_point") for m in groups.method.unique())))
     if collapse is not None and not np.isnan(collapse["ratio"]):
         rows.append(("Spectral pruning curves of different N collapse after rescaling (spread = mean coefficient of variation)",
                      f"before {collapse['spread_before']:.3f}, after {collapse['spread_after']:.3f} (ratio {collapse['ratio']:.2f})"))
     for col, what in (("path_distance", "path products"), ("in_strength_distance", "in-strengths")):
-        if f"{col}_mean" in groups and groups[f"{col}_mean"].notna().any():
+        if groups[f"{col}_mean"].notna().any():
             rows.append((f"The pruned spectral student's {what} resemble the teacher's more than the direct one's (Wasserstein-1)",
                          "; ".join(f"{m}: " + per_width(m, col, "{:.4f}") for m in groups.method.unique())))
     return rows
@@ -144,44 +160,79 @@ def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, classes="t")
 
 
+def _img(path: Path, caption: str) -> str:
+    return (f"<figure><img src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
 def build_report(run_dir: str | Path, quiet: bool = True) -> Path:
     """(Re)build figures/ and report.html of a run folder from its stored results (no training)."""
     folder = RunFolder(run_dir)
     tables = folder.load()
     run_dir = folder.path
+    for name in ("config.yaml", "summary.json"):
+        if not (run_dir / name).is_file():
+            raise RunFolderError(f"{run_dir} is incomplete: {name} is missing (rerun `eigenprune run` to finish it)")
     cfg = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
     manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").exists() else {}
-    summary = json.loads((run_dir / "summary.json").read_text())
-    paths = make_figures(run_dir, cfg, tables)
-    imgs = "".join(
-        f"<figure><img src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
-        f"<figcaption>{html.escape(FIGURES[name])}</figcaption></figure>"
-        for name, p in paths.items()
-    )
-    _, measure = run_collapse(tables["curves"], tables["results"], cfg.data.teacher.widths[0])
-    claim_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(m)}</td></tr>" for c, m in claims(cfg, summary, measure))
-    fit_table = _table(fits(tables["curves"], tables["results"], cfg.data.teacher.widths[0]))
+    groups = pd.DataFrame(json.loads((run_dir / "summary.json").read_text())["groups"])
+    sections = []
+    if cfg.regularization.mode == "path":
+        fig = plots.regularization_path(tables["results"], path_table(tables["results"]), cfg)
+        figure = _img(_save(fig, run_dir / "figures", "regularization_path"), REGPATH_CAPTION)
+        sections.append("<h2>Regularization path</h2>" + figure + _table(path_selection_table(cfg, tables["results"])))
+    for tcfg, sliced, suffix in teacher_slices(cfg, tables):
+        h_t = tcfg.data.teacher.widths[0]
+        figures = make_figures(run_dir, tcfg, sliced, suffix)
+        _, measure = run_collapse(sliced["curves"], sliced["results"], h_t)
+        mine = groups.merge(sliced["results"][GROUP_KEYS].drop_duplicates(), on=GROUP_KEYS)
+        claim_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(m)}</td></tr>" for c, m in claims(tcfg, mine, measure))
+        chosen = f" at the {cfg.regularization.rule}-selected strength" if cfg.regularization.mode == "path" else ""
+        arch = "→".join(map(str, [tcfg.data.input_dim, *tcfg.data.teacher.widths, 1]))
+        sections.append(f"""<h2>Teacher {html.escape(tcfg.data.teacher.kind)} {arch}{chosen}</h2>
+<h3>Claims and what this run measured</h3>
+<table class="c"><tr><th>claim</th><th>measured (mean ± std over trials)</th></tr>{claim_rows}</table>
+<h3>Figures</h3>{''.join(_img(p, c) for p, c in figures)}
+<h3>Critical point and exponential fit below it</h3>
+<p>n_c per trial: the smallest kept count from which ΔMSE stays below {cfg.analysis.critical_rel_tol:g} × the full model's test MSE.
+Fit: ΔMSE ≈ a·exp(−b·x) + c on the trial-mean curve for kept &lt; mean n_c, x = kept − h_T.</p>
+{_table(fits(sliced["curves"], sliced["results"], h_t))}""")
     machine = ", ".join(f"{k}: {manifest.get(k)}" for k in ("device", "device_name", "cpu_count", "torch", "platform") if k in manifest)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>eigenprune run {html.escape(cfg.name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table.t,table.c{{border-collapse:collapse;font-size:13px}} td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left}}
 figure{{margin:1.5em 0}} img{{max-width:100%}} pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}</style></head><body>
 <h1>eigenprune run “{html.escape(cfg.name)}”</h1>
-<p>Teacher {html.escape(cfg.data.teacher.kind)} {cfg.data.input_dim}→{'→'.join(map(str, cfg.data.teacher.widths))}→1;
-students N ∈ {list(cfg.student.widths)}; {cfg.trials} trials; wall time {manifest.get('wall_seconds', '?')} s.</p>
+<p>Students N ∈ {list(cfg.student.widths)}; methods {', '.join(cfg.methods)}; {cfg.trials} trials; {len(cfg.teacher_list())} teacher(s);
+L2 {cfg.regularization.mode}{' × ' + str(cfg.strengths()) if cfg.regularization.mode == 'path' else ''};
+wall time {manifest.get('wall_seconds', '?')} s.</p>
 <p>Machine: {html.escape(machine)}</p>
-<h2>Claims and what this run measured</h2>
-<table class="c"><tr><th>claim</th><th>measured (mean ± std over trials)</th></tr>{claim_rows}</table>
-<h2>Figures</h2>{imgs}
-<h2>Critical point and exponential fit below it</h2>
-<p>n_c per trial: the smallest kept count from which ΔMSE stays below {cfg.analysis.critical_rel_tol:g} × the full model's test MSE.
-Fit: ΔMSE ≈ a·exp(−b·x) + c on the trial-mean curve for kept &lt; mean n_c, x = kept − h_T.</p>{fit_table}
-<h2>Summary per method and width</h2>{_table(pd.DataFrame(summary['groups']))}
+{''.join(sections)}
+<h2>Summary per teacher, method, width and strength</h2>{_table(groups)}
 <h2>Config</h2><pre>{html.escape(cfg.to_yaml())}</pre>
 <h2>Manifest</h2><pre>{html.escape(json.dumps(manifest, indent=2))}</pre>
 </body></html>"""
     write_text_atomic(run_dir / "report.html", page)
     return run_dir / "report.html"
+
+
+REGPATH_CAPTION = ("Left: effective dimension against the L2 multiplier (teacher width dashed). Right: validation loss "
+                   "(mean ± standard error over trials); circles: best, stars: 1-SE rule.")
+
+
+def path_selection_table(cfg: Config, results: pd.DataFrame) -> pd.DataFrame:
+    """Per (teacher, method, width): the strengths chosen by both rules and what the student looks like there."""
+    rows = []
+    ok = results[results.status == "ok"]
+    for (ti, method, width), g in ok.groupby(["teacher_index", "method", "width"]):
+        row = {"h_T": cfg.for_teacher(int(ti)).data.teacher.widths[0], "method": method, "width": width}
+        for rule in ("best", "1se"):
+            sel = g[g[f"selected_{rule}"]]
+            row[f"{rule}_strength"] = sel.strength.iloc[0] if len(sel) else np.nan
+            for col in ("effective_dim", "critical_point", "test_loss"):
+                row[f"{rule}_{col}"] = f"{sel[col].mean():.3g} ± {sel[col].std(ddof=0):.2g}" if len(sel) else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
