@@ -11,11 +11,12 @@ import yaml
 
 from eigenprune.checkpoint import CheckpointError
 from eigenprune.config import ConfigError, load_config
+from eigenprune.data import DataError
 from eigenprune.store import RunFolderError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Spectral training and eigenvalue-ranked pruning of MLPs.")
 
-USER_ERRORS = (ConfigError, RunFolderError, CheckpointError)
+USER_ERRORS = (ConfigError, RunFolderError, CheckpointError, DataError)
 
 
 def _fail(message: str) -> None:

@@ -36,14 +36,15 @@ def importance_histograms(importance: pd.DataFrame, results: pd.DataFrame, width
     return fig
 
 
-def effective_dimension(results: pd.DataFrame, teacher_width: int, threshold: float):
+def effective_dimension(results: pd.DataFrame, teacher_width: int | None, threshold: float):
     """Effective dimension (mean +- std over trials) against student width N, teacher width marked."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ok = _ok(results)
     for method, g in ok.groupby("method"):
         s = g.groupby("width").effective_dim.agg(["mean", "std"]).fillna(0)
         ax.errorbar(s.index, s["mean"], yerr=s["std"], marker="o", capsize=3, label=method, color=COLORS.get(method))
-    ax.axhline(teacher_width, ls="--", color="k", lw=1, label=f"teacher width {teacher_width}")
+    if teacher_width:
+        ax.axhline(teacher_width, ls="--", color="k", lw=1, label=f"teacher width {teacher_width}")
     ax.set_xscale("log")
     ax.set_xlabel("student width N")
     ax.set_ylabel(f"effective dimension (importance > {threshold:g} max)")
@@ -70,8 +71,9 @@ def losses(results: pd.DataFrame):
     return fig
 
 
-def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: int):
-    """Mean delta loss vs kept - h_T, one line per width, one panel per method; ticks at mean n_c - h_T."""
+def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: int | None):
+    """Mean delta loss vs kept - h_T (vs kept without a teacher), one line per width, one panel per method;
+    dotted: the mean critical point."""
     ok = _ok(results)[["method", "width", "trial"]]
     cur = curves.merge(ok, on=["method", "width", "trial"])
     methods = [m for m in ("spectral", "direct") if m in set(cur.method)]
@@ -80,17 +82,21 @@ def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: i
     widths = sorted(cur.width.unique())
     for ax, method in zip(axes[0], methods):
         for j, w in enumerate(widths):
-            g = cur[(cur.method == method) & (cur.width == w)].groupby("kept_minus_teacher").delta_loss.mean()
+            g = cur[(cur.method == method) & (cur.width == w)].groupby("kept").delta_loss.mean()
+            g.index = g.index - (teacher_width or 0)
             color = cmap(j / max(len(widths) - 1, 1))
             ax.plot(g.index, g.values, color=color, label=f"N={w}")
             if "critical_point" in results:
                 n_c = results[(results.method == method) & (results.width == w) & (results.status == "ok")].critical_point.mean()
-                ax.axvline(n_c - teacher_width, color=color, ls=":", lw=1)
-        ax.axvline(0, ls="--", color="k", lw=1)
-        ax.set_xlim(-teacher_width, 3 * teacher_width)
+                ax.axvline(n_c - (teacher_width or 0), color=color, ls=":", lw=1)
+        if teacher_width:
+            ax.axvline(0, ls="--", color="k", lw=1)
+            ax.set_xlim(-teacher_width, 3 * teacher_width)
+        else:
+            ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_title(method)
-        ax.set_xlabel(r"kept nodes $n_\lambda - h_T$")
+        ax.set_xlabel(r"kept nodes $n_\lambda - h_T$" if teacher_width else r"kept nodes $n_\lambda$")
         ax.set_ylabel(r"$\Delta$MSE (test)")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -180,5 +186,33 @@ def regularization_path(results: pd.DataFrame, table: pd.DataFrame, cfg):
             ax.set_xlabel("L2 multiplier")
         axes[row][1].set_yscale("log")
         axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def layer_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_widths: list[int], column: str = "delta_loss"):
+    """Per hidden layer (columns) and method (rows): mean `column` against kept nodes of that layer alone."""
+    ok = results[results.status == "ok"][["method", "width", "trial"]]
+    cur = curves.merge(ok, on=["method", "width", "trial"])
+    layers = sorted(cur.layer.unique())
+    methods = [m for m in ("spectral", "direct") if m in set(cur.method)]
+    fig, axes = plt.subplots(len(methods), len(layers), figsize=(5 * len(layers), 3.6 * len(methods)), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    widths = sorted(cur.width.unique())
+    for i, method in enumerate(methods):
+        for j, layer in enumerate(layers):
+            ax = axes[i][j]
+            for n, w in enumerate(widths):
+                g = cur[(cur.method == method) & (cur.width == w) & (cur.layer == layer)].groupby("kept")[column].mean()
+                ax.plot(g.index, g.values, color=cmap(n / max(len(widths) - 1, 1)), label=f"N={w}")
+            if layer < len(teacher_widths):
+                ax.axvline(teacher_widths[layer], ls="--", color="k", lw=1, label=f"teacher {teacher_widths[layer]}")
+            ax.set_xscale("log")
+            if column == "delta_loss":
+                ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_title(f"{method}, hidden layer {layer + 1}", fontsize=9)
+            ax.set_xlabel("kept nodes of this layer")
+            ax.set_ylabel(column.replace("_", " "))
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -27,6 +27,8 @@ FIGURES = {
     "pruning_curves": "Test ΔMSE when keeping the n most important nodes, against n − h_T; dotted: mean critical point n_c.",
     "collapse": "Spectral pruning curves of every N before and after the paper's rescaling (one teacher: only ΔMSE is rescaled).",
     "paths": "Trial 0, largest N, pruned to h_T nodes: sorted path products and first-layer in-strengths vs the teacher's.",
+    "layer_curves": "Every hidden layer pruned alone: test ΔMSE / Δloss against the nodes kept in that layer (teacher's width dashed).",
+    "accuracy_curves": "Test accuracy against the nodes kept in each hidden layer (top nodes by importance).",
 }
 
 
@@ -80,6 +82,28 @@ def path_comparisons(run_dir: Path, cfg: Config, results: pd.DataFrame) -> dict[
     return out
 
 
+def teacher_width(cfg: Config) -> int | None:
+    """h_T, the teacher's first hidden width, or None for real data."""
+    return cfg.data.teacher.widths[0] if cfg.data.source == "teacher" else None
+
+
+def layer_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per (method, width, layer): recovered widths (effective dimension, critical point, joint search) vs the teacher's."""
+    ok = tables["results"][tables["results"].status == "ok"]
+    lay = tables["layers"].merge(ok[STUDENT_KEYS], on=STUDENT_KEYS)
+    cols = [c for c in ("effective_dim", "critical_point", "search_width", "width_within_accuracy_tol") if c in lay]
+    agg = lay.groupby(["method", "width", "layer"]).agg(
+        layer_width=("layer_width", "first"), teacher_layer_width=("teacher_layer_width", "first"),
+        **{f"{c}_mean": (c, "mean") for c in cols}, **{f"{c}_std": (c, lambda v: v.std(ddof=0)) for c in cols})
+    agg = agg.reset_index()
+    agg["layer"] += 1
+    loss = ok.groupby(["method", "width"]).agg(test_loss=("test_loss", "mean"), search_test_loss=("search_test_loss", "mean"),
+                                               **({"test_accuracy": ("test_accuracy", "mean"),
+                                                   "search_test_accuracy": ("search_test_accuracy", "mean")}
+                                                  if "test_accuracy" in ok else {}))
+    return agg.merge(loss.reset_index(), on=["method", "width"])
+
+
 def teacher_slices(cfg: Config, tables: dict[str, pd.DataFrame]) -> list[tuple[Config, dict[str, pd.DataFrame], str]]:
     """Per teacher: its config, the tables restricted to it (on a regularization path: to the selected
     strength of every method and width), and a file-name suffix (empty for a one-teacher run)."""
@@ -91,7 +115,8 @@ def teacher_slices(cfg: Config, tables: dict[str, pd.DataFrame]) -> list[tuple[C
         if cfg.regularization.mode == "path":
             r = r[r[f"selected_{cfg.regularization.rule}"]]
         keys = r[STUDENT_KEYS]
-        sliced = {"results": r, **{n: tables[n].merge(keys, on=STUDENT_KEYS) for n in ("curves", "importance")}}
+        sliced = {"results": r, **{n: tables[n].merge(keys, on=STUDENT_KEYS) for n in ("curves", "importance", "layers")}}
+        sliced["layer_curves"], sliced["curves"] = sliced["curves"], sliced["curves"][sliced["curves"].layer == 0]
         tcfg = cfg.for_teacher(int(ti))
         out.append((tcfg, sliced, f"_t{ti}_hT{tcfg.data.teacher.widths[0]}" if multi else ""))
     return out
@@ -108,16 +133,22 @@ def _save(fig, out: Path, stem: str) -> Path:
 
 def make_figures(run_dir: Path, cfg: Config, tables: dict[str, pd.DataFrame], suffix: str = "") -> list[tuple[Path, str]]:
     """Write one teacher's figures as PNG under figures/; returns (path, caption) pairs."""
-    res, h_t = tables["results"], cfg.data.teacher.widths[0]
+    res, h_t = tables["results"], teacher_width(cfg)
     figs = {
         "importance_histograms": plots.importance_histograms(tables["importance"], res),
         "effective_dimension": plots.effective_dimension(res, h_t, cfg.analysis.threshold),
         "losses": plots.losses(res),
         "pruning_curves": plots.pruning_curves(tables["curves"], res, h_t),
     }
-    items, measure = run_collapse(tables["curves"], res, h_t)
-    if len(items) >= 2:
-        figs["collapse"] = plots.collapse(items, measure)
+    t_widths = list(cfg.data.teacher.widths) if h_t else []
+    if tables["layer_curves"].layer.nunique() > 1 and (cfg.student.deep or not h_t):
+        figs["layer_curves"] = plots.layer_curves(tables["layer_curves"], res, t_widths)
+    if "test_accuracy" in tables["layer_curves"]:
+        figs["accuracy_curves"] = plots.layer_curves(tables["layer_curves"], res, t_widths, "test_accuracy")
+    if h_t:
+        items, measure = run_collapse(tables["curves"], res, h_t)
+        if len(items) >= 2:
+            figs["collapse"] = plots.collapse(items, measure)
     comparisons = path_comparisons(run_dir, cfg, res)
     if comparisons:
         figs["paths"] = plots.paths(comparisons)
@@ -182,8 +213,16 @@ def build_report(run_dir: str | Path, quiet: bool = True) -> Path:
         figure = _img(_save(fig, run_dir / "figures", "regularization_path"), REGPATH_CAPTION)
         sections.append("<h2>Regularization path</h2>" + figure + _table(path_selection_table(cfg, tables["results"])))
     for tcfg, sliced, suffix in teacher_slices(cfg, tables):
-        h_t = tcfg.data.teacher.widths[0]
+        h_t = teacher_width(tcfg)
         figures = make_figures(run_dir, tcfg, sliced, suffix)
+        layers = f"""<h3>Per hidden layer: recovered width vs the teacher's</h3>
+<p>search_width: joint minimal architecture (every hidden layer pruned by importance, in order, keeping the training loss
+within {1 + cfg.analysis.search_rel_tol:g} × the full model's); search_test_*: the jointly pruned student on the test set.</p>
+{_table(layer_table(sliced))}"""
+        if h_t is None:
+            sections.append(f"<h2>Data: {html.escape(cfg.data.source)}</h2>{layers}<h3>Figures</h3>"
+                            + "".join(_img(p, c) for p, c in figures))
+            continue
         _, measure = run_collapse(sliced["curves"], sliced["results"], h_t)
         mine = groups.merge(sliced["results"][GROUP_KEYS].drop_duplicates(), on=GROUP_KEYS)
         claim_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(m)}</td></tr>" for c, m in claims(tcfg, mine, measure))
@@ -196,7 +235,7 @@ def build_report(run_dir: str | Path, quiet: bool = True) -> Path:
 <h3>Critical point and exponential fit below it</h3>
 <p>n_c per trial: the smallest kept count from which ΔMSE stays below {cfg.analysis.critical_rel_tol:g} × the full model's test MSE.
 Fit: ΔMSE ≈ a·exp(−b·x) + c on the trial-mean curve for kept &lt; mean n_c, x = kept − h_T.</p>
-{_table(fits(sliced["curves"], sliced["results"], h_t))}""")
+{_table(fits(sliced["curves"], sliced["results"], h_t))}{layers}""")
     machine = ", ".join(f"{k}: {manifest.get(k)}" for k in ("device", "device_name", "cpu_count", "torch", "platform") if k in manifest)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>eigenprune run {html.escape(cfg.name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}

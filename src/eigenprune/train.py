@@ -42,6 +42,15 @@ def task_loss(out: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none").view(lead).mean(-1)
 
 
+def task_metric(out: torch.Tensor, y: torch.Tensor, task: Task, metric: str = "loss") -> torch.Tensor:
+    """`task_loss`, or with metric="accuracy" the share of correct argmax predictions (classification)."""
+    if metric == "loss":
+        return task_loss(out, y, task)
+    if metric == "accuracy" and task == "classification":
+        return (out.argmax(-1) == y).to(out.dtype).mean(-1)
+    raise ValueError(f"metric must be 'loss' (or 'accuracy' for classification), got {metric!r} for {task}")
+
+
 def _optimizer(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=True)
 
@@ -126,10 +135,16 @@ def train_alone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainS
 
 
 @torch.no_grad()
-def evaluate(ens: Ensemble, x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor, task: Task, chunk: int = 8192) -> torch.Tensor:
-    """Loss of every student on its trial's set (x [T, P, D], y [T, P]) -> [S] (no penalty)."""
+def evaluate(
+    ens: Ensemble, x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor, task: Task, chunk: int = 8192,
+    keep: dict[int, torch.Tensor] | None = None, metric: str = "loss",
+) -> torch.Tensor:
+    """Loss (or accuracy) of every student on its trial's set (x [T, P, D], y [T, P]) -> [S] (no penalty).
+
+    `keep` masks hidden nodes as in `Ensemble.forward`.
+    """
     total = x.new_zeros(ens.n_students)
     n = x.shape[1]
     for b in _batches(n, chunk):
-        total += task_loss(ens(x[trial_index, b]), y[trial_index, b], task) * (b.stop - b.start)
+        total += task_metric(ens(x[trial_index, b], keep=keep), y[trial_index, b], task, metric) * (b.stop - b.start)
     return total / n
