@@ -29,6 +29,7 @@ class TrainSpec:
     batch_size: int
     epochs: int
     task: Task = "regression"
+    backprop: Literal["manual", "autograd"] = "manual"  # the ensemble's hand-written gradients, or autograd
 
 
 def task_loss(out: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
@@ -85,6 +86,7 @@ def train_ensemble(
     """
     params = [p for p in ens.parameters() if p.requires_grad]
     opt = _optimizer(params, spec.lr)
+    manual = spec.backprop == "manual"
     gens = [torch.Generator().manual_seed(int(s)) for s in shuffle_seeds]
     n = x.shape[1]
     batches = _batches(n, spec.batch_size)
@@ -97,17 +99,22 @@ def train_ensemble(
         xs, ys = x[rows, perm][trial_index], y[rows, perm][trial_index]
         running = x.new_zeros(ens.n_students)
         for b in batches:
-            loss = task_loss(ens(xs[:, b]), ys[:, b], spec.task) + ens.penalty()
-            bad = ~torch.isfinite(loss)
+            xb, yb = xs[:, b], ys[:, b]
+            if manual:
+                loss = ens.loss_and_grads(xb, yb, spec.task, alive)
+                bad = ~torch.isfinite(loss)
+            else:
+                loss = task_loss(ens(xb), yb, spec.task) + ens.penalty()
+                bad = ~torch.isfinite(loss)
+                opt.zero_grad(set_to_none=True)
+                torch.where(alive & ~bad, loss, torch.zeros_like(loss)).sum().backward()
             failed_step = torch.where(bad & (failed_step < 0), step, failed_step)
-            loss = torch.where(alive & ~bad, loss, torch.zeros_like(loss))
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
+            loss = torch.where(alive & ~bad, loss.detach(), torch.zeros_like(loss))
             if any_dead:
                 for p in params:
                     p.grad[~alive] = 0
             opt.step()
-            running += loss.detach()
+            running += loss
             step += 1
         alive = failed_step < 0
         any_dead = not bool(alive.all())
