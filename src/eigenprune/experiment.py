@@ -7,14 +7,15 @@ so that padding never more than `pack_factor`-folds the work (see `plan_chunks`)
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import functools
 import os
 import platform
+import shlex
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -22,16 +23,20 @@ import torch
 
 from eigenprune import __version__
 from eigenprune.analysis import effective_dim
-from eigenprune.checkpoint import save_model
+from eigenprune.backends import run_local, run_ray
+from eigenprune.checkpoint import model_bytes
 from eigenprune.config import Config, ConfigError
 from eigenprune.data import TrialData, derive_seed, teacher_data
 from eigenprune.ensemble import Ensemble
 from eigenprune.importance import node_importance, normalize
+from eigenprune.memory import DEFAULT_FRACTION, available_bytes, chunk_bytes, gb
 from eigenprune.nets import LayerPlan, make_student
-from eigenprune.progress import Progress, QueueProgress
+from eigenprune.progress import Progress
 from eigenprune.prune import pruning_curves
-from eigenprune.store import RunFolder
+from eigenprune.store import ChunkResult, RunFolder
 from eigenprune.train import TrainSpec, evaluate, train_ensemble
+
+Backend = Literal["local", "ray"]
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,8 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
     spec = TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs)
     shuffle = [derive_seed("shuffle", cfg.seed, t) for t in range(cfg.trials)]
     task = progress.add(f"{chunk.method} N={','.join(map(str, chunk.widths))} ({len(keys)} students)", m.epochs)
-    start = time.perf_counter()
     log = train_ensemble(ens, data.x_train, data.y_train, trial_index, spec, shuffle, lambda e, loss: progress.update(task, e + 1, loss))
-    seconds = time.perf_counter() - start
+    per_epoch = log.steps // m.epochs
     train_loss = evaluate(ens, data.x_train, data.y_train, trial_index, spec.task).cpu()
     test_loss = evaluate(ens, data.x_test, data.y_test, trial_index, spec.task).cpu()
     scores = node_importance(ens.layers[0])
@@ -115,22 +119,24 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
     t_widths = list(cfg.data.teacher.widths)
     results, curve_rows, imp_rows = [], [], []
     for s, (w, t) in enumerate(keys):
-        failed = int(log.failed_step[s]) >= 0
+        step = int(log.failed_step[s])
+        failed = step >= 0
+        reason = f"loss became {float(log.failed_loss[s])} at step {step} (epoch {step // per_epoch}); frozen there" if failed else ""
         base = {"method": chunk.method, "width": w, "trial": t}
         results.append({
             **base, "teacher_kind": cfg.data.teacher.kind, "teacher_widths": ",".join(map(str, t_widths)),
             "teacher_width": t_widths[0], "train_loss": float(train_loss[s]), "test_loss": float(test_loss[s]),
             "effective_dim": int(eff[s]) if not failed else -1, "status": "failed" if failed else "ok",
-            "failed_step": int(log.failed_step[s]), "fail_reason": "non-finite loss" if failed else "",
+            "failed_step": step, "fail_reason": reason,
             "lr": m.lr, "batch_size": m.batch_size, "epochs": m.epochs, "steps": log.steps,
             "l2_phi": m.l2_phi, "l2_lam": m.l2_lam if chunk.method == "spectral" else 0.0,
-            "seed": student_seed(cfg, t, w), "chunk": chunk.id, "chunk_train_seconds": seconds,
+            "seed": student_seed(cfg, t, w), "chunk": chunk.id,
             "checkpoint": f"chunks/{chunk.id}/students/{chunk.method}-N{w}-t{t}.safetensors" if cfg.save_students else "",
         })
-        full = float(curves[s, w - 1])  # the full model through the same computation: delta is exactly 0 at k = N
+        delta = curves[s, :w] - curves[s, w - 1]  # the full model through the same computation: delta is exactly 0 at k = N
         kept = np.arange(1, w + 1)
         curve_rows.append(pd.DataFrame({**base, "kept": kept, "test_loss": curves[s, :w].numpy(),
-                                        "delta_loss": curves[s, :w].numpy() - full, "kept_minus_teacher": kept - t_widths[0]}))
+                                        "delta_loss": delta.numpy(), "kept_minus_teacher": kept - t_widths[0]}))
         imp_rows.append(pd.DataFrame({**base, "node": np.arange(w), "importance": scores[s, :w].numpy(),
                                       "normalized": norm[s, :w].numpy()}))
     tables = {"results": pd.DataFrame(results), "curves": pd.concat(curve_rows, ignore_index=True),
@@ -139,16 +145,17 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
 
 
 def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
-    """Per (method, width): mean and std over trials of losses, effective dimension and delta at probes."""
+    """Per (method, width): trial counts, and mean and std over the trials that trained (status ok) of
+    losses, effective dimension and delta at probes (None where no trial of the group trained)."""
     ok = results[results.status == "ok"]
     out: dict = {"teacher_widths": list(cfg.data.teacher.widths), "threshold": cfg.analysis.threshold, "groups": []}
     ok_curves = curves.merge(ok[["method", "width", "trial"]], on=["method", "width", "trial"])
-    for (method, width), g in ok.groupby(["method", "width"]):
-        row = {"method": method, "width": int(width), "trials_ok": len(g), "trials_failed": int(
-            ((results.method == method) & (results.width == width) & (results.status != "ok")).sum())}
+    for (method, width), everyone in results.groupby(["method", "width"]):
+        g = everyone[everyone.status == "ok"]
+        row = {"method": method, "width": int(width), "trials_ok": len(g), "trials_failed": len(everyone) - len(g)}
         for col in ("train_loss", "test_loss", "effective_dim"):
-            row[f"{col}_mean"] = float(g[col].mean())
-            row[f"{col}_std"] = float(g[col].std(ddof=0))
+            row[f"{col}_mean"] = float(g[col].mean()) if len(g) else None
+            row[f"{col}_std"] = float(g[col].std(ddof=0)) if len(g) else None
         for k in cfg.analysis.probe_kept:
             sel = ok_curves[(ok_curves.method == method) & (ok_curves.width == width) & (ok_curves.kept == k)]
             if len(sel):
@@ -158,18 +165,61 @@ def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
     return out
 
 
-def manifest(cfg: Config, device: torch.device, wall: float, chunks: list[Chunk], skipped: list[str], workers: int) -> dict:
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def manifest(cfg: Config, device: torch.device, wall: float, chunks: list[Chunk], skipped: list[str], run: dict) -> dict:
+    """Everything needed to repeat a run: versions, machine, seeds, digest, command, parallelism, timings."""
     info = {
         "eigenprune": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-        "numpy": np.__version__, "pandas": pd.__version__, "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "workers": workers, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": _version("pyarrow"), "safetensors": _version("safetensors"),
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), **run, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else platform.machine(),
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "config_digest": cfg.digest(), "seed": cfg.seed, "data_seed": cfg.data.seed, "teacher_seed": cfg.data.teacher.seed,
+        "command": shlex.join(["eigenprune", *sys.argv[1:]]), "python_executable": sys.executable, "cwd": os.getcwd(),
         "wall_seconds": round(wall, 3), "chunks": [c.id for c in chunks], "chunks_resumed": skipped,
-        "command": " ".join(sys.argv),
     }
     return info
+
+
+def check_memory(cfg: Config, chunks: list[Chunk], workers: int, device: torch.device) -> dict:
+    """Refuse (ConfigError) a grid whose largest chunk would not fit in memory, before anything runs.
+
+    The limit is `max_memory_gb`, or DEFAULT_FRACTION of the memory available now (free GPU memory on
+    CUDA), shared by the `workers` chunks that run at once. Returns the figures for the manifest.
+    """
+    if cfg.max_memory_gb is not None:
+        limit, source = cfg.max_memory_gb * 1e9, f"max_memory_gb {cfg.max_memory_gb:g}"
+    else:
+        free = available_bytes(device)
+        limit, source = DEFAULT_FRACTION * free, f"{DEFAULT_FRACTION:.0%} of the {gb(free)} available on {device.type}"
+    per_worker = limit / max(workers, 1)
+    if workers > 1:
+        source += f", shared by {workers} workers"
+    need = {c.id: chunk_memory(cfg, c) for c in chunks}
+    for c in chunks:
+        if need[c.id] > per_worker:
+            raise ConfigError(
+                f"chunk {c.id} ({len(c.widths) * len(c.trials)} students) needs about {gb(need[c.id])}, more than the "
+                f"{gb(per_worker)} limit ({source}); lower trials, widths or n_train, use fewer workers, or set max_memory_gb"
+            )
+    return {"memory_limit_bytes": int(per_worker), "memory_estimate_bytes": need}
+
+
+def chunk_memory(cfg: Config, chunk: Chunk) -> int:
+    """Estimated peak bytes of training and measuring one chunk (see `memory.chunk_bytes`)."""
+    d = cfg.data
+    widths = [d.input_dim, max(chunk.widths), *cfg.student.rest, 1]
+    size = torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+    n_students = len(chunk.widths) * len(chunk.trials)
+    return chunk_bytes(n_students, cfg.trials, widths, d.n_train, d.n_test, cfg.method(chunk.method).batch_size, size)
 
 
 def chunk_cost(cfg: Config, chunk: Chunk) -> float:
@@ -179,76 +229,76 @@ def chunk_cost(cfg: Config, chunk: Chunk) -> float:
     return steps * (1 + len(chunk.widths) * len(chunk.trials) * max(chunk.widths) / 2000)
 
 
-def train_and_commit(cfg: Config, chunk: Chunk, folder: RunFolder, data: TrialData, device: torch.device, progress) -> str:
-    """Train one chunk and rename its tables and checkpoints into the run folder."""
+def train_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, progress: Progress) -> ChunkResult:
+    """Train one chunk; its tables and student checkpoints (safetensors bytes) ready to commit."""
+    start = time.perf_counter()
     tables, ens, keys = run_chunk(cfg, chunk, data, device, progress)
-
-    def write_students(tmp: Path) -> None:
-        if not cfg.save_students:
-            return
-        (tmp / "students").mkdir()
+    files = {}
+    if cfg.save_students:
         for s, (w, t) in enumerate(keys):
             meta = {"method": chunk.method, "width": w, "trial": t, "config_digest": cfg.digest()}
-            save_model(ens.student(s).cpu(), tmp / "students" / f"{chunk.method}-N{w}-t{t}.safetensors", meta)
-
-    folder.commit_chunk(chunk.id, tables, write_students)
-    return chunk.id
+            files[f"students/{chunk.method}-N{w}-t{t}.safetensors"] = model_bytes(ens.student(s).cpu(), meta)
+    return ChunkResult(chunk.id, tables, files, time.perf_counter() - start)
 
 
-def _chunk_job(cfg_data: dict, chunk: Chunk, folder: str, queue, threads: int) -> str:
-    """Worker-process entry: rebuild the (seeded, hence identical) data and train one chunk."""
-    torch.set_num_threads(threads)
+def _chunk_job(cfg_data: dict, threads: int, chunk: Chunk, progress: Progress) -> ChunkResult:
+    """Entry point in a worker process or Ray task: rebuild the (seeded, hence identical) data, train one chunk."""
+    if threads:
+        torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_data)
-    return train_and_commit(cfg, chunk, RunFolder(folder), make_data(cfg), torch.device("cpu"), QueueProgress(queue, chunk.id))
+    device = resolve_device(cfg.device)
+    return train_chunk(cfg, chunk, make_data(cfg).to(device), device, progress)
 
 
-def _run_in_workers(cfg: Config, todo: list[Chunk], folder: RunFolder, workers: int, progress: Progress) -> None:
-    ctx = mp.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        queue = manager.Queue()
-        futures = [pool.submit(_chunk_job, cfg.model_dump(), c, str(folder.path), queue, threads) for c in todo]
-        try:
-            while True:
-                finished = all(f.done() for f in futures)
-                while not queue.empty():
-                    progress.relay(queue.get())
-                if finished:
-                    break
-                time.sleep(0.1)
-            for f in futures:
-                f.result()  # re-raises a worker's exception here
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-
-
-def run_experiment(cfg: Config, out: str | Path, fresh: bool = False, quiet: bool = False) -> Path:
+def run_experiment(
+    cfg: Config, out: str | Path, fresh: bool = False, quiet: bool = False, backend: Backend = "local", address: str | None = None,
+) -> Path:
     """Run every chunk of `cfg` not already finished in `out`, then merge, summarize and report.
 
-    On the CPU, chunks run in `cfg.workers` processes (0 = one per core); on CUDA, in this process.
+    local: on the CPU, chunks run in `cfg.workers` processes (0 = one per core); on CUDA, in this
+    process. ray: each chunk is a Ray task (`address` of a cluster, or a private local instance).
+    Finished chunks are committed as they arrive, so an interrupted run resumes where it stopped.
     """
     from eigenprune.report import build_report
 
-    device = resolve_device(cfg.device)
+    if address is not None and backend != "ray":
+        raise ConfigError("--address is only used with --backend ray")
+    chunks = plan_chunks(cfg)
     folder = RunFolder(out)
+    resumable = not fresh and (folder.path / "config.yaml").is_file()  # prepare() below refuses another config's folder
+    skipped = [c.id for c in chunks if resumable and folder.done(c.id)]
+    todo = sorted((c for c in chunks if c.id not in skipped), key=lambda c: -chunk_cost(cfg, c))
+    if backend == "ray":
+        device = torch.device(cfg.device if cfg.device != "auto" else "cpu")  # resolved inside each task
+        workers, threads = len(todo), 1
+        memory = check_memory(cfg, todo, 1, torch.device("cpu")) if device.type == "cpu" or cfg.max_memory_gb else {}
+    else:
+        device = resolve_device(cfg.device)
+        workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
+        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        memory = check_memory(cfg, todo, workers, device)
     folder.prepare(cfg, fresh=fresh)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
-    chunks = plan_chunks(cfg)
-    skipped = [c.id for c in chunks if folder.done(c.id)]
-    todo = sorted((c for c in chunks if c.id not in skipped), key=lambda c: -chunk_cost(cfg, c))
-    workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
-    with Progress(quiet=quiet) as progress:
-        if workers > 1:
-            _run_in_workers(cfg, todo, folder, workers, progress)
-        elif todo:
-            data = make_data(cfg).to(device)
-            for chunk in todo:
-                train_and_commit(cfg, chunk, folder, data, device, progress)
-    tables = folder.merge()
-    folder.write_json("summary.json", summarize(cfg, tables["results"], tables["curves"]))
-    folder.write_json("manifest.json", manifest(cfg, device, time.perf_counter() - start, chunks, skipped, workers))
-    build_report(folder.path, quiet=quiet)
+    run = {"backend": backend, "ray_address": address, "ray": _version("ray") if backend == "ray" else None,
+           "workers": workers, "threads_per_worker": threads, **memory}
+    try:
+        with Progress(quiet=quiet) as progress:
+            if backend == "ray":
+                gpus = 1 if cfg.device.startswith("cuda") else 0
+                job = functools.partial(_chunk_job, cfg.model_dump(), threads)
+                run_ray(job, todo, folder.commit_chunk, progress, address, cfg.workers or None, gpus)
+            elif workers > 1:
+                run_local(functools.partial(_chunk_job, cfg.model_dump(), threads), todo, folder.commit_chunk, progress, workers)
+            elif todo:
+                data = make_data(cfg).to(device)
+                run_local(lambda chunk, p: train_chunk(cfg, chunk, data, device, p), todo, folder.commit_chunk, progress)
+        ids = [c.id for c in chunks]
+        tables = folder.merge(ids)
+        folder.write_json("summary.json", summarize(cfg, tables["results"], tables["curves"]))
+        info = manifest(cfg, device, time.perf_counter() - start, chunks, skipped, run)
+        folder.write_json("manifest.json", {**info, "chunk_train_seconds": folder.chunk_seconds(ids)})
+        build_report(folder.path, quiet=quiet)
+    finally:
+        folder.release()
     return folder.path

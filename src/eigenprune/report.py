@@ -9,11 +9,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
-import yaml
 
 from eigenprune import plots
 from eigenprune.config import Config
-from eigenprune.store import RunFolder, write_text_atomic
+from eigenprune.store import KEYS, RunFolder, RunFolderError, write_text_atomic
 
 FIGURES = {
     "importance_histograms": "Normalised node importance: spectral L (a spike at 0 plus a few large nodes) vs direct M.",
@@ -47,6 +46,9 @@ def make_figures(run_dir: Path, cfg: Config, tables: dict[str, pd.DataFrame]) ->
 def claims(cfg: Config, summary: dict) -> list[tuple[str, str]]:
     """(claim, what this run measured) pairs for the paper's central claims."""
     groups = pd.DataFrame(summary["groups"])
+    if "trials_ok" not in groups:
+        return []
+    groups = groups[groups.trials_ok > 0]
     h_t = cfg.data.teacher.widths[0]
     rows = []
 
@@ -73,13 +75,23 @@ def _table(df: pd.DataFrame) -> str:
 
 
 def build_report(run_dir: str | Path, quiet: bool = True) -> Path:
-    """(Re)build figures/ and report.html of a run folder from its stored results (no training)."""
+    """(Re)build figures/ and report.html of a run folder from its stored results (no training).
+
+    Every stored file is read and checked before anything is written; a missing or damaged one is a
+    one-line `RunFolderError` and leaves the folder as it was.
+    """
     folder = RunFolder(run_dir)
     tables = folder.load()
     run_dir = folder.path
-    cfg = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").exists() else {}
-    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = folder.read_config()
+    manifest = folder.read_json("manifest.json") if (run_dir / "manifest.json").exists() else {}
+    summary = folder.read_json("summary.json")
+    if not isinstance(summary.get("groups"), list):
+        raise RunFolderError(f"{run_dir / 'summary.json'} has no list of groups; rerun `eigenprune run` to rebuild it")
+    missing = [c for c in (*KEYS, "status", "fail_reason", "failed_step") if c not in tables["results"].columns]
+    if missing:
+        raise RunFolderError(f"{run_dir / 'results.parquet'} lacks columns {missing}; it was not written by this eigenprune")
+    failed = tables["results"][tables["results"].status != "ok"]
     paths = make_figures(run_dir, cfg, tables)
     imgs = "".join(
         f"<figure><img src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
@@ -100,6 +112,9 @@ students N ∈ {list(cfg.student.widths)}; {cfg.trials} trials; wall time {manif
 <table class="c"><tr><th>claim</th><th>measured (mean ± std over trials)</th></tr>{claim_rows}</table>
 <h2>Figures</h2>{imgs}
 <h2>Summary per method and width</h2>{_table(pd.DataFrame(summary['groups']))}
+<h2>Failed students ({len(failed)})</h2>
+<p>A student whose loss became NaN or infinite was frozen at that step; it is left out of every figure and mean above.</p>
+{_table(failed[[*KEYS, "lr", "failed_step", "fail_reason"]]) if len(failed) else "<p>none</p>"}
 <h2>Config</h2><pre>{html.escape(cfg.to_yaml())}</pre>
 <h2>Manifest</h2><pre>{html.escape(json.dumps(manifest, indent=2))}</pre>
 </body></html>"""
