@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from types import ModuleType
 from typing import Any, Protocol
 
 from eigenprune.progress import Progress, QueueProgress
@@ -63,54 +66,86 @@ def _in_worker(job: Job, chunk: Unit, queue: Any) -> ChunkResult:
     return job(chunk, QueueProgress(queue, chunk.id))
 
 
-def run_ray(
-    job: Job, chunks: Sequence[Unit], on_done: Callable[[ChunkResult], None], progress: Progress,
-    address: str | None = None, num_cpus: int | None = None, gpus_per_task: float = 0,
-) -> None:
-    """Train each chunk as a Ray task and commit results in the driver as they arrive.
-
-    Connects to the cluster at `address` ("auto", "ray://host:10001", "host:6379"), or uses the Ray
-    already initialised in this process, or starts a private local instance (`num_cpus` CPUs, no
-    dashboard, usage statistics off) that is shut down afterwards. Each task asks for one CPU and
-    `gpus_per_task` GPUs; Ray retries a task whose worker died, which is safe because tasks only
-    return data. Per-epoch progress is not streamed back; each chunk's bar completes when it returns.
-    """
+def require_ray() -> ModuleType:
+    """The `ray` module, or a `BackendError` saying how to install it."""
     try:
         import ray
     except ImportError:
         raise BackendError("the ray backend needs Ray, which is not installed: pip install 'eigenprune[ray]'") from None
-    started = not ray.is_initialized()
-    if started:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        try:
-            if address is None:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-            else:
-                ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            where = address or "a new local instance"
-            raise BackendError(f"cannot start or reach Ray at {where}: {str(err).strip().splitlines()[0]}") from None
+    return ray
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[ModuleType]:
+    """Make Ray usable in this process for the duration of the `with` block.
+
+    Uses a Ray already initialised here; otherwise connects to the cluster at `address` ("auto",
+    "HOST:PORT" of its head, or "ray://HOST:10001" for Ray Client), or with no address starts a
+    private local instance (`num_cpus` CPUs, no dashboard, usage statistics off) that is shut down
+    at the end. An address that does not answer within 10 s is a `BackendError` (Ray itself would
+    retry for minutes).
+    """
+    ray = require_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address not in (None, "auto"):
+        _check_reachable(address)
     try:
-        remote = ray.remote(_in_ray_task).options(num_cpus=1, num_gpus=gpus_per_task, max_retries=2)
-        bars = {}
-        refs = {}
-        for chunk in chunks:
-            bars[chunk.id] = progress.add(f"{chunk.id} (Ray task; shown when done)", 1)
-            refs[remote.remote(job, chunk)] = chunk
-        pending = list(refs)
-        try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                result = ray.get(done[0])  # re-raises a task's exception here
-                progress.finish(bars[refs[done[0]].id])
-                on_done(result)
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref)
-            raise
+        if address is None:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        else:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise BackendError(f"cannot start or reach Ray at {address or 'a new local instance'}: {_first_line(err)}") from None
+    try:
+        yield ray
     finally:
-        if started:
-            ray.shutdown()
+        ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise BackendError(f"Ray address must be auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise BackendError(f"cannot reach Ray at {address}: {err.strerror or type(err).__name__}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def run_ray(
+    job: Job, chunks: Sequence[Unit], on_done: Callable[[ChunkResult], None], progress: Progress, gpus_per_task: float = 0,
+) -> None:
+    """Train each chunk as a Ray task (inside a `ray_session`) and hand results to the driver as they arrive.
+
+    Each task asks for one CPU and `gpus_per_task` GPUs; Ray retries a task whose worker died, which
+    is safe because tasks only return data. Per-epoch progress is not streamed back; each chunk's bar
+    completes when it returns.
+    """
+    ray = require_ray()
+    remote = ray.remote(_in_ray_task).options(num_cpus=1, num_gpus=gpus_per_task, max_retries=2)
+    bars, refs = {}, {}
+    for chunk in chunks:
+        bars[chunk.id] = progress.add(f"{chunk.id} (Ray task; shown when done)", 1)
+        refs[remote.remote(job, chunk)] = chunk
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            result = ray.get(done[0])  # re-raises a task's exception here
+            progress.finish(bars[refs[done[0]].id])
+            on_done(result)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
 
 
 def _in_ray_task(job: Job, chunk: Unit) -> ChunkResult:

@@ -7,6 +7,7 @@ so that padding never more than `pack_factor`-folds the work (see `plan_chunks`)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -23,7 +24,7 @@ import torch
 
 from eigenprune import __version__
 from eigenprune.analysis import effective_dim
-from eigenprune.backends import run_local, run_ray
+from eigenprune.backends import ray_session, require_ray, run_local, run_ray
 from eigenprune.checkpoint import model_bytes
 from eigenprune.config import Config, ConfigError
 from eigenprune.data import TrialData, derive_seed, teacher_data
@@ -269,25 +270,28 @@ def run_experiment(
     skipped = [c.id for c in chunks if resumable and folder.done(c.id)]
     todo = sorted((c for c in chunks if c.id not in skipped), key=lambda c: -chunk_cost(cfg, c))
     if backend == "ray":
+        require_ray()
         device = torch.device(cfg.device if cfg.device != "auto" else "cpu")  # resolved inside each task
-        workers, threads = len(todo), 1
+        workers, threads = cfg.workers, 1
         memory = check_memory(cfg, todo, 1, torch.device("cpu")) if device.type == "cpu" or cfg.max_memory_gb else {}
     else:
         device = resolve_device(cfg.device)
         workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
         threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
         memory = check_memory(cfg, todo, workers, device)
-    folder.prepare(cfg, fresh=fresh)
-    torch.manual_seed(cfg.seed)
-    start = time.perf_counter()
     run = {"backend": backend, "ray_address": address, "ray": _version("ray") if backend == "ray" else None,
            "workers": workers, "threads_per_worker": threads, **memory}
-    try:
+    with contextlib.ExitStack() as stack:
+        if backend == "ray":
+            stack.enter_context(ray_session(address, cfg.workers or None))  # before anything is written
+        folder.prepare(cfg, fresh=fresh)
+        stack.callback(folder.release)
+        torch.manual_seed(cfg.seed)
+        start = time.perf_counter()
         with Progress(quiet=quiet) as progress:
             if backend == "ray":
-                gpus = 1 if cfg.device.startswith("cuda") else 0
                 job = functools.partial(_chunk_job, cfg.model_dump(), threads)
-                run_ray(job, todo, folder.commit_chunk, progress, address, cfg.workers or None, gpus)
+                run_ray(job, todo, folder.commit_chunk, progress, gpus_per_task=1 if device.type == "cuda" else 0)
             elif workers > 1:
                 run_local(functools.partial(_chunk_job, cfg.model_dump(), threads), todo, folder.commit_chunk, progress, workers)
             elif todo:
@@ -299,6 +303,4 @@ def run_experiment(
         info = manifest(cfg, device, time.perf_counter() - start, chunks, skipped, run)
         folder.write_json("manifest.json", {**info, "chunk_train_seconds": folder.chunk_seconds(ids)})
         build_report(folder.path, quiet=quiet)
-    finally:
-        folder.release()
     return folder.path
