@@ -104,8 +104,10 @@ def read_metadata(path: str | Path) -> dict:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path {path} is not a file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -136,11 +138,17 @@ def load_model(path: str | Path) -> tuple[nn.Sequential, dict]:
         raise CheckpointError(f"{path}: tensors must be floating point, got {sorted(map(str, dtypes))}")
     try:
         model = build(arch, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    except KeyError as err:
+        raise CheckpointError(f"{path}: corrupted checkpoint (an architecture entry lacks the key {err})") from None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: corrupted checkpoint (bad architecture entry: {_first_line(err)})") from None
+    try:
         model.load_state_dict(tensors, strict=True)
-    except (RuntimeError, KeyError, TypeError, ValueError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: tensors do not match the stored architecture ({_first_line(err)})") from None
+    except RuntimeError as err:  # its first line is a generic heading; the second names the tensor
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()][1:2] or [_first_line(err)]
+        raise CheckpointError(f"{path}: tensors do not match the stored architecture ({detail[0]})") from None
     return model, extra if isinstance(extra, dict) else {}
 
 

@@ -116,7 +116,8 @@ class RunFolder:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         self.chunks_dir.mkdir(exist_ok=True)
         self._remove_leftovers()
-        write_text_atomic(stored, cfg.to_yaml())
+        if not stored.is_file() or stored.read_text() != cfg.to_yaml():  # a resume leaves it untouched
+            write_text_atomic(stored, cfg.to_yaml())
 
     def _lock(self) -> None:
         """Hold an exclusive advisory lock on `.lock` until this process exits (the OS drops it on a kill)."""
@@ -183,7 +184,7 @@ class RunFolder:
         (method, width, trial) is refused rather than written.
         """
         merged = {}
-        for name in TABLES:
+        for name in TABLES:  # read everything first: a damaged chunk stops the merge before any file is replaced
             frames = []
             for cid in chunk_ids:
                 p = self.chunks_dir / cid / f"{name}.parquet"
@@ -197,8 +198,9 @@ class RunFolder:
                 df = df.sort_values(keys, kind="stable").reset_index(drop=True)
                 if df.duplicated(keys).any():
                     raise RunFolderError(f"{self.path}: {name} has repeated rows for {keys}; not writing a merged table")
-            write_parquet_atomic(df, self.path / f"{name}.parquet")
             merged[name] = df
+        for name, df in merged.items():
+            write_parquet_atomic(df, self.path / f"{name}.parquet")
         return merged
 
     def write_json(self, name: str, obj: dict) -> None:
