@@ -2,13 +2,16 @@
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+from importlib.util import find_spec
 
 import pandas as pd
 import pytest
 import ray
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from conftest import TINY
@@ -54,14 +57,32 @@ def test_ray_backend_gives_the_local_results(tmp_path, local_ray):
     assert manifest["backend"] == "ray" and manifest["ray"] == ray.__version__
 
 
+def test_cli_ray_run_writes_only_its_run_folder_and_temp_dirs(tmp_path):
+    """`eigenprune run --backend ray` starting its own Ray: HOME and the working folder get nothing else."""
+    home, cwd, ray_tmp = tmp_path / "home", tmp_path / "cwd", tempfile.mkdtemp(prefix="ray-")
+    home.mkdir()
+    cwd.mkdir()
+    (cwd / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    env = {**os.environ, "HOME": str(home), "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "eigenprune", "run", "tiny.yaml", "--backend", "ray", "--workers", "2",
+                               "--out", "run", "--quiet"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr
+    assert list(home.iterdir()) == [] and sorted(p.name for p in cwd.iterdir()) == ["run", "tiny.yaml"]
+    assert len(pd.read_parquet(cwd / "run" / "results.parquet")) == 8
+
+
 def test_missing_ray_and_unreachable_cluster_are_one_line_errors(tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["run", "--set", "trials=1", "--out", str(out), "--quiet", "--backend", "ray"]
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))  # as if not installed
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert result.stderr == "error: the ray backend needs Ray, which is not installed: pip install 'eigenprune[ray]'\n"
-    monkeypatch.delitem(sys.modules, "ray")
+    monkeypatch.undo()
     result = runner.invoke(app, [*args, "--address", "127.0.0.1:1"])
     assert result.exit_code == 2 and result.stderr.startswith("error: cannot reach Ray at 127.0.0.1:1") and result.stderr.count("\n") == 1
     result = runner.invoke(app, [*args, "--address", "not-an-address"])

@@ -9,9 +9,12 @@ so the backend does not change the results (up to float rounding from different 
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
+import secrets
 import socket
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -66,13 +69,10 @@ def _in_worker(job: Job, chunk: Unit, queue: Any) -> ChunkResult:
     return job(chunk, QueueProgress(queue, chunk.id))
 
 
-def require_ray() -> ModuleType:
-    """The `ray` module, or a `BackendError` saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise BackendError("the ray backend needs Ray, which is not installed: pip install 'eigenprune[ray]'") from None
-    return ray
+def require_ray() -> None:
+    """Check that Ray is installed (without importing it), or raise a `BackendError` saying how to install it."""
+    if importlib.util.find_spec("ray") is None:
+        raise BackendError("the ray backend needs Ray, which is not installed: pip install 'eigenprune[ray]'")
 
 
 @contextmanager
@@ -81,28 +81,40 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 
     Uses a Ray already initialised here; otherwise connects to the cluster at `address` ("auto",
     "HOST:PORT" of its head, or "ray://HOST:10001" for Ray Client), or with no address starts a
-    private local instance (`num_cpus` CPUs, no dashboard, usage statistics off) that is shut down
-    at the end. An address that does not answer within 10 s is a `BackendError` (Ray itself would
-    retry for minutes).
+    private local instance (`num_cpus` CPUs) that is shut down at the end: no dashboard, no usage
+    statistics, and, unless RAY_AUTH_* is set, token authentication with a random token held only in
+    this process's environment (Ray would otherwise write ~/.ray/auth_token). An address that does
+    not answer within 10 s is a `BackendError` (Ray itself would retry for minutes).
     """
-    ray = require_ray()
-    if ray.is_initialized():
-        yield ray
+    require_ray()
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        yield sys.modules["ray"]
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address not in (None, "auto"):
         _check_reachable(address)
+    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    own_auth = not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
+    if address is None and own_auth and "ray" not in sys.modules:  # Ray reads these when it is imported
+        env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {k: v for k, v in env.items() if k not in os.environ}
+    os.environ.update(env)
     try:
-        if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-        else:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise BackendError(f"cannot start or reach Ray at {address or 'a new local instance'}: {_first_line(err)}") from None
-    try:
-        yield ray
+        import ray
+
+        try:
+            if address is None:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+            else:
+                ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        except Exception as err:  # noqa: BLE001 - whatever Ray raises, the user gets one line
+            raise BackendError(f"cannot start or reach Ray at {address or 'a new local instance'}: {_first_line(err)}") from None
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        for k in env:
+            os.environ.pop(k, None)
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -129,7 +141,8 @@ def run_ray(
     is safe because tasks only return data. Per-epoch progress is not streamed back; each chunk's bar
     completes when it returns.
     """
-    ray = require_ray()
+    import ray
+
     remote = ray.remote(_in_ray_task).options(num_cpus=1, num_gpus=gpus_per_task, max_retries=2)
     bars, refs = {}, {}
     for chunk in chunks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -166,10 +167,11 @@ def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
     return out
 
 
-def _version(module: str) -> str | None:
+def _version(package: str) -> str | None:
+    """An installed package's version, without importing it (importing Ray would set it up)."""
     try:
-        return __import__(module).__version__
-    except ImportError:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
