@@ -94,6 +94,9 @@ def run(
         path = run_experiment(cfg, out or Path("runs") / cfg.name, fresh=fresh, quiet=quiet, backend=backend, address=address)
     except USER_ERRORS as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished chunks are kept; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"results in {path} (open {path / 'report.html'})")
 
 
