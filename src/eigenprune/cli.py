@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 import yaml
@@ -16,7 +17,7 @@ from eigenprune.config import ConfigError, load_config
 from eigenprune.store import RunFolderError
 
 try:
-    from typer import TyperException as _UsageError  # typer >= 0.22 parses arguments itself
+    from typer import TyperException as _UsageError  # newer typer parses arguments without click
 except ImportError:
     from click import ClickException as _UsageError
 
@@ -24,7 +25,10 @@ except ImportError:
 class _OneLineErrors(TyperGroup):
     """Usage errors (unknown option, bad value, missing argument) as one `error: ...` line, exit code 2."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001, ANN201
+    def main(
+        self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+        standalone_mode: bool = True, **extra: Any,
+    ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         if not argv:  # bare `eigenprune`: the help text, as typer shows it
             return super().main(argv, prog_name, complete_var, standalone_mode=standalone_mode, **extra)
