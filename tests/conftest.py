@@ -9,6 +9,10 @@ _tmp = tempfile.mkdtemp(prefix="eigenprune-tests-")
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(_tmp, "mpl"))
 os.environ.setdefault("RAY_TMPDIR", os.path.join(_tmp, "ray"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# One torch thread in tests and the processes they start: tiny tensors gain nothing from more, and
+# on a busy 2-core machine extra threads wait for each other (one tiny run went from 58 s to 3 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

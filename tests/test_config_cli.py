@@ -27,7 +27,7 @@ def _run(args):
         ({"trials": "three"}, "trials: Input should be a valid integer"),
         ({"data": {"teacher": {"kind": "quadratic"}}}, "data.teacher.kind: Input should be 'mlp', 'linear' or 'hidden_manifold'"),
         ({"spectral": {"lr": 0}}, "spectral.lr: Input should be greater than 0 (got 0)"),
-        ({"device": "tpu"}, "device: must be cpu, cuda, cuda:N or auto, got 'tpu'"),
+        ({"device": "tpu"}, "device: must be cpu, cuda, cuda:N or auto (got 'tpu')"),
         ([1, 2], "the top level must be a mapping"),
     ],
 )

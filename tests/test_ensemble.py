@@ -65,6 +65,7 @@ def test_diverging_student_is_stopped_and_others_are_unaffected():
     ens = Ensemble([copy.deepcopy(s) for s in students])
     log = train_ensemble(ens, x, y, torch.tensor([0, 0, 1]), spec, [1, 2])
     assert log.failed_step.tolist() == [-1, 0, -1]
+    assert not torch.isfinite(log.failed_loss[1]) and log.failed_loss[[0, 2]].tolist() == [0.0, 0.0]
     ref = Ensemble([copy.deepcopy(students[0]), copy.deepcopy(students[2])])
     train_ensemble(ref, x, y, torch.tensor([0, 1]), spec, [1, 2])
     for got, want in ((0, 0), (2, 1)):

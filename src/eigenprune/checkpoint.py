@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from eigenprune.layers import SpectralLinear
@@ -73,13 +74,27 @@ def build(arch: list[dict], dtype: torch.dtype = torch.float32) -> nn.Sequential
     return nn.Sequential(*mods)
 
 
+def model_bytes(model: nn.Module, extra: dict | None = None) -> bytes:
+    """`model` as safetensors bytes with its architecture and `extra` metadata (what `save_model` writes)."""
+    meta = {"format": FORMAT, "eigenprune": json.dumps(architecture(model)), "extra": json.dumps(extra or {}, sort_keys=True)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return _sorted_header(save(tensors, metadata=meta))
+
+
+def _sorted_header(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted, so equal models give equal bytes
+    (safetensors writes metadata in hash-map order). Layout: u64 header size, header, tensor data."""
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(header)) + header + blob[8 + n :]
+
+
 def save_model(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
     """Write `model` to `path` (safetensors, atomically) with its architecture and `extra` metadata."""
     path = Path(path)
-    meta = {"format": FORMAT, "eigenprune": json.dumps(architecture(model)), "extra": json.dumps(extra or {})}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    tmp.write_bytes(model_bytes(model, extra))
     os.replace(tmp, path)
     return path
 
@@ -89,30 +104,54 @@ def read_metadata(path: str | Path) -> dict:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path {path} is not a file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an eigenprune checkpoint (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
     return meta
 
 
 def load_model(path: str | Path) -> tuple[nn.Sequential, dict]:
-    """Load a model saved by `save_model`; returns (model, extra metadata)."""
+    """Load a model saved by `save_model`; returns (model, extra metadata). Never writes to `path`.
+
+    Any damage (truncation, garbage bytes, a foreign safetensors file, a malformed architecture,
+    tensors that do not fit it) is a one-line `CheckpointError`.
+    """
     meta = read_metadata(path)
     try:
         tensors = load_file(str(path))
         arch = json.loads(meta["eigenprune"])
+        extra = json.loads(meta.get("extra", "{}"))
     except (SafetensorError, OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: corrupted checkpoint ({err})") from None
+        raise CheckpointError(f"{path}: corrupted checkpoint ({_first_line(err)})") from None
+    if not isinstance(arch, list) or not all(isinstance(e, dict) for e in arch):
+        raise CheckpointError(f"{path}: corrupted checkpoint (architecture is not a list of layers)")
     dtypes = {t.dtype for t in tensors.values()}
-    model = build(arch, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    if not dtypes <= {torch.float16, torch.bfloat16, torch.float32, torch.float64}:
+        raise CheckpointError(f"{path}: tensors must be floating point, got {sorted(map(str, dtypes))}")
+    try:
+        model = build(arch, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    except KeyError as err:
+        raise CheckpointError(f"{path}: corrupted checkpoint (an architecture entry lacks the key {err})") from None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: corrupted checkpoint (bad architecture entry: {_first_line(err)})") from None
     try:
         model.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: tensors do not match the stored architecture ({str(err).splitlines()[0]})") from None
-    return model, json.loads(meta.get("extra", "{}"))
+    except RuntimeError as err:  # its first line is a generic heading; the second names the tensor
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()][1:2] or [_first_line(err)]
+        raise CheckpointError(f"{path}: tensors do not match the stored architecture ({detail[0]})") from None
+    return model, extra if isinstance(extra, dict) else {}
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -3,20 +3,55 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 import yaml
+from typer.core import TyperGroup
 
+from eigenprune.backends import BackendError
 from eigenprune.checkpoint import CheckpointError
 from eigenprune.config import ConfigError, load_config
 from eigenprune.data import DataError
 from eigenprune.store import RunFolderError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Spectral training and eigenvalue-ranked pruning of MLPs.")
+try:
+    from typer import TyperException as _UsageError  # newer typer parses arguments without click
+except ImportError:
+    from click import ClickException as _UsageError
 
-USER_ERRORS = (ConfigError, RunFolderError, CheckpointError, DataError)
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, bad value, missing argument) as one `error: ...` line, exit code 2."""
+
+    def main(
+        self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+        standalone_mode: bool = True, **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if not argv:  # bare `eigenprune`: the help text, as typer shows it
+            return super().main(argv, prog_name, complete_var, standalone_mode=standalone_mode, **extra)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except _UsageError as err:
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"error: {' '.join(err.format_message().split())}{hint}", err=True)
+            code = err.exit_code
+        except typer.Abort:
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors, add_completion=False, no_args_is_help=True, help="Spectral training and eigenvalue-ranked pruning of MLPs."
+)
+
+USER_ERRORS = (ConfigError, RunFolderError, CheckpointError, BackendError, DataError)
 
 
 def _fail(message: str) -> None:
@@ -42,18 +77,31 @@ def run(
     set_: Annotated[list[str], typer.Option("--set", help="override a config field, e.g. --set trials=2")] = [],  # noqa: B006
     fresh: Annotated[bool, typer.Option(help="delete an existing run folder of this config and start over")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="worker processes, or CPUs of a new local Ray; 0 = one per core")] = None,
+    backend: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster, needs eigenprune[ray])")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: a local one)")] = None,
 ) -> None:
-    """Train the grid of a config, analyse it, and write results, figures and report.html."""
+    """Train the grid of a config, analyse it, and write results, figures and report.html.
+
+    Rerunning the same command resumes: finished chunks are kept, the rest are trained.
+    """
     from eigenprune.experiment import run_experiment
 
     try:
+        if backend not in ("local", "ray"):
+            _fail(f"--backend must be local or ray, got {backend!r}")
         overrides = _overrides(set_)
         if device is not None:
             overrides["device"] = device
+        if workers is not None:
+            overrides["workers"] = workers
         cfg = load_config(config, overrides)
-        path = run_experiment(cfg, out or Path("runs") / cfg.name, fresh=fresh, quiet=quiet)
+        path = run_experiment(cfg, out or Path("runs") / cfg.name, fresh=fresh, quiet=quiet, backend=backend, address=address)
     except USER_ERRORS as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished chunks are kept; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"results in {path} (open {path / 'report.html'})")
 
 

@@ -19,8 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
 class ConfigError(ValueError):
@@ -34,7 +35,7 @@ class _Strict(BaseModel):
 class TeacherConfig(_Strict):
     kind: Literal["mlp", "linear", "hidden_manifold"] = "mlp"
     widths: Annotated[list[PositiveInt], Field(min_length=1)] = [20, 10]
-    seed: int = 1234
+    seed: Seed = 1234
     latent_dim: PositiveInt = 5
 
 
@@ -54,7 +55,7 @@ class DataConfig(_Strict):
     input_dim: PositiveInt = 10
     n_train: PositiveInt = 8000
     n_test: PositiveInt = 4000
-    seed: int = 0
+    seed: Seed = 0
     standardize_targets: bool = False
     teacher: TeacherConfig = TeacherConfig()
 
@@ -109,8 +110,8 @@ class RegularizationConfig(_Strict):
 
 
 class Config(_Strict):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "quick"
-    seed: int = 0
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "quick"
+    seed: Seed = 0
     trials: PositiveInt = 3
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
@@ -124,7 +125,7 @@ class Config(_Strict):
     analysis: AnalysisConfig = AnalysisConfig()
     save_students: bool = True
     workers: Annotated[int, Field(ge=0)] = 0
-
+    max_memory_gb: PositiveFloat | None = None  # None: 80% of the memory available when the run starts
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -140,7 +141,7 @@ class Config(_Strict):
     @classmethod
     def _device(cls, v: str) -> str:
         if v not in ("cpu", "cuda", "auto") and not (v.startswith("cuda:") and v[5:].isdigit()):
-            raise ValueError(f"must be cpu, cuda, cuda:N or auto, got {v!r}")
+            raise ValueError("must be cpu, cuda, cuda:N or auto")
         return v
 
     def method(self, name: str) -> MethodConfig:
@@ -160,8 +161,8 @@ class Config(_Strict):
         return list(self.regularization.multipliers) if self.regularization.mode == "path" else [1.0]
 
     def digest(self) -> str:
-        """A hash of everything that changes results (not the device, the name or the worker count)."""
-        payload = self.model_dump(exclude={"device", "name", "workers"})
+        """A hash of everything that changes results (not the device, the name, the worker count or the memory limit)."""
+        payload = self.model_dump(exclude={"device", "name", "workers", "max_memory_gb"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
@@ -175,7 +176,9 @@ def _one_line(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{where}: {msg} (got {e['input']!r})" if e["type"] != "missing" and e["loc"] else f"{where}: {msg}")
+        got = repr(e["input"])
+        got = got if len(got) <= 80 else got[:77] + "..."
+        parts.append(f"{where}: {msg} (got {got})" if e["type"] != "missing" and e["loc"] else f"{where}: {msg}")
     return "invalid config: " + "; ".join(parts)
 
 
@@ -198,21 +201,30 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Confi
     if path is not None:
         p = Path(path)
         source = str(p)
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(f"config file not found: {p}")
+        if not p.is_file():
+            raise ConfigError(f"config path {p} is not a file")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{p}: not a UTF-8 text file (byte {err.start} is {err.object[err.start:err.start + 1]!r})") from None
+        except OSError as err:
+            raise ConfigError(f"{p}: cannot be read ({err.strerror})") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
-    if overrides:
-        if not isinstance(data, dict):
-            data = {} if data is None else data
+            problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+            raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from None
+    if overrides and data is None:
+        data = {}
+    if overrides and isinstance(data, dict):
         for dotted, value in overrides.items():
             node = data
             *parents, leaf = dotted.split(".")
             for key in parents:
                 node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{source}: cannot set {dotted}: {key} is not a section (it holds {node!r})")
             node[leaf] = value
     return parse_config(data, source)

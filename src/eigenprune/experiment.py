@@ -7,14 +7,17 @@ so that padding never more than `pack_factor`-folds the work (see `plan_chunks`)
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import contextlib
+import functools
+import importlib.metadata
 import os
 import platform
+import shlex
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -22,17 +25,21 @@ import torch
 
 from eigenprune import __version__
 from eigenprune.analysis import critical_point, effective_dim, teacher_comparison
-from eigenprune.checkpoint import save_model
+from eigenprune.backends import ray_session, require_ray, run_local, run_ray
+from eigenprune.checkpoint import model_bytes
 from eigenprune.config import Config, ConfigError
 from eigenprune.data import TrialData, csv_data, derive_seed, digits_data, teacher_data
 from eigenprune.ensemble import Ensemble
 from eigenprune.importance import node_importance, normalize
+from eigenprune.memory import DEFAULT_FRACTION, available_bytes, chunk_bytes, gb
 from eigenprune.nets import LayerPlan, make_student, make_teacher
-from eigenprune.progress import Progress, QueueProgress
+from eigenprune.progress import Progress
 from eigenprune.prune import joint_search, pruning_curves
 from eigenprune.regpath import select_strengths
-from eigenprune.store import GROUP_KEYS, STUDENT_KEYS, RunFolder, write_parquet_atomic
+from eigenprune.store import GROUP_KEYS, STUDENT_KEYS, ChunkResult, RunFolder, write_parquet_atomic
 from eigenprune.train import TrainSpec, evaluate, train_ensemble
+
+Backend = Literal["local", "ray"]
 
 
 @dataclass(frozen=True)
@@ -166,9 +173,8 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
     fit_x, fit_y = data.x_train[:, :n_fit], data.y_train[:, :n_fit]
     label = f"{chunk.method} N={','.join(map(str, chunk.widths))}" + (f" h_T={cfg.data.teacher.widths[0]}" if chunk.teacher else "")
     task = progress.add(f"{label} ({len(keys)} students)", m.epochs)
-    start = time.perf_counter()
     log = train_ensemble(ens, fit_x, fit_y, trial_index, spec, shuffle, lambda e, loss: progress.update(task, e + 1, loss))
-    seconds = time.perf_counter() - start
+    per_epoch = log.steps // m.epochs
     metrics = {"train_loss": evaluate(ens, fit_x, fit_y, trial_index, data.task),
                "test_loss": evaluate(ens, data.x_test, data.y_test, trial_index, data.task)}
     metrics["val_loss"] = (evaluate(ens, data.x_train[:, n_fit:], data.y_train[:, n_fit:], trial_index, data.task)
@@ -191,7 +197,9 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
     h_t = t_widths[0] if t_widths else np.nan
     results, curve_rows, imp_rows, layer_rows = [], [], [], []
     for s, (w, t, k) in enumerate(keys):
-        failed = int(log.failed_step[s]) >= 0
+        step = int(log.failed_step[s])
+        failed = step >= 0
+        reason = f"loss became {float(log.failed_loss[s])} at step {step} (epoch {step // per_epoch}); frozen there" if failed else ""
         base = {"teacher_index": chunk.teacher, "method": chunk.method, "width": w, "trial": t, "strength": k}
         per_layer = []
         for layer, st in enumerate(stats):
@@ -199,11 +207,13 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
             kept = np.arange(1, n + 1)
             curve = st.curves[s, :n].numpy()
             full = float(curve[-1])  # the full model through the same computation: delta is exactly 0 at k = n
-            n_c = critical_point(kept, curve - full, cfg.analysis.critical_rel_tol * full)
+            with np.errstate(invalid="ignore"):  # a failed student's curve is NaN
+                delta = curve - full
+            n_c = -1 if failed else critical_point(kept, delta, cfg.analysis.critical_rel_tol * full)
             t_w = t_widths[layer] if layer < len(t_widths) else np.nan
             row = {**base, "layer": layer, "layer_width": n, "teacher_layer_width": t_w,
                    "effective_dim": int(st.effective_dim[s]), "critical_point": n_c, "search_width": int(search_k[layer][s])}
-            frame = {**base, "layer": layer, "kept": kept, "test_loss": curve, "delta_loss": curve - full,
+            frame = {**base, "layer": layer, "kept": kept, "test_loss": curve, "delta_loss": delta,
                      "kept_minus_teacher": kept - t_w}
             if st.accuracy is not None:
                 acc = st.accuracy[s, :n].numpy()
@@ -224,10 +234,10 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
             "critical_point": per_layer[0]["critical_point"] if not failed else -1,
             "search_widths": ",".join(str(r["search_width"]) for r in per_layer), **compared,
             "status": "failed" if failed else "ok",
-            "failed_step": int(log.failed_step[s]), "fail_reason": "non-finite loss" if failed else "",
+            "failed_step": step, "fail_reason": reason,
             "lr": m.lr, "batch_size": m.batch_size, "epochs": m.epochs, "steps": log.steps,
             "l2_phi": m.l2_phi * k, "l2_lam": m.l2_lam * k if chunk.method == "spectral" else 0.0,
-            "seed": student_seed(cfg, t, w), "chunk": chunk.id, "chunk_train_seconds": seconds,
+            "seed": student_seed(cfg, t, w), "chunk": chunk.id,
             "checkpoint": f"chunks/{chunk.id}/students/{student_file(chunk.method, w, t, k)}" if cfg.save_students else "",
         })
         scores, norm = stats[0].scores[s, :w], normalize(stats[0].scores[s, :w])
@@ -242,8 +252,9 @@ SUMMARY_COLUMNS = ("train_loss", "val_loss", "test_loss", "effective_dim", "crit
 
 
 def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
-    """Per (teacher, method, width, strength): mean and std over ok trials of losses, effective
-    dimension, critical point, teacher distances and delta loss at the probe kept counts."""
+    """Per (teacher, method, width, strength): trial counts, and mean and std over the trials that trained
+    (status ok) of losses, effective dimension, critical point, teacher distances and delta loss at the
+    probe kept counts (None where no trial of the group trained)."""
     ok = results[results.status == "ok"]
     out: dict = {"teachers": [list(t.widths) for t in cfg.teacher_list()], "threshold": cfg.analysis.threshold,
                  "regularization": cfg.regularization.mode, "groups": []}
@@ -257,8 +268,8 @@ def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
             if flag in g:
                 row[flag] = bool(g[flag].any())
         for col in [c for c in SUMMARY_COLUMNS if c in g]:
-            row[f"{col}_mean"] = float(good[col].mean()) if len(good) else float("nan")
-            row[f"{col}_std"] = float(good[col].std(ddof=0)) if len(good) else float("nan")
+            row[f"{col}_mean"] = float(good[col].mean()) if len(good) else None
+            row[f"{col}_std"] = float(good[col].std(ddof=0)) if len(good) else None
         sel = ok_curves.merge(pd.DataFrame([dict(zip(GROUP_KEYS, key))]), on=GROUP_KEYS)
         for k in cfg.analysis.probe_kept:
             at = sel[sel.kept == k]
@@ -269,18 +280,62 @@ def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
     return out
 
 
-def manifest(cfg: Config, device: torch.device, wall: float, chunks: list[Chunk], skipped: list[str], workers: int) -> dict:
+def _version(package: str) -> str | None:
+    """An installed package's version, without importing it (importing Ray would set it up)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def manifest(cfg: Config, device: torch.device, wall: float, chunks: list[Chunk], skipped: list[str], run: dict) -> dict:
+    """Everything needed to repeat a run: versions, machine, seeds, digest, command, parallelism, timings."""
     info = {
         "eigenprune": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-        "numpy": np.__version__, "pandas": pd.__version__, "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "workers": workers, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": _version("pyarrow"), "safetensors": _version("safetensors"),
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), **run, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else platform.machine(),
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "config_digest": cfg.digest(), "seed": cfg.seed, "data_seed": cfg.data.seed, "teacher_seed": cfg.data.teacher.seed,
+        "command": shlex.join(["eigenprune", *sys.argv[1:]]), "python_executable": sys.executable, "cwd": os.getcwd(),
         "wall_seconds": round(wall, 3), "chunks": [c.id for c in chunks], "chunks_resumed": skipped,
-        "command": " ".join(sys.argv),
     }
     return info
+
+
+def check_memory(cfg: Config, chunks: list[Chunk], workers: int, device: torch.device) -> dict:
+    """Refuse (ConfigError) a grid whose largest chunk would not fit in memory, before anything runs.
+
+    The limit is `max_memory_gb`, or DEFAULT_FRACTION of the memory available now (free GPU memory on
+    CUDA), shared by the `workers` chunks that run at once. Returns the figures for the manifest.
+    """
+    if cfg.max_memory_gb is not None:
+        limit, source = cfg.max_memory_gb * 1e9, f"max_memory_gb {cfg.max_memory_gb:g}"
+    else:
+        free = available_bytes(device)
+        limit, source = DEFAULT_FRACTION * free, f"{DEFAULT_FRACTION:.0%} of the {gb(free)} available on {device.type}"
+    per_worker = limit / max(workers, 1)
+    if workers > 1:
+        source += f", shared by {workers} workers"
+    need = {c.id: chunk_memory(cfg, c) for c in chunks}
+    for c in chunks:
+        if need[c.id] > per_worker:
+            raise ConfigError(
+                f"chunk {c.id} ({len(c.keys())} students) needs about {gb(need[c.id])}, more than the "
+                f"{gb(per_worker)} limit ({source}); lower trials, widths or n_train, use fewer workers, or set max_memory_gb"
+            )
+    return {"memory_limit_bytes": int(per_worker), "memory_estimate_bytes": need}
+
+
+def chunk_memory(cfg: Config, chunk: Chunk) -> int:
+    """Estimated peak bytes of training and measuring one chunk (see `memory.chunk_bytes`)."""
+    d = cfg.data
+    widths = [d.input_dim, max(chunk.widths), *cfg.student.rest, 1]
+    size = torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+    n_students = len(chunk.keys())
+    return chunk_bytes(n_students, cfg.trials, widths, d.n_train, d.n_test, cfg.method(chunk.method).batch_size, size)
 
 
 def chunk_cost(cfg: Config, chunk: Chunk) -> float:
@@ -290,84 +345,82 @@ def chunk_cost(cfg: Config, chunk: Chunk) -> float:
     return steps * (1 + len(chunk.widths) * len(chunk.trials) * max(chunk.widths) / 2000)
 
 
-def train_and_commit(cfg: Config, chunk: Chunk, folder: RunFolder, data: TrialData, device: torch.device, progress) -> str:
-    """Train one chunk and rename its tables and checkpoints into the run folder."""
+def train_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, progress: Progress) -> ChunkResult:
+    """Train one chunk; its tables and student checkpoints (safetensors bytes) ready to commit."""
+    start = time.perf_counter()
     tables, ens, keys = run_chunk(cfg, chunk, data, device, progress)
-
-    def write_students(tmp: Path) -> None:
-        if not cfg.save_students:
-            return
-        (tmp / "students").mkdir()
+    files = {}
+    if cfg.save_students:
         for s, (w, t, k) in enumerate(keys):
             meta = {"method": chunk.method, "width": w, "trial": t, "strength": k, "teacher_index": chunk.teacher,
                     "config_digest": cfg.digest()}
-            save_model(ens.student(s).cpu(), tmp / "students" / student_file(chunk.method, w, t, k), meta)
-
-    folder.commit_chunk(chunk.id, tables, write_students)
-    return chunk.id
+            files[f"students/{student_file(chunk.method, w, t, k)}"] = model_bytes(ens.student(s).cpu(), meta)
+    return ChunkResult(chunk.id, tables, files, time.perf_counter() - start)
 
 
-def _chunk_job(cfg_data: dict, chunk: Chunk, folder: str, queue, threads: int) -> str:
-    """Worker-process entry: rebuild the (seeded, hence identical) data and train one chunk."""
-    torch.set_num_threads(threads)
+def _chunk_job(cfg_data: dict, threads: int, chunk: Chunk, progress: Progress) -> ChunkResult:
+    """Entry point in a worker process or Ray task: rebuild the (seeded, hence identical) data, train one chunk."""
+    if threads:
+        torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_data)
-    data = make_data(cfg.for_teacher(chunk.teacher))
-    return train_and_commit(cfg, chunk, RunFolder(folder), data, torch.device("cpu"), QueueProgress(queue, chunk.id))
+    device = resolve_device(cfg.device)
+    return train_chunk(cfg, chunk, make_data(cfg.for_teacher(chunk.teacher)).to(device), device, progress)
 
 
-def _run_in_workers(cfg: Config, todo: list[Chunk], folder: RunFolder, workers: int, progress: Progress) -> None:
-    ctx = mp.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        queue = manager.Queue()
-        futures = [pool.submit(_chunk_job, cfg.model_dump(), c, str(folder.path), queue, threads) for c in todo]
-        try:
-            while True:
-                finished = all(f.done() for f in futures)
-                while not queue.empty():
-                    progress.relay(queue.get())
-                if finished:
-                    break
-                time.sleep(0.1)
-            for f in futures:
-                f.result()  # re-raises a worker's exception here
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-
-
-def run_experiment(cfg: Config, out: str | Path, fresh: bool = False, quiet: bool = False) -> Path:
+def run_experiment(
+    cfg: Config, out: str | Path, fresh: bool = False, quiet: bool = False, backend: Backend = "local", address: str | None = None,
+) -> Path:
     """Run every chunk of `cfg` not already finished in `out`, then merge, summarize and report.
 
-    On the CPU, chunks run in `cfg.workers` processes (0 = one per core); on CUDA, in this process.
+    local: on the CPU, chunks run in `cfg.workers` processes (0 = one per core); on CUDA, in this
+    process. ray: each chunk is a Ray task (`address` of a cluster, or a private local instance).
+    Finished chunks are committed as they arrive, so an interrupted run resumes where it stopped.
     """
     from eigenprune.report import build_report
 
-    device = resolve_device(cfg.device)
+    if address is not None and backend != "ray":
+        raise ConfigError("--address is only used with --backend ray")
     n_train = make_data(cfg).x_train.shape[1] if cfg.data.source != "teacher" else cfg.data.n_train
     validation_split(cfg, n_train)  # bad data or splits fail here, before the run folder exists
-    folder = RunFolder(out)
-    folder.prepare(cfg, fresh=fresh)
-    torch.manual_seed(cfg.seed)
-    start = time.perf_counter()
     chunks = plan_chunks(cfg)
-    skipped = [c.id for c in chunks if folder.done(c.id)]
+    folder = RunFolder(out)
+    resumable = not fresh and (folder.path / "config.yaml").is_file()  # prepare() below refuses another config's folder
+    skipped = [c.id for c in chunks if resumable and folder.done(c.id)]
     todo = sorted((c for c in chunks if c.id not in skipped), key=lambda c: -chunk_cost(cfg, c))
-    workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
-    with Progress(quiet=quiet) as progress:
-        if workers > 1:
-            _run_in_workers(cfg, todo, folder, workers, progress)
-        else:
-            data: dict[int, TrialData] = {}
-            for chunk in todo:
-                if chunk.teacher not in data:
-                    data[chunk.teacher] = make_data(cfg.for_teacher(chunk.teacher)).to(device)
-                train_and_commit(cfg, chunk, folder, data[chunk.teacher], device, progress)
-    tables = folder.merge()
-    tables["results"] = select_strengths(tables["results"])
-    write_parquet_atomic(tables["results"], folder.path / "results.parquet")
-    folder.write_json("summary.json", summarize(cfg, tables["results"], tables["curves"]))
-    folder.write_json("manifest.json", manifest(cfg, device, time.perf_counter() - start, chunks, skipped, workers))
-    build_report(folder.path, quiet=quiet)
+    if backend == "ray":
+        require_ray()
+        device = torch.device(cfg.device if cfg.device != "auto" else "cpu")  # resolved inside each task
+        workers, threads = cfg.workers, 1
+        memory = check_memory(cfg, todo, 1, torch.device("cpu")) if device.type == "cpu" or cfg.max_memory_gb else {}
+    else:
+        device = resolve_device(cfg.device)
+        workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
+        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        memory = check_memory(cfg, todo, workers, device)
+    run = {"backend": backend, "ray_address": address, "ray": _version("ray") if backend == "ray" else None,
+           "workers": workers, "threads_per_worker": threads, **memory}
+    with contextlib.ExitStack() as stack:
+        if backend == "ray":
+            stack.enter_context(ray_session(address, cfg.workers or None))  # before anything is written
+        folder.prepare(cfg, fresh=fresh)
+        stack.callback(folder.release)
+        torch.manual_seed(cfg.seed)
+        start = time.perf_counter()
+        with Progress(quiet=quiet) as progress:
+            if backend == "ray":
+                job = functools.partial(_chunk_job, cfg.model_dump(), threads)
+                run_ray(job, todo, folder.commit_chunk, progress, gpus_per_task=1 if device.type == "cuda" else 0)
+            elif workers > 1:
+                run_local(functools.partial(_chunk_job, cfg.model_dump(), threads), todo, folder.commit_chunk, progress, workers)
+            elif todo:
+                data = {t: make_data(cfg.for_teacher(t)).to(device) for t in sorted({c.teacher for c in todo})}
+                run_local(lambda chunk, p: train_chunk(cfg, chunk, data[chunk.teacher], device, p), todo, folder.commit_chunk, progress)
+        ids = [c.id for c in chunks]
+        tables = folder.merge(ids)
+        tables["results"] = select_strengths(tables["results"])
+        write_parquet_atomic(tables["results"], folder.path / "results.parquet")
+        folder.write_json("summary.json", summarize(cfg, tables["results"], tables["curves"]))
+        info = manifest(cfg, device, time.perf_counter() - start, chunks, skipped, run)
+        folder.write_json("manifest.json", {**info, "chunk_train_seconds": folder.chunk_seconds(ids)})
+        build_report(folder.path, quiet=quiet)
     return folder.path

@@ -16,12 +16,22 @@ def _ok(results: pd.DataFrame) -> pd.DataFrame:
     return results[results.status == "ok"]
 
 
+def _nothing_to_show():
+    """A placeholder figure for a run in which no student trained (all diverged)."""
+    fig, ax = plt.subplots(figsize=(5.5, 2))
+    ax.text(0.5, 0.5, "no student trained successfully", ha="center", va="center")
+    ax.set_axis_off()
+    return fig
+
+
 def importance_histograms(importance: pd.DataFrame, results: pd.DataFrame, widths: list[int] | None = None):
     """Histograms of normalised importance (L for spectral, M for direct), one column per width."""
     ok = _ok(results)[["method", "width", "trial"]]
     imp = importance.merge(ok, on=["method", "width", "trial"])
     methods = [m for m in ("spectral", "direct") if m in set(imp.method)]
     widths = widths or sorted(imp.width.unique())
+    if not methods:
+        return _nothing_to_show()
     fig, axes = plt.subplots(len(methods), len(widths), figsize=(3.2 * len(widths), 2.6 * len(methods)), squeeze=False)
     for i, method in enumerate(methods):
         for j, w in enumerate(widths):
@@ -66,7 +76,8 @@ def losses(results: pd.DataFrame):
     ax.set_yscale("log")
     ax.set_xlabel("student width N")
     ax.set_ylabel("MSE")
-    ax.legend(fontsize=8)
+    if len(ok):
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -77,6 +88,8 @@ def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: i
     ok = _ok(results)[["method", "width", "trial"]]
     cur = curves.merge(ok, on=["method", "width", "trial"])
     methods = [m for m in ("spectral", "direct") if m in set(cur.method)]
+    if not methods:
+        return _nothing_to_show()
     fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False, sharey=True)
     cmap = plt.get_cmap("viridis")
     widths = sorted(cur.width.unique())

@@ -35,6 +35,12 @@ class Progress:
         if self._bar is not None:
             self._bar.update(task, completed=done, loss=f"{loss:.4g}")
 
+    def finish(self, task: int) -> None:
+        """Mark a task complete without a loss (work whose progress was not streamed back)."""
+        if self._bar is not None:
+            total = next(t.total for t in self._bar.tasks if t.id == task)
+            self._bar.update(task, completed=total)
+
     def relay(self, message: tuple) -> None:
         """Apply a message sent by a `QueueProgress` in a worker process."""
         kind, key, *args = message

@@ -10,7 +10,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import yaml
 
 from eigenprune import plots
 from eigenprune.analysis import collapse_measure, fit_exponential, teacher_comparison
@@ -157,6 +156,9 @@ def make_figures(run_dir: Path, cfg: Config, tables: dict[str, pd.DataFrame], su
 
 def claims(cfg: Config, groups: pd.DataFrame, collapse: dict | None = None) -> list[tuple[str, str]]:
     """(claim, what this run measured) pairs for the paper's claims, from summary groups of one teacher."""
+    if "trials_ok" not in groups:
+        return []
+    groups = groups[groups.trials_ok > 0]
     h_t = cfg.data.teacher.widths[0]
     rows = []
 
@@ -197,16 +199,24 @@ def _img(path: Path, caption: str) -> str:
 
 
 def build_report(run_dir: str | Path, quiet: bool = True) -> Path:
-    """(Re)build figures/ and report.html of a run folder from its stored results (no training)."""
+    """(Re)build figures/ and report.html of a run folder from its stored results (no training).
+
+    Every stored file is read and checked before anything is written; a missing or damaged one is a
+    one-line `RunFolderError` and leaves the folder as it was.
+    """
     folder = RunFolder(run_dir)
     tables = folder.load()
     run_dir = folder.path
-    for name in ("config.yaml", "summary.json"):
-        if not (run_dir / name).is_file():
-            raise RunFolderError(f"{run_dir} is incomplete: {name} is missing (rerun `eigenprune run` to finish it)")
-    cfg = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").exists() else {}
-    groups = pd.DataFrame(json.loads((run_dir / "summary.json").read_text())["groups"])
+    cfg = folder.read_config()
+    manifest = folder.read_json("manifest.json") if (run_dir / "manifest.json").exists() else {}
+    summary = folder.read_json("summary.json")
+    if not isinstance(summary.get("groups"), list):
+        raise RunFolderError(f"{run_dir / 'summary.json'} has no list of groups; rerun `eigenprune run` to rebuild it")
+    missing = [c for c in (*STUDENT_KEYS, "status", "fail_reason", "failed_step") if c not in tables["results"].columns]
+    if missing:
+        raise RunFolderError(f"{run_dir / 'results.parquet'} lacks columns {missing}; it was not written by this eigenprune")
+    failed = tables["results"][tables["results"].status != "ok"]
+    groups = pd.DataFrame(summary["groups"])
     sections = []
     if cfg.regularization.mode == "path":
         fig = plots.regularization_path(tables["results"], path_table(tables["results"]), cfg)
@@ -248,6 +258,9 @@ wall time {manifest.get('wall_seconds', '?')} s.</p>
 <p>Machine: {html.escape(machine)}</p>
 {''.join(sections)}
 <h2>Summary per teacher, method, width and strength</h2>{_table(groups)}
+<h2>Failed students ({len(failed)})</h2>
+<p>A student whose loss became NaN or infinite was frozen at that step; it is left out of every figure and mean above.</p>
+{_table(failed[[*STUDENT_KEYS, "lr", "failed_step", "fail_reason"]]) if len(failed) else "<p>none</p>"}
 <h2>Config</h2><pre>{html.escape(cfg.to_yaml())}</pre>
 <h2>Manifest</h2><pre>{html.escape(json.dumps(manifest, indent=2))}</pre>
 </body></html>"""
@@ -283,7 +296,7 @@ def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
     for run in run_dirs:
         folder = RunFolder(run)
         tables = folder.load()
-        cfg = Config.model_validate(yaml.safe_load((folder.path / "config.yaml").read_text()))
+        cfg = folder.read_config()
         h_t = cfg.data.teacher.widths[0]
         items += [(f"h_T={h_t} N={w}", h_t, k, d) for w, k, d in mean_curves(tables["curves"], tables["results"], "spectral")
                   if w > h_t]

@@ -5,8 +5,10 @@ Layout of runs/<name>/:
   chunks/<id>/       one finished chunk: results/curves/importance parquet + student checkpoints
   results.parquet, curves.parquet, importance.parquet   all chunks merged
   summary.json, manifest.json, figures/*.png, report.html
-Each chunk is written to a temporary folder and renamed into place, so a killed run leaves either a
-whole chunk or none; rerunning the same command skips the chunks already there.
+Each chunk is written to a temporary folder (`chunks/.<id>.*`), its files flushed to disk, and renamed
+into place, so a killed run (SIGKILL included) leaves either a whole chunk or none; rerunning the same
+command removes leftover temporary entries and skips the chunks already there. A run holds an
+advisory lock on `.lock` while it writes, so two runs cannot share a folder.
 """
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from eigenprune.config import Config
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock
+    fcntl = None
 
 TABLES = ("results", "curves", "importance", "layers")
 GROUP_KEYS = ["teacher_index", "method", "width", "strength"]  # one cell of the grid (trials vary inside)
@@ -38,6 +46,28 @@ def write_text_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class ChunkResult:
+    """What training one chunk produced, ready to commit: tables, other files (relative path -> bytes), timing.
+
+    Built where the chunk trains (a worker process or a Ray task, possibly on another machine) and
+    committed by the driver, so only the driver ever writes the run folder.
+    """
+
+    chunk_id: str
+    tables: dict[str, pd.DataFrame]
+    files: dict[str, bytes] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -58,16 +88,18 @@ class RunFolder:
         return self.path / "chunks"
 
     def prepare(self, cfg: Config, fresh: bool = False) -> None:
-        """Create the folder, or check that an existing one was made by the same config."""
+        """Create the folder, or check that an existing one was made by the same config, then lock it.
+
+        Nothing is written before every check has passed. `fresh` empties a folder of ours (any config).
+        Leftover temporary entries of a killed run are removed.
+        """
         stored = self.path / "config.yaml"
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"output path {self.path} exists and is not a folder")
-        if fresh and self.path.exists():
-            if stored.exists() or not any(self.path.iterdir()):
-                shutil.rmtree(self.path)
-            else:
-                raise RunFolderError(f"refusing --fresh on {self.path}: it is not empty and holds no eigenprune config.yaml")
-        if stored.exists():
+        ours = {"chunks", ".lock"}
+        if self.path.exists() and not stored.exists() and any(p.name not in ours for p in self.path.iterdir()):
+            raise RunFolderError(f"{self.path} is not empty and holds no eigenprune config.yaml; choose another --out")
+        if stored.exists() and not fresh:
             try:
                 old = Config.model_validate(yaml.safe_load(stored.read_text()))
             except Exception as err:  # noqa: BLE001 - any unreadable config means we must not mix runs
@@ -77,52 +109,138 @@ class RunFolder:
                     f"{self.path} holds a run of a different config (digest {old.digest()} vs {cfg.digest()}); "
                     "use --fresh to start over or --out for a new folder"
                 )
-        elif self.path.exists() and any(p.name != "chunks" for p in self.path.iterdir()):
-            raise RunFolderError(f"{self.path} is not empty and holds no eigenprune config.yaml; choose another --out")
-        self.chunks_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(stored, cfg.to_yaml())
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        if fresh:
+            for p in self.path.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self.chunks_dir.mkdir(exist_ok=True)
+        self._remove_leftovers()
+        if not stored.is_file() or stored.read_text() != cfg.to_yaml():  # a resume leaves it untouched
+            write_text_atomic(stored, cfg.to_yaml())
+
+    def _lock(self) -> None:
+        """Hold an exclusive advisory lock on `.lock` until this process exits (the OS drops it on a kill)."""
+        if fcntl is None:
+            return
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunFolderError(f"{self.path} is in use by another eigenprune run; wait for it to finish or use another --out") from None
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Drop the lock taken by `prepare` (also dropped when the process ends)."""
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._lock_fd = None
+
+    def _remove_leftovers(self) -> None:
+        """Delete temporary entries (names starting with '.') a killed run may have left."""
+        for folder in (self.path, self.chunks_dir, self.path / "figures"):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if p.name.startswith(".") and p.name != ".lock":
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def done(self, chunk_id: str) -> bool:
         return (self.chunks_dir / chunk_id / "results.parquet").exists()
 
-    def commit_chunk(self, chunk_id: str, tables: dict[str, pd.DataFrame], write_extra=None) -> Path:
-        """Write a chunk's tables (and whatever `write_extra(folder)` adds) and rename it into place."""
-        tmp = Path(tempfile.mkdtemp(dir=self.chunks_dir, prefix=f".{chunk_id}."))
-        for name, df in tables.items():
+    def commit_chunk(self, result: ChunkResult) -> Path:
+        """Write a chunk's tables, files and timing to a temporary folder, flush, and rename it into place."""
+        tmp = Path(tempfile.mkdtemp(dir=self.chunks_dir, prefix=f".{result.chunk_id}."))
+        for name, df in result.tables.items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)
-        if write_extra is not None:
-            write_extra(tmp)
-        final = self.chunks_dir / chunk_id
+        for rel, data in result.files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        (tmp / "timing.json").write_text(json.dumps({"train_seconds": round(result.seconds, 3)}) + "\n")
+        for p in sorted(tmp.rglob("*"), reverse=True):  # files first, then their folders
+            _fsync(p)
+        _fsync(tmp)
+        final = self.chunks_dir / result.chunk_id
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(self.chunks_dir)
         return final
 
-    def merge(self) -> dict[str, pd.DataFrame]:
-        """Concatenate every finished chunk's tables into the top-level parquet files."""
+    def chunk_seconds(self, chunk_ids: list[str]) -> dict[str, float]:
+        """Training seconds of each finished chunk, as recorded when it was committed."""
+        out = {}
+        for cid in chunk_ids:
+            p = self.chunks_dir / cid / "timing.json"
+            if p.is_file():
+                out[cid] = json.loads(p.read_text())["train_seconds"]
+        return out
+
+    def merge(self, chunk_ids: list[str]) -> dict[str, pd.DataFrame]:
+        """Concatenate the tables of the given finished chunks into the top-level parquet files.
+
+        Only the planned chunks are read, so a stray folder cannot add rows; a repeated
+        (method, width, trial) is refused rather than written.
+        """
         merged = {}
-        chunk_dirs = sorted(p for p in self.chunks_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for name in TABLES:
-            frames = [pd.read_parquet(d / f"{name}.parquet") for d in chunk_dirs if (d / f"{name}.parquet").exists()]
+        for name in TABLES:  # read everything first: a damaged chunk stops the merge before any file is replaced
+            frames = []
+            for cid in chunk_ids:
+                p = self.chunks_dir / cid / f"{name}.parquet"
+                try:
+                    frames.append(pd.read_parquet(p))
+                except Exception as err:  # noqa: BLE001 - any unreadable chunk table is reported the same way
+                    raise RunFolderError(f"{p} is unreadable ({type(err).__name__}); delete {p.parent} and rerun to redo it") from None
             df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
             keys = [c for c in (*STUDENT_KEYS, "layer", "kept", "node") if c in df.columns]
             if keys:
                 df = df.sort_values(keys, kind="stable").reset_index(drop=True)
-            write_parquet_atomic(df, self.path / f"{name}.parquet")
+                if df.duplicated(keys).any():
+                    raise RunFolderError(f"{self.path}: {name} has repeated rows for {keys}; not writing a merged table")
             merged[name] = df
+        for name, df in merged.items():
+            write_parquet_atomic(df, self.path / f"{name}.parquet")
         return merged
 
     def write_json(self, name: str, obj: dict) -> None:
         write_text_atomic(self.path / name, json.dumps(obj, indent=2, default=str) + "\n")
 
-    def load(self) -> dict[str, pd.DataFrame]:
-        """The merged tables of a finished run; `RunFolderError` naming the first missing file."""
+    def _need(self, name: str) -> Path:
         if not self.path.is_dir():
             raise RunFolderError(f"run folder not found: {self.path}")
+        p = self.path / name
+        if not p.is_file():
+            raise RunFolderError(f"{self.path} is incomplete: {name} is missing (rerun `eigenprune run` to finish it)")
+        return p
+
+    def load(self) -> dict[str, pd.DataFrame]:
+        """The merged tables of a finished run; `RunFolderError` naming the first missing or unreadable file."""
         out = {}
-        for name in (*TABLES,):
-            p = self.path / f"{name}.parquet"
-            if not p.is_file():
-                raise RunFolderError(f"{self.path} is incomplete: {p.name} is missing (rerun `eigenprune run` to finish it)")
-            out[name] = pd.read_parquet(p)
+        for name in TABLES:
+            p = self._need(f"{name}.parquet")
+            try:
+                out[name] = pd.read_parquet(p)
+            except Exception as err:  # noqa: BLE001 - a truncated or foreign file, whatever pyarrow calls it
+                raise RunFolderError(f"{p} is unreadable ({type(err).__name__}); rerun `eigenprune run` to rebuild it") from None
         return out
+
+    def read_config(self) -> Config:
+        """The run's stored config; `RunFolderError` if it is missing or invalid."""
+        p = self._need("config.yaml")
+        try:
+            return Config.model_validate(yaml.safe_load(p.read_text()))
+        except Exception as err:  # noqa: BLE001 - YAML, encoding or validation problems alike
+            raise RunFolderError(f"{p} is unreadable ({type(err).__name__}); it was not written by this eigenprune") from None
+
+    def read_json(self, name: str) -> dict:
+        """A JSON file of the run; `RunFolderError` if it is missing or not a JSON object."""
+        p = self._need(name)
+        try:
+            obj = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RunFolderError(f"{p} is not valid JSON ({err}); rerun `eigenprune run` to rebuild it") from None
+        if not isinstance(obj, dict):
+            raise RunFolderError(f"{p} should hold a JSON object, got {type(obj).__name__}")
+        return obj

@@ -62,9 +62,11 @@ def _batches(n: int, batch_size: int) -> list[slice]:
 
 @dataclass
 class TrainLog:
-    """What training left besides the parameters: per-student first non-finite step (-1 = none)."""
+    """What training left besides the parameters: per-student first non-finite step (-1 = none)
+    and the loss value seen at that step (nan, inf or -inf; 0 where none failed)."""
 
     failed_step: torch.Tensor
+    failed_loss: torch.Tensor
     steps: int
 
 
@@ -91,6 +93,7 @@ def train_ensemble(
     n = x.shape[1]
     batches = _batches(n, spec.batch_size)
     failed_step = torch.full((ens.n_students,), -1, dtype=torch.long, device=x.device)
+    failed_loss = x.new_zeros(ens.n_students)
     alive = torch.ones(ens.n_students, dtype=torch.bool, device=x.device)
     rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
     step, any_dead = 0, False
@@ -108,7 +111,9 @@ def train_ensemble(
                 bad = ~torch.isfinite(loss)
                 opt.zero_grad(set_to_none=True)
                 torch.where(alive & ~bad, loss, torch.zeros_like(loss)).sum().backward()
-            failed_step = torch.where(bad & (failed_step < 0), step, failed_step)
+            first = bad & (failed_step < 0)
+            failed_loss = torch.where(first, loss.detach(), failed_loss)
+            failed_step = torch.where(first, step, failed_step)
             loss = torch.where(alive & ~bad, loss.detach(), torch.zeros_like(loss))
             if any_dead:
                 for p in params:
@@ -121,7 +126,7 @@ def train_ensemble(
         if on_epoch is not None:
             live = running[alive]
             on_epoch(epoch, float(live.mean()) / len(batches) if live.numel() else float("nan"))
-    return TrainLog(failed_step=failed_step.cpu(), steps=step)
+    return TrainLog(failed_step=failed_step.cpu(), failed_loss=failed_loss.cpu(), steps=step)
 
 
 def train_alone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec, shuffle_seed: int) -> nn.Module:
