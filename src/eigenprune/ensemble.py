@@ -51,6 +51,9 @@ class StackedLayer(nn.Module):
         self.register_buffer("in_widths", torch.tensor([layer.in_features for layer in layers]))
         self.register_buffer("l2_phi", torch.tensor([layer.l2_phi for layer in layers], **kw))
         self.register_buffer("l2_lam", torch.tensor([layer.l2_lam for layer in layers], **kw))
+        self.register_buffer("l1_lam", torch.tensor([layer.l1_lam for layer in layers], **kw))
+        self.register_buffer("group_lasso", torch.tensor([layer.group_lasso for layer in layers], **kw))
+        self._sparsity = (any(layer.l1_lam for layer in layers), any(layer.group_lasso for layer in layers))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -62,13 +65,17 @@ class StackedLayer(nn.Module):
         return z if self.bias is None else z + self.bias.unsqueeze(1)
 
     def penalty(self) -> torch.Tensor:
-        """Per-student L2 terms [S] on the trainable parts (same as `SpectralLinear.penalty`)."""
+        """Per-student regularization [S] of the trainable parts (same terms as `SpectralLinear.penalty`)."""
         total = self.phi.new_zeros(self.phi.shape[0])
         if self.phi.requires_grad:
             total = total + self.l2_phi * self.phi.square().sum((1, 2))
         for lam in (self.lam_in, self.lam_out):
             if lam.requires_grad:
                 total = total + self.l2_lam * lam.square().sum(1)
+        if self.lam_out.requires_grad and self._sparsity[0]:
+            total = total + self.l1_lam * self.lam_out.abs().sum(1)
+        if self._sparsity[1]:
+            total = total + self.group_lasso * self.weight.norm(dim=-1).sum(1)
         return total
 
     def student_layer(self, s: int) -> SpectralLinear:
@@ -77,7 +84,8 @@ class StackedLayer(nn.Module):
         layer = SpectralLinear(
             n, o, bias=self.bias is not None, train_phi=self.phi.requires_grad, train_lam_in=self.lam_in.requires_grad,
             train_lam_out=self.lam_out.requires_grad, train_bias=self.bias is not None and self.bias.requires_grad,
-            l2_phi=float(self.l2_phi[s]), l2_lam=float(self.l2_lam[s]), dtype=self.phi.dtype, device=self.phi.device,
+            l2_phi=float(self.l2_phi[s]), l2_lam=float(self.l2_lam[s]), l1_lam=float(self.l1_lam[s]),
+            group_lasso=float(self.group_lasso[s]), dtype=self.phi.dtype, device=self.phi.device,
         )
         with torch.no_grad():
             layer.phi.copy_(self.phi[s, :o, :n])
