@@ -47,7 +47,7 @@ class CompareTrain(_Strict):
 
     lr: Annotated[float, Field(gt=0)] = 0.005
     batch_size: Annotated[int, Field(gt=0)] = 100
-    epochs: Annotated[int, Field(gt=0)] = 300
+    epochs: Annotated[int, Field(gt=0)] = 500
 
 
 class CompareConfig(_Strict):

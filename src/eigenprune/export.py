@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -59,11 +60,17 @@ def to_onnx(model: nn.Module, input_name: str = "x", output_name: str = "y"):
             nodes.append(helper.make_node("LeakyRelu", [current], [out], alpha=float(m.negative_slope)))
         elif isinstance(m, nn.ELU):
             nodes.append(helper.make_node("Elu", [current], [out], alpha=float(m.alpha)))
+        elif isinstance(m, nn.GELU) and m.approximate == "none":  # x * (1 + erf(x / sqrt 2)) / 2
+            consts = [f"c{i}_{k}" for k in range(3)]
+            inits += [numpy_helper.from_array(np.array(v, dtype=np.float32), c) for v, c in zip((2**-0.5, 1.0, 0.5), consts)]
+            nodes += [helper.make_node("Mul", [current, consts[0]], [f"u{i}"]), helper.make_node("Erf", [f"u{i}"], [f"e{i}"]),
+                      helper.make_node("Add", [f"e{i}", consts[1]], [f"v{i}"]), helper.make_node("Mul", [current, f"v{i}"], [f"m{i}"]),
+                      helper.make_node("Mul", [f"m{i}", consts[2]], [out])]
         elif isinstance(m, nn.SiLU):
             nodes += [helper.make_node("Sigmoid", [current], [f"s{i}"]), helper.make_node("Mul", [current, f"s{i}"], [out])]
         else:
-            raise ExportError(f"cannot export {type(m).__name__} to ONNX; supported: Linear, SpectralLinear, ReLU, Tanh, "
-                              "Sigmoid, LeakyReLU, ELU, SiLU, Identity, Dropout")
+            raise ExportError(f"cannot export {m} to ONNX; supported: Linear, SpectralLinear, ReLU, Tanh, "
+                              "Sigmoid, LeakyReLU, ELU, SiLU, GELU (exact), Identity, Dropout")
         current = out
     if n_in is None:
         raise ExportError("the model has no linear layer to export")
