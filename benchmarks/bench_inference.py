@@ -1,6 +1,6 @@
 """Inference time of a width-1500 student before and after physical pruning to 25 nodes (CPU).
 
-    python benchmarks/bench_inference.py [--width 1500] [--keep 25] [--out benchmarks/results/bench_inference.json]
+    python benchmarks/bench_inference.py [--width 1500] [--keep 25] [--threads 0] [--out FILE.json]
 
 Models (10 -> N -> 10 -> 1, the paper's student): the spectral student as trained (SpectralLinear,
 which rebuilds w = (lam_in - lam_out) phi on every call), the same as plain nn.Linear layers, the
@@ -51,7 +51,10 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=25)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024, 8192, 65536])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_inference.json"))
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     student = make_student(10, [LayerPlan(args.width), LayerPlan(10, "direct"), LayerPlan(1, "fixed")], seed=0)
     kept = select_nodes(student, {0: args.keep})

@@ -1,6 +1,6 @@
 """Minimal-width search on the paper's teacher (10 -> 20 -> 10 -> 1, h_T = 20): where does forgetting stop?
 
-    python benchmarks/bench_minimal_width.py [--width 200] [--trials 2] [--epochs 500] [--out benchmarks/results/minimal_width.json]
+    python benchmarks/bench_minimal_width.py [--width 200] [--trials 3] [--epochs 500] [--threads 1] [--out FILE.json]
 
 Trains spectral and direct students of width N (CPU-sized: P = 4000, batch 100, lr 0.005, the
 paper's L2 terms; both methods get the same schedule), then for every student:
@@ -32,11 +32,14 @@ from eigenprune.train import TrainSpec, task_loss, train_ensemble
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=200)
-    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=500)
     parser.add_argument("--rtol", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/minimal_width.json"))
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     data = teacher_data("mlp", 10, [20, 10], 1234, derive_seed("data", 0, 0), args.trials, 4000, 2000)
     spec = TrainSpec(lr=0.005, batch_size=100, epochs=args.epochs)

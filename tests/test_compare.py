@@ -62,6 +62,6 @@ def test_compare_config_errors_name_the_field(tmp_path, body, message):
 
 def test_compare_defaults_are_the_documented_run():
     cfg = load_compare_config(None)
-    assert cfg.widths == [40, 200] and cfg.trials == 3 and cfg.train.epochs == 500
+    assert cfg.widths == [40, 100, 200] and cfg.trials == 3 and cfg.train.epochs == 500
     assert cfg.data.n_train == 4000 and cfg.criteria == list(CRITERIA)
     assert load_compare_config(None, {"trials": 5}).trials == 5

@@ -5,6 +5,8 @@ trials with the layer plan the criterion asks for, all from the same initial par
 trial). Criteria that train alike (feature_norm, random and taylor all score one directly trained
 student) share their students; plans with the same trainable parts train as one batched
 `Ensemble`. All criteria use one optimizer schedule (`train`), so they get the same number of steps.
+`threads` sets torch's intra-op threads while training (default 1: these small batched matmuls gain
+little from more, and on a shared 2-core machine two threads ran 5-20x slower; 0 = leave as is).
 
 Per student we record the test loss, the effective dimension (normalised score above
 `threshold`), the critical point (`analysis.critical_point`: the smallest kept count whose ΔMSE,
@@ -58,13 +60,14 @@ class CompareConfig(_Strict):
     trials: Annotated[int, Field(gt=0)] = 3
     dtype: Literal["float32", "float64"] = "float32"
     data: DataConfig = DataConfig(n_train=4000, n_test=2000)
-    widths: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [40, 200]
+    widths: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [40, 100, 200]
     rest: list[Annotated[int, Field(gt=0)]] = [10]
     criteria: Annotated[list[str], Field(min_length=1)] = list(CRITERIA)
     params: dict[str, dict[str, float]] = {}
     train: CompareTrain = CompareTrain()
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.05
     critical_tol: Annotated[float, Field(ge=0)] = 0.01
+    threads: Annotated[int, Field(ge=0)] = 1
 
     @model_validator(mode="after")
     def _known_criteria(self) -> CompareConfig:
@@ -208,12 +211,16 @@ def run_compare(cfg: CompareConfig, out: str | Path, quiet: bool = False) -> Pat
     for plan in plans:
         groups.setdefault(plan.kind, []).append(plan)
     rows, curve_rows = [], []
-    start = time.perf_counter()
-    with Progress(quiet=quiet) as progress:
-        for kind, group in groups.items():
-            r, c = _run_group(cfg, kind, group, plans, criteria, data, progress)
-            rows += r
-            curve_rows += c
+    start, threads = time.perf_counter(), torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
+    try:
+        with Progress(quiet=quiet) as progress:
+            for kind, group in groups.items():
+                r, c = _run_group(cfg, kind, group, plans, criteria, data, progress)
+                rows += r
+                curve_rows += c
+    finally:
+        torch.set_num_threads(threads)
     table = pd.DataFrame(rows)
     table["seconds_total"] = time.perf_counter() - start
     summary = summarize_compare(table)
