@@ -149,6 +149,28 @@ def test_auto_keeps_the_smallest_count_within_tolerance():
     assert select_nodes(model, "auto", x_val=x, y_val=y, atol=1e-12)[0].tolist() == [0, 1, 2, 3, 4, 5, 6]
 
 
+def test_auto_on_two_layers_shares_one_budget_measured_from_the_unpruned_model():
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 20, dtype=torch.float64), nn.ReLU(), nn.Linear(20, 15, dtype=torch.float64), nn.ReLU(),
+                          nn.Linear(15, 1, dtype=torch.float64))
+    with torch.no_grad():
+        for lin in (model[0], model[2], model[4]):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g, dtype=torch.float64))
+            lin.bias.zero_()
+        model[0].weight[8:] *= 1e-4  # 12 nearly dead nodes in layer 0, 9 in layer 1
+        model[2].weight[6:] *= 1e-4
+    x = torch.randn(2000, 6, generator=g, dtype=torch.float64)
+    y = model(x).squeeze(-1).detach()
+    small = prune_nodes(model, "auto", x_val=x, y_val=y, atol=1e-3)
+    sizes = layer_sizes(small)
+    assert sizes[1] <= 8 and sizes[2] <= 6
+    with torch.no_grad():
+        assert float(task_loss(small(x), y, "regression")) <= 1e-3
+        tighter = prune_nodes(model, "auto", x_val=x, y_val=y, atol=1e-12)
+        assert float(task_loss(tighter(x), y, "regression")) <= 1e-12
+    assert layer_sizes(tighter)[1:3] == [20, 15]  # every node costs something: nothing may go
+
+
 def test_loss_for_every_kept_count_equals_masked_forward_passes():
     model = _random_mlp(5, spectral=True)
     x = torch.randn(300, 7, dtype=torch.float64)
@@ -225,7 +247,7 @@ def test_pruned_wide_student_is_physically_smaller_and_faster():
     full = despectralize(copy.deepcopy(student))
     x = torch.randn(8192, 10)
 
-    def best_of(m, reps=7):
+    def best_of(m, reps=9):
         times = []
         with torch.inference_mode():
             m(x)
@@ -235,4 +257,10 @@ def test_pruned_wide_student_is_physically_smaller_and_faster():
                 times.append(time.perf_counter() - t)
         return min(times)
 
-    assert best_of(full) / best_of(small) > 5  # ~30-60x when the machine is quiet; 5 leaves room for a busy CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two intra-op threads on cores shared with other jobs time the scheduler, not the model
+    try:
+        ratio = best_of(full) / best_of(small)
+    finally:
+        torch.set_num_threads(threads)
+    assert ratio > 10  # ~200x measured (docs/benchmarks.md); 10 leaves room for a busy CPU

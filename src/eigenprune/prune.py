@@ -260,14 +260,15 @@ def loss_by_kept(
     return total / x.shape[0]
 
 
-Criterion = Callable[..., torch.Tensor]
+ScoreFn = Callable[..., torch.Tensor]
+"""criterion(model, layer, x, y) -> scores [N]; every `eigenprune.criteria.Criterion` is one."""
 
 
 def _default_scores(model: nn.Module, layer: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
     return node_importance(linear_layers(as_sequential(model))[layer])
 
 
-def _count(spec: KeepSpec, scores: torch.Tensor, layer: int, curve: Callable[[], torch.Tensor], rtol: float, atol: float) -> int:
+def _count(spec: KeepSpec, scores: torch.Tensor, layer: int, curve: Callable[[], torch.Tensor], limit: float) -> int:
     width = scores.numel()
     if spec.kind == "count":
         if spec.value > width:
@@ -277,15 +278,13 @@ def _count(spec: KeepSpec, scores: torch.Tensor, layer: int, curve: Callable[[],
         return max(1, math.ceil(spec.value * width - 1e-9))
     if spec.kind == "threshold":
         return max(1, int((normalize(scores) > spec.value).sum()))
-    losses = curve()
-    limit = losses[-1] + atol + rtol * losses[-1].abs()
-    ok = (losses <= limit).int().flip(0).cumprod(0).flip(0)  # 1 where this k and every larger k are within the limit
-    return width - int(ok.sum()) + 1
+    ok = (curve() <= limit).int().flip(0).cumprod(0).flip(0)  # 1 where this k and every larger k are within the limit
+    return width - int(ok.sum()) + 1 if ok.any() else width
 
 
 def select_nodes(
     model: nn.Module, keep: KeepLike | dict[int, KeepLike], *, layers: list[int] | None = None,
-    criterion: Criterion | None = None, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
+    criterion: ScoreFn | None = None, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
     rtol: float = 0.05, atol: float = 0.0, task: Task = "regression",
 ) -> dict[int, torch.Tensor]:
     """Which nodes of each hidden layer to keep: {linear layer index: sorted node indices}.
@@ -316,18 +315,21 @@ def select_nodes(
     if rtol < 0 or atol < 0:
         raise PruneError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
     current, kept = _plain_copy(model).eval(), {}
-    reference = None
+    limit = float("inf")
     if needs_data:
         with torch.no_grad():
-            reference = task_loss(current(x_val), y_val, task)
+            full = float(task_loss(current(x_val), y_val, task))
+        limit = full + atol + rtol * abs(full)
     for layer in sorted(specs):
         scores = criterion(model, layer, x_val, y_val).detach().flatten()
 
         def curve(layer=layer, scores=scores, current=current) -> torch.Tensor:
             losses = loss_by_kept(current, layer, scores, x_val, y_val, task)
-            return torch.cat([losses[:-1], reference.reshape(1)])  # k = N is the unpruned model
+            with torch.no_grad():  # k = N is `current` itself: use its forward pass, free of prefix-sum rounding
+                losses[-1] = task_loss(current(x_val), y_val, task)
+            return losses
 
-        k = _count(specs[layer], scores, layer, curve, rtol, atol)
+        k = _count(specs[layer], scores, layer, curve, limit)
         kept[layer] = keep_mask(scores, k).nonzero().flatten()
         current = remove_nodes(current, {layer: kept[layer]})
     return kept
@@ -335,7 +337,7 @@ def select_nodes(
 
 def prune_nodes(
     model: nn.Module, keep: KeepLike | dict[int, KeepLike], *, layers: list[int] | None = None,
-    criterion: Criterion | None = None, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
+    criterion: ScoreFn | None = None, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
     rtol: float = 0.05, atol: float = 0.0, task: Task = "regression",
 ) -> nn.Sequential:
     """A physically smaller copy of `model`: plain `nn.Linear` layers, only the important nodes kept.

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from eigenprune.nets import layer_sizes
-from eigenprune.prune import Criterion, PruneError, remove_nodes, select_nodes
+from eigenprune.prune import PruneError, ScoreFn, remove_nodes, select_nodes
 from eigenprune.train import Task, TrainSpec, task_loss, train_alone
 
 
@@ -43,7 +43,7 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task) -> flo
 
 def minimal_width(
     model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, *,
-    layer: int = 0, criterion: Criterion | None = None, rtol: float = 0.1, atol: float = 0.0, shrink: float = 0.2,
+    layer: int = 0, criterion: ScoreFn | None = None, rtol: float = 0.1, atol: float = 0.0, shrink: float = 0.2,
     finetune: TrainSpec = TrainSpec(lr=1e-3, batch_size=100, epochs=2), seed: int = 0, task: Task = "regression",
 ) -> SearchResult:
     """Prune hidden linear layer `layer` of `model` in steps, fine-tuning after each, down to the smallest width that passes.
