@@ -27,7 +27,7 @@ def _run(args):
         ({"trials": "three"}, "trials: Input should be a valid integer"),
         ({"data": {"teacher": {"kind": "quadratic"}}}, "data.teacher.kind: Input should be 'mlp', 'linear' or 'hidden_manifold'"),
         ({"spectral": {"lr": 0}}, "spectral.lr: Input should be greater than 0 (got 0)"),
-        ({"device": "tpu"}, "device: Value error, must be cpu, cuda, cuda:N or auto, got 'tpu'"),
+        ({"device": "tpu"}, "device: must be cpu, cuda, cuda:N or auto, got 'tpu'"),
         ([1, 2], "the top level must be a mapping"),
     ],
 )
@@ -82,6 +82,8 @@ def test_run_end_to_end_writes_the_run_folder(tmp_path):
     assert res.effective_dim.between(1, 12).all()
     curves = pd.read_parquet(out / "curves.parquet")
     assert {"method", "width", "trial", "kept", "test_loss", "delta_loss"} <= set(curves.columns)
+    assert len(curves[curves.layer == 1]) == 8 * 10  # the second hidden layer (10 wide) has curves too
+    curves = curves[curves.layer == 0]
     assert len(curves) == 2 * 2 * (6 + 12)
     full = curves[curves.kept == curves.width].merge(res, on=["method", "width", "trial"])
     assert (full.delta_loss == 0).all()

@@ -155,3 +155,30 @@ def test_export_refuses_what_onnx_cannot_express(tmp_path):
     path = save_model(nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 1)), tmp_path / "sp.safetensors")
     code, err, _ = _run(["export", path, "--onnx", tmp_path / "sp.onnx"])
     assert code == 2 and "cannot export Softplus" in err and not (tmp_path / "sp.onnx").exists()
+
+
+def test_prune_auto_uses_the_checkpoints_teacher_and_held_out_validation_part(tmp_path):
+    """A regularization-path run with two teachers: auto must use teacher 1's held-out validation patterns."""
+    from eigenprune.experiment import validation_split
+
+    cfg = Config.model_validate({
+        **TINY, "name": "path", "workers": 1, "trials": 1, "methods": ["spectral"], "student": {"widths": [8]},
+        "regularization": {"mode": "path", "multipliers": [1.0, 2.0]},
+        "teachers": [{"widths": [20, 10]}, {"widths": [5, 4], "seed": 7}],
+    })
+    run = tmp_path / "path"
+    run_experiment(cfg, run, quiet=True)
+    path = next(run.glob("chunks/*-t1/students/spectral-N8-t0-s2.safetensors"))
+    code, err, out = _run(["prune", path, "--keep", "auto", "--layers", "0", "--out", tmp_path / "p.safetensors"])
+    assert code == 0, err
+    model, _ = load_model(path)
+    want = {}
+    for teacher in (0, 1):
+        c = cfg.for_teacher(teacher)
+        data = make_data(c)
+        n_fit = validation_split(c, data.x_train.shape[1])
+        assert n_fit < data.x_train.shape[1]
+        with torch.no_grad():
+            want[teacher] = float(((model(data.x_train[0, n_fit:]).squeeze(-1) - data.y_train[0, n_fit:]) ** 2).mean())
+    assert f"(validation loss {want[1]:.4g} →" in out
+    assert f"{want[0]:.4g}" != f"{want[1]:.4g}"  # teacher 0's data would have given another number

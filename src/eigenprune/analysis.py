@@ -1,11 +1,19 @@
-"""Scalar summaries of trained students: effective dimension, critical point and friends."""
+"""Summaries of trained students and their pruning curves.
+
+effective dimension, critical point of a pruning curve, the exponential fit below it, the collapse
+of rescaled curves, and path-product / in-strength statistics compared with the teacher.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.optimize import curve_fit
+from scipy.stats import wasserstein_distance
+from torch import nn
 
-from eigenprune.importance import normalize
+from eigenprune.importance import node_importance, normalize
+from eigenprune.nets import linear_layers
 
 
 def effective_dim(scores: torch.Tensor, threshold: float = 0.05, widths: torch.Tensor | None = None) -> torch.Tensor:
@@ -20,26 +28,107 @@ def effective_dim(scores: torch.Tensor, threshold: float = 0.05, widths: torch.T
     return (norm > threshold).sum(-1)
 
 
-def critical_point(kept, delta, tol: float) -> int:
-    """The smallest kept count from which on pruning is harmless: the critical point of a pruning curve.
+def critical_point(kept: np.ndarray, delta: np.ndarray, tol: float) -> int:
+    """Estimated critical kept count n_c of one pruning curve.
 
-    `kept` [K] are node counts in increasing order and `delta` [K] the loss increase ΔMSE =
-    loss(kept) - loss(full) at each. Returns the smallest kept[i] such that delta[j] <= tol for
-    every j >= i (so a lucky dip below tol at small counts does not count). If even the largest
-    count fails (only possible with tol below delta at full width), returns kept[-1] + 1.
-    Plain arrays, lists or 1-d tensors are accepted.
+    n_c is the smallest k such that delta(k') <= tol for every k' >= k: from n_c nodes up, pruning
+    costs (almost) nothing; below it the loss rises. `kept` must be increasing; delta = loss_k - loss_full.
+    The experiment uses tol = critical_rel_tol x the full model's test loss (pruning that costs less
+    than a tenth of the model's own error counts as free).
     """
-    kept = np.asarray(kept)
-    delta = np.asarray(delta, dtype=float)
-    if kept.ndim != 1 or kept.shape != delta.shape or kept.size == 0:
-        raise ValueError(f"kept and delta must be non-empty 1-d arrays of one length, got shapes {kept.shape} and {delta.shape}")
-    if tol < 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    if np.any(np.diff(kept) <= 0):
-        raise ValueError("kept must be strictly increasing")
-    bad = np.flatnonzero(~(delta <= tol))  # NaN counts as bad
-    if bad.size == 0:
-        return int(kept[0])
-    if bad[-1] == kept.size - 1:
-        return int(kept[-1]) + 1
-    return int(kept[bad[-1] + 1])
+    kept, delta = np.asarray(kept), np.asarray(delta, dtype=float)
+    if kept.size == 0 or kept.shape != delta.shape:
+        raise ValueError(f"kept and delta must be non-empty and of one shape, got {kept.shape} and {delta.shape}")
+    above = np.nonzero(delta > tol)[0]
+    return int(kept[0]) if above.size == 0 else int(kept[min(above[-1] + 1, kept.size - 1)])
+
+
+def exponential(x: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+    """a * exp(-b * x) + c, the authors' fit of delta below the critical point."""
+    return a * np.exp(-b * x) + c
+
+
+def fit_exponential(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Least-squares fit of y = a*exp(-b*x) + c; returns a, b, c and the fit's R^2 (NaNs if < 4 points)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.size < 4:
+        return {"a": np.nan, "b": np.nan, "c": np.nan, "r2": np.nan}
+    span = max(float(x.max() - x.min()), 1.0)
+    p0 = (max(float(y.max() - y.min()), 1e-12) * np.exp(x.min() * 3 / span), 3 / span, float(y.min()))
+    try:
+        (a, b, c), _ = curve_fit(exponential, x, y, p0=p0, maxfev=20000)
+    except (RuntimeError, ValueError):
+        return {"a": np.nan, "b": np.nan, "c": np.nan, "r2": np.nan}
+    resid = y - exponential(x, a, b, c)
+    total = float(((y - y.mean()) ** 2).sum())
+    return {"a": float(a), "b": float(b), "c": float(c), "r2": 1 - float((resid**2).sum()) / total if total > 0 else np.nan}
+
+
+def curve_spread(curves: list[tuple[np.ndarray, np.ndarray]], grid: np.ndarray) -> float:
+    """Mean over `grid` of the coefficient of variation (std / mean) across curves (x, y), interpolated.
+
+    Only grid points inside every curve's x range and with a positive mean count. 0 = perfect collapse.
+    """
+    ys = []
+    for x, y in curves:
+        order = np.argsort(x)
+        x, y = np.asarray(x, dtype=float)[order], np.asarray(y, dtype=float)[order]
+        ys.append(np.where((grid >= x[0]) & (grid <= x[-1]), np.interp(grid, x, y), np.nan))
+    stack = np.vstack(ys)
+    ok = ~np.isnan(stack).any(0)
+    mean = stack[:, ok].mean(0)
+    pos = mean > 0
+    if not pos.any():
+        return float("nan")
+    return float((stack[:, ok].std(0)[pos] / mean[pos]).mean())
+
+
+def collapse_measure(curves: list[tuple[int, np.ndarray, np.ndarray]], points: int = 50) -> dict[str, float]:
+    """How well pruning curves collapse after the paper's rescaling.
+
+    `curves` holds (h_T, kept, delta) triples (e.g. mean curves for several N and teachers). Before:
+    raw delta against kept - h_T on [-min h_T, 0]. After: delta / max(delta) against kept / h_T - 1 on
+    [-1 + 1/min h_T, 0]. Returns both spreads (mean coefficient of variation across curves) and
+    their ratio; a ratio well below 1 means the rescaled curves fall on one master curve.
+    """
+    h_min = min(h for h, _, _ in curves)
+    before = curve_spread([(k - h, d) for h, k, d in curves], np.linspace(-h_min + 1, 0, points))
+    after = curve_spread(
+        [(k / h - 1, d / max(float(np.max(d)), 1e-300)) for h, k, d in curves], np.linspace(-1 + 1 / h_min, 0, points)
+    )
+    return {"spread_before": before, "spread_after": after, "ratio": after / before if before > 0 else float("nan")}
+
+
+def path_products(w1: torch.Tensor, w2: torch.Tensor) -> np.ndarray:
+    """Sorted products w1[j, i] * w2[k, j] over every path input i -> hidden j -> hidden k."""
+    prod = w2.unsqueeze(-1) * w1.unsqueeze(0)  # [K, J, I]
+    return np.sort(prod.detach().flatten().cpu().double().numpy())
+
+
+def in_strength(w: torch.Tensor) -> np.ndarray:
+    """Sum of each node's incoming weights (w is [out, in])."""
+    return w.detach().sum(-1).cpu().double().numpy()
+
+
+def distribution_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """1-Wasserstein distance between two empirical distributions."""
+    return float(wasserstein_distance(a, b))
+
+
+def teacher_comparison(student: nn.Module, teacher: nn.Module, n_keep: int) -> dict[str, np.ndarray | float]:
+    """Compare a student pruned to its `n_keep` most important first-layer nodes with the teacher.
+
+    Both nets' first two linear layers define the paths input -> hidden -> hidden2. Returns the
+    sorted path products and first-layer in-strengths of both, and the Wasserstein distance between
+    each pair. Path products are invariant to the ReLU rescaling symmetry; in-strengths are not.
+    """
+    s_layers, t_layers = linear_layers(student), linear_layers(teacher)
+    if len(s_layers) < 3 or len(t_layers) < 3:
+        raise ValueError("path analysis needs two hidden layers in both student and teacher")
+    keep = node_importance(s_layers[0]).argsort(descending=True, stable=True)[:n_keep]
+    with torch.no_grad():
+        w1, w2 = s_layers[0].weight[keep], s_layers[1].weight[:, keep]
+        sp, tp = path_products(w1, w2), path_products(t_layers[0].weight, t_layers[1].weight)
+        si, ti = in_strength(w1), in_strength(t_layers[0].weight)
+    return {"student_paths": sp, "teacher_paths": tp, "student_in": si, "teacher_in": ti,
+            "path_distance": distribution_distance(sp, tp), "in_strength_distance": distribution_distance(si, ti)}

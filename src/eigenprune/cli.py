@@ -11,11 +11,12 @@ import yaml
 
 from eigenprune.checkpoint import CheckpointError
 from eigenprune.config import ConfigError, load_config
+from eigenprune.data import DataError
 from eigenprune.store import RunFolderError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Spectral training and eigenvalue-ranked pruning of MLPs.")
 
-USER_ERRORS = (ConfigError, RunFolderError, CheckpointError)
+USER_ERRORS = (ConfigError, RunFolderError, CheckpointError, DataError)
 
 
 def _fail(message: str) -> None:
@@ -68,6 +69,22 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by `e
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def collapse(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders, e.g. one per teacher width")],
+    out: Annotated[Path, typer.Option(help="folder for collapse.png and collapse.json")] = Path("runs/collapse"),
+) -> None:
+    """Rescale the spectral pruning curves of several runs (delta/max vs n/h_T - 1) and measure their collapse."""
+    from eigenprune.report import collapse_runs
+
+    try:
+        result = collapse_runs(run_dirs, out)
+    except USER_ERRORS as err:
+        _fail(str(err))
+    typer.echo(f"spread before {result['spread_before']:.3f}, after {result['spread_after']:.3f} "
+               f"(ratio {result['ratio']:.2f}); wrote {out / 'collapse.png'}")
+
+
 @app.command("config")
 def show_config(config: Annotated[Optional[Path], typer.Argument(help="YAML config to resolve")] = None) -> None:
     """Print a config with every default filled in (no argument: the embedded quick config)."""
@@ -95,7 +112,7 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     from safetensors.torch import load_file
 
     from eigenprune.config import Config
-    from eigenprune.experiment import make_data
+    from eigenprune.experiment import make_data, validation_split
     from eigenprune.prune import PruneError
 
     if data is not None and data.is_file():
@@ -121,10 +138,16 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     digest = extra.get("config_digest")
     if digest is not None and digest != cfg.digest():
         raise PruneError(f"{checkpoint} was trained with config {digest}, but {run_dir} holds config {cfg.digest()}")
-    trial = int(extra.get("trial", 0))
+    trial, teacher = int(extra.get("trial", 0)), int(extra.get("teacher_index") or 0)
     if not 0 <= trial < cfg.trials:
         raise PruneError(f"{checkpoint} names trial {trial}, but {run_dir} has trials 0..{cfg.trials - 1}")
+    if not 0 <= teacher < len(cfg.teacher_list()):
+        raise PruneError(f"{checkpoint} names teacher {teacher}, but {run_dir} has {len(cfg.teacher_list())} teacher(s)")
+    cfg = cfg.for_teacher(teacher)
     trial_data = make_data(cfg)
+    n_fit = validation_split(cfg, trial_data.x_train.shape[1])
+    if n_fit < trial_data.x_train.shape[1]:  # the run held out a validation part of the training set: use it
+        return trial_data.x_train[trial, n_fit:], trial_data.y_train[trial, n_fit:], trial_data.task
     return trial_data.x_test[trial], trial_data.y_test[trial], trial_data.task
 
 
@@ -136,8 +159,8 @@ def prune(
     out: Annotated[Optional[Path], typer.Option(help="where to write the pruned model (default: CHECKPOINT stem + -pruned)")] = None,
     layers: Annotated[Optional[str], typer.Option(help="hidden linear layers to prune, comma-separated indices (default: all)")] = None,
     data: Annotated[Optional[Path], typer.Option(help="validation data for --keep auto: a run folder (its config regenerates "
-                                                      "the teacher data; the checkpoint's trial's test set is used) or a "
-                                                      "safetensors file with tensors x and y")] = None,
+                                                      "the data; the checkpoint's trial's held-out validation part if the run "
+                                                      "has one, else its test set) or a safetensors file with tensors x and y")] = None,
     rtol: Annotated[float, typer.Option(help="auto: allowed validation-loss increase, relative to the full model's")] = 0.05,
     atol: Annotated[float, typer.Option(help="auto: allowed validation-loss increase, absolute")] = 0.0,
 ) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -38,7 +38,19 @@ class TeacherConfig(_Strict):
     latent_dim: PositiveInt = 5
 
 
+class CsvConfig(_Strict):
+    """A user's table: feature columns (default: every other column) and one target column."""
+
+    path: str
+    target: str
+    features: list[str] | None = None
+    task: Literal["regression", "classification"] = "regression"
+
+
 class DataConfig(_Strict):
+    source: Literal["teacher", "digits", "csv"] = "teacher"
+    csv: CsvConfig | None = None
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25  # real data (digits, csv): held-out share per trial
     input_dim: PositiveInt = 10
     n_train: PositiveInt = 8000
     n_test: PositiveInt = 4000
@@ -70,11 +82,30 @@ class DirectConfig(MethodConfig):
 class StudentConfig(_Strict):
     widths: Annotated[list[PositiveInt], Field(min_length=1)] = [20, 60, 200]
     rest: list[PositiveInt] = [10]
+    deep: bool = False  # every hidden layer trains with the method and its L2 (else: the paper's dense, unregularized rest)
+    head: Literal["sum", "linear"] = "sum"  # sum: the paper's frozen all-ones readout; linear: a trainable dense output layer
 
 
 class AnalysisConfig(_Strict):
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.05
     probe_kept: list[PositiveInt] = [20, 30]
+    critical_rel_tol: Annotated[float, Field(gt=0)] = 0.1  # n_c: pruning costs <= this x the full test loss
+    search_rel_tol: Annotated[float, Field(gt=0)] = 0.1  # joint search: training loss may rise by this fraction
+    accuracy_tol: Annotated[float, Field(ge=0, lt=1)] = 0.01  # classification: smallest width within this of full accuracy
+
+
+class RegularizationConfig(_Strict):
+    """Fixed strengths (the paper) or a path: K multipliers of every L2 coefficient, trained together.
+
+    On a path, `validation_fraction` of each trial's training set is held out (not trained on) to
+    choose a strength: "best" = lowest mean validation loss; "1se" = the largest strength whose mean
+    validation loss is within one standard error (over trials) of the best.
+    """
+
+    mode: Literal["fixed", "path"] = "fixed"
+    multipliers: Annotated[list[PositiveFloat], Field(min_length=1)] = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    rule: Literal["best", "1se"] = "1se"
 
 
 class Config(_Strict):
@@ -85,6 +116,8 @@ class Config(_Strict):
     device: str = "cpu"
     methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
     data: DataConfig = DataConfig()
+    teachers: list[TeacherConfig] = []  # several teachers in one run (each replaces data.teacher); empty = data.teacher
+    regularization: RegularizationConfig = RegularizationConfig()
     student: StudentConfig = StudentConfig()
     spectral: SpectralConfig = SpectralConfig()
     direct: DirectConfig = DirectConfig()
@@ -92,6 +125,16 @@ class Config(_Strict):
     save_students: bool = True
     workers: Annotated[int, Field(ge=0)] = 0
 
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.data.source == "csv" and self.data.csv is None:
+            raise ValueError("data.source is csv but data.csv (path, target) is missing")
+        if self.data.source != "teacher" and self.student.head != "linear":
+            raise ValueError(f"data.source {self.data.source} needs student.head: linear (the sum readout only fits teacher data)")
+        if self.data.source != "teacher" and self.teachers:
+            raise ValueError("teachers are only used with data.source: teacher")
+        return self
 
     @field_validator("device")
     @classmethod
@@ -102,6 +145,19 @@ class Config(_Strict):
 
     def method(self, name: str) -> MethodConfig:
         return getattr(self, name)
+
+    def teacher_list(self) -> list[TeacherConfig]:
+        """The run's teachers: `teachers` if given, else the one `data.teacher`."""
+        return list(self.teachers) or [self.data.teacher]
+
+    def for_teacher(self, index: int) -> Config:
+        """This config with `data.teacher` set to teacher `index` of `teacher_list()`."""
+        teacher = self.teacher_list()[index]
+        return self.model_copy(update={"data": self.data.model_copy(update={"teacher": teacher})})
+
+    def strengths(self) -> list[float]:
+        """L2 multipliers trained in this run ([1.0] unless regularization.mode is path)."""
+        return list(self.regularization.multipliers) if self.regularization.mode == "path" else [1.0]
 
     def digest(self) -> str:
         """A hash of everything that changes results (not the device, the name or the worker count)."""
@@ -116,10 +172,10 @@ def _one_line(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{where}: {msg} (got {e['input']!r})" if e["type"] != "missing" else f"{where}: {msg}")
+        parts.append(f"{where}: {msg} (got {e['input']!r})" if e["type"] != "missing" and e["loc"] else f"{where}: {msg}")
     return "invalid config: " + "; ".join(parts)
 
 

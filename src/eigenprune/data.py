@@ -1,6 +1,7 @@
 """Inputs and teachers -> per-trial train/test sets.
 
 Every trial gets fresh inputs from its own seed; the teacher is the same for all trials.
+Real data (scikit-learn's digits, a user's CSV) gets a fresh seeded train/test split per trial.
 Teachers (all frozen):
   mlp              y = sum of the last hidden layer of a ReLU MLP (the paper's teacher)
   linear           y = x @ w, w Glorot uniform from the teacher seed
@@ -13,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from eigenprune.layers import glorot_uniform_
@@ -82,3 +85,72 @@ def teacher_data(
     scale = float(y[:, :n_train].std()) if standardize else 1.0
     y = y / scale
     return TrialData(x[:, :n_train], y[:, :n_train], x[:, n_train:], y[:, n_train:], target_scale=scale)
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as configured, stated in one line."""
+
+
+def _split_trials(x: np.ndarray, y: np.ndarray, trials: int, seed: int, test_fraction: float, task: str) -> TrialData:
+    """Per trial: a seeded shuffle, the last `test_fraction` as test set, features standardized with
+    the training part's mean and std."""
+    n = len(x)
+    n_test = max(1, round(n * test_fraction))
+    if n - n_test < 2:
+        raise DataError(f"{n} rows leave no training set with test_fraction {test_fraction}")
+    xs, ys = [], []
+    for t in range(trials):
+        order = np.random.default_rng(derive_seed("split", seed, t) % 2**32).permutation(n)
+        xt = x[order]
+        mean, std = xt[: n - n_test].mean(0), xt[: n - n_test].std(0)
+        xs.append((xt - mean) / np.where(std > 0, std, 1.0))
+        ys.append(y[order])
+    x_all = torch.tensor(np.stack(xs), dtype=torch.float32)
+    y_all = torch.tensor(np.stack(ys), dtype=torch.long if task == "classification" else torch.float32)
+    n_out = int(y.max()) + 1 if task == "classification" else 1
+    return TrialData(x_all[:, : n - n_test], y_all[:, : n - n_test], x_all[:, n - n_test :], y_all[:, n - n_test :],
+                     task=task, n_outputs=n_out)
+
+
+def digits_data(trials: int, seed: int, test_fraction: float) -> TrialData:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download), split per trial."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return _split_trials(d.data.astype(np.float64), d.target.astype(np.int64), trials, seed, test_fraction, "classification")
+
+
+def csv_data(path: str, target: str, features: list[str] | None, task: str, trials: int, seed: int, test_fraction: float) -> TrialData:
+    """A user's CSV: numeric feature columns and a target column (numbers for regression, labels for
+    classification), split per trial. Every problem raises `DataError` naming the column."""
+    import pandas as pd
+
+    if not Path(path).is_file():
+        raise DataError(f"data.csv.path: file not found: {path}")
+    try:
+        df = pd.read_csv(path)
+    except (ValueError, OSError) as err:
+        raise DataError(f"data.csv.path: cannot read {path} as CSV ({err})") from None
+    if target not in df.columns:
+        raise DataError(f"data.csv.target: no column {target!r} in {path}; columns are {list(df.columns)}")
+    features = features if features is not None else [c for c in df.columns if c != target]
+    missing = [c for c in features if c not in df.columns]
+    if missing or not features:
+        raise DataError(f"data.csv.features: no column(s) {missing} in {path}; columns are {list(df.columns)}")
+    for c in features:
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            raise DataError(f"data.csv.features: column {c!r} is not numeric (e.g. {df[c].iloc[0]!r})")
+        if df[c].isna().any():
+            raise DataError(f"data.csv.features: column {c!r} has {int(df[c].isna().sum())} missing (NaN) values")
+    y = df[target]
+    if y.isna().any():
+        raise DataError(f"data.csv.target: column {target!r} has {int(y.isna().sum())} missing values")
+    if task == "regression":
+        if not pd.api.types.is_numeric_dtype(y):
+            raise DataError(f"data.csv.target: column {target!r} is not numeric (e.g. {y.iloc[0]!r}); use task: classification")
+        labels = y.to_numpy(np.float64)
+    else:
+        if pd.api.types.is_float_dtype(y) and not np.all(np.mod(y, 1) == 0):
+            raise DataError(f"data.csv.target: column {target!r} has non-integer values; task classification needs class labels")
+        labels = pd.Categorical(y).codes.astype(np.int64)
+    return _split_trials(df[features].to_numpy(np.float64), labels, trials, seed, test_fraction, task)

@@ -78,6 +78,31 @@ class StackedLayer(nn.Module):
             total = total + self.group_lasso * self.weight.norm(dim=-1).sum(1)
         return total
 
+    def set_grads(self, grad_w: torch.Tensor, grad_bias: torch.Tensor | None, keep: torch.Tensor) -> None:
+        """Store d(loss)/d(parameters) in `.grad`, given d(loss)/dW [S, O, I] and d(loss)/d(bias) [S, O].
+
+        Chain rule through w = (lam_in - lam_out) * phi, plus the regularization terms (L2, and the
+        L1 / group-lasso sparsity terms where set) of students with keep = 1.
+        """
+        k = keep.to(self.phi.dtype)
+        if self._sparsity[1]:  # d/dW of g * sum_i ||w_i|| is g * w_i / ||w_i|| (0 for an all-zero row, as in autograd)
+            w = self.weight
+            norm = w.norm(dim=-1, keepdim=True)
+            grad_w = grad_w + (self.group_lasso * k)[:, None, None] * w / torch.where(norm > 0, norm, torch.ones_like(norm))
+        if self.phi.requires_grad:
+            lam_diff = self.lam_in.unsqueeze(1) - self.lam_out.unsqueeze(2)
+            self.phi.grad = grad_w * lam_diff + (2 * self.l2_phi * k)[:, None, None] * self.phi
+        if self.lam_out.requires_grad or self.lam_in.requires_grad:
+            gp = grad_w * self.phi
+            if self.lam_out.requires_grad:
+                self.lam_out.grad = -gp.sum(2) + (2 * self.l2_lam * k)[:, None] * self.lam_out
+                if self._sparsity[0]:  # d/dlam of l1 * sum |lam_out| (sign(0) = 0, as in autograd)
+                    self.lam_out.grad += (self.l1_lam * k)[:, None] * self.lam_out.sign()
+            if self.lam_in.requires_grad:
+                self.lam_in.grad = gp.sum(1) + (2 * self.l2_lam * k)[:, None] * self.lam_in
+        if self.bias is not None and self.bias.requires_grad:
+            self.bias.grad = grad_bias
+
     def student_layer(self, s: int) -> SpectralLinear:
         """Student `s`'s layer, unpadded, as a standalone `SpectralLinear`."""
         o, n = int(self.widths[s]), int(self.in_widths[s])
@@ -145,6 +170,45 @@ class Ensemble(nn.Module):
     def penalty(self) -> torch.Tensor:
         """Per-student regularization [S]."""
         return sum(layer.penalty() for layer in self.layers)
+
+    @torch.no_grad()
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, task: str, alive: torch.Tensor) -> torch.Tensor:
+        """Per-student loss + penalty [S] of one batch, with its gradients written to `.grad`.
+
+        Hand-written backpropagation (no autograd graph: less work per step). Equal to autograd on
+        `task_loss(ens(x), y) + penalty()` summed over the students that are `alive` and whose loss
+        is finite; the others get zero data gradients. x [S, B, D]; y [S, B].
+        """
+        weights = [layer.weight for layer in self.layers]
+        acts, pre = [x], []
+        h = x
+        for i, (layer, w) in enumerate(zip(self.layers, weights)):
+            z = torch.bmm(h, w.transpose(1, 2))
+            if layer.bias is not None:
+                z = z + layer.bias.unsqueeze(1)
+            if i < len(self.layers) - 1:
+                pre.append(z)
+                h = F.relu(z)
+                acts.append(h)
+        batch = x.shape[1]
+        if task == "regression":
+            residual = z.squeeze(-1) - y
+            loss = residual.square().mean(-1)
+            delta = (2.0 / batch) * residual.unsqueeze(-1)
+        else:
+            logp = F.log_softmax(z, -1)
+            loss = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(-1)
+            delta = (logp.exp() - F.one_hot(y, z.shape[-1]).to(z.dtype)) / batch
+        loss = loss + self.penalty()
+        keep = alive & torch.isfinite(loss)
+        delta = torch.where(keep[:, None, None], delta, torch.zeros_like(delta))
+        for i in reversed(range(len(self.layers))):
+            grad_w = torch.bmm(delta.transpose(1, 2), acts[i])
+            grad_b = delta.sum(1)
+            if i > 0:
+                delta = torch.bmm(delta, weights[i]) * (pre[i - 1] > 0)
+            self.layers[i].set_grads(grad_w, grad_b, keep)
+        return loss
 
     def student(self, s: int) -> nn.Sequential:
         """Student `s` as a standalone, unpadded `nn.Sequential` (a copy)."""

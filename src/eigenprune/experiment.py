@@ -13,7 +13,7 @@ import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,52 +21,70 @@ import pandas as pd
 import torch
 
 from eigenprune import __version__
-from eigenprune.analysis import effective_dim
+from eigenprune.analysis import critical_point, effective_dim, teacher_comparison
 from eigenprune.checkpoint import save_model
 from eigenprune.config import Config, ConfigError
-from eigenprune.data import TrialData, derive_seed, teacher_data
+from eigenprune.data import TrialData, csv_data, derive_seed, digits_data, teacher_data
 from eigenprune.ensemble import Ensemble
 from eigenprune.importance import node_importance, normalize
-from eigenprune.nets import LayerPlan, make_student
+from eigenprune.nets import LayerPlan, make_student, make_teacher
 from eigenprune.progress import Progress, QueueProgress
-from eigenprune.prune import pruning_curves
-from eigenprune.store import RunFolder
+from eigenprune.prune import joint_search, pruning_curves
+from eigenprune.regpath import select_strengths
+from eigenprune.store import GROUP_KEYS, STUDENT_KEYS, RunFolder, write_parquet_atomic
 from eigenprune.train import TrainSpec, evaluate, train_ensemble
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Students trained together: one method, some widths, all trials."""
+    """Students trained together: one teacher, one method, some widths, all trials and L2 strengths."""
 
     method: str
     widths: tuple[int, ...]
     trials: tuple[int, ...]
+    teacher: int = 0
+    strengths: tuple[float, ...] = (1.0,)
 
     @property
     def id(self) -> str:
-        return f"{self.method}-w{'_'.join(map(str, self.widths))}"
+        return f"{self.method}-w{'_'.join(map(str, self.widths))}" + (f"-t{self.teacher}" if self.teacher else "")
+
+    def keys(self) -> list[tuple[int, int, float]]:
+        """(width, trial, strength) of every student, in ensemble order."""
+        return [(w, t, k) for w in self.widths for t in self.trials for k in self.strengths]
 
 
 def plan_chunks(cfg: Config, pack_factor: float = 1.5) -> list[Chunk]:
     """Group widths (sorted) greedily while the padded size stays <= pack_factor x the real size."""
     chunks = []
-    for method in cfg.methods:
-        buckets: list[list[int]] = []
-        for w in sorted(set(cfg.student.widths)):
-            if buckets and (len(buckets[-1]) + 1) * w <= pack_factor * (sum(buckets[-1]) + w):
-                buckets[-1].append(w)
-            else:
-                buckets.append([w])
-        chunks += [Chunk(method, tuple(b), tuple(range(cfg.trials))) for b in buckets]
+    for teacher in range(len(cfg.teacher_list())):
+        for method in cfg.methods:
+            buckets: list[list[int]] = []
+            for w in sorted(set(cfg.student.widths)):
+                if buckets and (len(buckets[-1]) + 1) * w <= pack_factor * (sum(buckets[-1]) + w):
+                    buckets[-1].append(w)
+                else:
+                    buckets.append([w])
+            chunks += [Chunk(method, tuple(b), tuple(range(cfg.trials)), teacher, tuple(cfg.strengths())) for b in buckets]
     return chunks
 
 
-def student_plans(cfg: Config, method: str, width: int) -> list[LayerPlan]:
-    """The paper's student: width N (spectral or direct, L2) -> rest (dense, no L2) -> sum readout."""
+def student_plans(cfg: Config, method: str, width: int, strength: float = 1.0, n_outputs: int = 1) -> list[LayerPlan]:
+    """The paper's student: width N (spectral or direct, L2 x strength) -> rest (dense, no L2) -> sum readout.
+
+    With `student.deep` the rest trains like the first layer (its own eigenvalues and L2); with
+    `student.head: linear` the readout is a trainable dense layer with bias to `n_outputs`.
+    """
     m = cfg.method(method)
-    plans = [LayerPlan(width, method, m.l2_phi, m.l2_lam)]
-    plans += [LayerPlan(w, "direct", 0.0, 0.0) for w in cfg.student.rest]
-    return plans + [LayerPlan(1, "fixed", 0.0, 0.0)]
+    first = LayerPlan(width, method, m.l2_phi * strength, m.l2_lam * strength)
+    rest = [replace(first, width=w) if cfg.student.deep else LayerPlan(w, "direct", 0.0, 0.0) for w in cfg.student.rest]
+    head = LayerPlan(n_outputs, "direct", 0.0, 0.0, bias=True) if cfg.student.head == "linear" else LayerPlan(1, "fixed", 0.0, 0.0)
+    return [first, *rest, head]
+
+
+def student_file(method: str, width: int, trial: int, strength: float) -> str:
+    """File name of a student's checkpoint inside its chunk's students/ folder."""
+    return f"{method}-N{width}-t{trial}" + (f"-s{strength:g}" if strength != 1.0 else "") + ".safetensors"
 
 
 def student_seed(cfg: Config, trial: int, width: int) -> int:
@@ -83,77 +101,170 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_data(cfg: Config) -> TrialData:
+    """The trials' train/test sets: teacher data, or a per-trial split of digits or a CSV file."""
     d, t = cfg.data, cfg.data.teacher
+    seed = derive_seed("data", cfg.seed, d.seed)
+    if d.source == "digits":
+        return digits_data(cfg.trials, seed, d.test_fraction)
+    if d.source == "csv":
+        return csv_data(d.csv.path, d.csv.target, d.csv.features, d.csv.task, cfg.trials, seed, d.test_fraction)
     return teacher_data(
-        t.kind, d.input_dim, list(t.widths), t.seed, derive_seed("data", cfg.seed, d.seed), cfg.trials,
+        t.kind, d.input_dim, list(t.widths), t.seed, seed, cfg.trials,
         d.n_train, d.n_test, t.latent_dim, d.standardize_targets, getattr(torch, cfg.dtype),
     )
 
 
+def validation_split(cfg: Config, n_train: int | None = None) -> int:
+    """Training patterns actually trained on (the rest of the training set is the validation set of a
+    regularization path and of the joint pruning search)."""
+    n_train = cfg.data.n_train if n_train is None else n_train
+    if cfg.regularization.mode != "path":
+        return n_train
+    n_fit = n_train - round(n_train * cfg.regularization.validation_fraction)
+    if n_fit < 1 or n_fit == n_train:
+        raise ConfigError(f"regularization.validation_fraction {cfg.regularization.validation_fraction} leaves no "
+                          f"training or no validation patterns out of {n_train} training patterns")
+    return n_fit
+
+
+@dataclass
+class LayerStats:
+    """Per hidden layer of a chunk's students: importance, effective dimension and pruning curves."""
+
+    scores: torch.Tensor
+    effective_dim: torch.Tensor
+    curves: torch.Tensor
+    accuracy: torch.Tensor | None
+
+
+def layer_stats(cfg: Config, ens: Ensemble, data: TrialData, trial_index: torch.Tensor) -> list[LayerStats]:
+    stats = []
+    for layer in range(len(ens.layers) - 1):
+        scores = node_importance(ens.layers[layer])
+        eff = effective_dim(scores, cfg.analysis.threshold, ens.layers[layer].widths)
+        curves = pruning_curves(ens, layer, scores, data.x_test, data.y_test, trial_index, data.task)
+        acc = (pruning_curves(ens, layer, scores, data.x_test, data.y_test, trial_index, data.task, metric="accuracy")
+               if data.task == "classification" else None)
+        stats.append(LayerStats(scores.cpu(), eff.cpu(), curves.cpu(), None if acc is None else acc.cpu()))
+    return stats
+
+
 def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, progress: Progress) -> tuple[dict, Ensemble, list]:
-    """Train one chunk and measure every student in it; returns (tables, ensemble, student keys)."""
+    """Train one chunk on its teacher's `data` and measure every student; returns (tables, ensemble, keys)."""
+    cfg = cfg.for_teacher(chunk.teacher)
     dtype = getattr(torch, cfg.dtype)
-    keys = [(w, t) for w in chunk.widths for t in chunk.trials]
-    students = [make_student(cfg.data.input_dim, student_plans(cfg, chunk.method, w), student_seed(cfg, t, w), dtype) for w, t in keys]
+    keys = chunk.keys()
+    input_dim = data.x_train.shape[-1]
+    students = [make_student(input_dim, student_plans(cfg, chunk.method, w, k, data.n_outputs), student_seed(cfg, t, w), dtype)
+                for w, t, k in keys]
     ens = Ensemble(students).to(device)
-    trial_index = torch.tensor([t for _, t in keys], device=device)
+    trial_index = torch.tensor([t for _, t, _ in keys], device=device)
     m = cfg.method(chunk.method)
-    spec = TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs)
+    spec = TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs, task=data.task)
     shuffle = [derive_seed("shuffle", cfg.seed, t) for t in range(cfg.trials)]
-    task = progress.add(f"{chunk.method} N={','.join(map(str, chunk.widths))} ({len(keys)} students)", m.epochs)
+    n_fit = validation_split(cfg, data.x_train.shape[1])
+    fit_x, fit_y = data.x_train[:, :n_fit], data.y_train[:, :n_fit]
+    label = f"{chunk.method} N={','.join(map(str, chunk.widths))}" + (f" h_T={cfg.data.teacher.widths[0]}" if chunk.teacher else "")
+    task = progress.add(f"{label} ({len(keys)} students)", m.epochs)
     start = time.perf_counter()
-    log = train_ensemble(ens, data.x_train, data.y_train, trial_index, spec, shuffle, lambda e, loss: progress.update(task, e + 1, loss))
+    log = train_ensemble(ens, fit_x, fit_y, trial_index, spec, shuffle, lambda e, loss: progress.update(task, e + 1, loss))
     seconds = time.perf_counter() - start
-    train_loss = evaluate(ens, data.x_train, data.y_train, trial_index, spec.task).cpu()
-    test_loss = evaluate(ens, data.x_test, data.y_test, trial_index, spec.task).cpu()
-    scores = node_importance(ens.layers[0])
-    widths = ens.layers[0].widths
-    eff = effective_dim(scores, cfg.analysis.threshold, widths).cpu()
-    curves = pruning_curves(ens, 0, scores, data.x_test, data.y_test, trial_index, spec.task).cpu()
-    norm = normalize(scores).cpu()
-    scores = scores.cpu()
-    t_widths = list(cfg.data.teacher.widths)
-    results, curve_rows, imp_rows = [], [], []
-    for s, (w, t) in enumerate(keys):
+    metrics = {"train_loss": evaluate(ens, fit_x, fit_y, trial_index, data.task),
+               "test_loss": evaluate(ens, data.x_test, data.y_test, trial_index, data.task)}
+    metrics["val_loss"] = (evaluate(ens, data.x_train[:, n_fit:], data.y_train[:, n_fit:], trial_index, data.task)
+                           if n_fit < data.x_train.shape[1] else torch.full_like(metrics["train_loss"], float("nan")))
+    if data.task == "classification":
+        metrics["train_accuracy"] = evaluate(ens, fit_x, fit_y, trial_index, data.task, metric="accuracy")
+        metrics["test_accuracy"] = evaluate(ens, data.x_test, data.y_test, trial_index, data.task, metric="accuracy")
+    stats = layer_stats(cfg, ens, data, trial_index)
+    search_k, search_keep = joint_search(ens, [st.scores.to(device) for st in stats], fit_x, fit_y, trial_index, data.task,
+                                         cfg.analysis.search_rel_tol)
+    metrics["search_test_loss"] = evaluate(ens, data.x_test, data.y_test, trial_index, data.task, keep=search_keep)
+    if data.task == "classification":
+        metrics["search_test_accuracy"] = evaluate(ens, data.x_test, data.y_test, trial_index, data.task, keep=search_keep,
+                                                   metric="accuracy")
+    metrics = {k: v.cpu() for k, v in metrics.items()}
+    t_widths = list(cfg.data.teacher.widths) if cfg.data.source == "teacher" else []
+    teacher = None
+    if cfg.data.source == "teacher" and cfg.data.teacher.kind == "mlp" and len(t_widths) >= 2 and len(ens.layers) >= 3:
+        teacher = make_teacher(input_dim, t_widths, cfg.data.teacher.seed, dtype)
+    h_t = t_widths[0] if t_widths else np.nan
+    results, curve_rows, imp_rows, layer_rows = [], [], [], []
+    for s, (w, t, k) in enumerate(keys):
         failed = int(log.failed_step[s]) >= 0
-        base = {"method": chunk.method, "width": w, "trial": t}
+        base = {"teacher_index": chunk.teacher, "method": chunk.method, "width": w, "trial": t, "strength": k}
+        per_layer = []
+        for layer, st in enumerate(stats):
+            n = int(ens.layers[layer].widths[s])
+            kept = np.arange(1, n + 1)
+            curve = st.curves[s, :n].numpy()
+            full = float(curve[-1])  # the full model through the same computation: delta is exactly 0 at k = n
+            n_c = critical_point(kept, curve - full, cfg.analysis.critical_rel_tol * full)
+            t_w = t_widths[layer] if layer < len(t_widths) else np.nan
+            row = {**base, "layer": layer, "layer_width": n, "teacher_layer_width": t_w,
+                   "effective_dim": int(st.effective_dim[s]), "critical_point": n_c, "search_width": int(search_k[layer][s])}
+            frame = {**base, "layer": layer, "kept": kept, "test_loss": curve, "delta_loss": curve - full,
+                     "kept_minus_teacher": kept - t_w}
+            if st.accuracy is not None:
+                acc = st.accuracy[s, :n].numpy()
+                frame["test_accuracy"] = acc
+                row["width_within_accuracy_tol"] = int(kept[np.nonzero(acc >= acc[-1] - cfg.analysis.accuracy_tol)[0][0]])
+            per_layer.append(row)
+            curve_rows.append(pd.DataFrame(frame))
+        layer_rows += per_layer
+        compared = {"path_distance": np.nan, "in_strength_distance": np.nan}
+        if teacher is not None and not failed:
+            cmp = teacher_comparison(ens.student(s).cpu(), teacher, min(t_widths[0], w))
+            compared = {c: cmp[c] for c in compared}
         results.append({
-            **base, "teacher_kind": cfg.data.teacher.kind, "teacher_widths": ",".join(map(str, t_widths)),
-            "teacher_width": t_widths[0], "train_loss": float(train_loss[s]), "test_loss": float(test_loss[s]),
-            "effective_dim": int(eff[s]) if not failed else -1, "status": "failed" if failed else "ok",
+            **base, "teacher_kind": cfg.data.teacher.kind if cfg.data.source == "teacher" else cfg.data.source,
+            "teacher_widths": ",".join(map(str, t_widths)), "teacher_width": h_t,
+            **{name: float(v[s]) for name, v in metrics.items()},
+            "effective_dim": per_layer[0]["effective_dim"] if not failed else -1,
+            "critical_point": per_layer[0]["critical_point"] if not failed else -1,
+            "search_widths": ",".join(str(r["search_width"]) for r in per_layer), **compared,
+            "status": "failed" if failed else "ok",
             "failed_step": int(log.failed_step[s]), "fail_reason": "non-finite loss" if failed else "",
             "lr": m.lr, "batch_size": m.batch_size, "epochs": m.epochs, "steps": log.steps,
-            "l2_phi": m.l2_phi, "l2_lam": m.l2_lam if chunk.method == "spectral" else 0.0,
+            "l2_phi": m.l2_phi * k, "l2_lam": m.l2_lam * k if chunk.method == "spectral" else 0.0,
             "seed": student_seed(cfg, t, w), "chunk": chunk.id, "chunk_train_seconds": seconds,
-            "checkpoint": f"chunks/{chunk.id}/students/{chunk.method}-N{w}-t{t}.safetensors" if cfg.save_students else "",
+            "checkpoint": f"chunks/{chunk.id}/students/{student_file(chunk.method, w, t, k)}" if cfg.save_students else "",
         })
-        full = float(curves[s, w - 1])  # the full model through the same computation: delta is exactly 0 at k = N
-        kept = np.arange(1, w + 1)
-        curve_rows.append(pd.DataFrame({**base, "kept": kept, "test_loss": curves[s, :w].numpy(),
-                                        "delta_loss": curves[s, :w].numpy() - full, "kept_minus_teacher": kept - t_widths[0]}))
-        imp_rows.append(pd.DataFrame({**base, "node": np.arange(w), "importance": scores[s, :w].numpy(),
-                                      "normalized": norm[s, :w].numpy()}))
+        scores, norm = stats[0].scores[s, :w], normalize(stats[0].scores[s, :w])
+        imp_rows.append(pd.DataFrame({**base, "node": np.arange(w), "importance": scores.numpy(), "normalized": norm.numpy()}))
     tables = {"results": pd.DataFrame(results), "curves": pd.concat(curve_rows, ignore_index=True),
-              "importance": pd.concat(imp_rows, ignore_index=True)}
+              "importance": pd.concat(imp_rows, ignore_index=True), "layers": pd.DataFrame(layer_rows)}
     return tables, ens, keys
 
 
+SUMMARY_COLUMNS = ("train_loss", "val_loss", "test_loss", "effective_dim", "critical_point", "path_distance",
+                   "in_strength_distance", "search_test_loss", "train_accuracy", "test_accuracy", "search_test_accuracy")
+
+
 def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
-    """Per (method, width): mean and std over trials of losses, effective dimension and delta at probes."""
+    """Per (teacher, method, width, strength): mean and std over ok trials of losses, effective
+    dimension, critical point, teacher distances and delta loss at the probe kept counts."""
     ok = results[results.status == "ok"]
-    out: dict = {"teacher_widths": list(cfg.data.teacher.widths), "threshold": cfg.analysis.threshold, "groups": []}
-    ok_curves = curves.merge(ok[["method", "width", "trial"]], on=["method", "width", "trial"])
-    for (method, width), g in ok.groupby(["method", "width"]):
-        row = {"method": method, "width": int(width), "trials_ok": len(g), "trials_failed": int(
-            ((results.method == method) & (results.width == width) & (results.status != "ok")).sum())}
-        for col in ("train_loss", "test_loss", "effective_dim"):
-            row[f"{col}_mean"] = float(g[col].mean())
-            row[f"{col}_std"] = float(g[col].std(ddof=0))
+    out: dict = {"teachers": [list(t.widths) for t in cfg.teacher_list()], "threshold": cfg.analysis.threshold,
+                 "regularization": cfg.regularization.mode, "groups": []}
+    ok_curves = curves[curves.layer == 0].merge(ok[STUDENT_KEYS], on=STUDENT_KEYS)
+    for key, g in results.groupby(GROUP_KEYS):
+        good = g[g.status == "ok"]
+        row = {**dict(zip(GROUP_KEYS, key)), "teacher_width": float(g.teacher_width.iloc[0]),
+               "trials_ok": len(good), "trials_failed": len(g) - len(good)}
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        for flag in ("selected_best", "selected_1se"):
+            if flag in g:
+                row[flag] = bool(g[flag].any())
+        for col in [c for c in SUMMARY_COLUMNS if c in g]:
+            row[f"{col}_mean"] = float(good[col].mean()) if len(good) else float("nan")
+            row[f"{col}_std"] = float(good[col].std(ddof=0)) if len(good) else float("nan")
+        sel = ok_curves.merge(pd.DataFrame([dict(zip(GROUP_KEYS, key))]), on=GROUP_KEYS)
         for k in cfg.analysis.probe_kept:
-            sel = ok_curves[(ok_curves.method == method) & (ok_curves.width == width) & (ok_curves.kept == k)]
-            if len(sel):
-                row[f"delta_loss_at_{k}_mean"] = float(sel.delta_loss.mean())
-                row[f"delta_loss_at_{k}_std"] = float(sel.delta_loss.std(ddof=0))
+            at = sel[sel.kept == k]
+            if len(at):
+                row[f"delta_loss_at_{k}_mean"] = float(at.delta_loss.mean())
+                row[f"delta_loss_at_{k}_std"] = float(at.delta_loss.std(ddof=0))
         out["groups"].append(row)
     return out
 
@@ -187,9 +298,10 @@ def train_and_commit(cfg: Config, chunk: Chunk, folder: RunFolder, data: TrialDa
         if not cfg.save_students:
             return
         (tmp / "students").mkdir()
-        for s, (w, t) in enumerate(keys):
-            meta = {"method": chunk.method, "width": w, "trial": t, "config_digest": cfg.digest()}
-            save_model(ens.student(s).cpu(), tmp / "students" / f"{chunk.method}-N{w}-t{t}.safetensors", meta)
+        for s, (w, t, k) in enumerate(keys):
+            meta = {"method": chunk.method, "width": w, "trial": t, "strength": k, "teacher_index": chunk.teacher,
+                    "config_digest": cfg.digest()}
+            save_model(ens.student(s).cpu(), tmp / "students" / student_file(chunk.method, w, t, k), meta)
 
     folder.commit_chunk(chunk.id, tables, write_students)
     return chunk.id
@@ -199,7 +311,8 @@ def _chunk_job(cfg_data: dict, chunk: Chunk, folder: str, queue, threads: int) -
     """Worker-process entry: rebuild the (seeded, hence identical) data and train one chunk."""
     torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_data)
-    return train_and_commit(cfg, chunk, RunFolder(folder), make_data(cfg), torch.device("cpu"), QueueProgress(queue, chunk.id))
+    data = make_data(cfg.for_teacher(chunk.teacher))
+    return train_and_commit(cfg, chunk, RunFolder(folder), data, torch.device("cpu"), QueueProgress(queue, chunk.id))
 
 
 def _run_in_workers(cfg: Config, todo: list[Chunk], folder: RunFolder, workers: int, progress: Progress) -> None:
@@ -232,6 +345,8 @@ def run_experiment(cfg: Config, out: str | Path, fresh: bool = False, quiet: boo
     from eigenprune.report import build_report
 
     device = resolve_device(cfg.device)
+    n_train = make_data(cfg).x_train.shape[1] if cfg.data.source != "teacher" else cfg.data.n_train
+    validation_split(cfg, n_train)  # bad data or splits fail here, before the run folder exists
     folder = RunFolder(out)
     folder.prepare(cfg, fresh=fresh)
     torch.manual_seed(cfg.seed)
@@ -243,11 +358,15 @@ def run_experiment(cfg: Config, out: str | Path, fresh: bool = False, quiet: boo
     with Progress(quiet=quiet) as progress:
         if workers > 1:
             _run_in_workers(cfg, todo, folder, workers, progress)
-        elif todo:
-            data = make_data(cfg).to(device)
+        else:
+            data: dict[int, TrialData] = {}
             for chunk in todo:
-                train_and_commit(cfg, chunk, folder, data, device, progress)
+                if chunk.teacher not in data:
+                    data[chunk.teacher] = make_data(cfg.for_teacher(chunk.teacher)).to(device)
+                train_and_commit(cfg, chunk, folder, data[chunk.teacher], device, progress)
     tables = folder.merge()
+    tables["results"] = select_strengths(tables["results"])
+    write_parquet_atomic(tables["results"], folder.path / "results.parquet")
     folder.write_json("summary.json", summarize(cfg, tables["results"], tables["curves"]))
     folder.write_json("manifest.json", manifest(cfg, device, time.perf_counter() - start, chunks, skipped, workers))
     build_report(folder.path, quiet=quiet)

@@ -36,14 +36,15 @@ def importance_histograms(importance: pd.DataFrame, results: pd.DataFrame, width
     return fig
 
 
-def effective_dimension(results: pd.DataFrame, teacher_width: int, threshold: float):
+def effective_dimension(results: pd.DataFrame, teacher_width: int | None, threshold: float):
     """Effective dimension (mean +- std over trials) against student width N, teacher width marked."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ok = _ok(results)
     for method, g in ok.groupby("method"):
         s = g.groupby("width").effective_dim.agg(["mean", "std"]).fillna(0)
         ax.errorbar(s.index, s["mean"], yerr=s["std"], marker="o", capsize=3, label=method, color=COLORS.get(method))
-    ax.axhline(teacher_width, ls="--", color="k", lw=1, label=f"teacher width {teacher_width}")
+    if teacher_width:
+        ax.axhline(teacher_width, ls="--", color="k", lw=1, label=f"teacher width {teacher_width}")
     ax.set_xscale("log")
     ax.set_xlabel("student width N")
     ax.set_ylabel(f"effective dimension (importance > {threshold:g} max)")
@@ -70,8 +71,9 @@ def losses(results: pd.DataFrame):
     return fig
 
 
-def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: int):
-    """Mean delta loss vs kept - h_T, one line per width, one panel per method."""
+def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: int | None):
+    """Mean delta loss vs kept - h_T (vs kept without a teacher), one line per width, one panel per method;
+    dotted: the mean critical point."""
     ok = _ok(results)[["method", "width", "trial"]]
     cur = curves.merge(ok, on=["method", "width", "trial"])
     methods = [m for m in ("spectral", "direct") if m in set(cur.method)]
@@ -80,14 +82,137 @@ def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: i
     widths = sorted(cur.width.unique())
     for ax, method in zip(axes[0], methods):
         for j, w in enumerate(widths):
-            g = cur[(cur.method == method) & (cur.width == w)].groupby("kept_minus_teacher").delta_loss.mean()
-            ax.plot(g.index, g.values, color=cmap(j / max(len(widths) - 1, 1)), label=f"N={w}")
-        ax.axvline(0, ls="--", color="k", lw=1)
-        ax.set_xlim(-teacher_width, 3 * teacher_width)
+            g = cur[(cur.method == method) & (cur.width == w)].groupby("kept").delta_loss.mean()
+            g.index = g.index - (teacher_width or 0)
+            color = cmap(j / max(len(widths) - 1, 1))
+            ax.plot(g.index, g.values, color=color, label=f"N={w}")
+            if "critical_point" in results:
+                n_c = results[(results.method == method) & (results.width == w) & (results.status == "ok")].critical_point.mean()
+                ax.axvline(n_c - (teacher_width or 0), color=color, ls=":", lw=1)
+        if teacher_width:
+            ax.axvline(0, ls="--", color="k", lw=1)
+            ax.set_xlim(-teacher_width, 3 * teacher_width)
+        else:
+            ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_title(method)
-        ax.set_xlabel(r"kept nodes $n_\lambda - h_T$")
+        ax.set_xlabel(r"kept nodes $n_\lambda - h_T$" if teacher_width else r"kept nodes $n_\lambda$")
         ax.set_ylabel(r"$\Delta$MSE (test)")
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def collapse(curves: list[tuple[str, int, np.ndarray, np.ndarray]], measure: dict[str, float]):
+    """Rescaled pruning curves: delta / max(delta) against kept / h_T - 1, one line per (label, h_T)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    cmap = plt.get_cmap("plasma")
+    for j, (label, h, kept, delta) in enumerate(curves):
+        color = cmap(j / max(len(curves) - 1, 1) * 0.85)
+        axes[0].plot(kept - h, delta, color=color, label=label)
+        axes[1].plot(kept / h - 1, delta / max(float(np.max(delta)), 1e-300), color=color, label=label)
+    axes[0].set_xlim(-max(h for _, h, _, _ in curves), 2 * max(h for _, h, _, _ in curves))
+    axes[0].set_xlabel(r"$n_\lambda - h_T$")
+    axes[0].set_ylabel(r"$\Delta$MSE")
+    axes[0].set_title(f"raw (spread {measure['spread_before']:.3f})")
+    axes[1].set_xlim(-1, 2)
+    axes[1].set_xlabel(r"$n_\lambda / h_T - 1$")
+    axes[1].set_ylabel(r"$\Delta$MSE / max $\Delta$MSE")
+    axes[1].set_title(f"rescaled (spread {measure['spread_after']:.3f}, ratio {measure['ratio']:.2f})")
+    for ax in axes:
+        ax.axvline(0, ls="--", color="k", lw=1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def paths(comparisons: dict[str, dict], teacher_label: str = "teacher"):
+    """Sorted path products (left) and in-strength histograms (right): students vs the teacher."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    first = next(iter(comparisons.values()))
+    tp = first["teacher_paths"]
+    axes[0].plot(np.linspace(0, 1, len(tp)), tp, color="k", lw=2, label=teacher_label)
+    bins = np.linspace(
+        min(float(np.min(c["student_in"])) for c in comparisons.values()) - 0.1,
+        max(float(np.max(c["student_in"])) for c in comparisons.values()) + 0.1, 30,
+    )
+    axes[1].hist(first["teacher_in"], bins=bins, color="k", alpha=0.35, label=teacher_label, density=True)
+    for label, c in comparisons.items():
+        color = COLORS.get(label.split()[0], None)
+        axes[0].plot(np.linspace(0, 1, len(c["student_paths"])), c["student_paths"], color=color,
+                     label=f"{label} (W1 {c['path_distance']:.3f})")
+        axes[1].hist(c["student_in"], bins=bins, histtype="step", lw=2, color=color, density=True,
+                     label=f"{label} (W1 {c['in_strength_distance']:.3f})")
+    axes[0].set_xlabel("rank (fraction of paths)")
+    axes[0].set_ylabel(r"path product $w^{(1)}_{ji} w^{(2)}_{kj}$")
+    axes[0].set_title("sorted path products, pruned to h_T nodes")
+    axes[1].set_xlabel("in-strength (sum of incoming weights)")
+    axes[1].set_title("in-strength of first-layer nodes")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def regularization_path(results: pd.DataFrame, table: pd.DataFrame, cfg):
+    """Per teacher (rows): effective dimension and validation loss against the L2 multiplier."""
+    teachers = sorted(results.teacher_index.unique())
+    fig, axes = plt.subplots(len(teachers), 2, figsize=(11, 3.6 * len(teachers)), squeeze=False)
+    ok = results[results.status == "ok"]
+    cmap = plt.get_cmap("viridis")
+    for row, ti in enumerate(teachers):
+        h_t = cfg.for_teacher(int(ti)).data.teacher.widths[0]
+        sub, tab = ok[ok.teacher_index == ti], table[table.teacher_index == ti]
+        combos = sorted({(m, w) for m, w in zip(sub.method, sub.width)})
+        for j, (method, width) in enumerate(combos):
+            color = cmap(j / max(len(combos) - 1, 1) * 0.9)
+            ls = "-" if method == "spectral" else "--"
+            g = sub[(sub.method == method) & (sub.width == width)].groupby("strength").effective_dim.agg(["mean", "std"])
+            axes[row][0].errorbar(g.index, g["mean"], yerr=g["std"].fillna(0), color=color, ls=ls, marker="o", ms=3,
+                                  capsize=2, label=f"{method} N={width}")
+            t = tab[(tab.method == method) & (tab.width == width)]
+            axes[row][1].errorbar(t.strength, t.val_mean, yerr=t.val_se.fillna(0), color=color, ls=ls, marker="o", ms=3, capsize=2)
+            for flag, marker in (("selected_best", "o"), ("selected_1se", "*")):
+                chosen = sub[(sub.method == method) & (sub.width == width) & sub[flag]]
+                if len(chosen):
+                    k = chosen.strength.iloc[0]
+                    axes[row][1].plot([k], t[t.strength == k].val_mean, marker=marker, ms=13, mfc="none", mec=color, mew=2)
+                    axes[row][0].plot([k], [chosen.effective_dim.mean()], marker=marker, ms=13, mfc="none", mec=color, mew=2)
+        axes[row][0].axhline(h_t, color="k", ls=":", lw=1)
+        axes[row][0].set_ylabel(f"effective dim (h_T = {h_t})")
+        axes[row][1].set_ylabel("validation MSE")
+        for ax in axes[row]:
+            ax.set_xscale("log")
+            ax.set_xlabel("L2 multiplier")
+        axes[row][1].set_yscale("log")
+        axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def layer_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_widths: list[int], column: str = "delta_loss"):
+    """Per hidden layer (columns) and method (rows): mean `column` against kept nodes of that layer alone."""
+    ok = results[results.status == "ok"][["method", "width", "trial"]]
+    cur = curves.merge(ok, on=["method", "width", "trial"])
+    layers = sorted(cur.layer.unique())
+    methods = [m for m in ("spectral", "direct") if m in set(cur.method)]
+    fig, axes = plt.subplots(len(methods), len(layers), figsize=(5 * len(layers), 3.6 * len(methods)), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    widths = sorted(cur.width.unique())
+    for i, method in enumerate(methods):
+        for j, layer in enumerate(layers):
+            ax = axes[i][j]
+            for n, w in enumerate(widths):
+                g = cur[(cur.method == method) & (cur.width == w) & (cur.layer == layer)].groupby("kept")[column].mean()
+                ax.plot(g.index, g.values, color=cmap(n / max(len(widths) - 1, 1)), label=f"N={w}")
+            if layer < len(teacher_widths):
+                ax.axvline(teacher_widths[layer], ls="--", color="k", lw=1, label=f"teacher {teacher_widths[layer]}")
+            ax.set_xscale("log")
+            if column == "delta_loss":
+                ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_title(f"{method}, hidden layer {layer + 1}", fontsize=9)
+            ax.set_xlabel("kept nodes of this layer")
+            ax.set_ylabel(column.replace("_", " "))
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -20,7 +20,7 @@ from eigenprune.ensemble import Ensemble
 from eigenprune.importance import node_importance, normalize
 from eigenprune.layers import SpectralLinear
 from eigenprune.nets import as_sequential, despectralize, linear_layers
-from eigenprune.train import Task, task_loss
+from eigenprune.train import Task, evaluate, task_loss, task_metric
 
 
 def keep_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
@@ -34,9 +34,9 @@ def keep_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
 @torch.no_grad()
 def pruning_curves(
     ens: Ensemble, layer: int, scores: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-    trial_index: torch.Tensor, task: Task, budget: int = 2**24,
+    trial_index: torch.Tensor, task: Task, budget: int = 2**24, metric: str = "loss",
 ) -> torch.Tensor:
-    """Test loss [S, N] of every student keeping its top-k nodes of hidden layer `layer`, k = 1..N.
+    """Test loss (or accuracy) [S, N] of every student keeping its top-k nodes of hidden layer `layer`, k = 1..N.
 
     Uses prefix sums: with nodes sorted by importance, the next layer's pre-activation with k nodes
     kept is the cumulative sum of the first k nodes' contributions, so all N curves cost about one
@@ -61,8 +61,37 @@ def pruning_curves(
             z = z + nxt.bias[:, None, None, :]
         out = ens.head(z.flatten(1, 2), layer + 1).unflatten(1, (xb.shape[1], n))  # [S, B, N, C]
         yk = yb.unsqueeze(-1).expand(-1, -1, n)  # [S, B, N]
-        total += task_loss(out.transpose(1, 2), yk.transpose(1, 2), task) * xb.shape[1]
+        total += task_metric(out.transpose(1, 2), yk.transpose(1, 2), task, metric) * xb.shape[1]
     return total / q
+
+
+@torch.no_grad()
+def joint_search(
+    ens: Ensemble, scores: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor,
+    task: Task, rel_tol: float,
+) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+    """Smallest widths of all hidden layers, pruned jointly by importance: a minimal architecture.
+
+    Layers are pruned in order; layer l (of L) gets the smallest top-k (binary search, per student)
+    whose loss on (x, y) stays within (1 + rel_tol * (l + 1) / L) x the full model's, with the layers
+    before it already pruned, so the final loss is within (1 + rel_tol) x full. Returns the kept
+    count per layer [S] and the keep masks.
+    """
+    full = evaluate(ens, x, y, trial_index, task)
+    keep: dict[int, torch.Tensor] = {}
+    widths = []
+    for layer, sc in enumerate(scores):
+        bound = full * (1 + rel_tol * (layer + 1) / len(scores))
+        lo, hi = torch.ones_like(ens.layers[layer].widths), ens.layers[layer].widths.clone()
+        while bool((lo < hi).any()):
+            mid = (lo + hi) // 2
+            ok = evaluate(ens, x, y, trial_index, task, keep={**keep, layer: keep_mask(sc, mid)}) <= bound
+            active = lo < hi
+            hi = torch.where(active & ok, mid, hi)
+            lo = torch.where(active & ~ok, mid + 1, lo)
+        keep[layer] = keep_mask(sc, lo)
+        widths.append(lo)
+    return widths, keep
 
 
 # --- Physical removal ------------------------------------------------------------------------------
@@ -351,4 +380,3 @@ def prune_nodes(
     """
     kept = select_nodes(model, keep, layers=layers, criterion=criterion, x_val=x_val, y_val=y_val, rtol=rtol, atol=atol, task=task)
     return remove_nodes(model, kept)
-

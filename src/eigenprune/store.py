@@ -22,7 +22,9 @@ import yaml
 
 from eigenprune.config import Config
 
-TABLES = ("results", "curves", "importance")
+TABLES = ("results", "curves", "importance", "layers")
+GROUP_KEYS = ["teacher_index", "method", "width", "strength"]  # one cell of the grid (trials vary inside)
+STUDENT_KEYS = [*GROUP_KEYS, "trial"]  # one student: the key columns shared by every table
 
 
 class RunFolderError(ValueError):
@@ -103,7 +105,7 @@ class RunFolder:
         for name in TABLES:
             frames = [pd.read_parquet(d / f"{name}.parquet") for d in chunk_dirs if (d / f"{name}.parquet").exists()]
             df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-            keys = [c for c in ("method", "width", "trial", "kept", "node") if c in df.columns]
+            keys = [c for c in (*STUDENT_KEYS, "layer", "kept", "node") if c in df.columns]
             if keys:
                 df = df.sort_values(keys, kind="stable").reset_index(drop=True)
             write_parquet_atomic(df, self.path / f"{name}.parquet")

@@ -29,6 +29,7 @@ class TrainSpec:
     batch_size: int
     epochs: int
     task: Task = "regression"
+    backprop: Literal["manual", "autograd"] = "manual"  # the ensemble's hand-written gradients, or autograd
 
 
 def task_loss(out: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
@@ -40,6 +41,15 @@ def task_loss(out: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
         return (out.squeeze(-1) - y).square().mean(-1)
     lead = out.shape[:-1]
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none").view(lead).mean(-1)
+
+
+def task_metric(out: torch.Tensor, y: torch.Tensor, task: Task, metric: str = "loss") -> torch.Tensor:
+    """`task_loss`, or with metric="accuracy" the share of correct argmax predictions (classification)."""
+    if metric == "loss":
+        return task_loss(out, y, task)
+    if metric == "accuracy" and task == "classification":
+        return (out.argmax(-1) == y).to(out.dtype).mean(-1)
+    raise ValueError(f"metric must be 'loss' (or 'accuracy' for classification), got {metric!r} for {task}")
 
 
 def _optimizer(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
@@ -76,6 +86,7 @@ def train_ensemble(
     """
     params = [p for p in ens.parameters() if p.requires_grad]
     opt = _optimizer(params, spec.lr)
+    manual = spec.backprop == "manual"
     gens = [torch.Generator().manual_seed(int(s)) for s in shuffle_seeds]
     n = x.shape[1]
     batches = _batches(n, spec.batch_size)
@@ -88,17 +99,22 @@ def train_ensemble(
         xs, ys = x[rows, perm][trial_index], y[rows, perm][trial_index]
         running = x.new_zeros(ens.n_students)
         for b in batches:
-            loss = task_loss(ens(xs[:, b]), ys[:, b], spec.task) + ens.penalty()
-            bad = ~torch.isfinite(loss)
+            xb, yb = xs[:, b], ys[:, b]
+            if manual:
+                loss = ens.loss_and_grads(xb, yb, spec.task, alive)
+                bad = ~torch.isfinite(loss)
+            else:
+                loss = task_loss(ens(xb), yb, spec.task) + ens.penalty()
+                bad = ~torch.isfinite(loss)
+                opt.zero_grad(set_to_none=True)
+                torch.where(alive & ~bad, loss, torch.zeros_like(loss)).sum().backward()
             failed_step = torch.where(bad & (failed_step < 0), step, failed_step)
-            loss = torch.where(alive & ~bad, loss, torch.zeros_like(loss))
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
+            loss = torch.where(alive & ~bad, loss.detach(), torch.zeros_like(loss))
             if any_dead:
                 for p in params:
                     p.grad[~alive] = 0
             opt.step()
-            running += loss.detach()
+            running += loss
             step += 1
         alive = failed_step < 0
         any_dead = not bool(alive.all())
@@ -126,10 +142,16 @@ def train_alone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainS
 
 
 @torch.no_grad()
-def evaluate(ens: Ensemble, x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor, task: Task, chunk: int = 8192) -> torch.Tensor:
-    """Loss of every student on its trial's set (x [T, P, D], y [T, P]) -> [S] (no penalty)."""
+def evaluate(
+    ens: Ensemble, x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor, task: Task, chunk: int = 8192,
+    keep: dict[int, torch.Tensor] | None = None, metric: str = "loss",
+) -> torch.Tensor:
+    """Loss (or accuracy) of every student on its trial's set (x [T, P, D], y [T, P]) -> [S] (no penalty).
+
+    `keep` masks hidden nodes as in `Ensemble.forward`.
+    """
     total = x.new_zeros(ens.n_students)
     n = x.shape[1]
     for b in _batches(n, chunk):
-        total += task_loss(ens(x[trial_index, b]), y[trial_index, b], task) * (b.stop - b.start)
+        total += task_metric(ens(x[trial_index, b], keep=keep), y[trial_index, b], task, metric) * (b.stop - b.start)
     return total / n
