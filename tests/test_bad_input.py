@@ -200,7 +200,7 @@ REPORT_DAMAGE = {
     "summary.json missing": (lambda d: (d / "summary.json").unlink(), "is incomplete: summary.json is missing"),
     "results.parquet truncated": (lambda d: (d / "results.parquet").write_bytes((d / "results.parquet").read_bytes()[:300]),
                                   "results.parquet is unreadable"),
-    "results.parquet of another tool": (lambda d: _parquet_without_columns(d / "results.parquet"), "lacks columns ['teacher_index', 'method'"),
+    "results.parquet of another tool": (lambda d: _parquet_without_columns(d / "results.parquet"), "lacks columns ['teacher_index'"),
     "config.yaml garbage": (lambda d: (d / "config.yaml").write_text("trials: [1,\n"), "config.yaml is unreadable (ParserError)"),
     "config.yaml invalid": (lambda d: (d / "config.yaml").write_text("trials: -1\n"), "config.yaml is unreadable (ValidationError)"),
     "summary.json not JSON": (lambda d: (d / "summary.json").write_text("{"), "summary.json is not valid JSON"),

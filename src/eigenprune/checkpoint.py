@@ -1,7 +1,8 @@
 """Save and load MLPs as safetensors + a JSON architecture (no pickled code is ever loaded).
 
-Supported modules: `nn.Sequential` of `nn.Linear`, `SpectralLinear`, `nn.ReLU` and `nn.Identity`.
-The architecture lives in the safetensors metadata under the key "eigenprune".
+Supported models: any MLP that `as_sequential` reads (an `nn.Sequential`, or a chain-shaped module of
+your own, saved as the equivalent `nn.Sequential`) made of `nn.Linear`, `SpectralLinear`, `nn.Identity`
+and the activations in `ACTIVATIONS`. The architecture lives in the safetensors metadata under the key "eigenprune".
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from eigenprune.layers import SpectralLinear
+from eigenprune.nets import as_sequential
 
 FORMAT = "eigenprune-mlp/1"
+
+ACTIVATIONS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "relu": (nn.ReLU, ()), "tanh": (nn.Tanh, ()), "sigmoid": (nn.Sigmoid, ()), "silu": (nn.SiLU, ()),
+    "gelu": (nn.GELU, ("approximate",)), "leaky_relu": (nn.LeakyReLU, ("negative_slope",)), "elu": (nn.ELU, ("alpha",)),
+    "softplus": (nn.Softplus, ("beta", "threshold")),
+}
+"""Saved activation modules: type name -> (class, constructor arguments stored with it)."""
 
 
 class CheckpointError(ValueError):
@@ -26,26 +35,25 @@ class CheckpointError(ValueError):
 
 
 def architecture(model: nn.Module) -> list[dict]:
-    """A JSON-able description of an `nn.Sequential` MLP, one entry per module."""
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"only nn.Sequential MLPs can be saved, got {type(model).__name__}")
+    """A JSON-able description of an MLP (read by `as_sequential`), one entry per module."""
     arch: list[dict] = []
-    for m in model:
+    for m in as_sequential(model):
         if isinstance(m, SpectralLinear):
             arch.append({
                 "type": "spectral", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
                 "trains": m.trainable_parts(),
-                "l2_phi": m.l2_phi, "l2_lam": m.l2_lam,
+                "l2_phi": m.l2_phi, "l2_lam": m.l2_lam, "l1_lam": m.l1_lam, "group_lasso": m.group_lasso,
             })
         elif isinstance(m, nn.Linear):
             arch.append({"type": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
                          "trains": m.weight.requires_grad})
-        elif isinstance(m, nn.ReLU):
-            arch.append({"type": "relu"})
-        elif isinstance(m, nn.Identity):
+        elif isinstance(m, (nn.Identity, nn.Dropout)):  # dropout is the identity at inference
             arch.append({"type": "identity"})
+        elif (name := next((k for k, (cls, _) in ACTIVATIONS.items() if type(m) is cls), None)) is not None:
+            arch.append({"type": name, **{a: getattr(m, a) for a in ACTIVATIONS[name][1]}})
         else:
-            raise TypeError(f"cannot save module of type {type(m).__name__}; supported: Linear, SpectralLinear, ReLU, Identity")
+            raise TypeError(f"cannot save module of type {type(m).__name__}; supported: Linear, SpectralLinear, Identity, "
+                            f"Dropout, {', '.join(c.__name__ for c, _ in ACTIVATIONS.values())}")
     return arch
 
 
@@ -59,14 +67,15 @@ def build(arch: list[dict], dtype: torch.dtype = torch.float32) -> nn.Sequential
             mods.append(SpectralLinear(
                 entry["in"], entry["out"], bias=entry["bias"], train_phi="phi" in trains, train_lam_in="lam_in" in trains,
                 train_lam_out="lam_out" in trains, train_bias="bias" in trains, l2_phi=entry["l2_phi"], l2_lam=entry["l2_lam"],
-                dtype=dtype,
+                l1_lam=entry.get("l1_lam", 0.0), group_lasso=entry.get("group_lasso", 0.0), dtype=dtype,
             ))
         elif kind == "linear":
             lin = nn.Linear(entry["in"], entry["out"], bias=entry["bias"], dtype=dtype)
             lin.requires_grad_(bool(entry.get("trains", True)))
             mods.append(lin)
-        elif kind == "relu":
-            mods.append(nn.ReLU())
+        elif kind in ACTIVATIONS:
+            cls, args = ACTIVATIONS[kind]
+            mods.append(cls(**{a: entry[a] for a in args}))
         elif kind == "identity":
             mods.append(nn.Identity())
         else:
@@ -76,6 +85,7 @@ def build(arch: list[dict], dtype: torch.dtype = torch.float32) -> nn.Sequential
 
 def model_bytes(model: nn.Module, extra: dict | None = None) -> bytes:
     """`model` as safetensors bytes with its architecture and `extra` metadata (what `save_model` writes)."""
+    model = as_sequential(model)
     meta = {"format": FORMAT, "eigenprune": json.dumps(architecture(model)), "extra": json.dumps(extra or {}, sort_keys=True)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     return _sorted_header(save(tensors, metadata=meta))

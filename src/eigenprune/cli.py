@@ -143,5 +143,157 @@ def show_config(config: Annotated[Optional[Path], typer.Argument(help="YAML conf
     sys.stdout.write(cfg.to_yaml())
 
 
+
+# --- Pruning as a product: prune, export, compare ---------------------------------------------------
+
+
+def _pruning_errors() -> tuple[type[Exception], ...]:
+    from eigenprune.export import ExportError
+    from eigenprune.prune import PruneError
+
+    return (*USER_ERRORS, PruneError, ExportError)
+
+
+def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
+    """(x, y, task) for keep=auto: a safetensors file with tensors x and y, or the run folder the checkpoint came from."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from eigenprune.config import Config
+    from eigenprune.experiment import make_data, validation_split
+    from eigenprune.prune import PruneError
+
+    if data is not None and data.is_file():
+        try:
+            tensors = load_file(str(data))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise PruneError(f"{data}: not a readable safetensors file ({err})") from None
+        if not {"x", "y"} <= set(tensors):
+            raise PruneError(f"{data}: a data file needs tensors named x [P, D] and y [P], found {sorted(tensors)}")
+        x, y = tensors["x"], tensors["y"]
+        return x, y, "regression" if y.is_floating_point() else "classification"
+    run_dir = data
+    if run_dir is None:
+        guess = checkpoint.resolve().parents[3] if len(checkpoint.resolve().parents) > 3 else None
+        run_dir = guess if guess is not None and (guess / "config.yaml").is_file() else None
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        raise PruneError("--keep auto needs validation data: pass --data RUN_DIR (the run folder the checkpoint came from) "
+                         "or --data FILE.safetensors (tensors x and y)")
+    try:
+        cfg = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except Exception as err:  # noqa: BLE001 - any unreadable config is a user error here
+        raise PruneError(f"{run_dir / 'config.yaml'} is not a readable eigenprune config ({type(err).__name__})") from None
+    digest = extra.get("config_digest")
+    if digest is not None and digest != cfg.digest():
+        raise PruneError(f"{checkpoint} was trained with config {digest}, but {run_dir} holds config {cfg.digest()}")
+    trial, teacher = int(extra.get("trial", 0)), int(extra.get("teacher_index") or 0)
+    if not 0 <= trial < cfg.trials:
+        raise PruneError(f"{checkpoint} names trial {trial}, but {run_dir} has trials 0..{cfg.trials - 1}")
+    if not 0 <= teacher < len(cfg.teacher_list()):
+        raise PruneError(f"{checkpoint} names teacher {teacher}, but {run_dir} has {len(cfg.teacher_list())} teacher(s)")
+    cfg = cfg.for_teacher(teacher)
+    trial_data = make_data(cfg)
+    n_fit = validation_split(cfg, trial_data.x_train.shape[1])
+    if n_fit < trial_data.x_train.shape[1]:  # the run held out a validation part of the training set: use it
+        return trial_data.x_train[trial, n_fit:], trial_data.y_train[trial, n_fit:], trial_data.task
+    return trial_data.x_test[trial], trial_data.y_test[trial], trial_data.task
+
+
+@app.command()
+def prune(
+    checkpoint: Annotated[Path, typer.Argument(help="a model saved by eigenprune (e.g. runs/quick/chunks/*/students/*.safetensors)")],
+    keep: Annotated[str, typer.Option(help="nodes to keep per hidden layer: a count (25), a fraction (0.1 or 10%), "
+                                           "a threshold on normalised importance (>0.05), or auto")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="where to write the pruned model (default: CHECKPOINT stem + -pruned)")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="hidden linear layers to prune, comma-separated indices (default: all)")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="validation data for --keep auto: a run folder (its config regenerates "
+                                                      "the data; the checkpoint's trial's held-out validation part if the run "
+                                                      "has one, else its test set) or a safetensors file with tensors x and y")] = None,
+    rtol: Annotated[float, typer.Option(help="auto: allowed validation-loss increase, relative to the full model's")] = 0.05,
+    atol: Annotated[float, typer.Option(help="auto: allowed validation-loss increase, absolute")] = 0.0,
+) -> None:
+    """Physically remove the least important hidden nodes; writes a smaller model of plain nn.Linear layers."""
+    import torch
+
+    from eigenprune.checkpoint import load_model, save_model
+    from eigenprune.nets import layer_sizes
+    from eigenprune.prune import PruneError, parse_keep, prune_nodes
+    from eigenprune.train import task_loss
+
+    try:
+        spec = parse_keep(keep)
+        try:
+            chosen = None if layers is None else [int(v) for v in layers.split(",") if v.strip()]
+        except ValueError:
+            raise PruneError(f"--layers takes comma-separated layer indices (e.g. 0,1), got {layers!r}") from None
+        model, extra = load_model(checkpoint)
+        x = y = None
+        task = "regression"
+        if spec.kind == "auto":
+            x, y, task = _validation_data(checkpoint, data, extra)
+        small = prune_nodes(model, spec, layers=chosen, x_val=x, y_val=y, rtol=rtol, atol=atol, task=task)
+        target = out or checkpoint.with_name(checkpoint.stem + "-pruned.safetensors")
+        save_model(small, target, {**extra, "pruned_from": str(checkpoint), "keep": keep, "sizes": layer_sizes(small)})
+    except _pruning_errors() as err:
+        _fail(str(err))
+    message = f"{'→'.join(map(str, layer_sizes(model)))} pruned to {'→'.join(map(str, layer_sizes(small)))}"
+    if x is not None:
+        with torch.no_grad():
+            before, after = float(task_loss(model(x), y, task)), float(task_loss(small(x), y, task))
+        message += f" (validation loss {before:.4g} → {after:.4g})"
+    typer.echo(f"{message}; wrote {target}")
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="a model saved by eigenprune (pruned or not)")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="the ONNX file to write")],
+) -> None:
+    """Export a saved model to ONNX (dynamic batch dimension); checks it against torch when onnxruntime is installed."""
+    import torch
+
+    from eigenprune.checkpoint import load_model
+    from eigenprune.export import export_onnx
+    from eigenprune.nets import layer_sizes
+
+    try:
+        net, _ = load_model(model)
+        path = export_onnx(net, onnx)
+    except _pruning_errors() as err:
+        _fail(str(err))
+    message = f"wrote {path}"
+    try:
+        import onnxruntime
+    except ImportError:
+        onnxruntime = None
+    if onnxruntime is not None:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        x = torch.randn(257, layer_sizes(net)[0], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = net.float()(x)
+        got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        message += f" (onnxruntime vs torch on 257 random inputs: max abs difference {float((got - want).abs().max()):.2g})"
+    typer.echo(message)
+
+
+@app.command()
+def compare(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML compare config; omit for the defaults (see docs/pruning.md)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output folder (default runs/<name>)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a field, e.g. --set trials=2")] = [],  # noqa: B006
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train students with every importance criterion and tabulate recovered width, loss and ΔMSE (parquet + markdown)."""
+    from eigenprune.compare import load_compare_config, run_compare
+
+    try:
+        cfg = load_compare_config(config, _overrides(set_))
+        path = run_compare(cfg, out or Path("runs") / cfg.name, quiet=quiet)
+    except _pruning_errors() as err:
+        _fail(str(err))
+    sys.stdout.write((path / "compare.md").read_text())
+    typer.echo(f"tables in {path}")
+
+
 if __name__ == "__main__":
     app()

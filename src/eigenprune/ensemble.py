@@ -51,6 +51,9 @@ class StackedLayer(nn.Module):
         self.register_buffer("in_widths", torch.tensor([layer.in_features for layer in layers]))
         self.register_buffer("l2_phi", torch.tensor([layer.l2_phi for layer in layers], **kw))
         self.register_buffer("l2_lam", torch.tensor([layer.l2_lam for layer in layers], **kw))
+        self.register_buffer("l1_lam", torch.tensor([layer.l1_lam for layer in layers], **kw))
+        self.register_buffer("group_lasso", torch.tensor([layer.group_lasso for layer in layers], **kw))
+        self._sparsity = (any(layer.l1_lam for layer in layers), any(layer.group_lasso for layer in layers))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -62,21 +65,30 @@ class StackedLayer(nn.Module):
         return z if self.bias is None else z + self.bias.unsqueeze(1)
 
     def penalty(self) -> torch.Tensor:
-        """Per-student L2 terms [S] on the trainable parts (same as `SpectralLinear.penalty`)."""
+        """Per-student regularization [S] of the trainable parts (same terms as `SpectralLinear.penalty`)."""
         total = self.phi.new_zeros(self.phi.shape[0])
         if self.phi.requires_grad:
             total = total + self.l2_phi * self.phi.square().sum((1, 2))
         for lam in (self.lam_in, self.lam_out):
             if lam.requires_grad:
                 total = total + self.l2_lam * lam.square().sum(1)
+        if self.lam_out.requires_grad and self._sparsity[0]:
+            total = total + self.l1_lam * self.lam_out.abs().sum(1)
+        if self._sparsity[1]:
+            total = total + self.group_lasso * self.weight.norm(dim=-1).sum(1)
         return total
 
     def set_grads(self, grad_w: torch.Tensor, grad_bias: torch.Tensor | None, keep: torch.Tensor) -> None:
         """Store d(loss)/d(parameters) in `.grad`, given d(loss)/dW [S, O, I] and d(loss)/d(bias) [S, O].
 
-        Chain rule through w = (lam_in - lam_out) * phi, plus the L2 terms of students with keep = 1.
+        Chain rule through w = (lam_in - lam_out) * phi, plus the regularization terms (L2, and the
+        L1 / group-lasso sparsity terms where set) of students with keep = 1.
         """
         k = keep.to(self.phi.dtype)
+        if self._sparsity[1]:  # d/dW of g * sum_i ||w_i|| is g * w_i / ||w_i|| (0 for an all-zero row, as in autograd)
+            w = self.weight
+            norm = w.norm(dim=-1, keepdim=True)
+            grad_w = grad_w + (self.group_lasso * k)[:, None, None] * w / torch.where(norm > 0, norm, torch.ones_like(norm))
         if self.phi.requires_grad:
             lam_diff = self.lam_in.unsqueeze(1) - self.lam_out.unsqueeze(2)
             self.phi.grad = grad_w * lam_diff + (2 * self.l2_phi * k)[:, None, None] * self.phi
@@ -84,6 +96,8 @@ class StackedLayer(nn.Module):
             gp = grad_w * self.phi
             if self.lam_out.requires_grad:
                 self.lam_out.grad = -gp.sum(2) + (2 * self.l2_lam * k)[:, None] * self.lam_out
+                if self._sparsity[0]:  # d/dlam of l1 * sum |lam_out| (sign(0) = 0, as in autograd)
+                    self.lam_out.grad += (self.l1_lam * k)[:, None] * self.lam_out.sign()
             if self.lam_in.requires_grad:
                 self.lam_in.grad = gp.sum(1) + (2 * self.l2_lam * k)[:, None] * self.lam_in
         if self.bias is not None and self.bias.requires_grad:
@@ -95,7 +109,8 @@ class StackedLayer(nn.Module):
         layer = SpectralLinear(
             n, o, bias=self.bias is not None, train_phi=self.phi.requires_grad, train_lam_in=self.lam_in.requires_grad,
             train_lam_out=self.lam_out.requires_grad, train_bias=self.bias is not None and self.bias.requires_grad,
-            l2_phi=float(self.l2_phi[s]), l2_lam=float(self.l2_lam[s]), dtype=self.phi.dtype, device=self.phi.device,
+            l2_phi=float(self.l2_phi[s]), l2_lam=float(self.l2_lam[s]), l1_lam=float(self.l1_lam[s]),
+            group_lasso=float(self.group_lasso[s]), dtype=self.phi.dtype, device=self.phi.device,
         )
         with torch.no_grad():
             layer.phi.copy_(self.phi[s, :o, :n])

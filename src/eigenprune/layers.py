@@ -40,6 +40,9 @@ class SpectralLinear(nn.Module):
     frozen ones stay `nn.Parameter`s with `requires_grad=False` so that state dicts are uniform.
     Defaults follow the paper: lam_in = 0 frozen, lam_out = 1 trainable, phi Glorot uniform, no bias.
     A "direct" layer is the same with `train_lam_out=False`: an ordinary dense layer, w = -phi.
+    Two optional sparsity terms serve the pruning baselines (both 0 by default): `l1_lam` (an L1
+    penalty on lam_out, i.e. network slimming's per-node gate) and `group_lasso` (sum over nodes
+    of the norm of each node's incoming weights).
     """
 
     def __init__(
@@ -56,6 +59,8 @@ class SpectralLinear(nn.Module):
         lam_out_init: float = 1.0,
         l2_phi: float = 0.01,
         l2_lam: float = 5e-4,
+        l1_lam: float = 0.0,
+        group_lasso: float = 0.0,
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -68,6 +73,8 @@ class SpectralLinear(nn.Module):
         self.out_features = out_features
         self.l2_phi = float(l2_phi)
         self.l2_lam = float(l2_lam)
+        self.l1_lam = float(l1_lam)
+        self.group_lasso = float(group_lasso)
         self.phi = nn.Parameter(glorot_uniform_(torch.empty(out_features, in_features, **kw), generator), train_phi)
         self.lam_in = nn.Parameter(torch.full((in_features,), float(lam_in_init), **kw), train_lam_in)
         self.lam_out = nn.Parameter(torch.full((out_features,), float(lam_out_init), **kw), train_lam_out)
@@ -82,18 +89,33 @@ class SpectralLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def penalty(self) -> torch.Tensor:
-        """The paper's L2 terms on the trainable parts: l2_phi * sum(phi^2) + l2_lam * sum(lam^2)."""
+        """Regularization of the trainable parts.
+
+        The paper's L2 terms l2_phi * sum(phi^2) + l2_lam * sum(lam^2), plus, when set,
+        l1_lam * sum_i |lam_out_i| and group_lasso * sum_i ||w_i|| (w_i: node i's incoming weights).
+        """
         total = self.phi.new_zeros(())
         if self.phi.requires_grad:
             total = total + self.l2_phi * self.phi.square().sum()
         for lam in (self.lam_in, self.lam_out):
             if lam.requires_grad:
                 total = total + self.l2_lam * lam.square().sum()
+        if self.l1_lam and self.lam_out.requires_grad:
+            total = total + self.l1_lam * self.lam_out.abs().sum()
+        if self.group_lasso:
+            total = total + self.group_lasso * self.weight.norm(dim=-1).sum()
         return total
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> SpectralLinear:
-        """An exact spectral copy of `linear`: lam_in = 0, lam_out = 1, phi = -W (the same function)."""
+        """An exact spectral copy of `linear`: lam_in = 0, lam_out = 1, phi = -W (the same function).
+
+        A frozen `linear` (requires_grad False) gives a frozen copy unless the flags say otherwise.
+        """
+        kwargs.setdefault("train_phi", linear.weight.requires_grad)
+        kwargs.setdefault("train_lam_out", linear.weight.requires_grad)
+        if linear.bias is not None:
+            kwargs.setdefault("train_bias", linear.bias.requires_grad)
         kwargs.setdefault("dtype", linear.weight.dtype)
         kwargs.setdefault("device", linear.weight.device)
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)
@@ -106,13 +128,16 @@ class SpectralLinear(nn.Module):
         return layer
 
     def to_linear(self) -> nn.Linear:
-        """An `nn.Linear` with exactly this layer's weight and bias."""
+        """An `nn.Linear` with exactly this layer's weight and bias; its weight trains if any of phi, lam_in, lam_out did."""
         w = self.weight.detach()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=w.dtype, device=w.device)
         with torch.no_grad():
             linear.weight.copy_(w)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
+        linear.weight.requires_grad_(any(p.requires_grad for p in (self.phi, self.lam_in, self.lam_out)))
+        if self.bias is not None:
+            linear.bias.requires_grad_(self.bias.requires_grad)
         return linear
 
     def trainable_parts(self) -> list[str]:

@@ -1,15 +1,26 @@
-"""Pruning by importance: masks and pruning curves.
+"""Pruning by importance: masks, pruning curves, and physical removal of nodes.
 
 A pruning curve is the test loss when only the k most important nodes of a layer are kept,
-for every k from 1 to the layer's width (`delta_loss = loss_k - loss_full`).
+for every k from 1 to the layer's width (`delta_loss = loss_k - loss_full`). `prune_nodes` turns
+any MLP into a physically smaller one made of plain `nn.Linear` layers.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Union
+
 import torch
+from torch import nn
 
 from eigenprune.ensemble import Ensemble
-from eigenprune.train import Task, evaluate, task_metric
+from eigenprune.importance import node_importance, normalize
+from eigenprune.layers import SpectralLinear
+from eigenprune.nets import as_sequential, despectralize, linear_layers
+from eigenprune.train import Task, evaluate, task_loss, task_metric
 
 
 def keep_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
@@ -81,3 +92,291 @@ def joint_search(
         keep[layer] = keep_mask(sc, lo)
         widths.append(lo)
     return widths, keep
+
+
+# --- Physical removal ------------------------------------------------------------------------------
+#
+# "Removing" hidden node j of linear layer l means what setting its eigenvalue to zero means: its
+# incoming weights become 0, so it outputs the constant act(b_j) (act: the element-wise modules
+# after layer l, b_j its bias, 0 without one). `mask_nodes` builds exactly that network;
+# `remove_nodes` builds the smaller one: row j of layer l and column j of layer l+1 go, and
+# W_next[:, j] * act(b_j) is folded into the next layer's bias. Both compute the same function.
+
+
+class PruneError(ValueError):
+    """A pruning request that cannot be carried out, stated in one line."""
+
+
+KeepKind = Literal["count", "fraction", "threshold", "auto"]
+
+
+@dataclass(frozen=True)
+class KeepSpec:
+    """How many nodes of a layer to keep.
+
+    count: the `value` most important; fraction: ceil(value x width), at least 1; threshold: those
+    whose normalised importance (score / max score) exceeds `value` (at least the top one); auto:
+    the smallest count whose validation loss is within tolerance of the unpruned model's.
+    """
+
+    kind: KeepKind
+    value: float = 0.0
+
+
+KeepLike = Union[int, float, str, KeepSpec]
+
+_KEEP_HELP = ("keep must be a count >= 1 (e.g. 25), a fraction in (0, 1] (e.g. 0.1 or '10%'), "
+              "a threshold '>t' on normalised importance with 0 <= t < 1 (e.g. '>0.05'), or 'auto'")
+
+
+def parse_keep(keep: KeepLike) -> KeepSpec:
+    """Read a keep value: int -> count, float -> fraction, or a string '25', '0.1', '10%', '>0.05', 'auto'."""
+    if isinstance(keep, KeepSpec):
+        return keep
+    if isinstance(keep, bool):
+        raise PruneError(f"{_KEEP_HELP}; got {keep!r}")
+    if isinstance(keep, str):
+        text = keep.strip()
+        try:
+            if text == "auto":
+                return KeepSpec("auto")
+            if text.startswith(">"):
+                value = float(text[1:])
+                if 0 <= value < 1:
+                    return KeepSpec("threshold", value)
+            elif text.endswith("%"):
+                return parse_keep(float(text[:-1]) / 100)
+            elif text.isdigit():
+                return parse_keep(int(text))
+            else:
+                return parse_keep(float(text))
+        except ValueError:
+            pass
+    elif isinstance(keep, int):
+        if keep >= 1:
+            return KeepSpec("count", keep)
+    elif isinstance(keep, float):
+        if 0 < keep <= 1:
+            return KeepSpec("fraction", keep)
+    raise PruneError(f"{_KEEP_HELP}; got {keep!r}")
+
+
+def _plain_copy(model: nn.Module) -> nn.Sequential:
+    """A deep copy of the MLP as a flat `nn.Sequential` whose linear layers are all `nn.Linear`."""
+    chain = copy.deepcopy(as_sequential(model))
+    return despectralize(chain)
+
+
+def _linear_positions(chain: nn.Sequential) -> list[int]:
+    return [i for i, m in enumerate(chain) if isinstance(m, (nn.Linear, SpectralLinear))]
+
+
+def _activation(chain: nn.Sequential, start: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The element-wise modules chain[start:stop] as one function, evaluated as in inference (eval mode)."""
+    mods = [copy.deepcopy(m).eval() for m in chain[start:stop]]
+
+    def act(z: torch.Tensor) -> torch.Tensor:
+        for m in mods:
+            z = m(z)
+        return z
+
+    return act
+
+
+def _check_kept(kept: dict[int, torch.Tensor], widths: list[int]) -> dict[int, torch.Tensor]:
+    out = {}
+    for layer, idx in kept.items():
+        if not 0 <= layer < len(widths) - 1:
+            raise PruneError(f"layer must be a hidden layer index in 0..{len(widths) - 2}, got {layer}")
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten().unique(sorted=True)
+        if idx.numel() == 0 or idx[0] < 0 or idx[-1] >= widths[layer]:
+            raise PruneError(f"kept nodes of layer {layer} must be 1 to {widths[layer]} indices in 0..{widths[layer] - 1}, "
+                             f"got {idx.tolist()[:10]}")
+        out[layer] = idx
+    return out
+
+
+def _with_grad_flags(new: nn.Linear, old: nn.Linear) -> nn.Linear:
+    new.requires_grad_(old.weight.requires_grad)
+    return new
+
+
+@torch.no_grad()
+def mask_nodes(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Sequential:
+    """A same-size copy of `model` (plain `nn.Linear` layers) whose removed nodes have zero incoming weights.
+
+    `kept[l]` lists the node indices of hidden linear layer l (0-based among linear layers) that stay.
+    This is the reference that `remove_nodes` must equal.
+    """
+    chain = _plain_copy(model)
+    pos = _linear_positions(chain)
+    kept = _check_kept(kept, [chain[p].out_features for p in pos])
+    for layer, idx in kept.items():
+        lin = chain[pos[layer]]
+        drop = torch.ones(lin.out_features, dtype=torch.bool)
+        drop[idx] = False
+        lin.weight[drop] = 0
+    return chain
+
+
+@torch.no_grad()
+def remove_nodes(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Sequential:
+    """A physically smaller copy of `model` keeping only `kept[l]` nodes of each listed hidden layer l.
+
+    Returns a flat `nn.Sequential` of `nn.Linear` layers and the model's activations. Each removed
+    node's constant output act(b_j) is folded into the next layer's bias (a bias is added to the
+    next layer only if that constant is nonzero), so the result equals `mask_nodes(model, kept)`.
+    Layers keep their `requires_grad` flags; `model` is not modified.
+    """
+    chain = _plain_copy(model)
+    pos = _linear_positions(chain)
+    kept = _check_kept(kept, [chain[p].out_features for p in pos])
+    for layer in sorted(kept, reverse=True):  # later layers first: a removed node's constant uses its own original bias
+        idx = kept[layer]
+        lin, nxt = chain[pos[layer]], chain[pos[layer + 1]]
+        drop = torch.ones(lin.out_features, dtype=torch.bool)
+        drop[idx] = False
+        bias = lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+        fold = nxt.weight[:, drop] @ _activation(chain, pos[layer] + 1, pos[layer + 1])(bias[drop])
+        kw = {"dtype": lin.weight.dtype, "device": lin.weight.device}
+        small = nn.Linear(lin.in_features, len(idx), bias=lin.bias is not None, **kw)
+        small.weight.copy_(lin.weight[idx])
+        if lin.bias is not None:
+            small.bias.copy_(lin.bias[idx])
+        needs_bias = nxt.bias is not None or bool(fold.any())
+        after = nn.Linear(len(idx), nxt.out_features, bias=needs_bias, **kw)
+        after.weight.copy_(nxt.weight[:, idx])
+        if needs_bias:
+            after.bias.copy_(fold + (nxt.bias if nxt.bias is not None else 0))
+        chain[pos[layer]] = _with_grad_flags(small, lin)
+        chain[pos[layer + 1]] = _with_grad_flags(after, nxt)
+    return chain
+
+
+@torch.no_grad()
+def loss_by_kept(
+    model: nn.Module, layer: int, scores: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+    task: Task = "regression", budget: int = 2**24,
+) -> torch.Tensor:
+    """Loss [N] of `model` with only the k highest-scoring nodes of hidden linear layer `layer` kept, k = 1..N.
+
+    Same meaning as `mask_nodes` (a removed node outputs act(b_j)); computed with prefix sums, like
+    `pruning_curves`: the next layer's pre-activation with k nodes kept is
+    b' + W' act(b) + sum over the first k nodes (in score order) of W'_j (a_j - act(b_j)).
+    x [B, D], y [B]; `budget` bounds the number of floats of one chunk.
+    """
+    chain = as_sequential(model)
+    pos = _linear_positions(chain)
+    if not 0 <= layer < len(pos) - 1:
+        raise PruneError(f"layer must be a hidden layer index in 0..{len(pos) - 2}, got {layer}")
+    lin, nxt = chain[pos[layer]], chain[pos[layer + 1]]
+    act = _activation(chain, pos[layer] + 1, pos[layer + 1])
+    head, tail = chain[: pos[layer] + 1], chain[pos[layer + 1] + 1 :]
+    n = lin.out_features
+    order = scores.argsort(descending=True, stable=True)
+    bias = lin.bias if lin.bias is not None else lin.weight.new_zeros(n)
+    const = act(bias)[order]  # [N]
+    w_next = nxt.weight[:, order]  # [O, N]
+    base = w_next @ const + (nxt.bias if nxt.bias is not None else 0)  # [O]
+    chunk = max(1, budget // max(n * w_next.shape[0], 1))
+    total = x.new_zeros(n)
+    for start in range(0, x.shape[0], chunk):
+        xb, yb = x[start : start + chunk], y[start : start + chunk]
+        a = act(head(xb))[:, order] - const  # [B, N]
+        z = base + torch.cumsum(a.unsqueeze(-1) * w_next.T, dim=1)  # [B, N(k), O]
+        out = tail(z.flatten(0, 1)).unflatten(0, (xb.shape[0], n))  # [B, N, C]
+        total += task_loss(out.transpose(0, 1), yb.expand(n, -1), task) * xb.shape[0]
+    return total / x.shape[0]
+
+
+ScoreFn = Callable[..., torch.Tensor]
+"""criterion(model, layer, x, y) -> scores [N]; every `eigenprune.criteria.Criterion` is one."""
+
+
+def _default_scores(model: nn.Module, layer: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+    return node_importance(linear_layers(as_sequential(model))[layer])
+
+
+def _count(spec: KeepSpec, scores: torch.Tensor, layer: int, curve: Callable[[], torch.Tensor], limit: float) -> int:
+    width = scores.numel()
+    if spec.kind == "count":
+        if spec.value > width:
+            raise PruneError(f"keep={int(spec.value)} exceeds the width {width} of layer {layer}")
+        return int(spec.value)
+    if spec.kind == "fraction":
+        return max(1, math.ceil(spec.value * width - 1e-9))
+    if spec.kind == "threshold":
+        return max(1, int((normalize(scores) > spec.value).sum()))
+    ok = (curve() <= limit).int().flip(0).cumprod(0).flip(0)  # 1 where this k and every larger k are within the limit
+    return width - int(ok.sum()) + 1 if ok.any() else width
+
+
+def select_nodes(
+    model: nn.Module, keep: KeepLike | dict[int, KeepLike], *, layers: list[int] | None = None,
+    criterion: ScoreFn | None = None, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
+    rtol: float = 0.05, atol: float = 0.0, task: Task = "regression",
+) -> dict[int, torch.Tensor]:
+    """Which nodes of each hidden layer to keep: {linear layer index: sorted node indices}.
+
+    `criterion(model, layer, x, y) -> scores [N]` ranks each layer's nodes on the unpruned model
+    (default `node_importance`: the eigenvalue score of a spectral layer, the norm of the incoming
+    weights otherwise; `eigenprune.criteria` has the others). For keep="auto", pass validation
+    data: a layer keeps the smallest k such that, for this k and every larger one, the validation
+    loss stays within loss_full + atol + rtol * loss_full (loss_full: the unpruned model's). Layers
+    are decided in order, each on the model with the earlier ones already pruned, against that one
+    budget, so earlier layers may use it up.
+    """
+    criterion = criterion or _default_scores
+    n_linear = len(linear_layers(as_sequential(model)))
+    if isinstance(keep, dict):
+        if layers is not None:
+            raise PruneError("pass either a per-layer keep dict or layers=, not both")
+        specs = {int(k): parse_keep(v) for k, v in keep.items()}
+    else:
+        hidden = list(range(n_linear - 1)) if layers is None else [int(i) for i in layers]
+        specs = {i: parse_keep(keep) for i in hidden}
+    for i in specs:
+        if not 0 <= i < n_linear - 1:
+            raise PruneError(f"layer must be a hidden layer index in 0..{n_linear - 2}, got {i}")
+    needs_data = any(s.kind == "auto" for s in specs.values())
+    if needs_data and (x_val is None or y_val is None):
+        raise PruneError("keep='auto' needs validation data: pass x_val and y_val")
+    if rtol < 0 or atol < 0:
+        raise PruneError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+    current, kept = _plain_copy(model).eval(), {}
+    limit = float("inf")
+    if needs_data:
+        with torch.no_grad():
+            full = float(task_loss(current(x_val), y_val, task))
+        limit = full + atol + rtol * abs(full)
+    for layer in sorted(specs):
+        scores = criterion(model, layer, x_val, y_val).detach().flatten()
+
+        def curve(layer=layer, scores=scores, current=current) -> torch.Tensor:
+            losses = loss_by_kept(current, layer, scores, x_val, y_val, task)
+            with torch.no_grad():  # k = N is `current` itself: use its forward pass, free of prefix-sum rounding
+                losses[-1] = task_loss(current(x_val), y_val, task)
+            return losses
+
+        k = _count(specs[layer], scores, layer, curve, limit)
+        kept[layer] = keep_mask(scores, k).nonzero().flatten()
+        current = remove_nodes(current, {layer: kept[layer]})
+    return kept
+
+
+def prune_nodes(
+    model: nn.Module, keep: KeepLike | dict[int, KeepLike], *, layers: list[int] | None = None,
+    criterion: ScoreFn | None = None, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
+    rtol: float = 0.05, atol: float = 0.0, task: Task = "regression",
+) -> nn.Sequential:
+    """A physically smaller copy of `model`: plain `nn.Linear` layers, only the important nodes kept.
+
+    `model` is any MLP `as_sequential` can read (spectral or direct layers, `nn.Sequential` or a
+    chain-shaped module of your own). `keep` is a count, a fraction, a threshold '>t' on the
+    normalised importance, 'auto' (needs x_val, y_val), or a dict {layer: keep} for per-layer
+    values; `layers` picks hidden linear layers by index (default: all). See `select_nodes` and
+    `remove_nodes`. The result computes exactly what the model with the other nodes' incoming
+    weights zeroed computes.
+    """
+    kept = select_nodes(model, keep, layers=layers, criterion=criterion, x_val=x_val, y_val=y_val, rtol=rtol, atol=atol, task=task)
+    return remove_nodes(model, kept)

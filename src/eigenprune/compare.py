@@ -1,0 +1,231 @@
+"""Compare node-importance criteria on the teacher-student task: which one finds the teacher's width?
+
+For every criterion (see `criteria.py`), students of several widths N are trained over several
+trials with the layer plan the criterion asks for, all from the same initial parameters per (N,
+trial). Criteria that train alike (feature_norm, random and taylor all score one directly trained
+student) share their students; plans with the same trainable parts train as one batched
+`Ensemble`. All criteria use one optimizer schedule (`train`), so they get the same number of steps.
+`threads` sets torch's intra-op threads while training (default 1: these small batched matmuls gain
+little from more, and on a shared 2-core machine two threads ran 5-20x slower; 0 = leave as is).
+
+Per student we record the test loss, the effective dimension (normalised score above
+`threshold`), the critical point (`analysis.critical_point`: the smallest kept count whose ΔMSE,
+and that of every larger count, stays <= `critical_tol`) and ΔMSE at kept = h_T. Outputs in the
+folder: config.yaml, compare.parquet (one row per student), compare_curves.parquet (ΔMSE for every
+kept count), compare_summary.parquet and compare.md (mean ± std over trials per criterion and N).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from eigenprune.analysis import critical_point, effective_dim
+from eigenprune.config import ConfigError, DataConfig, _one_line
+from eigenprune.criteria import CRITERIA, Criterion, get_criterion
+from eigenprune.data import TrialData, derive_seed, teacher_data
+from eigenprune.ensemble import Ensemble
+from eigenprune.nets import LayerPlan, make_student
+from eigenprune.progress import Progress
+from eigenprune.prune import pruning_curves
+from eigenprune.store import write_parquet_atomic, write_text_atomic
+from eigenprune.train import TrainSpec, evaluate, train_ensemble
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class CompareTrain(_Strict):
+    """The one optimizer schedule every criterion's students train with (Adam, mini-batches)."""
+
+    lr: Annotated[float, Field(gt=0)] = 0.005
+    batch_size: Annotated[int, Field(gt=0)] = 100
+    epochs: Annotated[int, Field(gt=0)] = 500
+
+
+class CompareConfig(_Strict):
+    """The comparison's settings; the defaults are the CPU-sized run reported in docs/pruning.md."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "compare"
+    seed: int = 0
+    trials: Annotated[int, Field(gt=0)] = 3
+    dtype: Literal["float32", "float64"] = "float32"
+    data: DataConfig = DataConfig(n_train=4000, n_test=2000)
+    widths: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [40, 100, 200]
+    rest: list[Annotated[int, Field(gt=0)]] = [10]
+    criteria: Annotated[list[str], Field(min_length=1)] = list(CRITERIA)
+    params: dict[str, dict[str, float]] = {}
+    train: CompareTrain = CompareTrain()
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    critical_tol: Annotated[float, Field(ge=0)] = 0.01
+    threads: Annotated[int, Field(ge=0)] = 1
+
+    @model_validator(mode="after")
+    def _known_criteria(self) -> CompareConfig:
+        for name in [*self.criteria, *self.params]:
+            if name not in CRITERIA:
+                raise ValueError(f"unknown criterion {name!r}; known: {', '.join(CRITERIA)}")
+        for name, params in self.params.items():
+            try:
+                get_criterion(name, **params)
+            except TypeError:
+                raise ValueError(f"params.{name}: unknown parameter in {sorted(params)} for criterion {name!r}") from None
+        return self
+
+    def criterion(self, name: str) -> Criterion:
+        return get_criterion(name, **self.params.get(name, {}))
+
+
+def load_compare_config(path: str | Path | None, overrides: dict | None = None) -> CompareConfig:
+    """A `CompareConfig` from YAML (None = the defaults) plus dotted-key `overrides`; raises `ConfigError`."""
+    data: dict = {}
+    source = "default compare config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {getattr(err, 'problem', err)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return CompareConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_one_line(err)}") from None
+
+
+def _student_plans(cfg: CompareConfig, plan: LayerPlan, width: int) -> list[LayerPlan]:
+    return [replace(plan, width=width)] + [LayerPlan(w, "direct", 0.0, 0.0) for w in cfg.rest] + [LayerPlan(1, "fixed", 0.0, 0.0)]
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    if np.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if digits else f"{mean:.1f} ± {std:.1f}"
+
+
+def summarize_compare(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over trials per (criterion, width) of test loss, effective dim, critical point, ΔMSE at h_T."""
+    ok = rows[rows.status == "ok"]
+    cols = ["test_loss", "effective_dim", "critical_point", "delta_at_teacher"]
+    agg = ok.groupby(["criterion", "width"], sort=False)[cols].agg(["mean", "std"])
+    agg.columns = [f"{c}_{s}" for c, s in agg.columns]
+    agg = agg.reset_index()
+    agg.insert(2, "trials", ok.groupby(["criterion", "width"], sort=False).size().to_numpy())
+    return agg
+
+
+def markdown_table(summary: pd.DataFrame, cfg: CompareConfig) -> str:
+    """The summary as a markdown table (mean ± std over trials), with the settings it came from."""
+    h_t = cfg.data.teacher.widths[0]
+    lines = [
+        f"Teacher {cfg.data.input_dim}→{'→'.join(map(str, cfg.data.teacher.widths))}→1 (h_T = {h_t}); "
+        f"{cfg.trials} trials; P = {cfg.data.n_train} train / {cfg.data.n_test} test; "
+        f"Adam lr {cfg.train.lr}, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs for every criterion. "
+        f"Effective dim: normalised score > {cfg.threshold}; critical point: smallest kept count with ΔMSE <= "
+        f"{cfg.critical_tol} there and above; ΔMSE at h_T: test MSE with the {h_t} best nodes kept minus the full model's.",
+        "",
+        "| criterion | N | test MSE | effective dim | critical point | ΔMSE at kept = h_T |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary.itertuples():
+        lines.append(
+            f"| {r.criterion} | {r.width} | {_fmt(r.test_loss_mean, r.test_loss_std, 4)} | "
+            f"{_fmt(r.effective_dim_mean, r.effective_dim_std, 0)} | {_fmt(r.critical_point_mean, r.critical_point_std, 0)} | "
+            f"{_fmt(r.delta_at_teacher_mean, r.delta_at_teacher_std, 4)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _run_group(cfg: CompareConfig, kind: str, group: list[LayerPlan], plans: dict[LayerPlan, list[str]],
+               criteria: dict[str, Criterion], data: TrialData, progress: Progress) -> tuple[list[dict], list[pd.DataFrame]]:
+    """Train the students of plans with the same trainable parts as one ensemble; score and prune them per criterion."""
+    dtype, h_t = getattr(torch, cfg.dtype), cfg.data.teacher.widths[0]
+    spec = TrainSpec(cfg.train.lr, cfg.train.batch_size, cfg.train.epochs)
+    shuffle = [derive_seed("shuffle", cfg.seed, trial) for trial in range(cfg.trials)]
+    keys = [(plan, w, trial) for plan in group for w in cfg.widths for trial in range(cfg.trials)]
+    students = [make_student(cfg.data.input_dim, _student_plans(cfg, plan, w), derive_seed("student", cfg.seed, trial, w), dtype)
+                for plan, w, trial in keys]
+    ens = Ensemble(students)
+    ti = torch.tensor([trial for _, _, trial in keys])
+    names = [n for plan in group for n in plans[plan]]
+    bar = progress.add(f"{kind}: {', '.join(names)} ({len(keys)} students)", spec.epochs)
+    log = train_ensemble(ens, data.x_train, data.y_train, ti, spec, shuffle, lambda e, loss: progress.update(bar, e + 1, loss))
+    test_loss = evaluate(ens, data.x_test, data.y_test, ti, spec.task)
+    rows, curve_rows = [], []
+    for plan in group:
+        for name in plans[plan]:
+            scores = criteria[name](ens, 0, data.x_train[ti], data.y_train[ti])
+            eff = effective_dim(scores, cfg.threshold, ens.layers[0].widths)
+            curves = pruning_curves(ens, 0, scores, data.x_test, data.y_test, ti, spec.task)
+            for s, (p, w, trial) in enumerate(keys):
+                if p != plan:
+                    continue
+                kept = np.arange(1, w + 1)
+                delta = (curves[s, :w] - curves[s, w - 1]).numpy()
+                rows.append({
+                    "criterion": name, "width": w, "trial": trial, "test_loss": float(test_loss[s]),
+                    "effective_dim": int(eff[s]), "critical_point": critical_point(kept, delta, cfg.critical_tol),
+                    "delta_at_teacher": float(delta[h_t - 1]) if w >= h_t else float("nan"),
+                    "status": "failed" if int(log.failed_step[s]) >= 0 else "ok",
+                    "plan": f"{plan.kind} l2_phi={plan.l2_phi} l2_lam={plan.l2_lam} l1_lam={plan.l1_lam} group_lasso={plan.group_lasso}",
+                })
+                curve_rows.append(pd.DataFrame({"criterion": name, "width": w, "trial": trial, "kept": kept,
+                                                "test_loss": curves[s, :w].numpy(), "delta_loss": delta}))
+    return rows, curve_rows
+
+
+def run_compare(cfg: CompareConfig, out: str | Path, quiet: bool = False) -> Path:
+    """Train, score, prune and tabulate every criterion of `cfg`; write the outputs into folder `out`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    d, t = cfg.data, cfg.data.teacher
+    data = teacher_data(t.kind, d.input_dim, list(t.widths), t.seed, derive_seed("data", cfg.seed, d.seed), cfg.trials,
+                        d.n_train, d.n_test, t.latent_dim, d.standardize_targets, getattr(torch, cfg.dtype))
+    criteria = {name: cfg.criterion(name) for name in cfg.criteria}
+    plans: dict[LayerPlan, list[str]] = {}  # criteria that train alike share their students
+    for name, crit in criteria.items():
+        plans.setdefault(crit.layer_plan(1), []).append(name)
+    groups: dict[str, list[LayerPlan]] = {}  # plans with the same trainable parts share one ensemble
+    for plan in plans:
+        groups.setdefault(plan.kind, []).append(plan)
+    rows, curve_rows = [], []
+    start, threads = time.perf_counter(), torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
+    try:
+        with Progress(quiet=quiet) as progress:
+            for kind, group in groups.items():
+                r, c = _run_group(cfg, kind, group, plans, criteria, data, progress)
+                rows += r
+                curve_rows += c
+    finally:
+        torch.set_num_threads(threads)
+    table = pd.DataFrame(rows)
+    table["seconds_total"] = time.perf_counter() - start
+    summary = summarize_compare(table)
+    write_parquet_atomic(table, out / "compare.parquet")
+    write_parquet_atomic(pd.concat(curve_rows, ignore_index=True), out / "compare_curves.parquet")
+    write_parquet_atomic(summary, out / "compare_summary.parquet")
+    write_text_atomic(out / "compare.md", markdown_table(summary, cfg))
+    return out

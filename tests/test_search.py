@@ -1,0 +1,53 @@
+import pytest
+import torch
+from torch import nn
+
+from eigenprune.nets import layer_sizes, make_teacher
+from eigenprune.prune import PruneError
+from eigenprune.search import minimal_width
+from eigenprune.train import TrainSpec, task_loss
+
+
+def _teacher_inside_a_wide_student(h_t=6, width=30, seed=0):
+    """A width-30 student that holds a 10 -> 6 -> 1 teacher in 6 of its nodes; the other 24 are tiny."""
+    teacher = make_teacher(10, [h_t], seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    student = nn.Sequential(nn.Linear(10, width, bias=False), nn.ReLU(), nn.Linear(width, 1, bias=False))
+    with torch.no_grad():
+        student[0].weight.copy_(1e-3 * torch.randn(width, 10, generator=g))
+        real = torch.randperm(width, generator=g)[:h_t]
+        student[0].weight[real] = teacher[0].weight
+        student[2].weight.fill_(1.0)
+    student[2].requires_grad_(False)
+    x = torch.randn(3000, 10, generator=g)
+    y = teacher(x).squeeze(-1)
+    return student, x[:2000], y[:2000], x[2000:], y[2000:], real
+
+
+def test_search_lands_exactly_on_the_teacher_width():
+    student, x_tr, y_tr, x_te, y_te, real = _teacher_inside_a_wide_student()
+    result = minimal_width(student, x_tr, y_tr, x_te, y_te, atol=1e-3, rtol=0.0,
+                           finetune=TrainSpec(lr=1e-3, batch_size=100, epochs=1))
+    assert result.width == 6
+    assert layer_sizes(result.model) == [10, 6, 1]
+    kept_rows = result.model[0].weight
+    want = student[0].weight[real.sort().values]
+    torch.testing.assert_close(kept_rows, want, atol=0.05, rtol=0.05)  # the teacher's own nodes survive (fine-tuned)
+    curve = result.curve
+    accepted = curve[curve.accepted]
+    assert accepted.kept.is_monotonic_decreasing and accepted.kept.iloc[-1] == 6
+    assert (accepted.loss_finetuned <= result.full_loss + 1e-3).all()
+    assert curve.iloc[-1].kept == 5 and not curve.iloc[-1].accepted  # one node fewer fails, and that ends it
+    assert curve.loss_pruned[~curve.accepted].min() > 0.1  # removing a teacher node costs a lot
+    assert len(curve) <= 15  # geometric steps, not one fine-tuning per node
+    with torch.no_grad():
+        assert float(task_loss(result.model(x_te), y_te, "regression")) <= 1e-3
+    assert torch.equal(result.model[2].weight, torch.ones(1, 6))  # the frozen readout stayed frozen
+
+
+def test_search_refuses_bad_arguments():
+    student, x_tr, y_tr, x_te, y_te, _ = _teacher_inside_a_wide_student(width=8)
+    with pytest.raises(PruneError, match="shrink must be in \\(0, 1\\), got 1.5"):
+        minimal_width(student, x_tr, y_tr, x_te, y_te, shrink=1.5)
+    with pytest.raises(PruneError, match="hidden layer index in 0..0, got 1"):
+        minimal_width(student, x_tr, y_tr, x_te, y_te, layer=1)
