@@ -203,11 +203,11 @@ class Ensemble(nn.Module):
         keep = alive & torch.isfinite(loss)
         delta = torch.where(keep[:, None, None], delta, torch.zeros_like(delta))
         for i in reversed(range(len(self.layers))):
-            grad_w = torch.bmm(delta.transpose(1, 2), acts[i])
-            grad_b = delta.sum(1)
+            layer = self.layers[i]
+            if any(p is not None and p.requires_grad for p in (layer.phi, layer.lam_in, layer.lam_out, layer.bias)):
+                layer.set_grads(torch.bmm(delta.transpose(1, 2), acts[i]), delta.sum(1), keep)
             if i > 0:
                 delta = torch.bmm(delta, weights[i]) * (pre[i - 1] > 0)
-            self.layers[i].set_grads(grad_w, grad_b, keep)
         return loss
 
     def student(self, s: int) -> nn.Sequential:
