@@ -51,3 +51,24 @@ def test_search_refuses_bad_arguments():
         minimal_width(student, x_tr, y_tr, x_te, y_te, shrink=1.5)
     with pytest.raises(PruneError, match="hidden layer index in 0..0, got 1"):
         minimal_width(student, x_tr, y_tr, x_te, y_te, layer=1)
+    with pytest.raises(PruneError, match="accuracy_tol needs task classification, got regression"):
+        minimal_width(student, x_tr, y_tr, x_te, y_te, accuracy_tol=0.01)
+
+
+def test_search_by_accuracy_keeps_the_class_defining_nodes():
+    """3 classes read off 3 useful hidden nodes among 20 (the rest near zero): accuracy allows no fewer."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1500, 3, generator=g)
+    y = x.argmax(-1)
+    model = nn.Sequential(nn.Linear(3, 20, bias=False), nn.ReLU(), nn.Linear(20, 3, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(1e-4 * torch.randn(20, 3, generator=g))
+        model[0].weight[[2, 9, 15]] = 5 * torch.eye(3)
+        model[2].weight.zero_()
+        model[2].weight[:, [2, 9, 15]] = torch.eye(3)
+    result = minimal_width(model, x[:1000], y[:1000], x[1000:], y[1000:], task="classification", accuracy_tol=0.01,
+                           finetune=TrainSpec(lr=1e-4, batch_size=100, epochs=1, task="classification"))
+    assert result.width == 3
+    with torch.no_grad():
+        full = (model(x[1000:]).argmax(-1) == y[1000:]).float().mean()
+        assert (result.model(x[1000:]).argmax(-1) == y[1000:]).float().mean() >= full - 0.01

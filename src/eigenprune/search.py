@@ -41,10 +41,16 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task) -> flo
     return float(task_loss(model(x), y, task))
 
 
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((model(x).argmax(-1) == y).float().mean())
+
+
 def minimal_width(
     model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, *,
     layer: int = 0, criterion: ScoreFn | None = None, rtol: float = 0.1, atol: float = 0.0, shrink: float = 0.2,
     finetune: TrainSpec = TrainSpec(lr=1e-3, batch_size=100, epochs=2), seed: int = 0, task: Task = "regression",
+    accuracy_tol: float | None = None,
 ) -> SearchResult:
     """Prune hidden linear layer `layer` of `model` in steps, fine-tuning after each, down to the smallest width that passes.
 
@@ -53,6 +59,8 @@ def minimal_width(
     node's incoming weights, which equals the eigenvalue score |lam_i| ||phi_i|| when lam_in = 0).
     Fine-tuning trains every parameter that requires grad with `finetune` (Adam, task loss, no
     penalty: the pruned network is made of plain `nn.Linear` layers). x_* [P, D], y_* [P].
+    With `accuracy_tol` (classification), a step is accepted instead while the test accuracy stays
+    within `accuracy_tol` of the unpruned model's (e.g. 0.01 = one point).
     """
     if not 0 < shrink < 1:
         raise PruneError(f"shrink must be in (0, 1), got {shrink}")
@@ -64,6 +72,9 @@ def minimal_width(
         raise PruneError(f"layer must be a hidden layer index in 0..{len(sizes) - 3}, got {layer}")
     full = _loss(current, x_test, y_test, task)
     limit = full + atol + rtol * full
+    if accuracy_tol is not None and task != "classification":
+        raise PruneError(f"accuracy_tol needs task classification, got {task}")
+    floor = None if accuracy_tol is None else _accuracy(current, x_test, y_test) - accuracy_tol
     n = sizes[layer + 1]
     step = max(1, int(shrink * n))
     rows = []
@@ -74,7 +85,7 @@ def minimal_width(
         pruned = _loss(candidate, x_test, y_test, task)
         train_alone(candidate, x_train, y_train, finetune, seed + len(rows))
         tuned = _loss(candidate, x_test, y_test, task)
-        accepted = tuned <= limit
+        accepted = tuned <= limit if floor is None else _accuracy(candidate, x_test, y_test) >= floor
         rows.append({"step": len(rows), "kept": k, "loss_pruned": pruned, "loss_finetuned": tuned, "accepted": accepted})
         if accepted:
             current, n = candidate, k
