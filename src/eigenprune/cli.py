@@ -129,8 +129,9 @@ def collapse(
         result = collapse_runs(run_dirs, out)
     except USER_ERRORS as err:
         _fail(str(err))
-    typer.echo(f"spread before {result['spread_before']:.3f}, after {result['spread_after']:.3f} "
-               f"(ratio {result['ratio']:.2f}); wrote {out / 'collapse.png'}")
+    nc = result["by_critical_point"]
+    typer.echo(f"rescaled by h_T: spread before {result['spread_before']:.3f}, after {result['spread_after']:.3f} "
+               f"(ratio {result['ratio']:.2f}); by n_c: after {nc['spread_after']:.3f} (ratio {nc['ratio']:.2f}); wrote {out}")
 
 
 @app.command("config")

@@ -116,8 +116,9 @@ def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: i
     return fig
 
 
-def collapse(curves: list[tuple[str, int, np.ndarray, np.ndarray]], measure: dict[str, float]):
-    """Rescaled pruning curves: delta / max(delta) against kept / h_T - 1, one line per (label, h_T)."""
+def collapse(curves: list[tuple[str, int, np.ndarray, np.ndarray]], measure: dict[str, float], scale: str = "h_T"):
+    """Rescaled pruning curves: delta / max(delta) against kept / h - 1, one line per (label, h); h is the
+    teacher's width (`scale` "h_T") or another per-curve size such as the critical point ("n_c")."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     cmap = plt.get_cmap("plasma")
     for j, (label, h, kept, delta) in enumerate(curves):
@@ -125,11 +126,11 @@ def collapse(curves: list[tuple[str, int, np.ndarray, np.ndarray]], measure: dic
         axes[0].plot(kept - h, delta, color=color, label=label)
         axes[1].plot(kept / h - 1, delta / max(float(np.max(delta)), 1e-300), color=color, label=label)
     axes[0].set_xlim(-max(h for _, h, _, _ in curves), 2 * max(h for _, h, _, _ in curves))
-    axes[0].set_xlabel(r"$n_\lambda - h_T$")
+    axes[0].set_xlabel(rf"$n_\lambda - {scale}$")
     axes[0].set_ylabel(r"$\Delta$MSE")
     axes[0].set_title(f"raw (spread {measure['spread_before']:.3f})")
     axes[1].set_xlim(-1, 2)
-    axes[1].set_xlabel(r"$n_\lambda / h_T - 1$")
+    axes[1].set_xlabel(rf"$n_\lambda / {scale} - 1$")
     axes[1].set_ylabel(r"$\Delta$MSE / max $\Delta$MSE")
     axes[1].set_title(f"rescaled (spread {measure['spread_after']:.3f}, ratio {measure['ratio']:.2f})")
     for ax in axes:

@@ -288,26 +288,35 @@ def path_selection_table(cfg: Config, results: pd.DataFrame) -> pd.DataFrame:
 
 
 def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
-    """Collapse of spectral pruning curves across runs with different teachers (e.g. h_T = 20 and 100).
+    """Collapse of spectral pruning curves across runs and teachers (e.g. h_T = 20 and 100).
 
-    Writes `collapse.png` and `collapse.json` (the measure and the curves used) under `out`.
+    Two rescalings: the paper's, by the teacher's width h_T (kept / h_T - 1), and by each curve's
+    measured critical point n_c (mean over trials): with a fixed L2 strength the transition sits at
+    n_c, which need not be h_T. Writes `collapse.png`, `collapse_nc.png` and `collapse.json` under `out`.
     """
-    items = []
+    items, by_nc = [], []
     for run in run_dirs:
         folder = RunFolder(run)
         tables = folder.load()
-        cfg = folder.read_config()
-        h_t = cfg.data.teacher.widths[0]
-        items += [(f"h_T={h_t} N={w}", h_t, k, d) for w, k, d in mean_curves(tables["curves"], tables["results"], "spectral")
-                  if w > h_t]
+        for tcfg, sliced, _ in teacher_slices(folder.read_config(), tables):
+            h_t = tcfg.data.teacher.widths[0]
+            res = sliced["results"]
+            for w, k, d in mean_curves(sliced["curves"], res, "spectral"):
+                if w > h_t:
+                    n_c = float(res[(res.method == "spectral") & (res.width == w) & (res.status == "ok")].critical_point.mean())
+                    items.append((f"h_T={h_t} N={w}", h_t, k, d))
+                    by_nc.append((f"h_T={h_t} N={w} (n_c={n_c:.0f})", max(round(n_c), 1), k, d))
     if len(items) < 2:
         raise RunFolderError("collapse needs at least two spectral curves with N > h_T across the given runs")
     measure = collapse_measure([(h, k, d) for _, h, k, d in items])
+    measure_nc = collapse_measure([(h, k, d) for _, h, k, d in by_nc])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fig = plots.collapse(items, measure)
-    fig.savefig(out / "collapse.png", dpi=110)
-    plt.close(fig)
-    result = {"runs": [str(r) for r in run_dirs], "curves": [label for label, *_ in items], **measure}
+    for name, curves, m, scale in (("collapse", items, measure, "h_T"), ("collapse_nc", by_nc, measure_nc, "n_c")):
+        fig = plots.collapse(curves, m, scale)
+        fig.savefig(out / f"{name}.png", dpi=110)
+        plt.close(fig)
+    result = {"runs": [str(r) for r in run_dirs], "curves": [label for label, *_ in by_nc], **measure,
+              "by_critical_point": measure_nc}
     write_text_atomic(out / "collapse.json", json.dumps(result, indent=2) + "\n")
     return result
