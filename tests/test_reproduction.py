@@ -142,4 +142,5 @@ def test_collapse_command_across_runs(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "c" / "collapse.json").read_text())
     assert len(data["curves"]) == 4 and data["spread_after"] >= 0 and data["spread_before"] > 0
+    assert data["by_critical_point"]["spread_after"] >= 0 and (tmp_path / "c" / "collapse_nc.png").exists()
     assert (tmp_path / "c" / "collapse.png").stat().st_size > 1000
