@@ -82,8 +82,8 @@ def path_comparisons(run_dir: Path, cfg: Config, results: pd.DataFrame) -> dict[
 
 
 def teacher_width(cfg: Config) -> int | None:
-    """h_T, the teacher's first hidden width, or None for real data."""
-    return cfg.data.teacher.widths[0] if cfg.data.source == "teacher" else None
+    """h_T, the teacher's first hidden width, or None for real data and the linear teacher (no hidden layer)."""
+    return cfg.data.teacher.widths[0] if cfg.data.source == "teacher" and cfg.data.teacher.kind != "linear" else None
 
 
 def layer_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
