@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from eigenprune.analysis import critical_point, effective_dim
-from eigenprune.config import ConfigError, DataConfig, _one_line
+from eigenprune.config import ConfigError, DataConfig, parse_config, read_yaml
 from eigenprune.criteria import CRITERIA, Criterion, get_criterion
 from eigenprune.data import TrialData, derive_seed, teacher_data
 from eigenprune.ensemble import Ensemble
@@ -87,29 +87,7 @@ class CompareConfig(_Strict):
 
 def load_compare_config(path: str | Path | None, overrides: dict | None = None) -> CompareConfig:
     """A `CompareConfig` from YAML (None = the defaults) plus dotted-key `overrides`; raises `ConfigError`."""
-    data: dict = {}
-    source = "default compare config"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML: {getattr(err, 'problem', err)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    try:
-        return CompareConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"{source}: {_one_line(err)}") from None
+    return parse_config(*read_yaml(path, overrides, "default compare config"), model=CompareConfig)
 
 
 def _student_plans(cfg: CompareConfig, plan: LayerPlan, width: int) -> list[LayerPlan]:

@@ -182,22 +182,23 @@ def _one_line(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(parts)
 
 
-def parse_config(data: object, source: str = "config") -> Config:
-    """Validate a mapping (e.g. parsed YAML) into a `Config`; raises `ConfigError`."""
+def parse_config(data: object, source: str = "config", model: type[BaseModel] | None = None) -> Config:
+    """Validate a mapping (e.g. parsed YAML) into a `Config` (or another pydantic `model`); raises `ConfigError`."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
     try:
-        return Config.model_validate(data)
+        return (model or Config).model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"{source}: {_one_line(err)}") from None
 
 
-def load_config(path: str | Path | None, overrides: dict | None = None) -> Config:
-    """Load a YAML config (None = the embedded defaults) and apply `overrides` (dotted keys)."""
-    data: dict = {}
-    source = "default config"
+def read_yaml(path: str | Path | None, overrides: dict | None = None, default: str = "default config") -> tuple[object, str]:
+    """The parsed YAML of `path` (None: an empty mapping, named `default`) with `overrides` (dotted keys)
+    applied, and the name of its source; every problem is a one-line `ConfigError`."""
+    data: object = {}
+    source = default
     if path is not None:
         p = Path(path)
         source = str(p)
@@ -227,4 +228,9 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Confi
                 if not isinstance(node, dict):
                     raise ConfigError(f"{source}: cannot set {dotted}: {key} is not a section (it holds {node!r})")
             node[leaf] = value
-    return parse_config(data, source)
+    return data, source
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> Config:
+    """Load a YAML config (None = the embedded defaults) and apply `overrides` (dotted keys)."""
+    return parse_config(*read_yaml(path, overrides))
