@@ -51,10 +51,12 @@ class Chunk:
     trials: tuple[int, ...]
     teacher: int = 0
     strengths: tuple[float, ...] = (1.0,)
+    split: bool = False  # a subset of the trials, split off by the memory planner
 
     @property
     def id(self) -> str:
-        return f"{self.method}-w{'_'.join(map(str, self.widths))}" + (f"-t{self.teacher}" if self.teacher else "")
+        name = f"{self.method}-w{'_'.join(map(str, self.widths))}" + (f"-t{self.teacher}" if self.teacher else "")
+        return name + (f"-tr{self.trials[0]}_{self.trials[-1]}" if self.split else "")
 
     def keys(self) -> list[tuple[int, int, float]]:
         """(width, trial, strength) of every student, in ensemble order."""
@@ -288,7 +290,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def manifest(cfg: Config, device: torch.device, wall: float, chunks: list[Chunk], skipped: list[str], run: dict) -> dict:
+def manifest(cfg: Config, device: torch.device, wall: float, chunk_ids: list[str], skipped: list[str], run: dict) -> dict:
     """Everything needed to repeat a run: versions, machine, seeds, digest, command, parallelism, timings."""
     info = {
         "eigenprune": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
@@ -300,16 +302,18 @@ def manifest(cfg: Config, device: torch.device, wall: float, chunks: list[Chunk]
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "config_digest": cfg.digest(), "seed": cfg.seed, "data_seed": cfg.data.seed, "teacher_seed": cfg.data.teacher.seed,
         "command": shlex.join(["eigenprune", *sys.argv[1:]]), "python_executable": sys.executable, "cwd": os.getcwd(),
-        "wall_seconds": round(wall, 3), "chunks": [c.id for c in chunks], "chunks_resumed": skipped,
+        "wall_seconds": round(wall, 3), "chunks": chunk_ids, "chunks_resumed": skipped,
     }
     return info
 
 
-def check_memory(cfg: Config, chunks: list[Chunk], workers: int, device: torch.device) -> dict:
-    """Refuse (ConfigError) a grid whose largest chunk would not fit in memory, before anything runs.
+def check_memory(cfg: Config, chunks: list[Chunk], workers: int, device: torch.device) -> tuple[list[Chunk], dict]:
+    """Fit the chunks into memory before anything runs: split a chunk that is too large into groups of
+    trials that fit, and refuse (ConfigError) one that does not fit even with a single trial.
 
     The limit is `max_memory_gb`, or DEFAULT_FRACTION of the memory available now (free GPU memory on
-    CUDA), shared by the `workers` chunks that run at once. Returns the figures for the manifest.
+    CUDA), shared by the `workers` chunks that run at once. Returns the chunks to run and the figures
+    for the manifest.
     """
     if cfg.max_memory_gb is not None:
         limit, source = cfg.max_memory_gb * 1e9, f"max_memory_gb {cfg.max_memory_gb:g}"
@@ -319,14 +323,22 @@ def check_memory(cfg: Config, chunks: list[Chunk], workers: int, device: torch.d
     per_worker = limit / max(workers, 1)
     if workers > 1:
         source += f", shared by {workers} workers"
-    need = {c.id: chunk_memory(cfg, c) for c in chunks}
+    fitted = []
     for c in chunks:
-        if need[c.id] > per_worker:
+        need = chunk_memory(cfg, c)
+        if need <= per_worker:
+            fitted.append(c)
+            continue
+        size = next((m for m in range(len(c.trials) - 1, 0, -1)
+                     if chunk_memory(cfg, replace(c, trials=c.trials[:m], split=True)) <= per_worker), 0)
+        if not size:
             raise ConfigError(
-                f"chunk {c.id} ({len(c.keys())} students) needs about {gb(need[c.id])}, more than the "
+                f"chunk {c.id} ({len(c.keys())} students) needs about {gb(need)}, more than the "
                 f"{gb(per_worker)} limit ({source}); lower trials, widths or n_train, use fewer workers, or set max_memory_gb"
             )
-    return {"memory_limit_bytes": int(per_worker), "memory_estimate_bytes": need}
+        fitted += [replace(c, trials=c.trials[i : i + size], split=True) for i in range(0, len(c.trials), size)]
+    need = {c.id: chunk_memory(cfg, c) for c in fitted}
+    return fitted, {"memory_limit_bytes": int(per_worker), "memory_estimate_bytes": need}
 
 
 def chunk_memory(cfg: Config, chunk: Chunk) -> int:
@@ -391,12 +403,18 @@ def run_experiment(
         require_ray()
         device = torch.device(cfg.device if cfg.device != "auto" else "cpu")  # resolved inside each task
         workers, threads = cfg.workers, 1
-        memory = check_memory(cfg, todo, 1, torch.device("cpu")) if device.type == "cpu" or cfg.max_memory_gb else {}
+        if device.type == "cpu" or cfg.max_memory_gb:
+            todo, memory = check_memory(cfg, todo, 1, torch.device("cpu"))
+        else:
+            memory = {}
     else:
         device = resolve_device(cfg.device)
         workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
         threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-        memory = check_memory(cfg, todo, workers, device)
+        todo, memory = check_memory(cfg, todo, workers, device)
+    split_done = [c.id for c in todo if c.split and resumable and folder.done(c.id)]  # resuming a split chunk
+    skipped += split_done
+    todo = [c for c in todo if c.id not in split_done]
     run = {"backend": backend, "ray_address": address, "ray": _version("ray") if backend == "ray" else None,
            "workers": workers, "threads_per_worker": threads, **memory}
     with contextlib.ExitStack() as stack:
@@ -415,12 +433,12 @@ def run_experiment(
             elif todo:
                 data = {t: make_data(cfg.for_teacher(t)).to(device) for t in sorted({c.teacher for c in todo})}
                 run_local(lambda chunk, p: train_chunk(cfg, chunk, data[chunk.teacher], device, p), todo, folder.commit_chunk, progress)
-        ids = [c.id for c in chunks]
+        ids = skipped + [c.id for c in todo]
         tables = folder.merge(ids)
         tables["results"] = select_strengths(tables["results"])
         write_parquet_atomic(tables["results"], folder.path / "results.parquet")
         folder.write_json("summary.json", summarize(cfg, tables["results"], tables["curves"]))
-        info = manifest(cfg, device, time.perf_counter() - start, chunks, skipped, run)
+        info = manifest(cfg, device, time.perf_counter() - start, ids, skipped, run)
         folder.write_json("manifest.json", {**info, "chunk_train_seconds": folder.chunk_seconds(ids)})
         build_report(folder.path, quiet=quiet)
     return folder.path
