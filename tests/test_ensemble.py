@@ -103,3 +103,20 @@ def test_hand_written_backprop_equals_autograd(task):
         runs[backprop] = ens
     for (name, a), (_, b) in zip(runs["manual"].named_parameters(), runs["autograd"].named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_failed_student_stays_frozen_after_its_epoch():
+    x, y = _data()
+    y = y.clone()
+    y[1, 5] = float("inf")  # trial 1's data holds an infinite target: its student fails in epoch 0
+    students = [make_student(10, _plans(w, "spectral"), seed=w) for w in (6, 9)]
+    runs = {}
+    for epochs in (1, 4):
+        ens = Ensemble([copy.deepcopy(s) for s in students])
+        log = train_ensemble(ens, x, y, torch.tensor([0, 1]), TrainSpec(0.01, 40, epochs), [1, 2])
+        runs[epochs] = (ens, log)
+    assert runs[4][1].failed_step[0] == -1 and 0 <= runs[4][1].failed_step[1] < 3
+    for a, b in zip(runs[1][0].student(1).parameters(), runs[4][0].student(1).parameters()):
+        assert torch.equal(a, b)  # nothing moved after the failing epoch
+    moved = [not torch.equal(a, b) for a, b in zip(runs[1][0].student(0).parameters(), runs[4][0].student(0).parameters())]
+    assert any(moved)  # while the healthy student kept training

@@ -83,8 +83,9 @@ def train_ensemble(
 
     x [T, P, D] and y [T, P] hold the training sets of T trials; `trial_index` [S] says which one
     each student uses; `shuffle_seeds[t]` seeds trial t's batch order. A student whose loss turns
-    NaN/inf is frozen (its gradients are zeroed from then on) and reported in `failed_step`;
-    the others are untouched by it. `on_epoch(epoch, mean_loss_of_live_students)` reports progress.
+    NaN/inf gets no data gradient from that step on and its parameters are frozen from the end of that
+    epoch (Adam's momentum may move them until then); it is reported in `failed_step`. The others are
+    untouched by it. `on_epoch(epoch, mean_loss_of_live_students)` reports progress.
     """
     params = [p for p in ens.parameters() if p.requires_grad]
     opt = _optimizer(params, spec.lr)
@@ -96,7 +97,7 @@ def train_ensemble(
     failed_loss = x.new_zeros(ens.n_students)
     alive = torch.ones(ens.n_students, dtype=torch.bool, device=x.device)
     rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
-    step, any_dead = 0, False
+    step, frozen = 0, None
     for epoch in range(spec.epochs):
         perm = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(x.device)
         xs, ys = x[rows, perm][trial_index], y[rows, perm][trial_index]
@@ -115,14 +116,18 @@ def train_ensemble(
             failed_loss = torch.where(first, loss.detach(), failed_loss)
             failed_step = torch.where(first, step, failed_step)
             loss = torch.where(alive & ~bad, loss.detach(), torch.zeros_like(loss))
-            if any_dead:
-                for p in params:
-                    p.grad[~alive] = 0
+            alive = alive & ~bad  # no data gradient from the failing step on (checked without a device sync)
             opt.step()
+            if frozen is not None:  # students that failed in an earlier epoch keep their parameters
+                dead, saved = frozen
+                with torch.no_grad():
+                    for p, v in zip(params, saved):
+                        p[dead] = v
             running += loss
             step += 1
-        alive = failed_step < 0
-        any_dead = not bool(alive.all())
+        if frozen is None and not bool(alive.all()) or frozen is not None and int((~alive).sum()) > len(frozen[0]):
+            dead = torch.nonzero(~alive).squeeze(1)
+            frozen = (dead, [p.detach()[dead].clone() for p in params])
         if on_epoch is not None:
             live = running[alive]
             on_epoch(epoch, float(live.mean()) / len(batches) if live.numel() else float("nan"))
