@@ -94,6 +94,17 @@ def test_prune_auto_with_a_data_file_and_without_data(tmp_path):
     save_file({"x": x}, str(tmp_path / "bad.safetensors"))
     code, err, _ = _run(["prune", path, "--keep", "auto", "--data", tmp_path / "bad.safetensors"])
     assert code == 2 and "needs tensors named x [P, D] and y [P], found ['x']" in err
+    save_file({"x": torch.randn(50, 7), "y": torch.randn(50)}, str(tmp_path / "narrow.safetensors"))
+    code, err, _ = _run(["prune", path, "--keep", "auto", "--data", tmp_path / "narrow.safetensors"])
+    assert code == 2 and "validation data must be x [P, 10] and y [P], got x [50, 7]" in err and err.count("\n") == 1
+    save_file({"x": x.double(), "y": y.double()}, str(tmp_path / "f64.safetensors"))  # another dtype is cast, not a crash
+    code, err, _ = _run(["prune", path, "--keep", "auto", "--atol", "0.05", "--data", tmp_path / "f64.safetensors",
+                         "--out", tmp_path / "f64-small.safetensors"])
+    assert code == 0, err
+    code, err, _ = _run(["prune", path, "--keep", "3", "--out", tmp_path / "nowhere" / "s.safetensors"])
+    assert code == 2 and "folder" in err and "does not exist" in err
+    code, err, _ = _run(["export", path, "--onnx", tmp_path / "nowhere" / "m.onnx"])
+    assert code == 2 and "does not exist" in err
 
 
 @pytest.mark.parametrize("args, message", [

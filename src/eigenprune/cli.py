@@ -15,7 +15,7 @@ from eigenprune.backends import BackendError
 from eigenprune.checkpoint import CheckpointError
 from eigenprune.config import ConfigError, load_config
 from eigenprune.data import DataError
-from eigenprune.store import RunFolderError
+from eigenprune.store import RunFolder, RunFolderError
 
 try:
     from typer import TyperException as _UsageError  # newer typer parses arguments without click
@@ -160,7 +160,6 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from eigenprune.config import Config
     from eigenprune.experiment import make_data, validation_split
     from eigenprune.prune import PruneError
 
@@ -180,10 +179,7 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     if run_dir is None or not (run_dir / "config.yaml").is_file():
         raise PruneError("--keep auto needs validation data: pass --data RUN_DIR (the run folder the checkpoint came from) "
                          "or --data FILE.safetensors (tensors x and y)")
-    try:
-        cfg = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    except Exception as err:  # noqa: BLE001 - any unreadable config is a user error here
-        raise PruneError(f"{run_dir / 'config.yaml'} is not a readable eigenprune config ({type(err).__name__})") from None
+    cfg = RunFolder(run_dir).read_config()
     digest = extra.get("config_digest")
     if digest is not None and digest != cfg.digest():
         raise PruneError(f"{checkpoint} was trained with config {digest}, but {run_dir} holds config {cfg.digest()}")
@@ -232,8 +228,14 @@ def prune(
         task = "regression"
         if spec.kind == "auto":
             x, y, task = _validation_data(checkpoint, data, extra)
+            n_in = layer_sizes(model)[0]
+            if x.dim() != 2 or x.shape[1] != n_in or y.shape[:1] != x.shape[:1]:
+                raise PruneError(f"validation data must be x [P, {n_in}] and y [P], got x {list(x.shape)} and y {list(y.shape)}")
+            x = x.to(next(model.parameters()).dtype)
         small = prune_nodes(model, spec, layers=chosen, x_val=x, y_val=y, rtol=rtol, atol=atol, task=task)
         target = out or checkpoint.with_name(checkpoint.stem + "-pruned.safetensors")
+        if not target.parent.is_dir():
+            raise PruneError(f"--out {target}: folder {target.parent} does not exist")
         save_model(small, target, {**extra, "pruned_from": str(checkpoint), "keep": keep, "sizes": layer_sizes(small)})
     except _pruning_errors() as err:
         _fail(str(err))
@@ -254,10 +256,12 @@ def export(
     import torch
 
     from eigenprune.checkpoint import load_model
-    from eigenprune.export import export_onnx
+    from eigenprune.export import ExportError, export_onnx
     from eigenprune.nets import layer_sizes
 
     try:
+        if not onnx.parent.is_dir():
+            raise ExportError(f"--onnx {onnx}: folder {onnx.parent} does not exist")
         net, _ = load_model(model)
         path = export_onnx(net, onnx)
     except _pruning_errors() as err:

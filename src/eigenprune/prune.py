@@ -293,7 +293,8 @@ ScoreFn = Callable[..., torch.Tensor]
 """criterion(model, layer, x, y) -> scores [N]; every `eigenprune.criteria.Criterion` is one."""
 
 
-def _default_scores(model: nn.Module, layer: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+def _default_scores(model: nn.Module, layer: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                    task: Task = "regression") -> torch.Tensor:
     return node_importance(linear_layers(as_sequential(model))[layer])
 
 
@@ -318,7 +319,7 @@ def select_nodes(
 ) -> dict[int, torch.Tensor]:
     """Which nodes of each hidden layer to keep: {linear layer index: sorted node indices}.
 
-    `criterion(model, layer, x, y) -> scores [N]` ranks each layer's nodes on the unpruned model
+    `criterion(model, layer, x, y, task=task) -> scores [N]` ranks each layer's nodes on the unpruned model
     (default `node_importance`: the eigenvalue score of a spectral layer, the norm of the incoming
     weights otherwise; `eigenprune.criteria` has the others). For keep="auto", pass validation
     data: a layer keeps the smallest k such that, for this k and every larger one, the validation
@@ -350,7 +351,7 @@ def select_nodes(
             full = float(task_loss(current(x_val), y_val, task))
         limit = full + atol + rtol * abs(full)
     for layer in sorted(specs):
-        scores = criterion(model, layer, x_val, y_val).detach().flatten()
+        scores = criterion(model, layer, x_val, y_val, task=task).detach().flatten()
 
         def curve(layer=layer, scores=scores, current=current) -> torch.Tensor:
             losses = loss_by_kept(current, layer, scores, x_val, y_val, task)
