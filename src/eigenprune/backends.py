@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Protocol
 
+from eigenprune.checkpoint import first_line
 from eigenprune.progress import Progress, QueueProgress
 from eigenprune.store import ChunkResult
 
@@ -107,7 +108,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             else:
                 ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         except Exception as err:  # noqa: BLE001 - whatever Ray raises, the user gets one line
-            raise BackendError(f"cannot start or reach Ray at {address or 'a new local instance'}: {_first_line(err)}") from None
+            raise BackendError(f"cannot start or reach Ray at {address or 'a new local instance'}: {first_line(err)}") from None
         try:
             yield ray
         finally:
@@ -125,11 +126,6 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as err:
         raise BackendError(f"cannot reach Ray at {address}: {err.strerror or type(err).__name__}") from None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def run_ray(

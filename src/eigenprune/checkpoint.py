@@ -122,7 +122,7 @@ def read_metadata(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an eigenprune checkpoint (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
     return meta
@@ -140,7 +140,7 @@ def load_model(path: str | Path) -> tuple[nn.Sequential, dict]:
         arch = json.loads(meta["eigenprune"])
         extra = json.loads(meta.get("extra", "{}"))
     except (SafetensorError, OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: corrupted checkpoint ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: corrupted checkpoint ({first_line(err)})") from None
     if not isinstance(arch, list) or not all(isinstance(e, dict) for e in arch):
         raise CheckpointError(f"{path}: corrupted checkpoint (architecture is not a list of layers)")
     dtypes = {t.dtype for t in tensors.values()}
@@ -153,15 +153,16 @@ def load_model(path: str | Path) -> tuple[nn.Sequential, dict]:
     except KeyError as err:
         raise CheckpointError(f"{path}: corrupted checkpoint (an architecture entry lacks the key {err})") from None
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: corrupted checkpoint (bad architecture entry: {_first_line(err)})") from None
+        raise CheckpointError(f"{path}: corrupted checkpoint (bad architecture entry: {first_line(err)})") from None
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:  # its first line is a generic heading; the second names the tensor
-        detail = [line.strip() for line in str(err).splitlines() if line.strip()][1:2] or [_first_line(err)]
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()][1:2] or [first_line(err)]
         raise CheckpointError(f"{path}: tensors do not match the stored architecture ({detail[0]})") from None
     return model, extra if isinstance(extra, dict) else {}
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
+    """The first line of an exception's message (its type name if the message is empty)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from eigenprune.analysis import critical_point, effective_dim
-from eigenprune.config import ConfigError, DataConfig, parse_config, read_yaml
+from eigenprune.config import ConfigError, DataConfig, _Strict, parse_config, read_yaml
 from eigenprune.criteria import CRITERIA, Criterion, get_criterion
 from eigenprune.data import TrialData, derive_seed, teacher_data
 from eigenprune.ensemble import Ensemble
@@ -38,10 +38,6 @@ from eigenprune.progress import Progress
 from eigenprune.prune import pruning_curves
 from eigenprune.store import write_parquet_atomic, write_text_atomic
 from eigenprune.train import TrainSpec, evaluate, train_ensemble
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class CompareTrain(_Strict):
@@ -71,6 +67,8 @@ class CompareConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_criteria(self) -> CompareConfig:
+        if self.data.source != "teacher":
+            raise ValueError(f"compare trains on teacher data only; data.source {self.data.source!r} is not supported")
         for name in [*self.criteria, *self.params]:
             if name not in CRITERIA:
                 raise ValueError(f"unknown criterion {name!r}; known: {', '.join(CRITERIA)}")
@@ -176,6 +174,8 @@ def run_compare(cfg: CompareConfig, out: str | Path, quiet: bool = False) -> Pat
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a folder")
+    if (out / "results.parquet").exists() or (out / "chunks").exists():
+        raise ConfigError(f"{out} is a run folder of `eigenprune run`; give compare its own --out")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     d, t = cfg.data, cfg.data.teacher
@@ -200,10 +200,10 @@ def run_compare(cfg: CompareConfig, out: str | Path, quiet: bool = False) -> Pat
     finally:
         torch.set_num_threads(threads)
     table = pd.DataFrame(rows)
-    table["seconds_total"] = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     summary = summarize_compare(table)
     write_parquet_atomic(table, out / "compare.parquet")
     write_parquet_atomic(pd.concat(curve_rows, ignore_index=True), out / "compare_curves.parquet")
     write_parquet_atomic(summary, out / "compare_summary.parquet")
-    write_text_atomic(out / "compare.md", markdown_table(summary, cfg))
+    write_text_atomic(out / "compare.md", markdown_table(summary, cfg) + f"\nTraining and scoring took {seconds:.0f} s.\n")
     return out

@@ -14,8 +14,6 @@ from torch.nn import functional as F
 from eigenprune.layers import SpectralLinear, spectral_weight
 from eigenprune.nets import linear_layers
 
-_PARTS = ("phi", "lam_in", "lam_out", "bias")
-
 
 class StackedLayer(nn.Module):
     """One layer of S students: phi [S, O, I], lam_in [S, I], lam_out [S, O], bias [S, O] or None."""
@@ -42,11 +40,9 @@ class StackedLayer(nn.Module):
             stacked["lam_out"][i, :o] = layer.lam_out.detach()
             if first.bias is not None:
                 stacked["bias"][i, :o] = layer.bias.detach()
-        for name in _PARTS:
-            if getattr(first, name) is None:
-                self.bias = None
-            else:
-                setattr(self, name, nn.Parameter(stacked[name], getattr(first, name).requires_grad))
+        for name in ("phi", "lam_in", "lam_out"):
+            setattr(self, name, nn.Parameter(stacked[name], getattr(first, name).requires_grad))
+        self.bias = None if first.bias is None else nn.Parameter(stacked["bias"], first.bias.requires_grad)
         self.register_buffer("widths", torch.tensor([layer.out_features for layer in layers]))
         self.register_buffer("in_widths", torch.tensor([layer.in_features for layer in layers]))
         self.register_buffer("l2_phi", torch.tensor([layer.l2_phi for layer in layers], **kw))

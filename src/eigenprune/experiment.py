@@ -124,8 +124,8 @@ def make_data(cfg: Config) -> TrialData:
 
 
 def validation_split(cfg: Config, n_train: int | None = None) -> int:
-    """Training patterns actually trained on (the rest of the training set is the validation set of a
-    regularization path and of the joint pruning search)."""
+    """Training patterns actually trained on (on a regularization path, the rest of the training set is
+    held out as the validation set that chooses the strength)."""
     n_train = cfg.data.n_train if n_train is None else n_train
     if cfg.regularization.mode != "path":
         return n_train
@@ -230,7 +230,7 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
             compared = {c: cmp[c] for c in compared}
         results.append({
             **base, "teacher_kind": cfg.data.teacher.kind if cfg.data.source == "teacher" else cfg.data.source,
-            "teacher_widths": ",".join(map(str, t_widths)), "teacher_width": h_t,
+            "teacher_widths": ",".join(map(str, t_widths)), "teacher_width": h_t, "target_scale": data.target_scale,
             **{name: float(v[s]) for name, v in metrics.items()},
             "effective_dim": per_layer[0]["effective_dim"] if not failed else -1,
             "critical_point": per_layer[0]["critical_point"] if not failed else -1,

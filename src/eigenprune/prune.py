@@ -19,6 +19,7 @@ from torch import nn
 from eigenprune.ensemble import Ensemble
 from eigenprune.importance import node_importance, normalize
 from eigenprune.layers import SpectralLinear
+from eigenprune.memory import CURVE_BUDGET
 from eigenprune.nets import as_sequential, despectralize, linear_layers
 from eigenprune.train import Task, evaluate, task_loss, task_metric
 
@@ -34,7 +35,7 @@ def keep_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
 @torch.no_grad()
 def pruning_curves(
     ens: Ensemble, layer: int, scores: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-    trial_index: torch.Tensor, task: Task, budget: int = 2**24, metric: str = "loss",
+    trial_index: torch.Tensor, task: Task, budget: int = CURVE_BUDGET, metric: str = "loss",
 ) -> torch.Tensor:
     """Test loss (or accuracy) [S, N] of every student keeping its top-k nodes of hidden layer `layer`, k = 1..N.
 
@@ -256,7 +257,7 @@ def remove_nodes(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Sequenti
 @torch.no_grad()
 def loss_by_kept(
     model: nn.Module, layer: int, scores: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-    task: Task = "regression", budget: int = 2**24,
+    task: Task = "regression", budget: int = CURVE_BUDGET,
 ) -> torch.Tensor:
     """Loss [N] of `model` with only the k highest-scoring nodes of hidden linear layer `layer` kept, k = 1..N.
 

@@ -66,7 +66,7 @@ def run_collapse(curves: pd.DataFrame, results: pd.DataFrame, h_t: int) -> tuple
 def path_comparisons(run_dir: Path, cfg: Config, results: pd.DataFrame) -> dict[str, dict]:
     """Teacher comparison of trial 0's largest student of each method, from its checkpoint."""
     t = cfg.data.teacher
-    if t.kind != "mlp" or len(t.widths) < 2 or "checkpoint" not in results:
+    if cfg.data.source != "teacher" or t.kind != "mlp" or len(t.widths) < 2 or "checkpoint" not in results:
         return {}
     teacher = make_teacher(cfg.data.input_dim, list(t.widths), t.seed)
     out = {}
@@ -299,7 +299,10 @@ def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
         folder = RunFolder(run)
         tables = folder.load()
         for tcfg, sliced, _ in teacher_slices(folder.read_config(), tables):
-            h_t = tcfg.data.teacher.widths[0]
+            h_t = teacher_width(tcfg)
+            if h_t is None:
+                raise RunFolderError(f"{folder.path} has no teacher with a hidden layer (data {tcfg.data.source}, "
+                                     f"teacher {tcfg.data.teacher.kind}): its curves have no h_T to rescale by")
             res = sliced["results"]
             for w, k, d in mean_curves(sliced["curves"], res, "spectral"):
                 if w > h_t:

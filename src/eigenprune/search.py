@@ -19,7 +19,7 @@ from torch import nn
 
 from eigenprune.nets import layer_sizes
 from eigenprune.prune import PruneError, ScoreFn, remove_nodes, select_nodes
-from eigenprune.train import Task, TrainSpec, task_loss, train_alone
+from eigenprune.train import Task, TrainSpec, task_loss, task_metric, train_alone
 
 
 @dataclass
@@ -43,7 +43,7 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task) -> flo
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((model(x).argmax(-1) == y).float().mean())
+    return float(task_metric(model(x), y, "classification", "accuracy"))
 
 
 def minimal_width(

@@ -14,6 +14,7 @@ advisory lock on `.lock` while it writes, so two runs cannot share a folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -33,6 +34,17 @@ except ImportError:  # Windows: no advisory lock
 TABLES = ("results", "curves", "importance", "layers")
 GROUP_KEYS = ["teacher_index", "method", "width", "strength"]  # one cell of the grid (trials vary inside)
 STUDENT_KEYS = [*GROUP_KEYS, "trial"]  # one student: the key columns shared by every table
+
+
+def _finite(obj):
+    """`obj` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 class RunFolderError(ValueError):
@@ -205,7 +217,8 @@ class RunFolder:
         return merged
 
     def write_json(self, name: str, obj: dict) -> None:
-        write_text_atomic(self.path / name, json.dumps(obj, indent=2, default=str) + "\n")
+        """Write strict JSON (NaN and infinities become null)."""
+        write_text_atomic(self.path / name, json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
 
     def _need(self, name: str) -> Path:
         if not self.path.is_dir():

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from eigenprune.ensemble import Ensemble
+from eigenprune.memory import EVAL_BLOCK
 from eigenprune.nets import spectral_penalty
 
 Task = Literal["regression", "classification"]
@@ -153,7 +154,7 @@ def train_alone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainS
 
 @torch.no_grad()
 def evaluate(
-    ens: Ensemble, x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor, task: Task, chunk: int = 8192,
+    ens: Ensemble, x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor, task: Task, chunk: int = EVAL_BLOCK,
     keep: dict[int, torch.Tensor] | None = None, metric: str = "loss",
 ) -> torch.Tensor:
     """Loss (or accuracy) of every student on its trial's set (x [T, P, D], y [T, P]) -> [S] (no penalty).
