@@ -40,3 +40,12 @@ def test_a_split_run_equals_an_unsplit_one_and_resumes(tmp_path):
     run_experiment(split, tmp_path / "split", quiet=True)  # the same command again: nothing left to train
     again = json.loads((tmp_path / "split" / "manifest.json").read_text())
     assert sorted(again["chunks_resumed"]) == sorted(manifest["chunks"])
+
+
+def test_the_estimate_uses_the_real_data_shape():
+    cfg = parse_config({"data": {"source": "digits"}, "student": {"head": "linear", "rest": []}})
+    chunk = plan_chunks(cfg)[0]
+    default = chunk_memory(cfg, chunk)  # the teacher defaults: 10 inputs, 8,000 + 4,000 patterns
+    digits = chunk_memory(cfg, chunk, (64, 1347, 450, 10))
+    wide = chunk_memory(cfg, chunk, (5000, 1347, 450, 10))
+    assert digits < default < wide

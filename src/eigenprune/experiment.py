@@ -201,7 +201,8 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
     for s, (w, t, k) in enumerate(keys):
         step = int(log.failed_step[s])
         failed = step >= 0
-        reason = f"loss became {float(log.failed_loss[s])} at step {step} (epoch {step // per_epoch}); frozen there" if failed else ""
+        reason = (f"loss became {float(log.failed_loss[s])} at step {step} (epoch {step // per_epoch}); "
+                  "frozen from the end of that epoch") if failed else ""
         base = {"teacher_index": chunk.teacher, "method": chunk.method, "width": w, "trial": t, "strength": k}
         per_layer = []
         for layer, st in enumerate(stats):
@@ -307,13 +308,16 @@ def manifest(cfg: Config, device: torch.device, wall: float, chunk_ids: list[str
     return info
 
 
-def check_memory(cfg: Config, chunks: list[Chunk], workers: int, device: torch.device) -> tuple[list[Chunk], dict]:
+def check_memory(
+    cfg: Config, chunks: list[Chunk], workers: int, device: torch.device, shape: tuple[int, int, int, int] | None = None,
+) -> tuple[list[Chunk], dict]:
     """Fit the chunks into memory before anything runs: split a chunk that is too large into groups of
     trials that fit, and refuse (ConfigError) one that does not fit even with a single trial.
 
     The limit is `max_memory_gb`, or DEFAULT_FRACTION of the memory available now (free GPU memory on
-    CUDA), shared by the `workers` chunks that run at once. Returns the chunks to run and the figures
-    for the manifest.
+    CUDA), shared by the `workers` chunks that run at once. `shape` = (inputs, training patterns, test
+    patterns, outputs) of real data (default: the teacher config's). Returns the chunks to run and the
+    figures for the manifest.
     """
     if cfg.max_memory_gb is not None:
         limit, source = cfg.max_memory_gb * 1e9, f"max_memory_gb {cfg.max_memory_gb:g}"
@@ -325,29 +329,31 @@ def check_memory(cfg: Config, chunks: list[Chunk], workers: int, device: torch.d
         source += f", shared by {workers} workers"
     fitted = []
     for c in chunks:
-        need = chunk_memory(cfg, c)
+        need = chunk_memory(cfg, c, shape)
         if need <= per_worker:
             fitted.append(c)
             continue
         size = next((m for m in range(len(c.trials) - 1, 0, -1)
-                     if chunk_memory(cfg, replace(c, trials=c.trials[:m], split=True)) <= per_worker), 0)
+                     if chunk_memory(cfg, replace(c, trials=c.trials[:m], split=True), shape) <= per_worker), 0)
         if not size:
             raise ConfigError(
                 f"chunk {c.id} ({len(c.keys())} students) needs about {gb(need)}, more than the "
                 f"{gb(per_worker)} limit ({source}); lower trials, widths or n_train, use fewer workers, or set max_memory_gb"
             )
         fitted += [replace(c, trials=c.trials[i : i + size], split=True) for i in range(0, len(c.trials), size)]
-    need = {c.id: chunk_memory(cfg, c) for c in fitted}
+    need = {c.id: chunk_memory(cfg, c, shape) for c in fitted}
     return fitted, {"memory_limit_bytes": int(per_worker), "memory_estimate_bytes": need}
 
 
-def chunk_memory(cfg: Config, chunk: Chunk) -> int:
-    """Estimated peak bytes of training and measuring one chunk (see `memory.chunk_bytes`)."""
+def chunk_memory(cfg: Config, chunk: Chunk, shape: tuple[int, int, int, int] | None = None) -> int:
+    """Estimated peak bytes of training and measuring one chunk (see `memory.chunk_bytes`);
+    `shape` = (inputs, training patterns, test patterns, outputs), default: the teacher config's."""
     d = cfg.data
-    widths = [d.input_dim, max(chunk.widths), *cfg.student.rest, 1]
+    inputs, n_train, n_test, outputs = shape or (d.input_dim, d.n_train, d.n_test, 1)
+    widths = [inputs, max(chunk.widths), *cfg.student.rest, outputs]
     size = torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
     n_students = len(chunk.keys())
-    return chunk_bytes(n_students, cfg.trials, widths, d.n_train, d.n_test, cfg.method(chunk.method).batch_size, size)
+    return chunk_bytes(n_students, cfg.trials, widths, n_train, n_test, cfg.method(chunk.method).batch_size, size)
 
 
 def chunk_cost(cfg: Config, chunk: Chunk) -> float:
@@ -392,8 +398,11 @@ def run_experiment(
 
     if address is not None and backend != "ray":
         raise ConfigError("--address is only used with --backend ray")
-    n_train = make_data(cfg).x_train.shape[1] if cfg.data.source != "teacher" else cfg.data.n_train
-    validation_split(cfg, n_train)  # bad data or splits fail here, before the run folder exists
+    shape = None
+    if cfg.data.source != "teacher":  # bad data fails here, before the run folder exists
+        real = make_data(cfg)
+        shape = (real.x_train.shape[-1], real.x_train.shape[1], real.x_test.shape[1], real.n_outputs)
+    validation_split(cfg, shape[1] if shape else cfg.data.n_train)
     chunks = plan_chunks(cfg)
     folder = RunFolder(out)
     resumable = not fresh and (folder.path / "config.yaml").is_file()  # prepare() below refuses another config's folder
@@ -404,14 +413,14 @@ def run_experiment(
         device = torch.device(cfg.device if cfg.device != "auto" else "cpu")  # resolved inside each task
         workers, threads = cfg.workers, 1
         if device.type == "cpu" or cfg.max_memory_gb:
-            todo, memory = check_memory(cfg, todo, 1, torch.device("cpu"))
+            todo, memory = check_memory(cfg, todo, 1, torch.device("cpu"), shape)
         else:
             memory = {}
     else:
         device = resolve_device(cfg.device)
         workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
         threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-        todo, memory = check_memory(cfg, todo, workers, device)
+        todo, memory = check_memory(cfg, todo, workers, device, shape)
     split_done = [c.id for c in todo if c.split and resumable and folder.done(c.id)]  # resuming a split chunk
     skipped += split_done
     todo = [c for c in todo if c.id not in split_done]
