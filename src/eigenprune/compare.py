@@ -31,9 +31,10 @@ from pydantic import Field, model_validator
 from eigenprune.analysis import critical_point, effective_dim
 from eigenprune.config import ConfigError, DataConfig, _Strict, parse_config, read_yaml
 from eigenprune.criteria import CRITERIA, Criterion, get_criterion
-from eigenprune.data import TrialData, derive_seed, teacher_data
+from eigenprune.data import TrialData, derive_seed
 from eigenprune.ensemble import Ensemble
-from eigenprune.nets import LayerPlan, make_student
+from eigenprune.experiment import teacher_set
+from eigenprune.nets import LayerPlan, make_student, paper_student
 from eigenprune.progress import Progress
 from eigenprune.prune import pruning_curves
 from eigenprune.store import write_parquet_atomic, write_text_atomic
@@ -88,10 +89,6 @@ def load_compare_config(path: str | Path | None, overrides: dict | None = None) 
     return parse_config(*read_yaml(path, overrides, "default compare config"), model=CompareConfig)
 
 
-def _student_plans(cfg: CompareConfig, plan: LayerPlan, width: int) -> list[LayerPlan]:
-    return [replace(plan, width=width)] + [LayerPlan(w, "direct", 0.0, 0.0) for w in cfg.rest] + [LayerPlan(1, "fixed", 0.0, 0.0)]
-
-
 def _fmt(mean: float, std: float, digits: int) -> str:
     if np.isnan(mean):
         return "–"
@@ -138,7 +135,8 @@ def _run_group(cfg: CompareConfig, kind: str, group: list[LayerPlan], plans: dic
     spec = TrainSpec(cfg.train.lr, cfg.train.batch_size, cfg.train.epochs)
     shuffle = [derive_seed("shuffle", cfg.seed, trial) for trial in range(cfg.trials)]
     keys = [(plan, w, trial) for plan in group for w in cfg.widths for trial in range(cfg.trials)]
-    students = [make_student(cfg.data.input_dim, _student_plans(cfg, plan, w), derive_seed("student", cfg.seed, trial, w), dtype)
+    students = [make_student(cfg.data.input_dim, paper_student(replace(plan, width=w), list(cfg.rest)),
+                             derive_seed("student", cfg.seed, trial, w), dtype)
                 for plan, w, trial in keys]
     ens = Ensemble(students)
     ti = torch.tensor([trial for _, _, trial in keys])
@@ -178,9 +176,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, quiet: bool = False) -> Pat
         raise ConfigError(f"{out} is a run folder of `eigenprune run`; give compare its own --out")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    d, t = cfg.data, cfg.data.teacher
-    data = teacher_data(t.kind, d.input_dim, list(t.widths), t.seed, derive_seed("data", cfg.seed, d.seed), cfg.trials,
-                        d.n_train, d.n_test, t.latent_dim, d.standardize_targets, getattr(torch, cfg.dtype))
+    data = teacher_set(cfg.data, derive_seed("data", cfg.seed, cfg.data.seed), cfg.trials, getattr(torch, cfg.dtype))
     criteria = {name: cfg.criterion(name) for name in cfg.criteria}
     plans: dict[LayerPlan, list[str]] = {}  # criteria that train alike share their students
     for name, crit in criteria.items():

@@ -27,12 +27,12 @@ from eigenprune import __version__
 from eigenprune.analysis import critical_point, effective_dim, teacher_comparison
 from eigenprune.backends import ray_session, require_ray, run_local, run_ray
 from eigenprune.checkpoint import model_bytes
-from eigenprune.config import Config, ConfigError
+from eigenprune.config import Config, ConfigError, DataConfig
 from eigenprune.data import TrialData, csv_data, derive_seed, digits_data, teacher_data
 from eigenprune.ensemble import Ensemble
 from eigenprune.importance import node_importance, normalize
 from eigenprune.memory import DEFAULT_FRACTION, available_bytes, chunk_bytes, gb
-from eigenprune.nets import LayerPlan, make_student, make_teacher
+from eigenprune.nets import LayerPlan, make_student, make_teacher, paper_student
 from eigenprune.progress import Progress
 from eigenprune.prune import joint_search, pruning_curves
 from eigenprune.regpath import select_strengths
@@ -86,9 +86,7 @@ def student_plans(cfg: Config, method: str, width: int, strength: float = 1.0, n
     """
     m = cfg.method(method)
     first = LayerPlan(width, method, m.l2_phi * strength, m.l2_lam * strength)
-    rest = [replace(first, width=w) if cfg.student.deep else LayerPlan(w, "direct", 0.0, 0.0) for w in cfg.student.rest]
-    head = LayerPlan(n_outputs, "direct", 0.0, 0.0, bias=True) if cfg.student.head == "linear" else LayerPlan(1, "fixed", 0.0, 0.0)
-    return [first, *rest, head]
+    return paper_student(first, list(cfg.student.rest), cfg.student.deep, cfg.student.head, n_outputs)
 
 
 def student_file(method: str, width: int, trial: int, strength: float) -> str:
@@ -111,16 +109,20 @@ def resolve_device(name: str) -> torch.device:
 
 def make_data(cfg: Config) -> TrialData:
     """The trials' train/test sets: teacher data, or a per-trial split of digits or a CSV file."""
-    d, t = cfg.data, cfg.data.teacher
+    d = cfg.data
     seed = derive_seed("data", cfg.seed, d.seed)
     if d.source == "digits":
         return digits_data(cfg.trials, seed, d.test_fraction)
     if d.source == "csv":
         return csv_data(d.csv.path, d.csv.target, d.csv.features, d.csv.task, cfg.trials, seed, d.test_fraction)
-    return teacher_data(
-        t.kind, d.input_dim, list(t.widths), t.seed, seed, cfg.trials,
-        d.n_train, d.n_test, t.latent_dim, d.standardize_targets, getattr(torch, cfg.dtype),
-    )
+    return teacher_set(d, seed, cfg.trials, getattr(torch, cfg.dtype))
+
+
+def teacher_set(d: DataConfig, seed: int, trials: int, dtype: torch.dtype) -> TrialData:
+    """Teacher-labelled train/test sets of `trials` trials for a data config (see `data.teacher_data`)."""
+    t = d.teacher
+    return teacher_data(t.kind, d.input_dim, list(t.widths), t.seed, seed, trials, d.n_train, d.n_test, t.latent_dim,
+                        d.standardize_targets, dtype)
 
 
 def validation_split(cfg: Config, n_train: int | None = None) -> int:

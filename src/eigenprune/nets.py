@@ -7,7 +7,7 @@ batched ensemble can stack them; `despectralize` turns any of them back into `nn
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -50,6 +50,15 @@ def make_layer(n_in: int, plan: LayerPlan, generator: torch.Generator, dtype: to
         with torch.no_grad():
             layer.phi.fill_(-1.0)
     return layer
+
+
+def paper_student(first: LayerPlan, rest: list[int], deep: bool = False, head: str = "sum", n_outputs: int = 1) -> list[LayerPlan]:
+    """Plans of the paper's student: `first`, then hidden widths `rest` (dense and unregularized, or
+    trained like `first` when `deep`), then the readout: the frozen all-ones sum ("sum") or a trainable
+    dense layer with bias to `n_outputs` ("linear")."""
+    hidden = [replace(first, width=w) if deep else LayerPlan(w, "direct", 0.0, 0.0) for w in rest]
+    readout = LayerPlan(n_outputs, "direct", 0.0, 0.0, bias=True) if head == "linear" else LayerPlan(1, "fixed", 0.0, 0.0)
+    return [first, *hidden, readout]
 
 
 def make_student(input_dim: int, plans: list[LayerPlan], seed: int, dtype: torch.dtype = torch.float32) -> nn.Sequential:
