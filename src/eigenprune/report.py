@@ -164,7 +164,8 @@ def claims(cfg: Config, groups: pd.DataFrame, collapse: dict | None = None) -> l
 
     def per_width(method: str, col: str, fmt: str = "{:.1f}") -> str:
         g = groups[groups.method == method]
-        return ", ".join(f"N={int(r.width)}: {fmt.format(r[col + '_mean'])} ± {fmt.format(r[col + '_std'])}" for _, r in g.iterrows())
+        return ", ".join(f"N={int(r.width)}: {fmt.format(r[col + '_mean'])} ± {fmt.format(r[col + '_std'])}"
+                         if pd.notna(r[col + "_mean"]) else f"N={int(r.width)}: –" for _, r in g.iterrows())
 
     if "spectral" in set(groups.method):
         rows.append((f"Spectral effective dimension stays near h_T = {h_t} for every N", per_width("spectral", "effective_dim")))
@@ -180,7 +181,8 @@ def claims(cfg: Config, groups: pd.DataFrame, collapse: dict | None = None) -> l
     rows.append((f"Pruning has a sharp transition at n_c ≈ h_T = {h_t} for spectral students (critical point per trial)",
                  "; ".join(f"{m}: " + per_width(m, "critical_point") for m in groups.method.unique())))
     if collapse is not None and not np.isnan(collapse["ratio"]):
-        rows.append(("Spectral pruning curves of different N collapse after rescaling (spread = mean coefficient of variation)",
+        rows.append(("Spectral pruning curves of different N fall on one curve (spread = mean coefficient of variation "
+                     "across N of ΔMSE and of ΔMSE / max; 0 = identical; across teachers: `eigenprune collapse`)",
                      f"before {collapse['spread_before']:.3f}, after {collapse['spread_after']:.3f} (ratio {collapse['ratio']:.2f})"))
     for col, what in (("path_distance", "path products"), ("in_strength_distance", "in-strengths")):
         if groups[f"{col}_mean"].notna().any():
