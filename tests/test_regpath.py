@@ -9,7 +9,7 @@ from conftest import TINY
 from eigenprune.checkpoint import load_model
 from eigenprune.config import ConfigError, parse_config
 from eigenprune.experiment import run_experiment, validation_split
-from eigenprune.regpath import best_rule, one_se_rule, select_strengths
+from eigenprune.regpath import best_rule, one_se_rule, select_strengths, stable_rule
 
 
 def test_best_and_one_se_rules_on_known_curves():
@@ -21,6 +21,17 @@ def test_best_and_one_se_rules_on_known_curves():
     assert one_se_rule(k, mean, se * 4) == 3.0  # a noisier best admits a stronger penalty
     assert one_se_rule(k, mean, np.full(5, np.nan)) == 0.3  # one trial: no SE, the rule falls back to best
     assert best_rule(np.array([1.0, 2.0]), np.array([0.1, 0.1])) == 2.0  # ties go to the stronger penalty
+
+
+def test_stability_rule_picks_inside_the_longest_plateau():
+    k = np.array([0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0])
+    dim = np.array([48.7, 35.3, 30.7, 25.7, 21.7, 22.3, 22.7, 16.0])  # measured shape: a plateau at ~22 for x0.5..x2
+    val = np.array([0.0109, 0.0110, 0.0106, 0.0108, 0.0117, 0.0203, 0.0417, 0.0863])
+    assert stable_rule(k, val, dim) == 0.5  # the plateau {0.5, 1, 2}; its lowest validation loss
+    assert stable_rule(k[::-1], val[::-1], dim[::-1]) == 0.5  # order does not matter
+    steep = np.array([87.3, 69.0, 57.7, 46.7, 33.3, 25.3, 20.7, 14.3])  # no two neighbours within 15%
+    assert stable_rule(k, val, steep) is None
+    assert stable_rule(k, val, steep, plateau_tol=0.2) == 0.1  # longest run within 20%: {0.05, 0.1, 0.2}
 
 
 def test_select_strengths_flags_every_trial_of_the_choice():

@@ -100,13 +100,14 @@ class RegularizationConfig(_Strict):
 
     On a path, `validation_fraction` of each trial's training set is held out (not trained on) to
     choose a strength: "best" = lowest mean validation loss; "1se" = the largest strength whose mean
-    validation loss is within one standard error (over trials) of the best.
+    validation loss is within one standard error (over trials) of the best; "stable" = the best
+    validation loss inside the longest plateau of the effective dimension (see `regpath`).
     """
 
     mode: Literal["fixed", "path"] = "fixed"
     multipliers: Annotated[list[PositiveFloat], Field(min_length=1)] = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    rule: Literal["best", "1se"] = "1se"
+    rule: Literal["best", "1se", "stable"] = "1se"
 
 
 class Config(_Strict):

@@ -269,7 +269,7 @@ def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
         row = {**dict(zip(GROUP_KEYS, key)), "teacher_width": float(g.teacher_width.iloc[0]),
                "trials_ok": len(good), "trials_failed": len(g) - len(good)}
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-        for flag in ("selected_best", "selected_1se"):
+        for flag in ("selected_best", "selected_1se", "selected_stable"):
             if flag in g:
                 row[flag] = bool(g[flag].any())
         for col in [c for c in SUMMARY_COLUMNS if c in g]:

@@ -186,7 +186,7 @@ def regularization_path(results: pd.DataFrame, table: pd.DataFrame, cfg):
                                   capsize=2, label=f"{method} N={width}")
             t = tab[(tab.method == method) & (tab.width == width)]
             axes[row][1].errorbar(t.strength, t.val_mean, yerr=t.val_se.fillna(0), color=color, ls=ls, marker="o", ms=3, capsize=2)
-            for flag, marker in (("selected_best", "o"), ("selected_1se", "*")):
+            for flag, marker in (("selected_best", "o"), ("selected_1se", "*"), ("selected_stable", "s")):
                 chosen = sub[(sub.method == method) & (sub.width == width) & sub[flag]]
                 if len(chosen):
                     k = chosen.strength.iloc[0]

@@ -16,7 +16,7 @@ from eigenprune.analysis import collapse_measure, fit_exponential, teacher_compa
 from eigenprune.checkpoint import load_model
 from eigenprune.config import Config
 from eigenprune.nets import linear_layers, make_teacher
-from eigenprune.regpath import path_table
+from eigenprune.regpath import RULES, path_table, select_strengths
 from eigenprune.store import GROUP_KEYS, STUDENT_KEYS, RunFolder, RunFolderError, write_text_atomic
 
 FIGURES = {
@@ -219,6 +219,8 @@ def build_report(run_dir: str | Path, quiet: bool = True) -> Path:
         raise RunFolderError(f"{run_dir / 'results.parquet'} lacks columns {missing}; it was not written by this eigenprune")
     failed = tables["results"][tables["results"].status != "ok"]
     groups = pd.DataFrame(summary["groups"])
+    if cfg.regularization.mode == "path":  # the rules are cheap and deterministic: apply the current ones
+        tables["results"] = select_strengths(tables["results"])
     sections = []
     if cfg.regularization.mode == "path":
         fig = plots.regularization_path(tables["results"], path_table(tables["results"]), cfg)
@@ -271,7 +273,7 @@ wall time {manifest.get('wall_seconds', '?')} s.</p>
 
 
 REGPATH_CAPTION = ("Left: effective dimension against the L2 multiplier (teacher width dashed). Right: validation loss "
-                   "(mean ± standard error over trials); circles: best, stars: 1-SE rule.")
+                   "(mean ± standard error over trials); circles: best, stars: 1-SE rule, squares: stability rule.")
 
 
 def path_selection_table(cfg: Config, results: pd.DataFrame) -> pd.DataFrame:
@@ -280,7 +282,7 @@ def path_selection_table(cfg: Config, results: pd.DataFrame) -> pd.DataFrame:
     ok = results[results.status == "ok"]
     for (ti, method, width), g in ok.groupby(["teacher_index", "method", "width"]):
         row = {"h_T": cfg.for_teacher(int(ti)).data.teacher.widths[0], "method": method, "width": width}
-        for rule in ("best", "1se"):
+        for rule in RULES:
             sel = g[g[f"selected_{rule}"]]
             row[f"{rule}_strength"] = sel.strength.iloc[0] if len(sel) else np.nan
             for col in ("effective_dim", "critical_point", "test_loss"):
