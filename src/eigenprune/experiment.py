@@ -64,18 +64,17 @@ class Chunk:
 
 
 def plan_chunks(cfg: Config, pack_factor: float = 1.5) -> list[Chunk]:
-    """Group widths (sorted) greedily while the padded size stays <= pack_factor x the real size."""
-    chunks = []
-    for teacher in range(len(cfg.teacher_list())):
-        for method in cfg.methods:
-            buckets: list[list[int]] = []
-            for w in sorted(set(cfg.student.widths)):
-                if buckets and (len(buckets[-1]) + 1) * w <= pack_factor * (sum(buckets[-1]) + w):
-                    buckets[-1].append(w)
-                else:
-                    buckets.append([w])
-            chunks += [Chunk(method, tuple(b), tuple(range(cfg.trials)), teacher, tuple(cfg.strengths())) for b in buckets]
-    return chunks
+    """Group widths (sorted) greedily while the padded size stays <= pack_factor x the real size;
+    one chunk per (teacher, method, bucket of widths)."""
+    buckets: list[list[int]] = []
+    for w in sorted(set(cfg.student.widths)):
+        if buckets and (len(buckets[-1]) + 1) * w <= pack_factor * (sum(buckets[-1]) + w):
+            buckets[-1].append(w)
+        else:
+            buckets.append([w])
+    trials, strengths = tuple(range(cfg.trials)), tuple(cfg.strengths())
+    return [Chunk(method, tuple(b), trials, teacher, strengths)
+            for teacher in range(len(cfg.teacher_list())) for method in cfg.methods for b in buckets]
 
 
 def student_plans(cfg: Config, method: str, width: int, strength: float = 1.0, n_outputs: int = 1) -> list[LayerPlan]:
