@@ -1,11 +1,19 @@
-"""One prepared GPU session (see docs/benchmarks.md): equivalence with the CPU path, throughput, paper grid.
+"""One prepared GPU session (see docs/benchmarks.md): correctness, throughput, the paper grid, the floor.
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT            # on the GPU machine
+    python benchmarks/gpu_check.py --device cpu --smoke --out /tmp/gc       # rehearsal of the script on a CPU
 
-1. a small grid on CPU and on CUDA (float64): every student's losses and effective dimension agree;
-2. batched throughput on the GPU (students x steps / s) for widths 60, 500, 1500 and 30 students;
-3. configs/paper.yaml's whole grid (540 trainings), timed (skip with --no-paper).
-Writes gpu_check.json under --out and prints a table.
+1. tests/test_cuda.py (CUDA vs CPU, CUDA graph vs eager, a failing student frozen on the GPU);
+2. a small grid (float64) through `run_experiment` on the CPU, on the device, and on the device with
+   CUDA graphs: every student's test loss, effective dimension and failure record agree;
+3. batched throughput (students x steps / s and steady ms per step) for widths 60, 500, 1500 and 30
+   students, eager and with CUDA graphs;
+4. the floor of configs/paper.yaml on this card (`floor.py`: counts and datasheet peaks, no timing);
+   with --smoke, a tiny grid stands in for the paper's in steps 4 and 5;
+5. configs/paper.yaml's whole grid, training only, with CUDA graphs, chunk by chunk until the time
+   budget is spent; each chunk's time next to its floor.
+Every step's result is written to gpu_check.json under --out as soon as it is known; a step that fails
+is recorded with its error and the script exits non-zero at the end.
 """
 
 from __future__ import annotations
@@ -16,48 +24,128 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def equivalence(tmp: Path) -> dict:
+def tests(device: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_cuda.py")],
+                          capture_output=True, text=True, cwd=ROOT)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    if proc.returncode != 0:
+        raise RuntimeError("tests/test_cuda.py failed:\n" + "\n".join(tail))
+    return {"passed": True, "summary": tail[-1]}
+
+
+def equivalence(device: str, smoke: bool) -> dict:
     from eigenprune.config import parse_config
     from eigenprune.experiment import run_experiment
 
     body = {"name": "gpu-eq", "trials": 2, "dtype": "float64", "data": {"n_train": 1000, "n_test": 500},
-            "student": {"widths": [20, 60]}, "spectral": {"epochs": 20}, "direct": {"epochs": 20}, "save_students": False}
+            "student": {"widths": [20, 60]}, "spectral": {"epochs": 5 if smoke else 20}, "direct": {"epochs": 5 if smoke else 20},
+            "save_students": False, "workers": 1}
+    runs = {"cpu": {"device": "cpu"}, device: {"device": device}, f"{device}+graphs": {"device": device, "cuda_graphs": True}}
     frames = {}
-    for device in ("cpu", "cuda"):
-        run_experiment(parse_config({**body, "device": device, "workers": 1}), tmp / device, quiet=True)
-        frames[device] = pd.read_parquet(tmp / device / "results.parquet").sort_values(["method", "width", "trial"])
-    a, b = frames["cpu"].reset_index(drop=True), frames["cuda"].reset_index(drop=True)
-    rel = ((a.test_loss - b.test_loss).abs() / a.test_loss).max()
-    return {"max_rel_test_loss_diff": float(rel), "effective_dim_equal": bool((a.effective_dim == b.effective_dim).all())}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in runs.items():
+            run_experiment(parse_config({**body, **extra}), Path(tmp) / name.replace("+", "_"), quiet=True)
+            frames[name] = (pd.read_parquet(Path(tmp) / name.replace("+", "_") / "results.parquet")
+                            .sort_values(["method", "width", "trial"]).reset_index(drop=True))
+    ref = frames["cpu"]
+    out = {}
+    for name, f in frames.items():
+        if name == "cpu":
+            continue
+        out[name] = {"max_rel_test_loss_diff": float(((ref.test_loss - f.test_loss).abs() / ref.test_loss).max()),
+                     "effective_dim_equal": bool((ref.effective_dim == f.effective_dim).all()),
+                     "failed_step_equal": bool((ref.failed_step == f.failed_step).all())}
+    bad = [n for n, r in out.items() if not (r["max_rel_test_loss_diff"] < 1e-6 and r["effective_dim_equal"] and r["failed_step_equal"])]
+    if bad:
+        raise RuntimeError(f"results differ from the CPU's for {bad}: {out}")
+    return out
+
+
+def throughput(device: str, smoke: bool, out: Path) -> dict:
+    sizes = (["--widths", "20", "--trials", "2", "--steps", "40"] if smoke
+             else ["--widths", "60", "500", "1500", "--trials", "30", "--steps", "1000"])
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", device, *sizes, "--no-per-model",
+           "--out", str(out / "bench_train_gpu.json")]
+    if device.startswith("cuda"):
+        cmd.append("--graphs")
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads((out / "bench_train_gpu.json").read_text())
+
+
+def card_of(device: str) -> str:
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
+    return "h200" if "H200" in name else "h100-pcie" if "PCIe" in name else "h100-sxm"
+
+
+def paper_grid(device: str, config: Path, budget_s: float, out: Path, floor: dict) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", device, "--widths", "20", "--trials", "2",
+           "--steps", "20", "--no-per-model", "--paper-grid", "--grid-config", str(config), "--budget-s", str(max(budget_s, 0.0)),
+           "--out", str(out / "paper_grid.json")]
+    if device.startswith("cuda"):
+        cmd.append("--graphs")
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    grid = json.loads((out / "paper_grid.json").read_text())["paper_grid"]
+    floors = {c["chunk"]: c for c in floor["chunks"]}
+    for c in grid["chunks"]:
+        f = floors[c["chunk"]]
+        c.update({"floor_s_eager_kernels": f["floor_s_eager"], "floor_s_fused": f["floor_s_fused"],
+                  "achieved_over_floor": c["seconds"] / f["floor_s_eager"]})
+    return grid
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--no-paper", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes and a tiny grid instead of the paper's: rehearse the script")
+    ap.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of the whole script; the paper grid gets the rest")
     args = ap.parse_args()
+    start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"device_name": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    with tempfile.TemporaryDirectory() as tmp:
-        result["equivalence"] = equivalence(Path(tmp))
-    print("equivalence:", result["equivalence"], flush=True)
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", "cuda", "--widths", "60", "500", "1500",
-           "--trials", "30", "--steps", "1000", "--no-per-model", "--out", str(out / "bench_train_gpu.json")]
-    if not args.no_paper:
-        cmd.append("--paper-grid")
-    subprocess.run(cmd, check=True)
-    result["bench_train"] = json.loads((out / "bench_train_gpu.json").read_text())
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out / 'gpu_check.json'}")
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    result: dict = {"device_name": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "failed": []}
+
+    def step(key: str, fn) -> None:
+        t0 = time.perf_counter()
+        try:
+            result[key] = fn()
+        except Exception as err:  # recorded, printed and turned into a non-zero exit below
+            traceback.print_exc()
+            result[key] = {"error": f"{type(err).__name__}: {err}"}
+            result["failed"].append(key)
+        result[key + "_seconds"] = time.perf_counter() - t0
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"== {key} ({time.perf_counter() - t0:.0f} s): {json.dumps(result[key])[:600]}", flush=True)
+
+    from floor import grid_floor
+
+    if args.device.startswith("cuda"):
+        step("tests", lambda: tests(args.device))
+    step("equivalence", lambda: equivalence(args.device, args.smoke))
+    step("throughput", lambda: throughput(args.device, args.smoke, out))
+    grid = ROOT / "configs" / "paper.yaml"
+    if args.smoke:
+        grid = out / "smoke-grid.yaml"
+        grid.write_text(yaml.safe_dump({"name": "smoke", "trials": 2, "data": {"n_train": 300, "n_test": 100},
+                                        "student": {"widths": [10, 40]}, "spectral": {"epochs": 3}, "direct": {"epochs": 3}}))
+    step("floor", lambda: grid_floor(grid, card_of(args.device)))
+    if "error" not in result["floor"]:  # the last chunk may start up to 90 s before the budget ends
+        step("paper_grid", lambda: paper_grid(args.device, grid, args.budget_s - (time.perf_counter() - start) - 90, out, result["floor"]))
+    print(f"wrote {out / 'gpu_check.json'} after {time.perf_counter() - start:.0f} s")
+    if result["failed"]:
+        sys.exit(f"failed steps: {', '.join(result['failed'])}")
 
 
 if __name__ == "__main__":

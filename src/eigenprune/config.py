@@ -116,6 +116,7 @@ class Config(_Strict):
     trials: PositiveInt = 3
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
+    cuda_graphs: bool = False  # on CUDA, capture each training epoch once in a CUDA graph and replay it
     methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
     data: DataConfig = DataConfig()
     teachers: list[TeacherConfig] = []  # several teachers in one run (each replaces data.teacher); empty = data.teacher
@@ -162,8 +163,8 @@ class Config(_Strict):
         return list(self.regularization.multipliers) if self.regularization.mode == "path" else [1.0]
 
     def digest(self) -> str:
-        """A hash of everything that changes results (not the device, the name, the worker count or the memory limit)."""
-        payload = self.model_dump(exclude={"device", "name", "workers", "max_memory_gb"})
+        """A hash of everything that changes results (not the device or CUDA graphs, the name, the worker count or the memory limit)."""
+        payload = self.model_dump(exclude={"device", "cuda_graphs", "name", "workers", "max_memory_gb"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

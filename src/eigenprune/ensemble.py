@@ -15,6 +15,11 @@ from eigenprune.layers import SpectralLinear, spectral_weight
 from eigenprune.nets import linear_layers
 
 
+def _sum_squares(v: torch.Tensor) -> torch.Tensor:
+    """Sum of squares along the last dimension [S, K] -> [S], as one batched dot product."""
+    return torch.linalg.vecdot(v, v)
+
+
 class StackedLayer(nn.Module):
     """One layer of S students: phi [S, O, I], lam_in [S, I], lam_out [S, O], bias [S, O] or None."""
 
@@ -60,42 +65,47 @@ class StackedLayer(nn.Module):
         z = torch.bmm(x, self.weight.transpose(1, 2))
         return z if self.bias is None else z + self.bias.unsqueeze(1)
 
-    def penalty(self) -> torch.Tensor:
-        """Per-student regularization [S] of the trainable parts (same terms as `SpectralLinear.penalty`)."""
-        total = self.phi.new_zeros(self.phi.shape[0])
+    def penalty(self, total: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-student regularization [S] of the trainable parts (same terms as `SpectralLinear.penalty`),
+        added to `total` if given."""
+        s = self.phi.shape[0]
+        total = self.phi.new_zeros(s) if total is None else total
         if self.phi.requires_grad:
-            total = total + self.l2_phi * self.phi.square().sum((1, 2))
+            total = torch.addcmul(total, self.l2_phi, _sum_squares(self.phi.reshape(s, -1)))
         for lam in (self.lam_in, self.lam_out):
             if lam.requires_grad:
-                total = total + self.l2_lam * lam.square().sum(1)
+                total = torch.addcmul(total, self.l2_lam, _sum_squares(lam))
         if self.lam_out.requires_grad and self._sparsity[0]:
             total = total + self.l1_lam * self.lam_out.abs().sum(1)
         if self._sparsity[1]:
             total = total + self.group_lasso * self.weight.norm(dim=-1).sum(1)
         return total
 
-    def set_grads(self, grad_w: torch.Tensor, grad_bias: torch.Tensor | None, keep: torch.Tensor) -> None:
+    def lam_diff(self) -> torch.Tensor:
+        """lam_in_j - lam_out_i [S, O, I]: the factor between phi and the weight."""
+        return self.lam_in.unsqueeze(1) - self.lam_out.unsqueeze(2)
+
+    def set_grads(self, grad_w: torch.Tensor, grad_bias: torch.Tensor | None, k: torch.Tensor, lam_diff: torch.Tensor) -> None:
         """Store d(loss)/d(parameters) in `.grad`, given d(loss)/dW [S, O, I] and d(loss)/d(bias) [S, O].
 
-        Chain rule through w = (lam_in - lam_out) * phi, plus the regularization terms (L2, and the
-        L1 / group-lasso sparsity terms where set) of students with keep = 1.
+        Chain rule through w = lam_diff * phi (`lam_diff` as from `lam_diff()`), plus the regularization
+        terms (L2, and the L1 / group-lasso sparsity terms where set) of students with k = 1 (k [S] 0/1).
         """
-        k = keep.to(self.phi.dtype)
         if self._sparsity[1]:  # d/dW of g * sum_i ||w_i|| is g * w_i / ||w_i|| (0 for an all-zero row, as in autograd)
             w = self.weight
             norm = w.norm(dim=-1, keepdim=True)
             grad_w = grad_w + (self.group_lasso * k)[:, None, None] * w / torch.where(norm > 0, norm, torch.ones_like(norm))
         if self.phi.requires_grad:
-            lam_diff = self.lam_in.unsqueeze(1) - self.lam_out.unsqueeze(2)
-            self.phi.grad = grad_w * lam_diff + (2 * self.l2_phi * k)[:, None, None] * self.phi
+            self.phi.grad = torch.addcmul(grad_w * lam_diff, (2 * self.l2_phi * k)[:, None, None], self.phi)
         if self.lam_out.requires_grad or self.lam_in.requires_grad:
             gp = grad_w * self.phi
+            coef = (2 * self.l2_lam * k)[:, None]
             if self.lam_out.requires_grad:
-                self.lam_out.grad = -gp.sum(2) + (2 * self.l2_lam * k)[:, None] * self.lam_out
+                self.lam_out.grad = torch.addcmul(-gp.sum(2), coef, self.lam_out)
                 if self._sparsity[0]:  # d/dlam of l1 * sum |lam_out| (sign(0) = 0, as in autograd)
                     self.lam_out.grad += (self.l1_lam * k)[:, None] * self.lam_out.sign()
             if self.lam_in.requires_grad:
-                self.lam_in.grad = gp.sum(1) + (2 * self.l2_lam * k)[:, None] * self.lam_in
+                self.lam_in.grad = torch.addcmul(gp.sum(1), coef, self.lam_in)
         if self.bias is not None and self.bias.requires_grad:
             self.bias.grad = grad_bias
 
@@ -165,46 +175,53 @@ class Ensemble(nn.Module):
 
     def penalty(self) -> torch.Tensor:
         """Per-student regularization [S]."""
-        return sum(layer.penalty() for layer in self.layers)
+        total = None
+        for layer in self.layers:
+            total = layer.penalty(total)
+        return total
 
     @torch.no_grad()
-    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, task: str, alive: torch.Tensor) -> torch.Tensor:
-        """Per-student loss + penalty [S] of one batch, with its gradients written to `.grad`.
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, task: str, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-student loss + penalty [S] of one batch, with its gradients written to `.grad`; also
+        returns `keep` [S]: alive and with a finite loss.
 
-        Hand-written backpropagation (no autograd graph: less work per step). Equal to autograd on
-        `task_loss(ens(x), y) + penalty()` summed over the students that are `alive` and whose loss
-        is finite; the others get zero data gradients. x [S, B, D]; y [S, B].
+        Hand-written backpropagation (no autograd graph, and few kernels: a step's cost on a CPU or
+        in a CUDA graph is mostly their count). Equal to autograd on `task_loss(ens(x), y) + penalty()`
+        summed over the students that are `alive` and whose loss is finite; the others get zero
+        gradients. x [S, B, D]; y [S, B].
         """
-        weights = [layer.weight for layer in self.layers]
-        acts, pre = [x], []
+        diffs = [layer.lam_diff() for layer in self.layers]
+        weights = [d * layer.phi for layer, d in zip(self.layers, diffs)]
+        acts = [x]
         h = x
         for i, (layer, w) in enumerate(zip(self.layers, weights)):
-            z = torch.bmm(h, w.transpose(1, 2))
+            h = torch.bmm(h, w.transpose(1, 2))
             if layer.bias is not None:
-                z = z + layer.bias.unsqueeze(1)
+                h = h + layer.bias.unsqueeze(1)
             if i < len(self.layers) - 1:
-                pre.append(z)
-                h = F.relu(z)
+                h = h.relu_()  # the mask of ReLU's gradient is h > 0 (as z > 0)
                 acts.append(h)
         batch = x.shape[1]
         if task == "regression":
-            residual = z.squeeze(-1) - y
+            residual = h.squeeze(-1) - y
             loss = residual.square().mean(-1)
             delta = (2.0 / batch) * residual.unsqueeze(-1)
         else:
-            logp = F.log_softmax(z, -1)
+            logp = F.log_softmax(h, -1)
             loss = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(-1)
-            delta = (logp.exp() - F.one_hot(y, z.shape[-1]).to(z.dtype)) / batch
+            delta = (logp.exp() - torch.zeros_like(logp).scatter_(-1, y.unsqueeze(-1), 1.0)) / batch  # no host sync, unlike one_hot on CUDA
         loss = loss + self.penalty()
-        keep = alive & torch.isfinite(loss)
-        delta = torch.where(keep[:, None, None], delta, torch.zeros_like(delta))
+        keep = alive & (loss * 0 == 0)  # finite: inf * 0 and nan * 0 are nan (one kernel less than isfinite)
+        delta = torch.where(keep[:, None, None], delta, 0.0)
+        k = keep.to(x.dtype)
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
             if any(p is not None and p.requires_grad for p in (layer.phi, layer.lam_in, layer.lam_out, layer.bias)):
-                layer.set_grads(torch.bmm(delta.transpose(1, 2), acts[i]), delta.sum(1), keep)
+                grad_bias = delta.sum(1) if layer.bias is not None and layer.bias.requires_grad else None
+                layer.set_grads(torch.bmm(delta.transpose(1, 2), acts[i]), grad_bias, k, diffs[i])
             if i > 0:
-                delta = torch.bmm(delta, weights[i]) * (pre[i - 1] > 0)
-        return loss
+                delta = torch.ops.aten.threshold_backward(torch.bmm(delta, weights[i]), acts[i], 0)  # ReLU's gradient
+        return loss, keep
 
     def student(self, s: int) -> nn.Sequential:
         """Student `s` as a standalone, unpadded `nn.Sequential` (a copy)."""

@@ -159,24 +159,44 @@ def layer_stats(cfg: Config, ens: Ensemble, data: TrialData, trial_index: torch.
     return stats
 
 
-def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, progress: Progress) -> tuple[dict, Ensemble, list]:
-    """Train one chunk on its teacher's `data` and measure every student; returns (tables, ensemble, keys)."""
-    cfg = cfg.for_teacher(chunk.teacher)
+@dataclass
+class Prepared:
+    """A chunk ready to train: its students stacked on the device, which trial each uses, the training
+    spec, every trial's shuffle seed, and how many training patterns it fits (the rest validates)."""
+
+    ens: Ensemble
+    trial_index: torch.Tensor
+    spec: TrainSpec
+    shuffle: list[int]
+    n_fit: int
+
+
+def prepare_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device) -> Prepared:
     dtype = getattr(torch, cfg.dtype)
     keys = chunk.keys()
     input_dim = data.x_train.shape[-1]
     students = [make_student(input_dim, student_plans(cfg, chunk.method, w, k, data.n_outputs), student_seed(cfg, t, w), dtype)
                 for w, t, k in keys]
-    ens = Ensemble(students).to(device)
-    trial_index = torch.tensor([t for _, t, _ in keys], device=device)
     m = cfg.method(chunk.method)
-    spec = TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs, task=data.task)
-    shuffle = [derive_seed("shuffle", cfg.seed, t) for t in range(cfg.trials)]
-    n_fit = validation_split(cfg, data.x_train.shape[1])
+    return Prepared(
+        ens=Ensemble(students).to(device), trial_index=torch.tensor([t for _, t, _ in keys], device=device),
+        spec=TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs, task=data.task, cuda_graph=cfg.cuda_graphs),
+        shuffle=[derive_seed("shuffle", cfg.seed, t) for t in range(cfg.trials)], n_fit=validation_split(cfg, data.x_train.shape[1]),
+    )
+
+
+def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, progress: Progress) -> tuple[dict, Ensemble, list]:
+    """Train one chunk on its teacher's `data` and measure every student; returns (tables, ensemble, keys)."""
+    cfg = cfg.for_teacher(chunk.teacher)
+    keys = chunk.keys()
+    input_dim = data.x_train.shape[-1]
+    dtype = getattr(torch, cfg.dtype)
+    prep = prepare_chunk(cfg, chunk, data, device)
+    ens, trial_index, n_fit, m = prep.ens, prep.trial_index, prep.n_fit, cfg.method(chunk.method)
     fit_x, fit_y = data.x_train[:, :n_fit], data.y_train[:, :n_fit]
     label = f"{chunk.method} N={','.join(map(str, chunk.widths))}" + (f" h_T={cfg.data.teacher.widths[0]}" if chunk.teacher else "")
     task = progress.add(f"{label} ({len(keys)} students)", m.epochs)
-    log = train_ensemble(ens, fit_x, fit_y, trial_index, spec, shuffle, lambda e, loss: progress.update(task, e + 1, loss))
+    log = train_ensemble(ens, fit_x, fit_y, trial_index, prep.spec, prep.shuffle, lambda e, loss: progress.update(task, e + 1, loss))
     per_epoch = log.steps // m.epochs
     metrics = {"train_loss": evaluate(ens, fit_x, fit_y, trial_index, data.task),
                "test_loss": evaluate(ens, data.x_test, data.y_test, trial_index, data.task)}

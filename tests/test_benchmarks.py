@@ -1,0 +1,41 @@
+"""The prepared GPU script and the floor model, exercised on the CPU so they are ready when a GPU is."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_gpu_check_rehearses_every_step_on_the_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["failed"] == []
+    assert result["equivalence"]["cpu+graphs"]["max_rel_test_loss_diff"] == 0.0
+    assert result["throughput"]["rows"][0]["batched_student_steps_per_s"] > 0
+    grid = result["paper_grid"]
+    assert [c["chunk"] for c in grid["chunks"]] == [c["chunk"] for c in result["floor"]["chunks"]] and not grid["not_run"]
+    assert all(c["seconds"] > 0 and c["achieved_over_floor"] > 0 for c in grid["chunks"])
+
+
+def test_floor_counts_flops_and_orders_the_designs(tmp_path):
+    from floor import grid_floor
+
+    config = tmp_path / "g.yaml"
+    config.write_text(yaml.safe_dump({"trials": 3, "data": {"n_train": 1000}, "student": {"widths": [40, 100]},
+                                      "spectral": {"epochs": 2, "batch_size": 250}, "methods": ["spectral"]}))
+    floor = grid_floor(config, "h100-sxm", pack=1.0)
+    first = floor["chunks"][1]  # width 100 alone: 3 students, 4 steps per epoch
+    assert (first["students"], first["padded_width"], first["steps"], first["padding_waste"]) == (3, 100, 8, 1.0)
+    d, n = 10, 100
+    assert first["gflop_per_step"] * 1e9 == pytest.approx(3 * 250 * (6 * (d * n + n * 10 + 10 * 1) - 2 * d * n))
+    assert 20 < first["kernels_per_step"] < 200
+    assert first["floor_s_fused"] <= first["floor_s_unfused"] <= first["floor_s_eager"]
+    assert first["mb_per_step_fused"] < first["mb_per_step_unfused"] < first["mb_per_step_eager"]

@@ -1,0 +1,64 @@
+"""CUDA paths: skipped without a GPU (CI has none); `benchmarks/gpu_check.py` runs them on one."""
+
+import copy
+
+import pytest
+import torch
+
+from eigenprune.ensemble import Ensemble
+from eigenprune.nets import LayerPlan, make_student, make_teacher
+from eigenprune.train import TrainSpec, train_ensemble
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _setup(bad_target: bool = False):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 130, 10, generator=g, dtype=torch.float64)
+    y = make_teacher(10, [20, 10], 3, torch.float64)(x).squeeze(-1).detach()
+    if bad_target:
+        y[1, 7] = float("inf")  # trial 1's students fail in epoch 0 and must stay frozen
+    plans = [[LayerPlan(w, "spectral"), LayerPlan(10, "direct", 0.0, 0.0), LayerPlan(1, "fixed", 0.0, 0.0)] for w in (5, 17, 40)]
+    students = [make_student(10, p, seed=i, dtype=torch.float64) for i, p in enumerate(plans)]
+    return x, y, students, torch.tensor([0, 1, 0])
+
+
+def _train(device: str, graph: bool, bad_target: bool = False, epochs: int = 6):
+    x, y, students, index = _setup(bad_target)
+    ens = Ensemble(copy.deepcopy(students)).to(device)
+    spec = TrainSpec(lr=0.01, batch_size=40, epochs=epochs, cuda_graph=graph)  # 4 batches, the last one short
+    losses = []
+    log = train_ensemble(ens, x.to(device), y.to(device), index.to(device), spec, [11, 12], lambda e, loss: losses.append(loss))
+    return ens.cpu(), log, losses
+
+
+def test_cuda_graph_needs_the_manual_backprop():
+    with pytest.raises(ValueError, match="cuda_graph needs backprop='manual'"):
+        TrainSpec(0.01, 10, 1, backprop="autograd", cuda_graph=True)
+
+
+def test_cuda_graph_is_ignored_on_the_cpu():
+    a, log_a, loss_a = _train("cpu", graph=False)
+    b, log_b, loss_b = _train("cpu", graph=True)
+    assert loss_a == loss_b and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@cuda
+@pytest.mark.parametrize("bad_target", [False, True])
+def test_cuda_training_matches_the_cpu(bad_target):
+    ref, ref_log, ref_loss = _train("cpu", graph=False, bad_target=bad_target)
+    for graph in (False, True):
+        ens, log, losses = _train("cuda", graph=graph, bad_target=bad_target)
+        assert torch.equal(log.failed_step, ref_log.failed_step)
+        torch.testing.assert_close(losses, ref_loss, rtol=1e-9, atol=1e-12)
+        for (name, a), (_, b) in zip(ref.named_parameters(), ens.named_parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=f"graph={graph} {name}")
+
+
+@cuda
+def test_a_graph_replays_what_eager_cuda_computes():
+    eager, _, loss_e = _train("cuda", graph=False, epochs=9)
+    graph, _, loss_g = _train("cuda", graph=True, epochs=9)
+    torch.testing.assert_close(loss_g, loss_e, rtol=1e-12, atol=0)
+    for (name, a), (_, b) in zip(eager.named_parameters(), graph.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15, msg=name)
