@@ -6,18 +6,23 @@
 Nothing here is timed on a GPU: the counts come from the grid's shapes, the kernel count per step is
 measured by counting the ATen operations one training step dispatches (on this CPU; a CUDA step
 launches about one kernel per operation), and the card's peaks are its datasheet numbers. The floors
-are lower bounds for three ways of running a step (per chunk, steps x the largest of the bounds):
+are lower bounds for four ways of running a step (per chunk, steps x the largest of the bounds):
 
-  eager kernels   the current step (`Ensemble.loss_and_grads` + fused Adam): every hidden activation
-                  [S, B, N] goes through memory 10 times in float32 (z written by the matmul; read
-                  and written back by the in-place ReLU; read by the next layer and by its weight
-                  gradient; the propagated gradient written, read with h by ReLU's backward, the
-                  result written and read by the weight gradient) = 40 bytes per student, pattern, node;
-  unfused minimum one kernel per matmul with ReLU and its mask fused in: h written once and read
-                  three times, the hidden gradient written and read once = 24 bytes;
-  fused           forward and backward of a student's batch in one kernel, activations kept on chip:
-                  only inputs and parameters move (the issue's stretch design).
-
+  eager           the default step (`Ensemble.loss_and_grads`, backprop: manual, + fused Adam): every
+                  hidden activation [S, B, N] goes through memory 10 times in float32 (z written by
+                  the matmul; read and written back by the in-place ReLU; read by the next layer and
+                  by its weight gradient; the propagated gradient written, read with h by ReLU's
+                  backward, the result written and read by the weight gradient) = 40 bytes per
+                  student, pattern and node; the weights' element-wise work (w = lam_diff * phi, the
+                  chain rule, Adam) ~25 passes over each weight;
+  unfused         a hypothetical minimum with one kernel per matmul, ReLU and its mask fused in: h
+                  written once and read three times, the hidden gradient written and read once = 24
+                  bytes; 10 passes over each weight;
+  fused_first     backprop: fused as built (`eigenprune.fused`): the first layer's activations never
+                  leave the chip; its two kernels re-read the weights once per block of 64 rows and
+                  the inputs and output gradients once per block of 64 nodes; everything else as eager
+                  (the 7 first-layer kernels of the eager step become 2);
+  fused           the whole step in ~3 kernels, only inputs and parameters move (8 passes per weight).
 Launch bound: with CUDA graphs a kernel still costs about a microsecond end to end (`--node-us`), so a
 step of K kernels costs >= K us however small; without graphs each kernel also costs host time
 (PAPER.md section 4 measured 1.3-2.2 ms per eager step on an H100, whatever the width).
@@ -43,9 +48,8 @@ from eigenprune.train import TrainSpec, train_ensemble
 ROOT = Path(__file__).resolve().parents[1]
 # datasheet peaks: float32 (non-tensor) FLOP/s, memory bytes/s
 CARDS = {"h100-sxm": (67e12, 3.35e12), "h100-pcie": (51e12, 2.0e12), "h200": (67e12, 4.8e12)}
-ACT_BYTES = {"eager": 40, "unfused": 24, "fused": 0}  # per student, pattern and hidden node (float32)
-PARAM_PASSES = {"eager": 25, "unfused": 10, "fused": 8}  # memory passes over each weight per step (Adam: 7)
-INPUT_PASSES = {"eager": 6, "unfused": 2, "fused": 1}  # over each student's input batch [B, D] (eager: the epoch's two gathers)
+MODES = ("eager", "unfused", "fused_first", "fused")
+BLOCK = 64  # rows and nodes per program in eigenprune.fused
 
 
 NO_KERNEL = {"detach", "empty", "empty_strided", "scalar_tensor", "lift_fresh"}  # metadata or allocation only
@@ -89,17 +93,26 @@ def chunk_floor(cfg, chunk, card: str, node_us: float, kernels: int) -> dict:
         sizes = [d, n, *rest]
         return sum(6 * i * o for i, o in zip(sizes[:-1], sizes[1:])) - 2 * d * n
 
-    hidden = n_pad + sum(rest[:-1])
     weights = sum(i * o for i, o in zip([d, n_pad, *rest][:-1], [n_pad, *rest]))
+    first = d * n_pad + n_pad * rest[0]  # W1 and W2: what the fused kernels read
+    later = sum(rest[:-1])  # hidden nodes after the first layer
     row = {"chunk": chunk.id, "students": s, "padded_width": n_pad, "steps": steps, "batch": b,
            "gflop_per_step": s * b * flops(n_pad) / 1e9,
            "padding_waste": flops(n_pad) * len(keys) / sum(flops(w) for w, _, _ in keys), "kernels_per_step": kernels}
     compute = row["gflop_per_step"] * 1e9 / flops_peak
-    for mode in ACT_BYTES:
-        moved = s * (b * (ACT_BYTES[mode] * hidden + 4 * INPUT_PASSES[mode] * d) + 4 * PARAM_PASSES[mode] * weights)
-        launch = (kernels if mode != "fused" else 3) * node_us * 1e-6  # fused: the step kernel, Adam, bookkeeping
-        row[f"mb_per_step_{mode}"] = moved / 1e6
-        row[f"floor_s_{mode}"] = steps * max(compute, moved / bandwidth, launch)
+    per_student = {  # bytes per student and step
+        "eager": b * (40 * (n_pad + later) + 4 * 6 * d) + 4 * 25 * weights,
+        "unfused": b * (24 * (n_pad + later) + 4 * 2 * d) + 4 * 10 * weights,
+        "fused_first": (b * (40 * later + 4 * 6 * d) + 4 * 25 * weights
+                        + 4 * (math.ceil(b / BLOCK) * first + math.ceil(n_pad / BLOCK) * b * (d + rest[0]) + b * rest[0])),
+        "fused": b * 4 * d + 4 * 8 * weights,
+    }
+    launches = {"eager": kernels, "unfused": kernels, "fused_first": kernels - 5, "fused": 3}
+    recompute = s * b * 2 * d * n_pad / flops_peak  # fused_first's backward kernel recomputes the first layer
+    for mode in MODES:
+        arithmetic = compute + (recompute if mode == "fused_first" else 0.0)
+        row[f"mb_per_step_{mode}"] = s * per_student[mode] / 1e6
+        row[f"floor_s_{mode}"] = steps * max(arithmetic, s * per_student[mode] / bandwidth, launches[mode] * node_us * 1e-6)
     row["compute_s"], row["launch_s"] = steps * compute, steps * kernels * node_us * 1e-6
     return row
 
@@ -112,7 +125,7 @@ def grid_floor(config: Path, card: str = "h100-sxm", pack: float = 1.5, node_us:
         if chunk.method not in counted:
             counted[chunk.method] = ops_per_step(cfg, chunk.method, chunk.widths[0])
         rows.append(chunk_floor(cfg, chunk, card, node_us, counted[chunk.method]))
-    totals = {k: sum(r[k] for r in rows) for k in ("compute_s", "launch_s", *(f"floor_s_{m}" for m in ACT_BYTES))}
+    totals = {k: sum(r[k] for r in rows) for k in ("compute_s", "launch_s", *(f"floor_s_{m}" for m in MODES))}
     return {"config": str(config), "card": card, "peaks": dict(zip(("fp32_flops", "bytes_per_s"), CARDS[card])),
             "pack_factor": pack, "node_us": node_us, "chunks": rows, "totals": totals}
 
@@ -127,16 +140,16 @@ def main() -> None:
     args = ap.parse_args()
     result = grid_floor(Path(args.config), args.card, args.pack, args.node_us)
     print(f"{result['config']} on {args.card} (pack factor {args.pack}, {args.node_us} us per graph kernel)")
-    print(f"{'chunk':<24} {'S':>4} {'N':>5} {'steps':>6} {'GFLOP/st':>9} {'pad':>5} {'kern':>5} {'MB/st eager':>11} "
-          f"{'unfused':>8} {'fused':>6} | {'eager s':>8} {'unfused s':>9} {'fused s':>8} {'launch s':>8}")
+    print(f"{'chunk':<24} {'S':>4} {'N':>5} {'steps':>6} {'GFLOP/st':>9} {'pad':>5} {'kern':>5} | MB/step: "
+          + " ".join(f"{m:>11}" for m in MODES) + " | floor s: " + " ".join(f"{m:>11}" for m in MODES))
     for r in result["chunks"]:
         print(f"{r['chunk']:<24} {r['students']:>4} {r['padded_width']:>5} {r['steps']:>6} {r['gflop_per_step']:>9.2f} "
-              f"{r['padding_waste']:>5.2f} {r['kernels_per_step']:>5} {r['mb_per_step_eager']:>11.1f} {r['mb_per_step_unfused']:>8.1f} "
-              f"{r['mb_per_step_fused']:>6.1f} | {r['floor_s_eager']:>8.1f} {r['floor_s_unfused']:>9.1f} {r['floor_s_fused']:>8.1f} "
-              f"{r['launch_s']:>8.1f}")
+              f"{r['padding_waste']:>5.2f} {r['kernels_per_step']:>5} |          "
+              + " ".join(f"{r[f'mb_per_step_{m}']:>11.1f}" for m in MODES) + " |          "
+              + " ".join(f"{r[f'floor_s_{m}']:>11.1f}" for m in MODES))
     t = result["totals"]
-    print(f"{'total':<24} {'':>68} | {t['floor_s_eager']:>8.1f} {t['floor_s_unfused']:>9.1f} {t['floor_s_fused']:>8.1f} "
-          f"{t['launch_s']:>8.1f}   (arithmetic alone: {t['compute_s']:.1f} s)")
+    print(f"{'total':<24} {'':>40} | {'':>56} |          " + " ".join(f"{t[f'floor_s_{m}']:>11.1f}" for m in MODES))
+    print(f"arithmetic alone: {t['compute_s']:.1f} s; launches of the eager step at {args.node_us} us each: {t['launch_s']:.1f} s")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -3,15 +3,15 @@
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT            # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --smoke --out /tmp/gc       # rehearsal of the script on a CPU
 
-1. tests/test_cuda.py (CUDA vs CPU, CUDA graph vs eager, a failing student frozen on the GPU);
-2. a small grid (float64) through `run_experiment` on the CPU, on the device, and on the device with
-   CUDA graphs: every student's test loss, effective dimension and failure record agree;
+1. tests/test_cuda.py and tests/test_fused.py on the GPU;
+2. a small grid through `run_experiment` on the CPU and on the device: float64 eager and with CUDA
+   graphs (must agree to 1e-6), float32 with the fused kernels, eager and with graphs (to 1e-3);
 3. batched throughput (students x steps / s and steady ms per step) for widths 60, 500, 1500 and 30
-   students, eager and with CUDA graphs;
+   students: manual, manual+graph, fused, fused+graph;
 4. the floor of configs/paper.yaml on this card (`floor.py`: counts and datasheet peaks, no timing);
    with --smoke, a tiny grid stands in for the paper's in steps 4 and 5;
-5. configs/paper.yaml's whole grid, training only, with CUDA graphs, chunk by chunk until the time
-   budget is spent; each chunk's time next to its floor.
+5. configs/paper.yaml's whole grid, training only, with fused+graph and then manual+graph, chunk by
+   chunk until the time budget is spent; each chunk's time next to its floor.
 Every step's result is written to gpu_check.json under --out as soon as it is known; a step that fails
 is recorded with its error and the script exits non-zero at the end.
 """
@@ -36,37 +36,43 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def tests(device: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_cuda.py")],
-                          capture_output=True, text=True, cwd=ROOT)
+    files = [str(ROOT / "tests" / f) for f in ("test_cuda.py", "test_fused.py")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", *files], capture_output=True, text=True, cwd=ROOT)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     if proc.returncode != 0:
-        raise RuntimeError("tests/test_cuda.py failed:\n" + "\n".join(tail))
+        raise RuntimeError("CUDA tests failed:\n" + "\n".join(tail))
     return {"passed": True, "summary": tail[-1]}
 
 
 def equivalence(device: str, smoke: bool) -> dict:
+    from eigenprune import fused
     from eigenprune.config import parse_config
     from eigenprune.experiment import run_experiment
 
-    body = {"name": "gpu-eq", "trials": 2, "dtype": "float64", "data": {"n_train": 1000, "n_test": 500},
-            "student": {"widths": [20, 60]}, "spectral": {"epochs": 5 if smoke else 20}, "direct": {"epochs": 5 if smoke else 20},
-            "save_students": False, "workers": 1}
-    runs = {"cpu": {"device": "cpu"}, device: {"device": device}, f"{device}+graphs": {"device": device, "cuda_graphs": True}}
+    epochs, n_train = (3, 300) if smoke else (20, 1000)
+    body = {"name": "gpu-eq", "trials": 2, "data": {"n_train": n_train, "n_test": 500}, "student": {"widths": [20, 60]},
+            "spectral": {"epochs": epochs}, "direct": {"epochs": epochs}, "save_students": False, "workers": 1}
+    runs = {"cpu-float64": {"device": "cpu", "dtype": "float64"}, "float64": {"device": device, "dtype": "float64"},
+            "float64+graph": {"device": device, "dtype": "float64", "cuda_graphs": True}}
+    if not fused.unavailable(torch.device(device)):
+        runs.update({"cpu-float32": {"device": "cpu"}, "fused": {"device": device, "backprop": "fused"},
+                     "fused+graph": {"device": device, "backprop": "fused", "cuda_graphs": True}})
     frames = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in runs.items():
-            run_experiment(parse_config({**body, **extra}), Path(tmp) / name.replace("+", "_"), quiet=True)
-            frames[name] = (pd.read_parquet(Path(tmp) / name.replace("+", "_") / "results.parquet")
-                            .sort_values(["method", "width", "trial"]).reset_index(drop=True))
-    ref = frames["cpu"]
-    out = {}
+            folder = Path(tmp) / name.replace("+", "_")
+            run_experiment(parse_config({**body, **extra}), folder, quiet=True)
+            frames[name] = pd.read_parquet(folder / "results.parquet").sort_values(["method", "width", "trial"]).reset_index(drop=True)
+    out, bad = {}, []
     for name, f in frames.items():
-        if name == "cpu":
+        if name.startswith("cpu"):
             continue
+        ref, tol = (frames["cpu-float64"], 1e-6) if name.startswith("float64") else (frames["cpu-float32"], 1e-3)
         out[name] = {"max_rel_test_loss_diff": float(((ref.test_loss - f.test_loss).abs() / ref.test_loss).max()),
                      "effective_dim_equal": bool((ref.effective_dim == f.effective_dim).all()),
-                     "failed_step_equal": bool((ref.failed_step == f.failed_step).all())}
-    bad = [n for n, r in out.items() if not (r["max_rel_test_loss_diff"] < 1e-6 and r["effective_dim_equal"] and r["failed_step_equal"])]
+                     "failed_step_equal": bool((ref.failed_step == f.failed_step).all()), "tolerance": tol}
+        if not (out[name]["max_rel_test_loss_diff"] < tol and out[name]["failed_step_equal"]):
+            bad.append(name)
     if bad:
         raise RuntimeError(f"results differ from the CPU's for {bad}: {out}")
     return out
@@ -75,10 +81,9 @@ def equivalence(device: str, smoke: bool) -> dict:
 def throughput(device: str, smoke: bool, out: Path) -> dict:
     sizes = (["--widths", "20", "--trials", "2", "--steps", "40"] if smoke
              else ["--widths", "60", "500", "1500", "--trials", "30", "--steps", "1000"])
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", device, *sizes, "--no-per-model",
+    variants = ["manual", "manual+graph", "fused", "fused+graph"] if device.startswith("cuda") else ["manual"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", device, *sizes, "--variants", *variants,
            "--out", str(out / "bench_train_gpu.json")]
-    if device.startswith("cuda"):
-        cmd.append("--graphs")
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads((out / "bench_train_gpu.json").read_text())
 
@@ -88,19 +93,17 @@ def card_of(device: str) -> str:
     return "h200" if "H200" in name else "h100-pcie" if "PCIe" in name else "h100-sxm"
 
 
-def paper_grid(device: str, config: Path, budget_s: float, out: Path, floor: dict) -> dict:
+def paper_grid(device: str, variant: str, config: Path, budget_s: float, out: Path, floor: dict) -> dict:
+    target = out / f"paper_grid_{variant.replace('+', '_')}.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", device, "--widths", "20", "--trials", "2",
-           "--steps", "20", "--no-per-model", "--paper-grid", "--grid-config", str(config), "--budget-s", str(max(budget_s, 0.0)),
-           "--out", str(out / "paper_grid.json")]
-    if device.startswith("cuda"):
-        cmd.append("--graphs")
+           "--steps", "20", "--variants", "manual", "--paper-grid", variant, "--grid-config", str(config),
+           "--budget-s", str(max(budget_s, 0.0)), "--out", str(target)]
     subprocess.run(cmd, check=True, cwd=ROOT)
-    grid = json.loads((out / "paper_grid.json").read_text())["paper_grid"]
+    grid = json.loads(target.read_text())["paper_grid"]
     floors = {c["chunk"]: c for c in floor["chunks"]}
+    key = "floor_s_fused_first" if variant.startswith("fused") else "floor_s_eager"
     for c in grid["chunks"]:
-        f = floors[c["chunk"]]
-        c.update({"floor_s_eager_kernels": f["floor_s_eager"], "floor_s_fused": f["floor_s_fused"],
-                  "achieved_over_floor": c["seconds"] / f["floor_s_eager"]})
+        c.update({"floor_s": floors[c["chunk"]][key], "achieved_over_floor": c["seconds"] / floors[c["chunk"]][key]})
     return grid
 
 
@@ -141,8 +144,11 @@ def main() -> None:
         grid.write_text(yaml.safe_dump({"name": "smoke", "trials": 2, "data": {"n_train": 300, "n_test": 100},
                                         "student": {"widths": [10, 40]}, "spectral": {"epochs": 3}, "direct": {"epochs": 3}}))
     step("floor", lambda: grid_floor(grid, card_of(args.device)))
-    if "error" not in result["floor"]:  # the last chunk may start up to 90 s before the budget ends
-        step("paper_grid", lambda: paper_grid(args.device, grid, args.budget_s - (time.perf_counter() - start) - 90, out, result["floor"]))
+    variants = ["fused+graph", "manual+graph"] if args.device.startswith("cuda") else ["manual"]
+    for variant in variants:  # the last chunk may start up to 90 s before the budget ends
+        if "error" not in result["floor"]:
+            step(f"paper_grid_{variant}", lambda v=variant: paper_grid(
+                args.device, v, grid, args.budget_s - (time.perf_counter() - start) - 90, out, result["floor"]))
     print(f"wrote {out / 'gpu_check.json'} after {time.perf_counter() - start:.0f} s")
     if result["failed"]:
         sys.exit(f"failed steps: {', '.join(result['failed'])}")

@@ -12,6 +12,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # One torch thread in tests and the processes they start: tiny tensors gain nothing from more, and
 # on a busy 2-core machine extra threads wait for each other (one tiny run went from 58 s to 3 s).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU, Triton's interpreter runs the fused kernels on the CPU (read when they are defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)
 
 

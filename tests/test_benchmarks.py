@@ -1,5 +1,6 @@
 """The prepared GPU script and the floor model, exercised on the CPU so they are ready when a GPU is."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -18,9 +19,12 @@ def test_gpu_check_rehearses_every_step_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["failed"] == []
-    assert result["equivalence"]["cpu+graphs"]["max_rel_test_loss_diff"] == 0.0
-    assert result["throughput"]["rows"][0]["batched_student_steps_per_s"] > 0
-    grid = result["paper_grid"]
+    eq = result["equivalence"]
+    assert eq["float64+graph"]["max_rel_test_loss_diff"] == 0.0  # on the CPU, the graph option changes nothing
+    if importlib.util.find_spec("triton"):
+        assert eq["fused"]["max_rel_test_loss_diff"] < 1e-3  # fused kernels in Triton's interpreter (conftest)
+    assert result["throughput"]["rows"][0]["student_steps_per_s"] > 0
+    grid = result["paper_grid_manual"]
     assert [c["chunk"] for c in grid["chunks"]] == [c["chunk"] for c in result["floor"]["chunks"]] and not grid["not_run"]
     assert all(c["seconds"] > 0 and c["achieved_over_floor"] > 0 for c in grid["chunks"])
 
@@ -37,5 +41,7 @@ def test_floor_counts_flops_and_orders_the_designs(tmp_path):
     d, n = 10, 100
     assert first["gflop_per_step"] * 1e9 == pytest.approx(3 * 250 * (6 * (d * n + n * 10 + 10 * 1) - 2 * d * n))
     assert 20 < first["kernels_per_step"] < 200
-    assert first["floor_s_fused"] <= first["floor_s_unfused"] <= first["floor_s_eager"]
-    assert first["mb_per_step_fused"] < first["mb_per_step_unfused"] < first["mb_per_step_eager"]
+    assert first["floor_s_fused"] <= first["floor_s_fused_first"] <= first["floor_s_eager"]
+    assert first["floor_s_unfused"] <= first["floor_s_eager"]
+    assert first["mb_per_step_fused"] < first["mb_per_step_fused_first"] < first["mb_per_step_eager"]
+    assert first["mb_per_step_unfused"] < first["mb_per_step_eager"]

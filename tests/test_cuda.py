@@ -33,7 +33,7 @@ def _train(device: str, graph: bool, bad_target: bool = False, epochs: int = 6):
 
 
 def test_cuda_graph_needs_the_manual_backprop():
-    with pytest.raises(ValueError, match="cuda_graph needs backprop='manual'"):
+    with pytest.raises(ValueError, match="cuda_graph needs backprop=.manual. or .fused."):
         TrainSpec(0.01, 10, 1, backprop="autograd", cuda_graph=True)
 
 

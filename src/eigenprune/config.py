@@ -117,6 +117,7 @@ class Config(_Strict):
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
     cuda_graphs: bool = False  # on CUDA, capture each training epoch once in a CUDA graph and replay it
+    backprop: Literal["manual", "fused"] = "manual"  # fused: the first layer in Triton kernels (CUDA, float32)
     methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
     data: DataConfig = DataConfig()
     teachers: list[TeacherConfig] = []  # several teachers in one run (each replaces data.teacher); empty = data.teacher
@@ -137,6 +138,8 @@ class Config(_Strict):
             raise ValueError(f"data.source {self.data.source} needs student.head: linear (the sum readout only fits teacher data)")
         if self.data.source != "teacher" and self.teachers:
             raise ValueError("teachers are only used with data.source: teacher")
+        if self.backprop == "fused" and self.dtype != "float32":
+            raise ValueError(f"backprop: fused runs in float32, not {self.dtype}")
         return self
 
     @field_validator("device")
@@ -163,8 +166,9 @@ class Config(_Strict):
         return list(self.regularization.multipliers) if self.regularization.mode == "path" else [1.0]
 
     def digest(self) -> str:
-        """A hash of everything that changes results (not the device or CUDA graphs, the name, the worker count or the memory limit)."""
-        payload = self.model_dump(exclude={"device", "cuda_graphs", "name", "workers", "max_memory_gb"})
+        """A hash of everything that changes results (not the device, CUDA graphs or kernels, the name, the worker count
+        or the memory limit: they change floating-point rounding only)."""
+        payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "name", "workers", "max_memory_gb"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from eigenprune import fused as fused_kernels
 from eigenprune.layers import SpectralLinear, spectral_weight
 from eigenprune.nets import linear_layers
 
@@ -181,21 +182,27 @@ class Ensemble(nn.Module):
         return total
 
     @torch.no_grad()
-    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, task: str, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_and_grads(
+        self, x: torch.Tensor, y: torch.Tensor, task: str, alive: torch.Tensor, fused: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-student loss + penalty [S] of one batch, with its gradients written to `.grad`; also
         returns `keep` [S]: alive and with a finite loss.
 
         Hand-written backpropagation (no autograd graph, and few kernels: a step's cost on a CPU or
         in a CUDA graph is mostly their count). Equal to autograd on `task_loss(ens(x), y) + penalty()`
         summed over the students that are `alive` and whose loss is finite; the others get zero
-        gradients. x [S, B, D]; y [S, B].
+        gradients. x [S, B, D]; y [S, B]. `fused`: the first layer runs in the Triton kernels of
+        `eigenprune.fused` (its activations are never stored; see `fused.check` for when it applies).
         """
         diffs = [layer.lam_diff() for layer in self.layers]
         weights = [d * layer.phi for layer, d in zip(self.layers, diffs)]
         acts = [x]
         h = x
         for i, (layer, w) in enumerate(zip(self.layers, weights)):
-            h = torch.bmm(h, w.transpose(1, 2))
+            if fused and i == 0:
+                acts.append(None)  # the first layer's activations stay inside the fused kernels
+                continue
+            h = fused_kernels.forward(x, weights[0], w) if fused and i == 1 else torch.bmm(h, w.transpose(1, 2))
             if layer.bias is not None:
                 h = h + layer.bias.unsqueeze(1)
             if i < len(self.layers) - 1:
@@ -216,8 +223,13 @@ class Ensemble(nn.Module):
         k = keep.to(x.dtype)
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
+            grad_bias = delta.sum(1) if layer.bias is not None and layer.bias.requires_grad else None
+            if fused and i == 1:
+                grad_w0, grad_w = fused_kernels.backward(x, weights[0], weights[1], delta)
+                layer.set_grads(grad_w, grad_bias, k, diffs[1])
+                self.layers[0].set_grads(grad_w0, None, k, diffs[0])
+                break
             if any(p is not None and p.requires_grad for p in (layer.phi, layer.lam_in, layer.lam_out, layer.bias)):
-                grad_bias = delta.sum(1) if layer.bias is not None and layer.bias.requires_grad else None
                 layer.set_grads(torch.bmm(delta.transpose(1, 2), acts[i]), grad_bias, k, diffs[i])
             if i > 0:
                 delta = torch.ops.aten.threshold_backward(torch.bmm(delta, weights[i]), acts[i], 0)  # ReLU's gradient

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from eigenprune import __version__
+from eigenprune import __version__, fused
 from eigenprune.analysis import critical_point, effective_dim, teacher_comparison
 from eigenprune.backends import ray_session, require_ray, run_local, run_ray
 from eigenprune.checkpoint import model_bytes
@@ -180,7 +180,8 @@ def prepare_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.devi
     m = cfg.method(chunk.method)
     return Prepared(
         ens=Ensemble(students).to(device), trial_index=torch.tensor([t for _, t, _ in keys], device=device),
-        spec=TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs, task=data.task, cuda_graph=cfg.cuda_graphs),
+        spec=TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs, task=data.task, backprop=cfg.backprop,
+                       cuda_graph=cfg.cuda_graphs),
         shuffle=[derive_seed("shuffle", cfg.seed, t) for t in range(cfg.trials)], n_fit=validation_split(cfg, data.x_train.shape[1]),
     )
 
@@ -439,6 +440,8 @@ def run_experiment(
             memory = {}
     else:
         device = resolve_device(cfg.device)
+        if cfg.backprop == "fused" and fused.unavailable(device):
+            raise ConfigError(fused.unavailable(device))
         workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
         threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
         todo, memory = check_memory(cfg, todo, workers, device, shape)

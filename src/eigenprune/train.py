@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from eigenprune import fused
 from eigenprune.ensemble import Ensemble
 from eigenprune.memory import EVAL_BLOCK
 from eigenprune.nets import spectral_penalty
@@ -30,12 +31,13 @@ class TrainSpec:
     batch_size: int
     epochs: int
     task: Task = "regression"
-    backprop: Literal["manual", "autograd"] = "manual"  # the ensemble's hand-written gradients, or autograd
+    # the ensemble's hand-written gradients, the same with the first layer in fused kernels, or autograd
+    backprop: Literal["manual", "fused", "autograd"] = "manual"
     cuda_graph: bool = False  # on CUDA: capture an epoch once and replay it (see `train_ensemble`)
 
     def __post_init__(self) -> None:
-        if self.cuda_graph and self.backprop != "manual":
-            raise ValueError("cuda_graph needs backprop='manual' (autograd's backward is not captured)")
+        if self.cuda_graph and self.backprop == "autograd":
+            raise ValueError("cuda_graph needs backprop='manual' or 'fused' (autograd's backward is not captured)")
 
 
 def task_loss(out: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
@@ -102,8 +104,8 @@ class _Epoch:
         self.running.zero_()
         for b in self.batches:
             xb, yb = xs[:, b], ys[:, b]
-            if self.spec.backprop == "manual":
-                loss, keep = self.ens.loss_and_grads(xb, yb, self.spec.task, self.alive)
+            if self.spec.backprop != "autograd":
+                loss, keep = self.ens.loss_and_grads(xb, yb, self.spec.task, self.alive, fused=self.spec.backprop == "fused")
             else:
                 loss = task_loss(self.ens(xb), yb, self.spec.task) + self.ens.penalty()
                 keep = self.alive & torch.isfinite(loss)
@@ -143,6 +145,8 @@ def train_ensemble(
     """
     params = [p for p in ens.parameters() if p.requires_grad]
     graph = spec.cuda_graph and x.device.type == "cuda"
+    if spec.backprop == "fused":
+        fused.check(ens.layers, x.device)
     opt = _optimizer(params, spec.lr, capturable=x.device.type == "cuda")  # the same Adam kernels with or without a graph
     run = _Epoch(ens, x, y, trial_index, spec, opt)
     gens = [torch.Generator().manual_seed(int(s)) for s in shuffle_seeds]
