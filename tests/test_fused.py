@@ -66,3 +66,6 @@ def test_fused_refuses_what_it_cannot_run():
     double = Ensemble([make_student(10, paper_student(LayerPlan(8), [10]), 0, torch.float64)])
     with pytest.raises(ValueError, match="float32, not torch.float64"):
         train_ensemble(double, x.double(), y.double(), torch.zeros(1, dtype=torch.long), TrainSpec(0.01, 10, 1, backprop="fused"), [0])
+    wide = Ensemble([make_student(200, paper_student(LayerPlan(8), [10]), 0)])
+    with pytest.raises(ValueError, match="up to 128 inputs and second-layer nodes, got 200 and 10"):
+        train_ensemble(wide, torch.randn(1, 20, 200), y, torch.zeros(1, dtype=torch.long), TrainSpec(0.01, 10, 1, backprop="fused"), [0])

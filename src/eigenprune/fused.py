@@ -28,6 +28,7 @@ except ImportError:  # optional: only backprop="fused" needs it
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_B, BLOCK_N = 64, 64
+MAX_DIM = 128  # inputs and second-layer width held whole in one program's tiles
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -48,6 +49,9 @@ def check(layers, device: torch.device) -> None:
         reason = "backprop 'fused' needs a first layer without bias"
     if reason is None and layers[0].phi.dtype != torch.float32:
         reason = f"backprop 'fused' runs in float32, not {layers[0].phi.dtype}"
+    if reason is None and max(layers[0].phi.shape[2], layers[1].phi.shape[1]) > MAX_DIM:
+        reason = (f"backprop 'fused' supports up to {MAX_DIM} inputs and second-layer nodes, got {layers[0].phi.shape[2]} "
+                  f"and {layers[1].phi.shape[1]}; use backprop: manual")
     if reason is not None:
         raise ValueError(reason)
 
