@@ -1,6 +1,7 @@
 """Bad input, everywhere: one `error:` line, exit code 2, and nothing already stored is touched."""
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -232,3 +233,14 @@ def test_report_on_no_folder_and_run_on_a_damaged_chunk(tmp_path, stored_run):
     err = one_line_error(["run", tmp_path / "tiny.yaml", "--out", run, "--quiet", "--workers", "1"])
     assert "chunks/direct-w6_12/curves.parquet is unreadable" in err and "delete" in err
     assert snapshot(run) == before
+
+
+def test_fused_backprop_on_a_cpu_is_refused_before_anything_is_written(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # no interpreter: a real CPU run
+    proc = subprocess.run([sys.executable, "-m", "eigenprune", "run", "--set", "backprop=fused", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and not (tmp_path / "run").exists()
+    expected = "error: backprop 'fused' runs on a CUDA device, not cpu (TRITON_INTERPRET=1 emulates it, slowly)"
+    assert proc.stderr.strip().splitlines() == [expected]
+    assert one_line_error(["run", "--set", "backprop=fused", "--set", "dtype=float64", "--out", tmp_path / "r2"]).startswith(
+        "error: default config: invalid config: config: backprop: fused runs in float32, not float64")
