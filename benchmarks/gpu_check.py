@@ -3,15 +3,15 @@
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT            # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --smoke --out /tmp/gc       # rehearsal of the script on a CPU
 
-1. tests/test_cuda.py and tests/test_fused.py on the GPU;
-2. a small grid through `run_experiment` on the CPU and on the device: float64 eager and with CUDA
+1. the floor of configs/paper.yaml on this card (`floor.py`: counts and datasheet peaks, no timing);
+   with --smoke, a tiny grid stands in for the paper's here and in step 4;
+2. tests/test_cuda.py and tests/test_fused.py on the GPU;
+3. a small grid through `run_experiment` on the CPU and on the device: float64 eager and with CUDA
    graphs (must agree to 1e-6), float32 with the fused kernels, eager and with graphs (to 1e-3);
-3. batched throughput (students x steps / s and steady ms per step) for widths 60, 500, 1500 and 30
-   students: manual, manual+graph, fused, fused+graph;
-4. the floor of configs/paper.yaml on this card (`floor.py`: counts and datasheet peaks, no timing);
-   with --smoke, a tiny grid stands in for the paper's in steps 4 and 5;
-5. configs/paper.yaml's whole grid, training only, with fused+graph and then manual+graph, chunk by
-   chunk until the time budget is spent; each chunk's time next to its floor.
+4. configs/paper.yaml's whole grid, training only, with fused+graph and then manual+graph, chunk by
+   chunk until the time budget is spent; each chunk's time next to its floor;
+5. batched throughput (students x steps / s and steady ms per step) for widths 60, 500, 1500 and 30
+   students: manual, manual+graph, fused, fused+graph.
 Every step's result is written to gpu_check.json under --out as soon as it is known; a step that fails
 is recorded with its error and the script exits non-zero at the end.
 """
@@ -80,7 +80,7 @@ def equivalence(device: str, smoke: bool) -> dict:
 
 def throughput(device: str, smoke: bool, out: Path) -> dict:
     sizes = (["--widths", "20", "--trials", "2", "--steps", "40"] if smoke
-             else ["--widths", "60", "500", "1500", "--trials", "30", "--steps", "1000"])
+             else ["--widths", "60", "500", "1500", "--trials", "30", "--steps", "500"])
     variants = ["manual", "manual+graph", "fused", "fused+graph"] if device.startswith("cuda") else ["manual"]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", device, *sizes, "--variants", *variants,
            "--out", str(out / "bench_train_gpu.json")]
@@ -93,18 +93,23 @@ def card_of(device: str) -> str:
     return "h200" if "H200" in name else "h100-pcie" if "PCIe" in name else "h100-sxm"
 
 
-def paper_grid(device: str, variant: str, config: Path, budget_s: float, out: Path, floor: dict) -> dict:
-    target = out / f"paper_grid_{variant.replace('+', '_')}.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", device, "--widths", "20", "--trials", "2",
-           "--steps", "20", "--variants", "manual", "--paper-grid", variant, "--grid-config", str(config),
-           "--budget-s", str(max(budget_s, 0.0)), "--out", str(target)]
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    grid = json.loads(target.read_text())["paper_grid"]
-    floors = {c["chunk"]: c for c in floor["chunks"]}
-    key = "floor_s_fused_first" if variant.startswith("fused") else "floor_s_eager"
-    for c in grid["chunks"]:
-        c.update({"floor_s": floors[c["chunk"]][key], "achieved_over_floor": c["seconds"] / floors[c["chunk"]][key]})
-    return grid
+def paper_grid(device: str, variants: list[str], config: Path, budget_s: float, out: Path, floor: dict | None) -> dict:
+    """Both variants in one process (data made once); rows come back even if the process failed midway."""
+    target = out / "paper_grid.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", device, "--variants", "--paper-grid", *variants,
+           "--grid-config", str(config), "--budget-s", str(max(budget_s, 0.0)), "--out", str(target)]
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    rows = json.loads(target.read_text())["paper_grid"] if target.is_file() else []
+    floors = {c["chunk"]: c for c in floor["chunks"]} if floor and "chunks" in floor else {}
+    for r in rows:
+        key = "floor_s_fused_first" if r["variant"].startswith("fused") else "floor_s_eager"
+        if "seconds" in r and r["chunk"] in floors:
+            r.update({"floor_s": floors[r["chunk"]][key], "achieved_over_floor": r["seconds"] / floors[r["chunk"]][key]})
+    totals = {v: {"training_s": sum(r.get("seconds", 0.0) for r in rows if r["variant"] == v),
+                  "chunks_run": sum("seconds" in r for r in rows if r["variant"] == v)} for v in variants}
+    if code != 0 or any("error" in r for r in rows):
+        raise RuntimeError(f"bench_train exited with {code}; rows: {rows}")
+    return {"totals": totals, "chunks": rows}
 
 
 def main() -> None:
@@ -112,7 +117,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and a tiny grid instead of the paper's: rehearse the script")
-    ap.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of the whole script; the paper grid gets the rest")
+    ap.add_argument("--budget-s", type=float, default=420, help="wall-clock budget of the whole script; the paper grid gets the rest")
     args = ap.parse_args()
     start = time.perf_counter()
     out = Path(args.out)
@@ -134,21 +139,20 @@ def main() -> None:
 
     from floor import grid_floor
 
-    if args.device.startswith("cuda"):
-        step("tests", lambda: tests(args.device))
-    step("equivalence", lambda: equivalence(args.device, args.smoke))
-    step("throughput", lambda: throughput(args.device, args.smoke, out))
     grid = ROOT / "configs" / "paper.yaml"
     if args.smoke:
         grid = out / "smoke-grid.yaml"
         grid.write_text(yaml.safe_dump({"name": "smoke", "trials": 2, "data": {"n_train": 300, "n_test": 100},
                                         "student": {"widths": [10, 40]}, "spectral": {"epochs": 3}, "direct": {"epochs": 3}}))
+    cuda = args.device.startswith("cuda")
     step("floor", lambda: grid_floor(grid, card_of(args.device)))
-    variants = ["fused+graph", "manual+graph"] if args.device.startswith("cuda") else ["manual"]
-    for variant in variants:  # the last chunk may start up to 90 s before the budget ends
-        if "error" not in result["floor"]:
-            step(f"paper_grid_{variant}", lambda v=variant: paper_grid(
-                args.device, v, grid, args.budget_s - (time.perf_counter() - start) - 90, out, result["floor"]))
+    if cuda:
+        step("tests", lambda: tests(args.device))
+    step("equivalence", lambda: equivalence(args.device, args.smoke))
+    # the paper grid gets what is left but ~150 s: the last chunk it starts (up to ~60 s) and the throughput step
+    step("paper_grid", lambda: paper_grid(args.device, ["fused+graph", "manual+graph"] if cuda else ["manual"], grid,
+                                          args.budget_s - (time.perf_counter() - start) - 150, out, result.get("floor")))
+    step("throughput", lambda: throughput(args.device, args.smoke, out))
     print(f"wrote {out / 'gpu_check.json'} after {time.perf_counter() - start:.0f} s")
     if result["failed"]:
         sys.exit(f"failed steps: {', '.join(result['failed'])}")

@@ -23,12 +23,20 @@ def _setup(bad_target: bool = False):
     return x, y, students, torch.tensor([0, 1, 0])
 
 
-def _train(device: str, graph: bool, bad_target: bool = False, epochs: int = 6):
+def _train(device: str, graph: bool, bad_target: bool = False, epochs: int = 6, poison_at: int | None = None):
+    """Train 3 students; `poison_at`: after that epoch, student 2's first layer is set to inf (it fails in the next)."""
     x, y, students, index = _setup(bad_target)
     ens = Ensemble(copy.deepcopy(students)).to(device)
     spec = TrainSpec(lr=0.01, batch_size=40, epochs=epochs, cuda_graph=graph)  # 4 batches, the last one short
     losses = []
-    log = train_ensemble(ens, x.to(device), y.to(device), index.to(device), spec, [11, 12], lambda e, loss: losses.append(loss))
+
+    def on_epoch(epoch, loss):
+        losses.append(loss)
+        if epoch == poison_at:
+            with torch.no_grad():
+                ens.layers[0].phi[2].fill_(float("inf"))
+
+    log = train_ensemble(ens, x.to(device), y.to(device), index.to(device), spec, [11, 12], on_epoch)
     return ens.cpu(), log, losses
 
 
@@ -62,3 +70,13 @@ def test_a_graph_replays_what_eager_cuda_computes():
     torch.testing.assert_close(loss_g, loss_e, rtol=1e-12, atol=0)
     for (name, a), (_, b) in zip(eager.named_parameters(), graph.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15, msg=name)
+
+
+@cuda
+def test_a_failure_inside_a_replayed_epoch_matches_eager():
+    """Student 1 fails in epoch 0 (eager warm-up), student 2 in epoch 4 (a replayed graph)."""
+    eager, log_e, _ = _train("cuda", graph=False, bad_target=True, epochs=8, poison_at=3)
+    graph, log_g, _ = _train("cuda", graph=True, bad_target=True, epochs=8, poison_at=3)
+    assert torch.equal(log_e.failed_step, log_g.failed_step) and log_g.failed_step[2] >= 16
+    for (name, a), (_, b) in zip(eager.named_parameters(), graph.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15, msg=name, equal_nan=True)

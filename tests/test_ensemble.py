@@ -120,3 +120,23 @@ def test_a_failed_student_stays_frozen_after_its_epoch():
         assert torch.equal(a, b)  # nothing moved after the failing epoch
     moved = [not torch.equal(a, b) for a, b in zip(runs[1][0].student(0).parameters(), runs[4][0].student(0).parameters())]
     assert any(moved)  # while the healthy student kept training
+
+
+def test_an_earlier_failure_stays_frozen_when_another_student_fails_later():
+    x, y = _data()
+    y = y.clone()
+    y[1, 5] = float("inf")  # student 1 (trial 1) fails in epoch 0
+    ens = Ensemble([make_student(10, _plans(w, "spectral"), seed=w) for w in (6, 9, 7)])
+    frozen = {}
+
+    def on_epoch(epoch, loss):
+        if epoch == 0:
+            frozen["s1"] = [p.detach()[1].clone() for p in ens.parameters()]
+        if epoch == 2:
+            with torch.no_grad():
+                ens.layers[0].phi[2].fill_(float("inf"))  # student 2 fails in epoch 3
+
+    log = train_ensemble(ens, x, y, torch.tensor([0, 1, 0]), TrainSpec(0.01, 40, 6), [1, 2], on_epoch)
+    assert log.failed_step[0] == -1 and 0 <= log.failed_step[1] < 3 and 9 <= log.failed_step[2] < 12
+    for p, v in zip(ens.parameters(), frozen["s1"]):
+        assert torch.equal(p.detach()[1], v)  # not moved by the momentum of the epochs after its failure
