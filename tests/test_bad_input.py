@@ -244,3 +244,6 @@ def test_fused_backprop_on_a_cpu_is_refused_before_anything_is_written(tmp_path)
     assert proc.stderr.strip().splitlines() == [expected]
     assert one_line_error(["run", "--set", "backprop=fused", "--set", "dtype=float64", "--out", tmp_path / "r2"]).startswith(
         "error: default config: invalid config: config: backprop: fused runs in float32, not float64")
+    wide = one_line_error(["run", "--set", "backprop=fused", "--set", "data.input_dim=200", "--out", tmp_path / "r3"])
+    assert wide == "error: backprop 'fused' supports up to 128 inputs and second-layer nodes, got 200 and 10; use backprop: manual\n"
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()

@@ -407,6 +407,16 @@ def _chunk_job(cfg_data: dict, threads: int, chunk: Chunk, progress: Progress) -
     return train_chunk(cfg, chunk, make_data(cfg.for_teacher(chunk.teacher)).to(device), device, progress)
 
 
+def check_fused(cfg: Config, device: torch.device, shape: tuple[int, int, int, int] | None = None) -> None:
+    """Refuse `backprop: fused` before anything is written where its kernels cannot run these students."""
+    input_dim, n_outputs = (shape[0], shape[3]) if shape else (cfg.data.input_dim, 1)
+    method, width = cfg.methods[0], max(cfg.student.widths)
+    try:
+        fused.check(Ensemble([make_student(input_dim, student_plans(cfg, method, width, 1.0, n_outputs), 0)]).layers, device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def run_experiment(
     cfg: Config, out: str | Path, fresh: bool = False, quiet: bool = False, backend: Backend = "local", address: str | None = None,
 ) -> Path:
@@ -440,8 +450,8 @@ def run_experiment(
             memory = {}
     else:
         device = resolve_device(cfg.device)
-        if cfg.backprop == "fused" and fused.unavailable(device):
-            raise ConfigError(fused.unavailable(device))
+        if cfg.backprop == "fused":
+            check_fused(cfg, device, shape)
         workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
         threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
         todo, memory = check_memory(cfg, todo, workers, device, shape)
