@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from eigenprune.ensemble import Ensemble
 from eigenprune.nets import LayerPlan, make_student, make_teacher
-from eigenprune.train import TrainSpec, train_ensemble
+from eigenprune.train import TrainSpec, _Epoch, train_ensemble
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -80,3 +81,46 @@ def test_a_failure_inside_a_replayed_epoch_matches_eager():
     assert torch.equal(log_e.failed_step, log_g.failed_step) and log_g.failed_step[2] >= 16
     for (name, a), (_, b) in zip(eager.named_parameters(), graph.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15, msg=name, equal_nan=True)
+
+
+class _Record(TorchDispatchMode):
+    """The ATen calls of a region: name, tensor shapes and every non-tensor argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def describe(a):
+            if isinstance(a, torch.Tensor):
+                return ("tensor", tuple(a.shape), a.dtype)
+            if isinstance(a, (torch.UntypedStorage, torch.TypedStorage)):  # memory plumbing: its size, not its bytes
+                return ("storage", a.nbytes())
+            return repr(a)
+
+        flat = [*args, *(kwargs or {}).values()]
+        if func.namespace == "aten":  # not the profiler's markers
+            self.calls.append((str(func), [describe(a) if not isinstance(a, (list, tuple)) else [describe(b) for b in a] for a in flat]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backprop", ["manual", "fused"])
+def test_an_epoch_is_the_same_calls_every_time_and_never_reads_back(backprop):
+    """What a CUDA graph needs, checked on any device: epoch 2 issues exactly the calls of epoch 1 (a
+    replay of epoch 1 is epoch 2), with no host read-back (.item(), bool(), nonzero) inside."""
+    if backprop == "fused":
+        pytest.importorskip("triton")
+    x, y, students, index = _setup(bad_target=True)
+    ens = Ensemble(copy.deepcopy(students)).float()
+    x, y = x.float(), y.float()
+    params = [p for p in ens.parameters() if p.requires_grad]
+    run = _Epoch(ens, x, y, index, TrainSpec(0.01, 40, 3, backprop=backprop), torch.optim.Adam(params, lr=0.01, fused=True))
+    calls = []
+    for _ in range(3):
+        run.perm.copy_(torch.stack([torch.randperm(x.shape[1]) for _t in range(x.shape[0])]))
+        with _Record() as rec:
+            run()
+        calls.append(rec.calls)
+    assert calls[1] == calls[2] and len(calls[1]) > 100
+    assert not [c for c in calls[1] if any(s in c[0] for s in ("_local_scalar_dense", "nonzero", "item"))]
+    assert int(run.step) == 12 and run.failed_step[1] >= 0  # a student failed and the state still ran in place
