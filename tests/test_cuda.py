@@ -110,14 +110,15 @@ def test_an_epoch_is_the_same_calls_every_time_and_never_reads_back(backprop):
     replay of epoch 1 is epoch 2), with no host read-back (.item(), bool(), nonzero) inside."""
     if backprop == "fused":
         pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU the fused kernels run in Triton's interpreter (conftest)
     x, y, students, index = _setup(bad_target=True)
-    ens = Ensemble(copy.deepcopy(students)).float()
-    x, y = x.float(), y.float()
+    ens = Ensemble(copy.deepcopy(students)).float().to(dev)
+    x, y, index = x.float().to(dev), y.float().to(dev), index.to(dev)
     params = [p for p in ens.parameters() if p.requires_grad]
     run = _Epoch(ens, x, y, index, TrainSpec(0.01, 40, 3, backprop=backprop), torch.optim.Adam(params, lr=0.01, fused=True))
     calls = []
     for _ in range(3):
-        run.perm.copy_(torch.stack([torch.randperm(x.shape[1]) for _t in range(x.shape[0])]))
+        run.perm.copy_(torch.stack([torch.randperm(x.shape[1]) for _t in range(x.shape[0])]).to(dev))
         with _Record() as rec:
             run()
         calls.append(rec.calls)
