@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,8 @@ def test_gpu_check_rehearses_every_step_on_the_cpu(tmp_path):
     assert result["failed"] == []
     eq = result["equivalence"]
     assert eq["float64+graph"]["max_rel_test_loss_diff"] == 0.0  # on the CPU, the graph option changes nothing
-    if importlib.util.find_spec("triton"):
-        assert eq["fused"]["max_rel_test_loss_diff"] < 1e-3  # fused kernels in Triton's interpreter (conftest)
+    if importlib.util.find_spec("triton") and os.environ.get("TRITON_INTERPRET") == "1":  # set by conftest without a GPU
+        assert eq["fused"]["max_rel_test_loss_diff"] < 1e-3  # the fused kernels, in Triton's interpreter
     assert result["throughput"]["rows"][0]["student_steps_per_s"] > 0
     grid = result["paper_grid"]
     assert [c["chunk"] for c in grid["chunks"]] == [c["chunk"] for c in result["floor"]["chunks"]]
