@@ -93,3 +93,30 @@ def test_run_end_to_end_writes_the_run_folder(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["device"] == "cpu" and manifest["wall_seconds"] > 0 and manifest["torch"]
     assert Config.model_validate(yaml.safe_load((out / "config.yaml").read_text())).trials == 2
+
+
+def test_plan_lists_the_chunks_with_memory_and_a_timed_estimate_and_writes_nothing(tmp_path, monkeypatch):
+    import math
+
+    from eigenprune.experiment import chunk_memory, plan_chunks, plan_run
+
+    cfg = parse_config({**TINY, "workers": 2})
+    table, info = plan_run(cfg, measure_steps=6)
+    chunks = {c.id: c for c in plan_chunks(cfg)}
+    assert set(table.chunk) == set(chunks) and info["workers"] == 2
+    for row in table.itertuples():
+        c = chunks[row.chunk]
+        m = cfg.method(c.method)
+        assert row.steps == m.epochs * math.ceil(cfg.data.n_train / m.batch_size) and row.students == len(c.keys())
+        assert row.memory_gb == pytest.approx(chunk_memory(cfg, c) / 1e9)
+        assert row.step_ms > 0 and row.train_s_estimate == pytest.approx(row.steps * row.step_ms / 1e3)
+    assert table.train_s_estimate.max() <= info["train_s_estimate_wall"] <= info["train_s_estimate_sequential"]
+    assert info["train_s_estimate_wall"] >= info["train_s_estimate_sequential"] / 2  # 2 workers share the chunks
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["plan", "--set", "trials=2", "--set", "student.widths=[6,12]", "--measure", "6"])
+    assert result.exit_code == 0, result.output
+    assert "spectral-w6_12" in result.output and "estimated training:" in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    bad = runner.invoke(app, ["plan", "--set", "trials=0"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1

@@ -106,6 +106,37 @@ def run(
 
 
 @app.command()
+def plan(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config; omit for the embedded quick config")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (overrides the config)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a config field, e.g. --set trials=2")] = [],  # noqa: B006
+    workers: Annotated[Optional[int], typer.Option(min=0, help="worker processes (0 = one per core)")] = None,
+    measure: Annotated[int, typer.Option(min=0, help="Adam steps to time per chunk for the estimate (0: no timing)")] = 30,
+) -> None:
+    """Show what `eigenprune run` would train: chunks, students, steps, memory, and the training time to
+    expect from timing a few steps of each chunk on this machine. Writes nothing."""
+    from eigenprune.experiment import plan_run
+
+    try:
+        overrides = _overrides(set_)
+        if device is not None:
+            overrides["device"] = device
+        if workers is not None:
+            overrides["workers"] = workers
+        table, info = plan_run(load_config(config, overrides), measure)
+    except USER_ERRORS as err:
+        _fail(str(err))
+    formats = {"memory_gb": "{:.2f}".format, "step_ms": "{:.3f}".format, "train_s_estimate": "{:.0f}".format}
+    typer.echo(table.to_string(index=False, formatters={k: f for k, f in formats.items() if k in table}))
+    typer.echo(f"device {info['device']}, {info['workers']} worker(s) x {info['threads_per_worker']} thread(s), "
+               f"memory limit {info['memory_limit_gb']:.2f} GB per worker")
+    if measure:
+        typer.echo(f"estimated training: {info['train_s_estimate_wall']:.0f} s wall ({info['train_s_estimate_sequential']:.0f} s "
+                   f"of chunk time), from {measure} steps per chunk timed one chunk at a time (workers side by side can be "
+                   f"slower); evaluation, analysis and the report come on top")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by `eigenprune run`")]) -> None:
     """Rebuild the figures and report.html of a run folder from its stored results (no training)."""
     from eigenprune.report import build_report

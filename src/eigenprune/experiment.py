@@ -407,6 +407,93 @@ def _chunk_job(cfg_data: dict, threads: int, chunk: Chunk, progress: Progress) -
     return train_chunk(cfg, chunk, make_data(cfg.for_teacher(chunk.teacher)).to(device), device, progress)
 
 
+def data_shape(cfg: Config) -> tuple[int, int, int, int] | None:
+    """(inputs, training patterns, test patterns, outputs) of real data (None for teacher data, whose
+    shape is the config's); loading it here makes bad data fail before a run folder exists."""
+    shape = None
+    if cfg.data.source != "teacher":
+        real = make_data(cfg)
+        shape = (real.x_train.shape[-1], real.x_train.shape[1], real.x_test.shape[1], real.n_outputs)
+    validation_split(cfg, shape[1] if shape else cfg.data.n_train)
+    return shape
+
+
+def local_plan(cfg: Config, chunks: list[Chunk], shape: tuple[int, int, int, int] | None):
+    """Where and how the local backend runs `chunks`: (device, worker processes, torch threads per
+    worker, the chunks after the memory planner, the memory figures). Raises ConfigError first."""
+    device = resolve_device(cfg.device)
+    if cfg.backprop == "fused":
+        check_fused(cfg, device, shape)
+    workers = min(cfg.workers or os.cpu_count() or 1, len(chunks)) if device.type == "cpu" else 1
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    chunks, memory = check_memory(cfg, chunks, workers, device, shape)
+    return device, workers, threads, chunks, memory
+
+
+def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
+    """What `run_experiment` would train, without writing anything: one row per chunk (after the memory
+    planner) with its students, padded width, Adam steps and memory estimate, and the run's device,
+    workers and memory limit. With `measure_steps`, each chunk also trains that many steps (random data
+    of the chunk's shape, on the config's device, with its threads per worker) and the steady time per
+    step is extrapolated to the chunk's training: an estimate that leaves out evaluation and analysis.
+    """
+    shape = data_shape(cfg)
+    chunks = sorted(plan_chunks(cfg), key=lambda c: -chunk_cost(cfg, c))
+    device, workers, threads, chunks, memory = local_plan(cfg, chunks, shape)
+    inputs, n_train, _, outputs = shape or (cfg.data.input_dim, cfg.data.n_train, 0, 1)
+    n_fit = validation_split(cfg, n_train)
+    rows = []
+    for c in chunks:
+        m = cfg.method(c.method)
+        batch = min(m.batch_size, n_fit)
+        row = {"chunk": c.id, "students": len(c.keys()), "padded_width": max(c.widths), "steps": m.epochs * -(-n_fit // batch),
+               "memory_gb": memory["memory_estimate_bytes"][c.id] / 1e9}
+        if measure_steps:
+            with _torch_threads(threads):
+                row["step_ms"] = 1e3 * _time_steps(cfg, c, inputs, outputs, batch, measure_steps, device)
+            row["train_s_estimate"] = row["steps"] * row["step_ms"] / 1e3
+        rows.append(row)
+    info = {"device": str(device), "workers": workers, "threads_per_worker": threads, "memory_limit_gb": memory["memory_limit_bytes"] / 1e9}
+    if measure_steps:  # the workers take the chunks longest first, each the next free one
+        loads = [0.0] * workers
+        for r in sorted(rows, key=lambda r: -r["train_s_estimate"]):
+            loads[loads.index(min(loads))] += r["train_s_estimate"]
+        info.update({"train_s_estimate_sequential": sum(r["train_s_estimate"] for r in rows), "train_s_estimate_wall": max(loads)})
+    return pd.DataFrame(rows), info
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_steps(cfg: Config, chunk: Chunk, inputs: int, outputs: int, batch: int, steps: int, device: torch.device) -> float:
+    """Seconds per Adam step of `chunk`, from 3 epochs of ceil(steps / 3) batches of random data (the
+    first epoch, which pays one-off costs and captures a CUDA graph, is not counted)."""
+    per_epoch = max(1, -(-steps // 3))
+    gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, cfg.dtype)
+    x = torch.randn(cfg.trials, per_epoch * batch, inputs, generator=gen, dtype=dtype)
+    task = "classification" if outputs > 1 else "regression"
+    y = (torch.randint(0, outputs, x.shape[:2], generator=gen) if task == "classification"
+         else torch.randn(x.shape[:2], generator=gen, dtype=dtype))
+    data = TrialData(x, y, x[:, :1], y[:, :1], task, outputs).to(device)
+    prep = prepare_chunk(cfg, chunk, data, device)
+    spec = replace(prep.spec, epochs=3, batch_size=batch)
+    stamps: list[float] = []
+
+    def on_epoch(epoch: int, loss: float) -> None:  # float(loss) has synchronized the device
+        stamps.append(time.perf_counter())
+
+    train_ensemble(prep.ens, data.x_train, data.y_train, prep.trial_index, spec, prep.shuffle, on_epoch)
+    return (stamps[2] - stamps[0]) / (2 * per_epoch)
+
+
 def check_fused(cfg: Config, device: torch.device, shape: tuple[int, int, int, int] | None = None) -> None:
     """Refuse `backprop: fused` before anything is written where its kernels cannot run these students."""
     input_dim, n_outputs = (shape[0], shape[3]) if shape else (cfg.data.input_dim, 1)
@@ -430,11 +517,7 @@ def run_experiment(
 
     if address is not None and backend != "ray":
         raise ConfigError("--address is only used with --backend ray")
-    shape = None
-    if cfg.data.source != "teacher":  # bad data fails here, before the run folder exists
-        real = make_data(cfg)
-        shape = (real.x_train.shape[-1], real.x_train.shape[1], real.x_test.shape[1], real.n_outputs)
-    validation_split(cfg, shape[1] if shape else cfg.data.n_train)
+    shape = data_shape(cfg)
     chunks = plan_chunks(cfg)
     folder = RunFolder(out)
     resumable = not fresh and (folder.path / "config.yaml").is_file()  # prepare() below refuses another config's folder
@@ -449,12 +532,7 @@ def run_experiment(
         else:
             memory = {}
     else:
-        device = resolve_device(cfg.device)
-        if cfg.backprop == "fused":
-            check_fused(cfg, device, shape)
-        workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
-        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-        todo, memory = check_memory(cfg, todo, workers, device, shape)
+        device, workers, threads, todo, memory = local_plan(cfg, todo, shape)
     split_done = [c.id for c in todo if c.split and resumable and folder.done(c.id)]  # resuming a split chunk
     skipped += split_done
     todo = [c for c in todo if c.id not in split_done]
