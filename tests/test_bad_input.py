@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -244,6 +245,14 @@ def test_fused_backprop_on_a_cpu_is_refused_before_anything_is_written(tmp_path)
     assert proc.stderr.strip().splitlines() == [expected]
     assert one_line_error(["run", "--set", "backprop=fused", "--set", "dtype=float64", "--out", tmp_path / "r2"]).startswith(
         "error: default config: invalid config: config: backprop: fused runs in float32, not float64")
-    wide = one_line_error(["run", "--set", "backprop=fused", "--set", "data.input_dim=200", "--out", tmp_path / "r3"])
+    device = ["--device", "cuda"] if torch.cuda.is_available() else []  # without a GPU, conftest turns on Triton's interpreter
+    wide = one_line_error(["run", "--set", "backprop=fused", "--set", "data.input_dim=200", *device, "--out", tmp_path / "r3"])
     assert wide == "error: backprop 'fused' supports up to 128 inputs and second-layer nodes, got 200 and 10; use backprop: manual\n"
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+
+
+def test_fused_backprop_is_checked_before_a_ray_run_starts(tmp_path):
+    cfg = parse_config({**TINY, "backprop": "fused", "data": {**TINY["data"], "input_dim": 200}})
+    with pytest.raises(ConfigError, match="up to 128 inputs and second-layer nodes, got 200"):
+        run_experiment(cfg, tmp_path / "run", backend="ray")
+    assert not (tmp_path / "run").exists()

@@ -433,9 +433,10 @@ def local_plan(cfg: Config, chunks: list[Chunk], shape: tuple[int, int, int, int
 def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
     """What `run_experiment` would train, without writing anything: one row per chunk (after the memory
     planner) with its students, padded width, Adam steps and memory estimate, and the run's device,
-    workers and memory limit. With `measure_steps`, each chunk also trains that many steps (random data
-    of the chunk's shape, on the config's device, with its threads per worker) and the steady time per
-    step is extrapolated to the chunk's training: an estimate that leaves out evaluation and analysis.
+    workers and memory limit. With `measure_steps`, each chunk also trains at least that many steps
+    (random data of the chunk's shape, on the config's device, with its threads per worker) and the
+    steady time per step is extrapolated to the chunk's training: an estimate that leaves out
+    evaluation and analysis, and the slowdown of workers running side by side.
     """
     shape = data_shape(cfg)
     chunks = sorted(plan_chunks(cfg), key=lambda c: -chunk_cost(cfg, c))
@@ -450,13 +451,13 @@ def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
                "memory_gb": memory["memory_estimate_bytes"][c.id] / 1e9}
         if measure_steps:
             with _torch_threads(threads):
-                row["step_ms"] = 1e3 * _time_steps(cfg, c, inputs, outputs, batch, measure_steps, device)
+                row["step_ms"] = 1e3 * _time_steps(cfg, c, inputs, outputs, n_fit, batch, measure_steps, device)
             row["train_s_estimate"] = row["steps"] * row["step_ms"] / 1e3
         rows.append(row)
     info = {"device": str(device), "workers": workers, "threads_per_worker": threads, "memory_limit_gb": memory["memory_limit_bytes"] / 1e9}
-    if measure_steps:  # the workers take the chunks longest first, each the next free one
+    if measure_steps:  # the workers take the chunks in this order (run_experiment's), each the next free one
         loads = [0.0] * workers
-        for r in sorted(rows, key=lambda r: -r["train_s_estimate"]):
+        for r in rows:
             loads[loads.index(min(loads))] += r["train_s_estimate"]
         info.update({"train_s_estimate_sequential": sum(r["train_s_estimate"] for r in rows), "train_s_estimate_wall": max(loads)})
     return pd.DataFrame(rows), info
@@ -472,29 +473,32 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _time_steps(cfg: Config, chunk: Chunk, inputs: int, outputs: int, batch: int, steps: int, device: torch.device) -> float:
-    """Seconds per Adam step of `chunk`, from 3 epochs of ceil(steps / 3) batches of random data (the
-    first epoch, which pays one-off costs and captures a CUDA graph, is not counted)."""
-    per_epoch = max(1, -(-steps // 3))
+def _time_steps(cfg: Config, chunk: Chunk, inputs: int, outputs: int, n_fit: int, batch: int, steps: int,
+                device: torch.device) -> float:
+    """Seconds per Adam step of `chunk` on random data of its shape (at most its `n_fit` training
+    patterns): at least `steps` steps are timed, after two epochs that are not (the first pays one-off
+    costs, the second captures a CUDA graph where the config asks for one)."""
+    per_epoch = min(max(1, -(-steps // 2)), -(-n_fit // batch))
+    timed = max(2, -(-steps // per_epoch))
     gen = torch.Generator().manual_seed(0)
     dtype = getattr(torch, cfg.dtype)
-    x = torch.randn(cfg.trials, per_epoch * batch, inputs, generator=gen, dtype=dtype)
-    task = "classification" if outputs > 1 else "regression"
-    y = (torch.randint(0, outputs, x.shape[:2], generator=gen) if task == "classification"
+    x = torch.randn(cfg.trials, min(per_epoch * batch, n_fit), inputs, generator=gen, dtype=dtype)
+    classify = cfg.data.source == "digits" or (cfg.data.source == "csv" and cfg.data.csv.task == "classification")
+    y = (torch.randint(0, outputs, x.shape[:2], generator=gen) if classify
          else torch.randn(x.shape[:2], generator=gen, dtype=dtype))
-    data = TrialData(x, y, x[:, :1], y[:, :1], task, outputs).to(device)
+    data = TrialData(x, y, x[:, :1], y[:, :1], "classification" if classify else "regression", outputs).to(device)
     prep = prepare_chunk(cfg, chunk, data, device)
-    spec = replace(prep.spec, epochs=3, batch_size=batch)
     stamps: list[float] = []
 
-    def on_epoch(epoch: int, loss: float) -> None:  # float(loss) has synchronized the device
+    def on_epoch(epoch: int, loss: float) -> None:  # the loss was read back: the device has finished the epoch
         stamps.append(time.perf_counter())
 
-    train_ensemble(prep.ens, data.x_train, data.y_train, prep.trial_index, spec, prep.shuffle, on_epoch)
-    return (stamps[2] - stamps[0]) / (2 * per_epoch)
+    log = train_ensemble(prep.ens, data.x_train, data.y_train, prep.trial_index, replace(prep.spec, epochs=2 + timed, batch_size=batch),
+                         prep.shuffle, on_epoch)
+    return (stamps[-1] - stamps[1]) / (timed * log.steps // (2 + timed))
 
 
-def check_fused(cfg: Config, device: torch.device, shape: tuple[int, int, int, int] | None = None) -> None:
+def check_fused(cfg: Config, device: torch.device | None, shape: tuple[int, int, int, int] | None = None) -> None:
     """Refuse `backprop: fused` before anything is written where its kernels cannot run these students."""
     input_dim, n_outputs = (shape[0], shape[3]) if shape else (cfg.data.input_dim, 1)
     method, width = cfg.methods[0], max(cfg.student.widths)
@@ -527,6 +531,8 @@ def run_experiment(
         require_ray()
         device = torch.device(cfg.device if cfg.device != "auto" else "cpu")  # resolved inside each task
         workers, threads = cfg.workers, 1
+        if cfg.backprop == "fused":
+            check_fused(cfg, None, shape)  # the students; each task checks its own device
         if device.type == "cpu" or cfg.max_memory_gb:
             todo, memory = check_memory(cfg, todo, 1, torch.device("cpu"), shape)
         else:

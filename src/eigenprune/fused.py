@@ -40,9 +40,10 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-def check(layers, device: torch.device) -> None:
-    """Raise ValueError unless the fused first layer applies to these stacked layers on `device`."""
-    reason = unavailable(device)
+def check(layers, device: torch.device | None) -> None:
+    """Raise ValueError unless the fused first layer applies to these stacked layers on `device`
+    (None: leave the device out, e.g. where each Ray task resolves its own)."""
+    reason = unavailable(device) if device is not None else None
     if reason is None and len(layers) < 2:
         reason = "backprop 'fused' needs at least two layers (it fuses the first into the second)"
     if reason is None and layers[0].bias is not None:
