@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from eigenprune.config import load_config
 from eigenprune.ensemble import Ensemble
-from eigenprune.experiment import plan_chunks, student_plans, validation_split
+from eigenprune.experiment import adam_steps, plan_chunks, student_plans, validation_split
 from eigenprune.nets import make_student
 from eigenprune.train import TrainSpec, train_ensemble
 
@@ -82,12 +82,11 @@ def ops_per_step(cfg, method: str, width: int) -> int:
 
 def chunk_floor(cfg, chunk, card: str, node_us: float, kernels: int) -> dict:
     flops_peak, bandwidth = CARDS[card]
-    m = cfg.method(chunk.method)
     keys = chunk.keys()
     s, n_pad = len(keys), max(chunk.widths)
     d, rest = cfg.data.input_dim, [*cfg.student.rest, 1]
     p = validation_split(cfg)
-    b, steps = min(m.batch_size, p), m.epochs * math.ceil(p / min(m.batch_size, p))
+    b, steps = adam_steps(cfg, chunk.method, p)
 
     def flops(n: int) -> int:  # per student and pattern: forward, weight gradients, hidden gradients
         sizes = [d, n, *rest]

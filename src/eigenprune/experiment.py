@@ -407,6 +407,13 @@ def _chunk_job(cfg_data: dict, threads: int, chunk: Chunk, progress: Progress) -
     return train_chunk(cfg, chunk, make_data(cfg.for_teacher(chunk.teacher)).to(device), device, progress)
 
 
+def adam_steps(cfg: Config, method: str, n_fit: int) -> tuple[int, int]:
+    """(batch size, Adam steps of the whole training) of a `method` student fitting `n_fit` patterns."""
+    m = cfg.method(method)
+    batch = min(m.batch_size, n_fit)
+    return batch, m.epochs * -(-n_fit // batch)
+
+
 def data_shape(cfg: Config) -> tuple[int, int, int, int] | None:
     """(inputs, training patterns, test patterns, outputs) of real data (None for teacher data, whose
     shape is the config's); loading it here makes bad data fail before a run folder exists."""
@@ -445,9 +452,8 @@ def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
     n_fit = validation_split(cfg, n_train)
     rows = []
     for c in chunks:
-        m = cfg.method(c.method)
-        batch = min(m.batch_size, n_fit)
-        row = {"chunk": c.id, "students": len(c.keys()), "padded_width": max(c.widths), "steps": m.epochs * -(-n_fit // batch),
+        batch, steps = adam_steps(cfg, c.method, n_fit)
+        row = {"chunk": c.id, "students": len(c.keys()), "padded_width": max(c.widths), "steps": steps,
                "memory_gb": memory["memory_estimate_bytes"][c.id] / 1e9}
         if measure_steps:
             with _torch_threads(threads):
