@@ -59,14 +59,15 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _overrides(pairs: list[str]) -> dict:
+def _overrides(pairs: list[str], **options: object) -> dict:
+    """--set KEY=VALUE pairs as config overrides, plus the command's own options that were given (not None)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             _fail(f"--set takes KEY=VALUE (e.g. spectral.epochs=100), got {pair!r}")
         out[key] = yaml.safe_load(value)
-    return out
+    return out | {k: v for k, v in options.items() if v is not None}
 
 
 @app.command()
@@ -90,11 +91,7 @@ def run(
     try:
         if backend not in ("local", "ray"):
             _fail(f"--backend must be local or ray, got {backend!r}")
-        overrides = _overrides(set_)
-        if device is not None:
-            overrides["device"] = device
-        if workers is not None:
-            overrides["workers"] = workers
+        overrides = _overrides(set_, device=device, workers=workers)
         cfg = load_config(config, overrides)
         path = run_experiment(cfg, out or Path("runs") / cfg.name, fresh=fresh, quiet=quiet, backend=backend, address=address)
     except USER_ERRORS as err:
@@ -118,11 +115,7 @@ def plan(
     from eigenprune.experiment import plan_run
 
     try:
-        overrides = _overrides(set_)
-        if device is not None:
-            overrides["device"] = device
-        if workers is not None:
-            overrides["workers"] = workers
+        overrides = _overrides(set_, device=device, workers=workers)
         table, info = plan_run(load_config(config, overrides), measure)
     except USER_ERRORS as err:
         _fail(str(err))
