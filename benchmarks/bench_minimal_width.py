@@ -21,12 +21,16 @@ from pathlib import Path
 
 import torch
 
-from eigenprune.data import derive_seed, teacher_data
-from eigenprune.ensemble import Ensemble
-from eigenprune.nets import LayerPlan, layer_sizes, make_student
-from eigenprune.prune import prune_nodes
-from eigenprune.search import minimal_width
-from eigenprune.train import TrainSpec, task_loss, train_ensemble
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.train import train_ensemble
+from eigenprune.core.losses import task_loss
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.core.seeds import derive_seed
+from eigenprune.core.structure import layer_sizes
+from eigenprune.core.training import TrainSpec
+from eigenprune.experiments.data import teacher_data
+from eigenprune.pruning.removal import prune_nodes
+from eigenprune.pruning.search import minimal_width
 
 
 def main() -> None:

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from eigenprune.config import load_config
-from eigenprune.ensemble import Ensemble
-from eigenprune.experiment import make_data, plan_chunks, prepare_chunk, student_plans, student_seed
-from eigenprune.nets import make_student
-from eigenprune.train import TrainSpec, train_alone, train_ensemble
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.train import train_ensemble
+from eigenprune.core.plans import make_student
+from eigenprune.core.training import TrainSpec, train_alone
+from eigenprune.experiments.config import load_config
+from eigenprune.experiments.runner import make_data, plan_chunks, prepare_chunk, student_plans, student_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("per-model", "manual", "manual+graph", "fused", "fused+graph")

@@ -39,11 +39,12 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eigenprune.config import load_config
-from eigenprune.ensemble import Ensemble
-from eigenprune.experiment import adam_steps, plan_chunks, student_plans, validation_split
-from eigenprune.nets import make_student
-from eigenprune.train import TrainSpec, train_ensemble
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.train import train_ensemble
+from eigenprune.core.plans import make_student
+from eigenprune.core.training import TrainSpec
+from eigenprune.experiments.config import load_config
+from eigenprune.experiments.runner import adam_steps, plan_chunks, student_plans, validation_split
 
 ROOT = Path(__file__).resolve().parents[1]
 # datasheet peaks: float32 (non-tensor) FLOP/s, memory bytes/s

@@ -45,9 +45,9 @@ def tests(device: str) -> dict:
 
 
 def equivalence(device: str, smoke: bool) -> dict:
-    from eigenprune import fused
-    from eigenprune.config import parse_config
-    from eigenprune.experiment import run_experiment
+    from eigenprune.batched import fused
+    from eigenprune.experiments.config import parse_config
+    from eigenprune.experiments.runner import run_experiment
 
     epochs, n_train = (3, 300) if smoke else (20, 1000)
     body = {"name": "gpu-eq", "trials": 2, "data": {"n_train": n_train, "n_test": 500}, "student": {"widths": [20, 60]},

@@ -24,9 +24,9 @@ CASES = [
 
 CHILD = """
 import json, sys, torch
-from eigenprune.config import parse_config
-from eigenprune.experiment import chunk_memory, make_data, plan_chunks, train_chunk
-from eigenprune.progress import Progress
+from eigenprune.experiments.config import parse_config
+from eigenprune.experiments.runner import chunk_memory, make_data, plan_chunks, train_chunk
+from eigenprune.experiments.progress import Progress
 
 def rss(key):
     for line in open("/proc/self/status"):

@@ -3,7 +3,7 @@
     python scripts/search_run.py RUN_DIR [--layer 0] [--rtol 0.1] [--epochs 2] [--out FILE.csv]
 
 Rebuilds each trial's data from the run's stored config (seeded, hence identical), loads every
-student checkpoint and runs `eigenprune.search.minimal_width` on it. Classification runs accept a
+student checkpoint and runs `eigenprune.pruning.search.minimal_width` on it. Classification runs accept a
 step while test accuracy stays within `analysis.accuracy_tol` of the unpruned student's; regression
 runs while test loss stays within `rtol`. Prints a table per (method, width) and writes a CSV.
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from eigenprune.checkpoint import load_model
-from eigenprune.experiment import make_data, validation_split
-from eigenprune.search import minimal_width
-from eigenprune.store import RunFolder
-from eigenprune.train import TrainSpec
+from eigenprune.core.training import TrainSpec
+from eigenprune.experiments.runner import make_data, validation_split
+from eigenprune.experiments.store import RunFolder
+from eigenprune.pruning.checkpoint import load_model
+from eigenprune.pruning.search import minimal_width
 
 
 def main() -> None:

@@ -3,13 +3,14 @@ import math
 import pytest
 import torch
 
-from eigenprune.analysis import effective_dim
-from eigenprune.ensemble import Ensemble
-from eigenprune.importance import eigenvalue_importance, feature_norm, node_importance, normalize
-from eigenprune.layers import SpectralLinear
-from eigenprune.nets import LayerPlan, make_student
-from eigenprune.prune import keep_mask, pruning_curves
-from eigenprune.train import task_loss
+from eigenprune.batched.curves import pruning_curves
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.core.layers import SpectralLinear
+from eigenprune.core.losses import task_loss
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.experiments.analysis import effective_dim
+from eigenprune.pruning.importance import eigenvalue_importance, feature_norm, node_importance, normalize
+from eigenprune.pruning.removal import keep_mask
 
 
 def test_eigenvalue_importance_on_hand_made_weights():

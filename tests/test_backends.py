@@ -15,10 +15,10 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import TINY
-from eigenprune.checkpoint import load_model
 from eigenprune.cli import app
-from eigenprune.config import parse_config
-from eigenprune.experiment import run_experiment
+from eigenprune.experiments.config import parse_config
+from eigenprune.experiments.runner import run_experiment
+from eigenprune.pruning.checkpoint import load_model
 
 runner = CliRunner()
 

@@ -16,11 +16,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import TINY
-from eigenprune.checkpoint import CheckpointError, load_model, save_model
 from eigenprune.cli import app
-from eigenprune.config import ConfigError, parse_config
-from eigenprune.experiment import check_memory, chunk_memory, plan_chunks, run_experiment
-from eigenprune.nets import LayerPlan, make_student
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.experiments.config import ConfigError, parse_config
+from eigenprune.experiments.runner import check_memory, chunk_memory, plan_chunks, run_experiment
+from eigenprune.pruning.checkpoint import CheckpointError, load_model, save_model
 
 runner = CliRunner()
 
@@ -111,9 +111,9 @@ def test_memory_estimate_is_within_a_factor_of_two_of_the_measured_peak():
             "spectral": {"epochs": 1, "batch_size": 100}, "save_students": False}
     child = """
 import json, sys, torch
-from eigenprune.config import parse_config
-from eigenprune.experiment import make_data, plan_chunks, train_chunk
-from eigenprune.progress import Progress
+from eigenprune.experiments.config import parse_config
+from eigenprune.experiments.runner import make_data, plan_chunks, train_chunk
+from eigenprune.experiments.progress import Progress
 torch.set_num_threads(1)
 cfg = parse_config(json.loads(sys.argv[1]))
 open("/proc/self/clear_refs", "w").write("5")  # reset the resident-set high-water mark

@@ -4,9 +4,9 @@ import yaml
 from typer.testing import CliRunner
 
 from eigenprune.cli import app
-from eigenprune.compare import CompareConfig, load_compare_config
-from eigenprune.config import ConfigError
-from eigenprune.criteria import CRITERIA
+from eigenprune.experiments.compare import CompareConfig, load_compare_config
+from eigenprune.experiments.config import ConfigError
+from eigenprune.pruning.criteria import CRITERIA
 
 runner = CliRunner()
 

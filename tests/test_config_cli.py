@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY
 from eigenprune.cli import app
-from eigenprune.config import Config, ConfigError, load_config, parse_config
+from eigenprune.experiments.config import Config, ConfigError, load_config, parse_config
 
 runner = CliRunner()
 
@@ -98,7 +98,7 @@ def test_run_end_to_end_writes_the_run_folder(tmp_path):
 def test_plan_lists_the_chunks_with_memory_and_a_timed_estimate_and_writes_nothing(tmp_path, monkeypatch):
     import math
 
-    from eigenprune.experiment import chunk_memory, plan_chunks, plan_run
+    from eigenprune.experiments.runner import chunk_memory, plan_chunks, plan_run
 
     cfg = parse_config({**TINY, "workers": 2})
     table, info = plan_run(cfg, measure_steps=6)

@@ -5,12 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from eigenprune.analysis import critical_point
-from eigenprune.criteria import CRITERIA, Criterion, get_criterion, register
-from eigenprune.ensemble import Ensemble
-from eigenprune.nets import LayerPlan, make_student, make_teacher
-from eigenprune.prune import prune_nodes
-from eigenprune.train import TrainSpec, train_alone, train_ensemble
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.train import train_ensemble
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.core.training import TrainSpec, train_alone
+from eigenprune.experiments.analysis import critical_point
+from eigenprune.experiments.builders import make_teacher
+from eigenprune.pruning.criteria import CRITERIA, Criterion, get_criterion, register
+from eigenprune.pruning.removal import prune_nodes
 
 
 def _student(width, criterion="eigenvalue", seed=0, dtype=torch.float64):

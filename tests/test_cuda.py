@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eigenprune.ensemble import Ensemble
-from eigenprune.nets import LayerPlan, make_student, make_teacher
-from eigenprune.train import TrainSpec, _Epoch, train_ensemble
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.train import _Epoch, train_ensemble
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.core.training import TrainSpec
+from eigenprune.experiments.builders import make_teacher
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

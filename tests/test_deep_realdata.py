@@ -8,15 +8,16 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import TINY
+from eigenprune.batched.curves import joint_search, pruning_curves
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.train import evaluate
 from eigenprune.cli import app
-from eigenprune.config import parse_config
-from eigenprune.data import DataError, csv_data
-from eigenprune.ensemble import Ensemble
-from eigenprune.experiment import run_experiment, student_plans
-from eigenprune.importance import node_importance
-from eigenprune.nets import LayerPlan, make_student
-from eigenprune.prune import joint_search, pruning_curves
-from eigenprune.train import evaluate
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.experiments.config import parse_config
+from eigenprune.experiments.data import DataError, csv_data
+from eigenprune.experiments.runner import run_experiment, student_plans
+from eigenprune.pruning.importance import node_importance
+from eigenprune.reporting.report import build_report
 
 runner = CliRunner()
 
@@ -61,7 +62,7 @@ def test_deep_plans_regularize_every_hidden_layer():
 
 def test_deep_run_reports_every_layer(tmp_path):
     cfg = parse_config({**TINY, "workers": 1, "student": {"widths": [12], "rest": [8], "deep": True}})
-    run_experiment(cfg, tmp_path / "run", quiet=True)
+    run_experiment(cfg, tmp_path / "run", quiet=True, finish=build_report)
     layers = pd.read_parquet(tmp_path / "run" / "layers.parquet")
     assert sorted(layers.layer.unique()) == [0, 1]
     assert (layers.search_width <= layers.layer_width).all() and (layers.search_width >= 1).all()
@@ -80,7 +81,7 @@ def test_accuracy_curves_match_masked_predictions():
     ti = torch.tensor([0, 0])
     scores = node_importance(ens.layers[0])
     acc = pruning_curves(ens, 0, scores, x, y, ti, "classification", metric="accuracy")
-    from eigenprune.prune import keep_mask
+    from eigenprune.pruning.removal import keep_mask
     for k in (1, 4, 7):
         pred = ens(x[ti], keep={0: keep_mask(scores, k)}).argmax(-1)
         torch.testing.assert_close(acc[:, k - 1], (pred == y[ti]).float().mean(-1))
@@ -89,7 +90,7 @@ def test_accuracy_curves_match_masked_predictions():
 def test_digits_run_end_to_end(tmp_path):
     body = {"trials": 2, "workers": 1, "data": {"source": "digits"}, "student": {"widths": [16], "rest": [], "head": "linear"},
             "spectral": {"epochs": 4, "batch_size": 64}, "direct": {"epochs": 4, "batch_size": 64}}
-    run_experiment(parse_config(body), tmp_path / "run", quiet=True)
+    run_experiment(parse_config(body), tmp_path / "run", quiet=True, finish=build_report)
     res = pd.read_parquet(tmp_path / "run" / "results.parquet")
     assert res.test_accuracy.between(0.5, 1.0).all()  # 4 epochs on digits already beat chance (0.1) by far
     assert res.teacher_kind.eq("digits").all()

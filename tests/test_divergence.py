@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 
 from conftest import TINY
 from eigenprune.cli import app
-from eigenprune.config import parse_config
-from eigenprune.experiment import run_experiment
+from eigenprune.experiments.config import parse_config
+from eigenprune.experiments.runner import run_experiment
+from eigenprune.reporting.report import build_report
 
 runner = CliRunner()
 
@@ -50,7 +51,7 @@ def test_a_diverging_method_fails_cleanly_and_leaves_the_other_identical(tmp_pat
 
 def test_a_run_where_every_student_diverges_still_writes_its_report(tmp_path):
     out = run_experiment(parse_config({**TINY, "workers": 1, "methods": ["spectral"], "spectral": {**TINY["spectral"], "lr": 1e10}}),
-                         tmp_path / "run", quiet=True)
+                         tmp_path / "run", quiet=True, finish=build_report)
     res = pd.read_parquet(out / "results.parquet")
     assert (res.status == "failed").all() and len(res) == 4
     assert all(g["trials_ok"] == 0 and g["trials_failed"] == 2 for g in json.loads((out / "summary.json").read_text())["groups"])

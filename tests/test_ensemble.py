@@ -3,9 +3,11 @@ import copy
 import pytest
 import torch
 
-from eigenprune.ensemble import Ensemble
-from eigenprune.nets import LayerPlan, make_student, make_teacher
-from eigenprune.train import TrainSpec, train_alone, train_ensemble
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.train import train_ensemble
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.core.training import TrainSpec, train_alone
+from eigenprune.experiments.builders import make_teacher
 
 
 def _plans(width, kind):
@@ -81,7 +83,7 @@ def test_mixed_flags_are_refused():
 @pytest.mark.parametrize("task", ["regression", "classification"])
 def test_hand_written_backprop_equals_autograd(task):
     """Deep students with biases and a trainable lam_in: manual gradients == autograd, step by step."""
-    from eigenprune.layers import SpectralLinear
+    from eigenprune.core.layers import SpectralLinear
 
     def student(seed):
         torch.manual_seed(seed)

@@ -5,9 +5,11 @@ import copy
 import pytest
 import torch
 
-from eigenprune.ensemble import Ensemble
-from eigenprune.nets import LayerPlan, make_student, make_teacher, paper_student
-from eigenprune.train import TrainSpec, train_ensemble
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.train import train_ensemble
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.core.training import TrainSpec
+from eigenprune.experiments.builders import make_teacher, paper_student
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,8 +7,8 @@ import pandas as pd
 import torch
 
 from conftest import TINY
-from eigenprune.config import parse_config
-from eigenprune.experiment import check_memory, chunk_memory, plan_chunks, run_experiment
+from eigenprune.experiments.config import parse_config
+from eigenprune.experiments.runner import check_memory, chunk_memory, plan_chunks, run_experiment
 
 
 def _limit_between_one_and_two_trials(cfg):

@@ -6,12 +6,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 from conftest import TINY
-from eigenprune.checkpoint import CheckpointError, load_model, save_model
 from eigenprune.cli import app
-from eigenprune.config import Config
-from eigenprune.experiment import make_data, run_experiment
-from eigenprune.nets import LayerPlan, layer_sizes, make_student
-from eigenprune.prune import mask_nodes, select_nodes
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.core.structure import layer_sizes
+from eigenprune.experiments.config import Config
+from eigenprune.experiments.runner import make_data, run_experiment
+from eigenprune.pruning.checkpoint import CheckpointError, load_model, save_model
+from eigenprune.pruning.removal import mask_nodes, select_nodes
 
 runner = CliRunner()
 
@@ -170,7 +171,7 @@ def test_export_refuses_what_onnx_cannot_express(tmp_path):
 
 def test_prune_auto_uses_the_checkpoints_teacher_and_held_out_validation_part(tmp_path):
     """A regularization-path run with two teachers: auto must use teacher 1's held-out validation patterns."""
-    from eigenprune.experiment import validation_split
+    from eigenprune.experiments.runner import validation_split
 
     cfg = Config.model_validate({
         **TINY, "name": "path", "workers": 1, "trials": 1, "methods": ["spectral"], "student": {"widths": [8]},

@@ -7,11 +7,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from eigenprune import SpectralLinear, despectralize, spectral_penalty, spectralize
-from eigenprune.checkpoint import load_model, save_model
-from eigenprune.importance import node_importance
-from eigenprune.nets import LayerPlan, as_sequential, layer_sizes, make_student
-from eigenprune.prune import KeepSpec, PruneError, keep_mask, loss_by_kept, mask_nodes, parse_keep, prune_nodes, remove_nodes, select_nodes
-from eigenprune.train import TrainSpec, task_loss, train_alone
+from eigenprune.core.losses import task_loss
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.core.structure import as_sequential, layer_sizes
+from eigenprune.core.training import TrainSpec, train_alone
+from eigenprune.pruning.checkpoint import load_model, save_model
+from eigenprune.pruning.importance import node_importance
+from eigenprune.pruning.removal import (
+    KeepSpec,
+    PruneError,
+    keep_mask,
+    loss_by_kept,
+    mask_nodes,
+    parse_keep,
+    prune_nodes,
+    remove_nodes,
+    select_nodes,
+)
 
 
 def _rel(a, b):

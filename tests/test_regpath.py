@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import TINY
-from eigenprune.checkpoint import load_model
-from eigenprune.config import ConfigError, parse_config
-from eigenprune.experiment import run_experiment, validation_split
-from eigenprune.regpath import best_rule, one_se_rule, select_strengths, stable_rule
+from eigenprune.experiments.config import ConfigError, parse_config
+from eigenprune.experiments.regpath import best_rule, one_se_rule, select_strengths, stable_rule
+from eigenprune.experiments.runner import run_experiment, validation_split
+from eigenprune.pruning.checkpoint import load_model
+from eigenprune.reporting.report import build_report
 
 
 def test_best_and_one_se_rules_on_known_curves():
@@ -63,10 +64,10 @@ def _cfg(**over):
 
 def test_one_strength_of_a_path_equals_a_plain_run_with_that_strength(tmp_path):
     path = _cfg(regularization={"mode": "path", "multipliers": [0.5, 3.0], "validation_fraction": 0.25})
-    run_experiment(path, tmp_path / "path", quiet=True)
+    run_experiment(path, tmp_path / "path", quiet=True, finish=build_report)
     # the path trains on the first 150 of 200 patterns; a plain run with n_train = 150 sees the same ones
     plain = _cfg(data={"n_train": 150, "n_test": 150}, spectral={"epochs": 3, "batch_size": 50, "l2_phi": 0.03, "l2_lam": 0.0015})
-    run_experiment(plain, tmp_path / "plain", quiet=True)
+    run_experiment(plain, tmp_path / "plain", quiet=True, finish=build_report)
     rp = pd.read_parquet(tmp_path / "path" / "results.parquet")
     rq = pd.read_parquet(tmp_path / "plain" / "results.parquet")
     assert sorted(rp.strength.unique()) == [0.5, 3.0] and rp.val_loss.notna().all()
@@ -83,7 +84,7 @@ def test_one_strength_of_a_path_equals_a_plain_run_with_that_strength(tmp_path):
 
 def test_several_teachers_in_one_run(tmp_path):
     cfg = _cfg(teachers=[{"widths": [5, 4]}, {"widths": [9, 4]}], regularization={"mode": "path", "multipliers": [0.5, 2.0]})
-    run_experiment(cfg, tmp_path / "run", quiet=True)
+    run_experiment(cfg, tmp_path / "run", quiet=True, finish=build_report)
     res = pd.read_parquet(tmp_path / "run" / "results.parquet")
     assert sorted(res.teacher_width.unique()) == [5, 9]
     assert len(res) == 2 * 2 * 2 * 2  # teachers x widths x trials x strengths

@@ -12,10 +12,12 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import TINY
-from eigenprune.analysis import collapse_measure, critical_point, fit_exponential, path_products, teacher_comparison
 from eigenprune.cli import app
-from eigenprune.config import load_config
-from eigenprune.nets import LayerPlan, make_student, make_teacher, spectralize
+from eigenprune.core.convert import spectralize
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.experiments.analysis import collapse_measure, critical_point, fit_exponential, path_products, teacher_comparison
+from eigenprune.experiments.builders import make_teacher
+from eigenprune.experiments.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from conftest import TINY
 from eigenprune.cli import app
-from eigenprune.config import parse_config
-from eigenprune.experiment import plan_chunks, run_experiment
-from eigenprune.store import RunFolder, RunFolderError
+from eigenprune.experiments.config import parse_config
+from eigenprune.experiments.runner import plan_chunks, run_experiment
+from eigenprune.experiments.store import RunFolder, RunFolderError
 
 # 4 chunks (spectral/direct x widths {4, 8} and {16, 32}), each long enough to be killed between commits
 FOUR_CHUNKS = {**TINY, "name": "four", "student": {"widths": [4, 8, 16, 32]},

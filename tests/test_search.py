@@ -2,10 +2,12 @@ import pytest
 import torch
 from torch import nn
 
-from eigenprune.nets import layer_sizes, make_teacher
-from eigenprune.prune import PruneError
-from eigenprune.search import minimal_width
-from eigenprune.train import TrainSpec, task_loss
+from eigenprune.core.losses import task_loss
+from eigenprune.core.structure import layer_sizes
+from eigenprune.core.training import TrainSpec
+from eigenprune.experiments.builders import make_teacher
+from eigenprune.pruning.removal import PruneError
+from eigenprune.pruning.search import minimal_width
 
 
 def _teacher_inside_a_wide_student(h_t=6, width=30, seed=0):

@@ -1,9 +1,16 @@
-"""eigenprune: spectral training and eigenvalue-ranked structural pruning of MLPs."""
+"""eigenprune: spectral training and eigenvalue-ranked structural pruning.
 
-from eigenprune.importance import node_importance
-from eigenprune.layers import SpectralLinear, spectral_weight
-from eigenprune.nets import as_sequential, despectralize, make_student, make_teacher, spectral_penalty, spectralize
-from eigenprune.prune import prune_nodes
+`import eigenprune` loads the library alone (torch, numpy, safetensors): spectral layers, conversion,
+importance and pruning. The paper's experiment runner lives in `eigenprune.experiments` and is loaded
+only when used (`make_teacher` below loads it on first access).
+"""
+
+from eigenprune.core.convert import despectralize, spectral_penalty, spectralize
+from eigenprune.core.layers import SpectralLinear, spectral_weight
+from eigenprune.core.plans import make_student
+from eigenprune.core.structure import as_sequential
+from eigenprune.pruning.importance import node_importance
+from eigenprune.pruning.removal import prune_nodes
 
 __version__ = "0.1.0"
 
@@ -19,3 +26,11 @@ __all__ = [
     "spectral_weight",
     "spectralize",
 ]
+
+
+def __getattr__(name: str):
+    if name == "make_teacher":  # the paper's teacher belongs to the experiment runner
+        from eigenprune.experiments.builders import make_teacher
+
+        return make_teacher
+    raise AttributeError(f"module 'eigenprune' has no attribute {name!r}")

@@ -11,11 +11,11 @@ import typer
 import yaml
 from typer.core import TyperGroup
 
-from eigenprune.backends import BackendError
-from eigenprune.checkpoint import CheckpointError
-from eigenprune.config import ConfigError, load_config
-from eigenprune.data import DataError
-from eigenprune.store import RunFolder, RunFolderError
+from eigenprune.experiments.backends import BackendError
+from eigenprune.experiments.config import ConfigError, load_config
+from eigenprune.experiments.data import DataError
+from eigenprune.experiments.store import RunFolder, RunFolderError
+from eigenprune.pruning.checkpoint import CheckpointError
 
 try:
     from typer import TyperException as _UsageError  # newer typer parses arguments without click
@@ -86,14 +86,16 @@ def run(
 
     Rerunning the same command resumes: finished chunks are kept, the rest are trained.
     """
-    from eigenprune.experiment import run_experiment
+    from eigenprune.experiments.runner import run_experiment
+    from eigenprune.reporting.report import build_report
 
     try:
         if backend not in ("local", "ray"):
             _fail(f"--backend must be local or ray, got {backend!r}")
         overrides = _overrides(set_, device=device, workers=workers)
         cfg = load_config(config, overrides)
-        path = run_experiment(cfg, out or Path("runs") / cfg.name, fresh=fresh, quiet=quiet, backend=backend, address=address)
+        path = run_experiment(cfg, out or Path("runs") / cfg.name, fresh=fresh, quiet=quiet, backend=backend, address=address,
+                              finish=lambda p: build_report(p, quiet=quiet))
     except USER_ERRORS as err:
         _fail(str(err))
     except KeyboardInterrupt:
@@ -112,7 +114,7 @@ def plan(
 ) -> None:
     """Show what `eigenprune run` would train: chunks, students, steps, memory, and the training time to
     expect from timing a few steps of each chunk on this machine. Writes nothing."""
-    from eigenprune.experiment import plan_run
+    from eigenprune.experiments.runner import plan_run
 
     try:
         overrides = _overrides(set_, device=device, workers=workers)
@@ -132,7 +134,7 @@ def plan(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by `eigenprune run`")]) -> None:
     """Rebuild the figures and report.html of a run folder from its stored results (no training)."""
-    from eigenprune.report import build_report
+    from eigenprune.reporting.report import build_report
 
     try:
         path = build_report(run_dir)
@@ -147,7 +149,7 @@ def collapse(
     out: Annotated[Path, typer.Option(help="folder for collapse.png and collapse.json")] = Path("runs/collapse"),
 ) -> None:
     """Rescale the spectral pruning curves of several runs (delta/max vs n/h_T - 1) and measure their collapse."""
-    from eigenprune.report import collapse_runs
+    from eigenprune.reporting.report import collapse_runs
 
     try:
         result = collapse_runs(run_dirs, out)
@@ -173,8 +175,8 @@ def show_config(config: Annotated[Optional[Path], typer.Argument(help="YAML conf
 
 
 def _pruning_errors() -> tuple[type[Exception], ...]:
-    from eigenprune.export import ExportError
-    from eigenprune.prune import PruneError
+    from eigenprune.pruning.export import ExportError
+    from eigenprune.pruning.removal import PruneError
 
     return (*USER_ERRORS, PruneError, ExportError)
 
@@ -184,8 +186,8 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from eigenprune.experiment import make_data, validation_split
-    from eigenprune.prune import PruneError
+    from eigenprune.experiments.runner import make_data, validation_split
+    from eigenprune.pruning.removal import PruneError
 
     if data is not None and data.is_file():
         try:
@@ -236,10 +238,10 @@ def prune(
     """Physically remove the least important hidden nodes; writes a smaller model of plain nn.Linear layers."""
     import torch
 
-    from eigenprune.checkpoint import load_model, save_model
-    from eigenprune.nets import layer_sizes
-    from eigenprune.prune import PruneError, parse_keep, prune_nodes
-    from eigenprune.train import task_loss
+    from eigenprune.core.losses import task_loss
+    from eigenprune.core.structure import layer_sizes
+    from eigenprune.pruning.checkpoint import load_model, save_model
+    from eigenprune.pruning.removal import PruneError, parse_keep, prune_nodes
 
     try:
         spec = parse_keep(keep)
@@ -279,9 +281,9 @@ def export(
     """Export a saved model to ONNX (dynamic batch dimension); checks it against torch when onnxruntime is installed."""
     import torch
 
-    from eigenprune.checkpoint import load_model
-    from eigenprune.export import ExportError, export_onnx
-    from eigenprune.nets import layer_sizes
+    from eigenprune.core.structure import layer_sizes
+    from eigenprune.pruning.checkpoint import load_model
+    from eigenprune.pruning.export import ExportError, export_onnx
 
     try:
         if not onnx.parent.is_dir():
@@ -313,7 +315,7 @@ def compare(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Train students with every importance criterion and tabulate recovered width, loss and ΔMSE (parquet + markdown)."""
-    from eigenprune.compare import load_compare_config, run_compare
+    from eigenprune.experiments.compare import load_compare_config, run_compare
 
     try:
         cfg = load_compare_config(config, _overrides(set_))

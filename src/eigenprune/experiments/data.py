@@ -11,7 +11,6 @@ Teachers (all frozen):
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eigenprune.layers import glorot_uniform_
-from eigenprune.nets import make_teacher
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any printable parts (same on every machine and Python)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from eigenprune.core.layers import glorot_uniform_
+from eigenprune.core.seeds import derive_seed
+from eigenprune.experiments.builders import make_teacher
 
 
 @dataclass

@@ -16,12 +16,14 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from eigenprune.ensemble import Ensemble
-from eigenprune.importance import node_importance, normalize
-from eigenprune.layers import SpectralLinear
-from eigenprune.memory import CURVE_BUDGET
-from eigenprune.nets import as_sequential, despectralize, linear_layers
-from eigenprune.train import Task, evaluate, task_loss, task_metric
+from eigenprune.core.convert import despectralize
+from eigenprune.core.layers import SpectralLinear
+from eigenprune.core.losses import Task, task_loss
+from eigenprune.core.structure import as_sequential, linear_layers
+from eigenprune.pruning.importance import node_importance, normalize
+
+CURVE_BUDGET = 2**24
+"""Floats in one block of a prefix-sum pruning curve (bounds its memory)."""
 
 
 def keep_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
@@ -30,69 +32,6 @@ def keep_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     ranks = order.argsort(dim=-1)
     k = torch.as_tensor(k, device=scores.device)
     return (ranks < k.unsqueeze(-1) if k.dim() else ranks < k).to(scores.dtype)
-
-
-@torch.no_grad()
-def pruning_curves(
-    ens: Ensemble, layer: int, scores: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-    trial_index: torch.Tensor, task: Task, budget: int = CURVE_BUDGET, metric: str = "loss",
-) -> torch.Tensor:
-    """Test loss (or accuracy) [S, N] of every student keeping its top-k nodes of hidden layer `layer`, k = 1..N.
-
-    Uses prefix sums: with nodes sorted by importance, the next layer's pre-activation with k nodes
-    kept is the cumulative sum of the first k nodes' contributions, so all N curves cost about one
-    forward pass with an extra node axis. x [T, Q, D], y [T, Q] are the trials' test sets.
-    Entries beyond a student's own width repeat its full-width loss.
-    """
-    if not 0 <= layer < len(ens.layers) - 1:
-        raise ValueError(f"layer must be a hidden layer index in 0..{len(ens.layers) - 2}, got {layer}")
-    s_count, n = scores.shape
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    nxt = ens.layers[layer + 1]
-    w_next = torch.gather(nxt.weight, 2, order.unsqueeze(1).expand(-1, nxt.weight.shape[1], -1))  # [S, O, N]
-    q = x.shape[1]
-    per_row = n * max(w_next.shape[1], 1) * s_count
-    chunk = max(1, min(q, budget // max(per_row, 1)))
-    total = x.new_zeros(s_count, n)
-    for start in range(0, q, chunk):
-        xb, yb = x[trial_index, start : start + chunk], y[trial_index, start : start + chunk]
-        a = torch.gather(ens.hidden(xb, layer), 2, order.unsqueeze(1).expand(-1, xb.shape[1], -1))  # [S, B, N]
-        z = torch.cumsum(a.unsqueeze(-1) * w_next.transpose(1, 2).unsqueeze(1), dim=2)  # [S, B, N(k), O]
-        if nxt.bias is not None:
-            z = z + nxt.bias[:, None, None, :]
-        out = ens.head(z.flatten(1, 2), layer + 1).unflatten(1, (xb.shape[1], n))  # [S, B, N, C]
-        yk = yb.unsqueeze(-1).expand(-1, -1, n)  # [S, B, N]
-        total += task_metric(out.transpose(1, 2), yk.transpose(1, 2), task, metric) * xb.shape[1]
-    return total / q
-
-
-@torch.no_grad()
-def joint_search(
-    ens: Ensemble, scores: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor,
-    task: Task, rel_tol: float,
-) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
-    """Smallest widths of all hidden layers, pruned jointly by importance: a minimal architecture.
-
-    Layers are pruned in order; layer l (of L) gets the smallest top-k (binary search, per student)
-    whose loss on (x, y) stays within (1 + rel_tol * (l + 1) / L) x the full model's, with the layers
-    before it already pruned, so the final loss is within (1 + rel_tol) x full. Returns the kept
-    count per layer [S] and the keep masks.
-    """
-    full = evaluate(ens, x, y, trial_index, task)
-    keep: dict[int, torch.Tensor] = {}
-    widths = []
-    for layer, sc in enumerate(scores):
-        bound = full * (1 + rel_tol * (layer + 1) / len(scores))
-        lo, hi = torch.ones_like(ens.layers[layer].widths), ens.layers[layer].widths.clone()
-        while bool((lo < hi).any()):
-            mid = (lo + hi) // 2
-            ok = evaluate(ens, x, y, trial_index, task, keep={**keep, layer: keep_mask(sc, mid)}) <= bound
-            active = lo < hi
-            hi = torch.where(active & ok, mid, hi)
-            lo = torch.where(active & ~ok, mid + 1, lo)
-        keep[layer] = keep_mask(sc, lo)
-        widths.append(lo)
-    return widths, keep
 
 
 # --- Physical removal ------------------------------------------------------------------------------
@@ -291,7 +230,7 @@ def loss_by_kept(
 
 
 ScoreFn = Callable[..., torch.Tensor]
-"""criterion(model, layer, x, y) -> scores [N]; every `eigenprune.criteria.Criterion` is one."""
+"""criterion(model, layer, x, y) -> scores [N]; every `eigenprune.pruning.criteria.Criterion` is one."""
 
 
 def _default_scores(model: nn.Module, layer: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eigenprune.layers import SpectralLinear
+from eigenprune.core.layers import SpectralLinear
 
 
 def eigenvalue_importance(phi: torch.Tensor, lam_out: torch.Tensor) -> torch.Tensor:

@@ -9,63 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
-from eigenprune import fused
-from eigenprune.ensemble import Ensemble
-from eigenprune.memory import EVAL_BLOCK
-from eigenprune.nets import spectral_penalty
-
-Task = Literal["regression", "classification"]
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """How a group of students trains: all share learning rate, batch size and epoch count."""
-
-    lr: float
-    batch_size: int
-    epochs: int
-    task: Task = "regression"
-    # the ensemble's hand-written gradients, the same with the first layer in fused kernels, or autograd
-    backprop: Literal["manual", "fused", "autograd"] = "manual"
-    cuda_graph: bool = False  # on CUDA: capture an epoch once and replay it (see `train_ensemble`)
-
-    def __post_init__(self) -> None:
-        if self.cuda_graph and self.backprop == "autograd":
-            raise ValueError("cuda_graph needs backprop='manual' or 'fused' (autograd's backward is not captured)")
-
-
-def task_loss(out: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
-    """Loss per leading index, averaged over the batch: out [..., B, C], y [..., B] -> [...].
-
-    regression: mean squared error of the single output; classification: cross-entropy.
-    """
-    if task == "regression":
-        return (out.squeeze(-1) - y).square().mean(-1)
-    lead = out.shape[:-1]
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none").view(lead).mean(-1)
-
-
-def task_metric(out: torch.Tensor, y: torch.Tensor, task: Task, metric: str = "loss") -> torch.Tensor:
-    """`task_loss`, or with metric="accuracy" the share of correct argmax predictions (classification)."""
-    if metric == "loss":
-        return task_loss(out, y, task)
-    if metric == "accuracy" and task == "classification":
-        return (out.argmax(-1) == y).to(out.dtype).mean(-1)
-    raise ValueError(f"metric must be 'loss' (or 'accuracy' for classification), got {metric!r} for {task}")
-
-
-def _optimizer(params: list[torch.Tensor], lr: float, capturable: bool = False) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
-
-
-def _batches(n: int, batch_size: int) -> list[slice]:
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+from eigenprune.batched import fused
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.memory import EVAL_BLOCK
+from eigenprune.core.losses import Task, task_loss, task_metric
+from eigenprune.core.training import TrainSpec, adam, batches
 
 
 @dataclass
@@ -90,7 +41,7 @@ class _Epoch:
                  opt: torch.optim.Optimizer) -> None:
         self.ens, self.x, self.y, self.trial_index, self.spec, self.opt = ens, x, y, trial_index, spec, opt
         s, dev = ens.n_students, x.device
-        self.batches = _batches(x.shape[1], spec.batch_size)
+        self.batches = batches(x.shape[1], spec.batch_size)
         self.rows = torch.arange(x.shape[0], device=dev).unsqueeze(1)
         self.perm = torch.zeros(x.shape[:2], dtype=torch.long, device=dev)
         self.alive = torch.ones(s, dtype=torch.bool, device=dev)
@@ -147,7 +98,7 @@ def train_ensemble(
     graph = spec.cuda_graph and x.device.type == "cuda"
     if spec.backprop == "fused":
         fused.check(ens.layers, x.device)
-    opt = _optimizer(params, spec.lr, capturable=x.device.type == "cuda")  # the same Adam kernels with or without a graph
+    opt = adam(params, spec.lr, capturable=x.device.type == "cuda")  # the same Adam kernels with or without a graph
     run = _Epoch(ens, x, y, trial_index, spec, opt)
     gens = [torch.Generator().manual_seed(int(s)) for s in shuffle_seeds]
     n = x.shape[1]
@@ -190,23 +141,6 @@ def train_ensemble(
     return TrainLog(failed_step=run.failed_step.cpu(), failed_loss=run.failed_loss.cpu(), steps=spec.epochs * len(run.batches))
 
 
-def train_alone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec, shuffle_seed: int) -> nn.Module:
-    """Train one ordinary PyTorch model with the same loop (x [P, D], y [P]); the batched path's oracle."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(params, spec.lr)
-    gen = torch.Generator().manual_seed(int(shuffle_seed))
-    n = x.shape[0]
-    for _ in range(spec.epochs):
-        perm = torch.randperm(n, generator=gen).to(x.device)
-        xs, ys = x[perm], y[perm]
-        for b in _batches(n, spec.batch_size):
-            loss = task_loss(model(xs[b]), ys[b], spec.task) + spectral_penalty(model)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return model
-
-
 @torch.no_grad()
 def evaluate(
     ens: Ensemble, x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor, task: Task, chunk: int = EVAL_BLOCK,
@@ -218,6 +152,6 @@ def evaluate(
     """
     total = x.new_zeros(ens.n_students)
     n = x.shape[1]
-    for b in _batches(n, chunk):
+    for b in batches(n, chunk):
         total += task_metric(ens(x[trial_index, b], keep=keep), y[trial_index, b], task, metric) * (b.stop - b.start)
     return total / n

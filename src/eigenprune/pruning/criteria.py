@@ -21,21 +21,34 @@ nodes of an ensemble always score 0. Use `get_criterion(name, **params)` or the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from eigenprune.data import derive_seed
-from eigenprune.ensemble import Ensemble
-from eigenprune.importance import eigenvalue_importance, feature_norm
-from eigenprune.layers import SpectralLinear
-from eigenprune.nets import LayerPlan, as_sequential, linear_layers
-from eigenprune.train import Task, task_loss
+from eigenprune.core.layers import SpectralLinear
+from eigenprune.core.losses import Task, task_loss
+from eigenprune.core.plans import LayerPlan
+from eigenprune.core.seeds import derive_seed
+from eigenprune.core.structure import as_sequential, linear_layers
+from eigenprune.pruning.importance import eigenvalue_importance, feature_norm
+
+
+@runtime_checkable
+class Stacked(Protocol):
+    """Many students as one model (implemented by `eigenprune.batched.Ensemble`): stacked `layers`, each
+    with its students' true `widths`; `hidden(x, l)` the activations after layer l; `head(z, l)` the
+    network from layer l's pre-activation to the output."""
+
+    layers: nn.ModuleList
+
+    def hidden(self, x: torch.Tensor, upto: int) -> torch.Tensor: ...
+
+    def head(self, a: torch.Tensor, start: int) -> torch.Tensor: ...
 
 
 def _layer(model: nn.Module, layer: int) -> nn.Module:
-    layers = list(model.layers) if isinstance(model, Ensemble) else linear_layers(as_sequential(model))
+    layers = list(model.layers) if isinstance(model, Stacked) else linear_layers(as_sequential(model))
     if not 0 <= layer < len(layers) - 1:
         raise ValueError(f"layer must be a hidden layer index in 0..{len(layers) - 2}, got {layer}")
     return layers[layer]
@@ -43,7 +56,7 @@ def _layer(model: nn.Module, layer: int) -> nn.Module:
 
 def _valid(model: nn.Module, layer: int, scores: torch.Tensor) -> torch.Tensor:
     """Zero the scores of an ensemble's padded nodes."""
-    if not isinstance(model, Ensemble):
+    if not isinstance(model, Stacked):
         return scores
     widths = model.layers[layer].widths
     return scores * (torch.arange(scores.shape[-1], device=scores.device) < widths.unsqueeze(-1))
@@ -65,7 +78,7 @@ class Criterion(ABC):
     @abstractmethod
     def scores(self, model: nn.Module, layer: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
                task: Task = "regression") -> torch.Tensor:
-        """Importance of each output node of hidden linear layer `layer`: [N] for an MLP, [S, N] for an Ensemble."""
+        """Importance of each output node of hidden linear layer `layer`: [N] for an MLP, [S, N] for a `Stacked` model."""
 
     def __call__(self, model: nn.Module, layer: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
                  task: Task = "regression") -> torch.Tensor:
@@ -199,7 +212,7 @@ class Taylor(Criterion):
 
     def scores(self, model, layer, x=None, y=None, task="regression"):
         with torch.enable_grad():
-            if isinstance(model, Ensemble):
+            if isinstance(model, Stacked):
                 a = model.hidden(x, layer).detach().requires_grad_(True)
                 out = model.head(model.layers[layer + 1](a), layer + 1)
             else:

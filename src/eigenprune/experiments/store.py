@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from eigenprune.config import Config
+from eigenprune.experiments.config import Config
 
 try:
     import fcntl

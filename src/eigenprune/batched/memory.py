@@ -27,9 +27,10 @@ import os
 
 import torch
 
+from eigenprune.pruning.removal import CURVE_BUDGET
+
 RUNTIME_BYTES = 400 * 2**20
 DEFAULT_FRACTION = 0.8
-CURVE_BUDGET = 2**24  # elements per block in prune.pruning_curves
 EVAL_BLOCK = 8192  # patterns per block in train.evaluate
 
 

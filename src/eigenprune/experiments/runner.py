@@ -15,6 +15,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -23,21 +24,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from eigenprune import __version__, fused
-from eigenprune.analysis import critical_point, effective_dim, teacher_comparison
-from eigenprune.backends import ray_session, require_ray, run_local, run_ray
-from eigenprune.checkpoint import model_bytes
-from eigenprune.config import Config, ConfigError, DataConfig
-from eigenprune.data import TrialData, csv_data, derive_seed, digits_data, teacher_data
-from eigenprune.ensemble import Ensemble
-from eigenprune.importance import node_importance, normalize
-from eigenprune.memory import DEFAULT_FRACTION, available_bytes, chunk_bytes, gb
-from eigenprune.nets import LayerPlan, make_student, make_teacher, paper_student
-from eigenprune.progress import Progress
-from eigenprune.prune import joint_search, pruning_curves
-from eigenprune.regpath import select_strengths
-from eigenprune.store import GROUP_KEYS, STUDENT_KEYS, ChunkResult, RunFolder, write_parquet_atomic
-from eigenprune.train import TrainSpec, evaluate, train_ensemble
+from eigenprune import __version__
+from eigenprune.batched import fused
+from eigenprune.batched.curves import joint_search, pruning_curves
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.memory import DEFAULT_FRACTION, available_bytes, chunk_bytes, gb
+from eigenprune.batched.train import evaluate, train_ensemble
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.core.seeds import derive_seed
+from eigenprune.core.training import TrainSpec
+from eigenprune.experiments.analysis import critical_point, effective_dim, teacher_comparison
+from eigenprune.experiments.backends import ray_session, require_ray, run_local, run_ray
+from eigenprune.experiments.builders import make_teacher, paper_student
+from eigenprune.experiments.config import Config, ConfigError, DataConfig
+from eigenprune.experiments.data import TrialData, csv_data, digits_data, teacher_data
+from eigenprune.experiments.progress import Progress
+from eigenprune.experiments.regpath import select_strengths
+from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, ChunkResult, RunFolder, write_parquet_atomic
+from eigenprune.pruning.checkpoint import model_bytes
+from eigenprune.pruning.importance import node_importance, normalize
 
 Backend = Literal["local", "ray"]
 
@@ -516,15 +521,15 @@ def check_fused(cfg: Config, device: torch.device | None, shape: tuple[int, int,
 
 def run_experiment(
     cfg: Config, out: str | Path, fresh: bool = False, quiet: bool = False, backend: Backend = "local", address: str | None = None,
+    finish: Callable[[Path], object] | None = None,
 ) -> Path:
     """Run every chunk of `cfg` not already finished in `out`, then merge, summarize and report.
 
     local: on the CPU, chunks run in `cfg.workers` processes (0 = one per core); on CUDA, in this
     process. ray: each chunk is a Ray task (`address` of a cluster, or a private local instance).
     Finished chunks are committed as they arrive, so an interrupted run resumes where it stopped.
+    `finish(path)` runs last, while the folder is still locked (the CLI builds the report there).
     """
-    from eigenprune.report import build_report
-
     if address is not None and backend != "ray":
         raise ConfigError("--address is only used with --backend ray")
     shape = data_shape(cfg)
@@ -573,5 +578,6 @@ def run_experiment(
         folder.write_json("summary.json", summarize(cfg, tables["results"], tables["curves"]))
         info = manifest(cfg, device, time.perf_counter() - start, ids, skipped, run)
         folder.write_json("manifest.json", {**info, "chunk_train_seconds": folder.chunk_seconds(ids)})
-        build_report(folder.path, quiet=quiet)
+        if finish is not None:
+            finish(folder.path)
     return folder.path

@@ -11,13 +11,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from eigenprune import plots
-from eigenprune.analysis import collapse_measure, fit_exponential, teacher_comparison
-from eigenprune.checkpoint import load_model
-from eigenprune.config import Config
-from eigenprune.nets import linear_layers, make_teacher
-from eigenprune.regpath import RULES, path_table, select_strengths
-from eigenprune.store import GROUP_KEYS, STUDENT_KEYS, RunFolder, RunFolderError, write_text_atomic
+from eigenprune.core.structure import linear_layers
+from eigenprune.experiments.analysis import collapse_measure, fit_exponential, teacher_comparison
+from eigenprune.experiments.builders import make_teacher
+from eigenprune.experiments.config import Config
+from eigenprune.experiments.regpath import RULES, path_table, select_strengths
+from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, RunFolder, RunFolderError, write_text_atomic
+from eigenprune.pruning.checkpoint import load_model
+from eigenprune.reporting import plots
 
 FIGURES = {
     "importance_histograms": "Normalised node importance: spectral L (a spike at 0 plus a few large nodes) vs direct M.",

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from eigenprune.layers import SpectralLinear
-from eigenprune.nets import as_sequential
+from eigenprune.core.layers import SpectralLinear
+from eigenprune.core.structure import as_sequential
 
 OPSET = 17
 

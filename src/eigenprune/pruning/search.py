@@ -17,9 +17,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from eigenprune.nets import layer_sizes
-from eigenprune.prune import PruneError, ScoreFn, remove_nodes, select_nodes
-from eigenprune.train import Task, TrainSpec, task_loss, task_metric, train_alone
+from eigenprune.core.losses import Task, task_loss, task_metric
+from eigenprune.core.structure import layer_sizes
+from eigenprune.core.training import TrainSpec, train_alone
+from eigenprune.pruning.removal import PruneError, ScoreFn, remove_nodes, select_nodes
 
 
 @dataclass

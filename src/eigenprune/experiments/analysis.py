@@ -12,8 +12,8 @@ from scipy.optimize import curve_fit
 from scipy.stats import wasserstein_distance
 from torch import nn
 
-from eigenprune.importance import node_importance, normalize
-from eigenprune.nets import linear_layers
+from eigenprune.core.structure import linear_layers
+from eigenprune.pruning.importance import node_importance, normalize
 
 
 def effective_dim(scores: torch.Tensor, threshold: float = 0.05, widths: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from eigenprune import fused as fused_kernels
-from eigenprune.layers import SpectralLinear, spectral_weight
-from eigenprune.nets import linear_layers
+from eigenprune.batched import fused as fused_kernels
+from eigenprune.core.layers import SpectralLinear, spectral_weight
+from eigenprune.core.structure import linear_layers
 
 
 def _sum_squares(v: torch.Tensor) -> torch.Tensor:

@@ -28,17 +28,20 @@ import torch
 import yaml
 from pydantic import Field, model_validator
 
-from eigenprune.analysis import critical_point, effective_dim
-from eigenprune.config import ConfigError, DataConfig, _Strict, parse_config, read_yaml
-from eigenprune.criteria import CRITERIA, Criterion, get_criterion
-from eigenprune.data import TrialData, derive_seed
-from eigenprune.ensemble import Ensemble
-from eigenprune.experiment import teacher_set
-from eigenprune.nets import LayerPlan, make_student, paper_student
-from eigenprune.progress import Progress
-from eigenprune.prune import pruning_curves
-from eigenprune.store import write_parquet_atomic, write_text_atomic
-from eigenprune.train import TrainSpec, evaluate, train_ensemble
+from eigenprune.batched.curves import pruning_curves
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.train import evaluate, train_ensemble
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.core.seeds import derive_seed
+from eigenprune.core.training import TrainSpec
+from eigenprune.experiments.analysis import critical_point, effective_dim
+from eigenprune.experiments.builders import paper_student
+from eigenprune.experiments.config import ConfigError, DataConfig, _Strict, parse_config, read_yaml
+from eigenprune.experiments.data import TrialData
+from eigenprune.experiments.progress import Progress
+from eigenprune.experiments.runner import teacher_set
+from eigenprune.experiments.store import write_parquet_atomic, write_text_atomic
+from eigenprune.pruning.criteria import CRITERIA, Criterion, get_criterion
 
 
 class CompareTrain(_Strict):

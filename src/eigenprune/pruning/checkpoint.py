@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from eigenprune.layers import SpectralLinear
-from eigenprune.nets import as_sequential
+from eigenprune.core.layers import SpectralLinear
+from eigenprune.core.structure import as_sequential
 
 FORMAT = "eigenprune-mlp/1"
 
