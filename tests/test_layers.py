@@ -102,3 +102,21 @@ def test_spectralize_any_module_round_trip():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="positive integers, got 0x3"):
         SpectralLinear(0, 3)
+
+
+def test_node_importance_is_the_norm_of_the_actual_incoming_weights():
+    """With lam_in trained, a node whose lam_out is 0 still has weights lam_in * phi: it must score their norm."""
+    from eigenprune import node_importance
+
+    layer = SpectralLinear(4, 3, train_lam_in=True, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.lam_in.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+        layer.lam_out.copy_(torch.tensor([0.0, 1.0, -2.0]))
+    want = ((layer.lam_in[None, :] - layer.lam_out[:, None]) * layer.phi).norm(dim=1)
+    got = node_importance(layer)
+    assert got[0] > 0
+    torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=0)
+    paper = SpectralLinear(4, 3, generator=torch.Generator().manual_seed(0))  # lam_in = 0: the paper's |lam_out| ||phi||
+    with torch.no_grad():
+        paper.lam_out.copy_(torch.tensor([0.0, 1.0, -2.0]))
+    torch.testing.assert_close(node_importance(paper), paper.lam_out.abs() * paper.phi.norm(dim=1), rtol=0, atol=0)

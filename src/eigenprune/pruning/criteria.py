@@ -31,7 +31,7 @@ from eigenprune.core.losses import Task, task_loss
 from eigenprune.core.plans import LayerPlan
 from eigenprune.core.seeds import derive_seed
 from eigenprune.core.structure import as_sequential, linear_layers
-from eigenprune.pruning.importance import eigenvalue_importance, feature_norm
+from eigenprune.pruning.importance import feature_norm, node_importance
 
 
 @runtime_checkable
@@ -110,7 +110,8 @@ def get_criterion(name: str, **params) -> Criterion:
 
 @register
 class Eigenvalue(Criterion):
-    """The paper's spectral ranking L_i = |lam_out_i| * ||phi_i|| on a spectral layer (L2 on phi and lam)."""
+    """The paper's spectral ranking L_i = |lam_out_i| * ||phi_i|| on a spectral layer (L2 on phi and lam);
+    `node_importance`: the norm of the actual incoming weights, which is L_i when lam_in = 0."""
 
     name = "eigenvalue"
 
@@ -122,10 +123,7 @@ class Eigenvalue(Criterion):
         return LayerPlan(width, "spectral", self.l2_phi, self.l2_lam)
 
     def scores(self, model, layer, x=None, y=None, task="regression"):
-        lin = _layer(model, layer)
-        if isinstance(lin, nn.Linear):  # a plain layer is a spectral one with lam_out = 1
-            return feature_norm(lin.weight)
-        return eigenvalue_importance(lin.phi, lin.lam_out)
+        return node_importance(_layer(model, layer))
 
 
 @register

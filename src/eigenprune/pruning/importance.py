@@ -1,11 +1,11 @@
 """Per-node importance scores for a layer's output nodes (one scalar per hidden node).
 
-  eigenvalue    L_i = |lam_out_i| * ||phi_i||   (the paper's spectral ranking)
-  feature_norm  M_i = ||w_i||                   (norm of node i's incoming weights; the direct ranking)
+A node's importance is the norm of its actual incoming weights, ||w_i|| with w_i = (lam_in - lam_out_i) * phi_i.
+With lam_in = 0 (the paper's layer) that is the paper's spectral score L_i = |lam_out_i| * ||phi_i||, and on an
+ordinary layer (or one whose lam_out is frozen at 1) it is the direct score M_i = ||w_i||. Defining it on the
+actual weights keeps it exact when lam_in trains: a node with lam_out_i = 0 still has weights lam_in * phi_i.
 
-Both accept a single layer ([O, I] tensors) or a stacked one ([S, O, I]). With lam_in = 0 and
-lam_out frozen at 1 the two coincide up to sign conventions, which is why the paper can compare
-them on one axis.
+All functions accept a single layer ([O, I] tensors) or a stacked one ([S, O, I]).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eigenprune.core.layers import SpectralLinear
-
 
 def eigenvalue_importance(phi: torch.Tensor, lam_out: torch.Tensor) -> torch.Tensor:
-    """L_i = |lam_out_i| * ||phi_i||_2 (row i of phi holds node i's incoming eigenvector entries)."""
+    """L_i = |lam_out_i| * ||phi_i||_2 (row i of phi holds node i's incoming eigenvector entries);
+    equal to `feature_norm` of the weights when lam_in = 0."""
     return lam_out.abs() * phi.norm(dim=-1)
 
 
@@ -27,10 +26,13 @@ def feature_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def node_importance(layer: nn.Module) -> torch.Tensor:
-    """The paper's score for `layer`'s output nodes: eigenvalue if its eigenvalues train, else feature norm."""
+    """The norm of each output node's incoming weights (see the module docstring).
+
+    On a spectral layer with lam_in fixed at 0 it is computed as the paper writes it, |lam_out_i| * ||phi_i||.
+    """
     with torch.no_grad():
-        if isinstance(layer, SpectralLinear) or hasattr(layer, "lam_out"):
-            if layer.lam_out.requires_grad:
+        if hasattr(layer, "lam_out") and hasattr(layer, "phi"):
+            if layer.lam_out.requires_grad and not layer.lam_in.requires_grad and not bool(layer.lam_in.any()):
                 return eigenvalue_importance(layer.phi, layer.lam_out)
             return feature_norm(layer.weight)
         if isinstance(layer, nn.Linear):
