@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY
 from eigenprune.cli import app
+from eigenprune.core.io import TMP_PREFIX
 from eigenprune.experiments.config import parse_config
 from eigenprune.experiments.runner import plan_chunks, run_experiment
 from eigenprune.experiments.store import RunFolder, RunFolderError
@@ -76,20 +77,26 @@ def test_leftover_temporaries_and_stray_chunks_are_ignored_and_cleaned(tmp_path,
     cfg = parse_config({**FOUR_CHUNKS, "workers": 1})
     folder = RunFolder(out)
     folder.prepare(cfg)
-    folder.release()
     chunks = [c.id for c in plan_chunks(cfg)]
-    for done in chunks[1:]:  # all but one finished before the kill ...
+    for done in chunks[1:]:  # all but one finished before the kill (a commit records the chunk, then renames it in) ...
+        folder.record(f"chunks/{done}", "tree")
         os.replace(_copy_chunk(reference, done, tmp_path), out / "chunks" / done)
-    junk = out / "chunks" / f".{chunks[0]}.k1ll3d"  # ... which was being written when it came
+    folder.mkdir("figures")  # a kill while the report was being written
+    folder.release()
+    junk = out / "chunks" / f"{TMP_PREFIX}{chunks[0]}.k1ll3d"  # ... which was being written when it came
     junk.mkdir()
     (junk / "results.parquet").write_bytes(b"half a parquet file")
-    (out / ".results.parquet.x1").write_bytes(b"partial")
-    (out / "figures").mkdir()
-    (out / "figures" / ".losses.tmp.png").write_bytes(b"partial")
+    (out / f"{TMP_PREFIX}results.parquet.x1").write_bytes(b"partial")
+    (out / "figures" / f"{TMP_PREFIX}losses.png.x2").write_bytes(b"partial")
     os.replace(_copy_chunk(reference, chunks[1], tmp_path), out / "chunks" / "spectral-w999")  # a folder the plan lacks
+    users = {out / ".keep": b"mine", out / "chunks" / ".notes": b"mine too", out / "figures" / ".draft.png": b"my plot"}
+    for path, data in users.items():  # the user's own dot-files look like old-style temporaries: they must stay
+        path.write_bytes(data)
 
     run_experiment(cfg, out, quiet=True)
-    assert not any(p.name.startswith(".") and p.name != ".lock" for d in (out, out / "chunks", out / "figures") for p in d.iterdir())
+    assert not any(p.name.startswith(TMP_PREFIX) for d in (out, out / "chunks", out / "figures") for p in d.iterdir())
+    assert all(path.read_bytes() == data for path, data in users.items())
+    assert (out / "chunks" / "spectral-w999" / "results.parquet").is_file()  # not ours: neither read nor deleted
     assert sorted(json.loads((out / "manifest.json").read_text())["chunks_resumed"]) == sorted(chunks[1:])
     for name in TABLES:
         pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"), pd.read_parquet(reference / f"{name}.parquet"),
@@ -124,7 +131,7 @@ def test_fresh_starts_over_and_a_locked_folder_is_refused(tmp_path):
     holder = RunFolder(out)
     holder.prepare(parse_config(small))  # another run working in the folder
     try:
-        with pytest.raises(RunFolderError, match="in use by another eigenprune run"):
+        with pytest.raises(RunFolderError, match="in use by another eigenprune process"):
             run_experiment(other, out, fresh=True, quiet=True)
         assert (out / "results.parquet").is_file()  # refused before deleting anything
     finally:

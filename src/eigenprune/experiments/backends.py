@@ -12,11 +12,15 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing as mp
 import os
+import pickle
+import queue
 import secrets
+import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Protocol
@@ -44,30 +48,93 @@ def run_local(job: Job, chunks: Sequence[Unit], on_done: Callable[[ChunkResult],
     """Train `chunks` one after another in this process, or in `workers` spawned processes.
 
     With workers > 1, `job` must be picklable (a module-level function or a `functools.partial` of one).
+    Worker processes start with SIGINT ignored (Ctrl-C reaches the driver, which ends them), are ended
+    whenever the driver stops early (an error, Ctrl-C, or a signal turned into an exception as the CLI
+    does), and exit by themselves within a second when the driver is gone (even after a SIGKILL).
     """
     if workers <= 1:
         for chunk in chunks:
             on_done(job(chunk, progress))
         return
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        queue = manager.Queue()
-        pending = {pool.submit(_in_worker, job, chunk, queue) for chunk in chunks}
+    tasks, results = ctx.SimpleQueue(), ctx.Queue()
+    n = min(workers, len(chunks))
+    for chunk in chunks:
+        tasks.put(chunk)
+    for _ in range(n):
+        tasks.put(None)
+    procs = []
+    try:
+        with _sigint_ignored():  # inherited by the spawned interpreters
+            for _ in range(n):
+                proc = ctx.Process(target=_worker, args=(job, tasks, results, os.getpid()), daemon=True)
+                proc.start()
+                procs.append(proc)
+        remaining = len(chunks)
+        while remaining:
+            try:
+                kind, key, *payload = results.get(timeout=0.2)
+            except queue.Empty:
+                dead = [proc for proc in procs if proc.exitcode not in (None, 0)]
+                if dead:
+                    raise BackendError(f"a worker process died (pid {dead[0].pid}, exit code {dead[0].exitcode}); "
+                                       "finished chunks are kept, rerun the same command to resume") from None
+                continue
+            if kind == "done":
+                on_done(payload[0])
+                remaining -= 1
+            elif kind == "error":
+                raise payload[0]  # a worker's exception, re-raised here
+            else:
+                progress.relay((kind, key, *payload))
+    finally:
+        _end(procs)
+        results.close()
+        results.cancel_join_thread()
+
+
+def _end(procs: list) -> None:
+    """Terminate worker processes still running (SIGTERM, then SIGKILL after 5 s) and reap them."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit this process as soon as its parent `parent` is gone (checked twice a second)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _worker(job: Job, tasks: Any, results: Any, parent: int) -> None:
+    """A worker process: train the chunks it takes from `tasks` until it takes None; report through `results`."""
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    while (chunk := tasks.get()) is not None:
         try:
-            while pending:
-                done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-                while not queue.empty():
-                    progress.relay(queue.get())
-                for future in done:
-                    on_done(future.result())  # re-raises a worker's exception here
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
-
-
-def _in_worker(job: Job, chunk: Unit, queue: Any) -> ChunkResult:
-    return job(chunk, QueueProgress(queue, chunk.id))
+            result = job(chunk, QueueProgress(results, chunk.id))
+        except Exception as err:  # noqa: BLE001 - handed to the driver, which re-raises it
+            try:
+                pickle.dumps(err)
+            except Exception:  # noqa: BLE001 - an exception that cannot travel: its text does
+                err = RuntimeError(f"{type(err).__name__}: {err}")
+            results.put(("error", chunk.id, err))
+            return
+        results.put(("done", chunk.id, result))
 
 
 def require_ray() -> None:

@@ -36,11 +36,11 @@ from eigenprune.core.seeds import derive_seed
 from eigenprune.core.training import TrainSpec
 from eigenprune.experiments.analysis import critical_point, effective_dim
 from eigenprune.experiments.builders import paper_student
-from eigenprune.experiments.config import ConfigError, DataConfig, _Strict, parse_config, read_yaml
+from eigenprune.experiments.config import DataConfig, _Strict, parse_config, read_yaml
 from eigenprune.experiments.data import TrialData
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.runner import teacher_set
-from eigenprune.experiments.store import write_parquet_atomic, write_text_atomic
+from eigenprune.experiments.store import OwnedFolder, parquet_writer
 from eigenprune.pruning.criteria import CRITERIA, Criterion, get_criterion
 
 
@@ -172,13 +172,17 @@ def _run_group(cfg: CompareConfig, kind: str, group: list[LayerPlan], plans: dic
 
 def run_compare(cfg: CompareConfig, out: str | Path, quiet: bool = False) -> Path:
     """Train, score, prune and tabulate every criterion of `cfg`; write the outputs into folder `out`."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a folder")
-    if (out / "results.parquet").exists() or (out / "chunks").exists():
-        raise ConfigError(f"{out} is a run folder of `eigenprune run`; give compare its own --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    folder = OwnedFolder(out, "compare")
+    folder.open(create=True)  # refuses, before anything is written, a folder eigenprune did not make
+    try:
+        return _run_compare(cfg, folder, quiet)
+    finally:
+        folder.release()
+
+
+def _run_compare(cfg: CompareConfig, folder: OwnedFolder, quiet: bool) -> Path:
+    folder.remove_temporaries()
+    folder.write("config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     data = teacher_set(cfg.data, derive_seed("data", cfg.seed, cfg.data.seed), cfg.trials, getattr(torch, cfg.dtype))
     criteria = {name: cfg.criterion(name) for name in cfg.criteria}
     plans: dict[LayerPlan, list[str]] = {}  # criteria that train alike share their students
@@ -201,8 +205,8 @@ def run_compare(cfg: CompareConfig, out: str | Path, quiet: bool = False) -> Pat
     table = pd.DataFrame(rows)
     seconds = time.perf_counter() - start
     summary = summarize_compare(table)
-    write_parquet_atomic(table, out / "compare.parquet")
-    write_parquet_atomic(pd.concat(curve_rows, ignore_index=True), out / "compare_curves.parquet")
-    write_parquet_atomic(summary, out / "compare_summary.parquet")
-    write_text_atomic(out / "compare.md", markdown_table(summary, cfg) + f"\nTraining and scoring took {seconds:.0f} s.\n")
-    return out
+    folder.write("compare.parquet", parquet_writer(table))
+    folder.write("compare_curves.parquet", parquet_writer(pd.concat(curve_rows, ignore_index=True)))
+    folder.write("compare_summary.parquet", parquet_writer(summary))
+    folder.write("compare.md", markdown_table(summary, cfg) + f"\nTraining and scoring took {seconds:.0f} s.\n")
+    return folder.path

@@ -11,8 +11,9 @@ Teachers (all frozen):
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,20 @@ class TrialData:
     task: str = "regression"
     n_outputs: int = 1
     target_scale: float = 1.0
+    source_sha256: str | None = None  # digest of the user's file the sets came from (None: made from seeds alone)
 
     def to(self, device: torch.device | str) -> TrialData:
         moved = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
-        return TrialData(**moved, task=self.task, n_outputs=self.n_outputs, target_scale=self.target_scale)
+        return replace(self, **moved)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (part of a run's identity when the run trains on that file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def teacher_function(kind: str, input_dim: int, widths: list[int], seed: int, latent_dim: int, dtype: torch.dtype):

@@ -37,10 +37,10 @@ from eigenprune.experiments.analysis import critical_point, effective_dim, teach
 from eigenprune.experiments.backends import ray_session, require_ray, run_local, run_ray
 from eigenprune.experiments.builders import make_teacher, paper_student
 from eigenprune.experiments.config import Config, ConfigError, DataConfig
-from eigenprune.experiments.data import TrialData, csv_data, digits_data, teacher_data
+from eigenprune.experiments.data import DataError, TrialData, csv_data, digits_data, file_sha256, teacher_data
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.regpath import select_strengths
-from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, ChunkResult, RunFolder, write_parquet_atomic
+from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, ChunkResult, RunFolder, parquet_writer
 from eigenprune.pruning.checkpoint import model_bytes
 from eigenprune.pruning.importance import node_importance, normalize
 
@@ -117,8 +117,10 @@ def make_data(cfg: Config) -> TrialData:
     seed = derive_seed("data", cfg.seed, d.seed)
     if d.source == "digits":
         return digits_data(cfg.trials, seed, d.test_fraction)
-    if d.source == "csv":
-        return csv_data(d.csv.path, d.csv.target, d.csv.features, d.csv.task, cfg.trials, seed, d.test_fraction)
+    if d.source == "csv":  # the file's bytes are part of the run's identity: hashed as they are read
+        digest = file_sha256(d.csv.path) if Path(d.csv.path).is_file() else None
+        data = csv_data(d.csv.path, d.csv.target, d.csv.features, d.csv.task, cfg.trials, seed, d.test_fraction)
+        return replace(data, source_sha256=digest)
     return teacher_set(d, seed, cfg.trials, getattr(torch, cfg.dtype))
 
 
@@ -398,18 +400,30 @@ def train_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device
     if cfg.save_students:
         for s, (w, t, k) in enumerate(keys):
             meta = {"method": chunk.method, "width": w, "trial": t, "strength": k, "teacher_index": chunk.teacher,
-                    "config_digest": cfg.digest()}
+                    "config_digest": cfg.digest(), "data_sha256": data.source_sha256}
             files[f"students/{student_file(chunk.method, w, t, k)}"] = model_bytes(ens.student(s).cpu(), meta)
     return ChunkResult(chunk.id, tables, files, time.perf_counter() - start)
 
 
-def _chunk_job(cfg_data: dict, threads: int, chunk: Chunk, progress: Progress) -> ChunkResult:
-    """Entry point in a worker process or Ray task: rebuild the (seeded, hence identical) data, train one chunk."""
+def _chunk_job(cfg_data: dict, threads: int, data_sha256: str | None, chunk: Chunk, progress: Progress) -> ChunkResult:
+    """Entry point in a worker process or Ray task: rebuild the (seeded, hence identical) data, train one chunk.
+
+    Data read from a user's file must have the bytes the driver saw (`data_sha256`), or the chunk is refused.
+    """
     if threads:
         torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_data)
     device = resolve_device(cfg.device)
-    return train_chunk(cfg, chunk, make_data(cfg.for_teacher(chunk.teacher)).to(device), device, progress)
+    data = make_data(cfg.for_teacher(chunk.teacher))
+    check_same_data(cfg, data, data_sha256)
+    return train_chunk(cfg, chunk, data.to(device), device, progress)
+
+
+def check_same_data(cfg: Config, data: TrialData, data_sha256: str | None) -> None:
+    """Refuse (`DataError`) data whose source file is no longer the one the run started on."""
+    if data.source_sha256 != data_sha256:
+        raise DataError(f"{cfg.data.csv.path} changed while the run was going (sha256 {str(data_sha256)[:12]} at the start, "
+                        f"{str(data.source_sha256)[:12]} now); finished chunks are kept, rerun once the file is final")
 
 
 def adam_steps(cfg: Config, method: str, n_fit: int) -> tuple[int, int]:
@@ -419,15 +433,17 @@ def adam_steps(cfg: Config, method: str, n_fit: int) -> tuple[int, int]:
     return batch, m.epochs * -(-n_fit // batch)
 
 
-def data_shape(cfg: Config) -> tuple[int, int, int, int] | None:
+def data_shape(cfg: Config) -> tuple[tuple[int, int, int, int] | None, str | None]:
     """(inputs, training patterns, test patterns, outputs) of real data (None for teacher data, whose
-    shape is the config's); loading it here makes bad data fail before a run folder exists."""
-    shape = None
+    shape is the config's), and the sha256 of the user's file it came from (None if none); loading it
+    here makes bad data fail before a run folder exists."""
+    shape, digest = None, None
     if cfg.data.source != "teacher":
         real = make_data(cfg)
         shape = (real.x_train.shape[-1], real.x_train.shape[1], real.x_test.shape[1], real.n_outputs)
+        digest = real.source_sha256
     validation_split(cfg, shape[1] if shape else cfg.data.n_train)
-    return shape
+    return shape, digest
 
 
 def local_plan(cfg: Config, chunks: list[Chunk], shape: tuple[int, int, int, int] | None):
@@ -450,7 +466,7 @@ def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
     steady time per step is extrapolated to the chunk's training: an estimate that leaves out
     evaluation and analysis, and the slowdown of workers running side by side.
     """
-    shape = data_shape(cfg)
+    shape, _ = data_shape(cfg)
     chunks = sorted(plan_chunks(cfg), key=lambda c: -chunk_cost(cfg, c))
     device, workers, threads, chunks, memory = local_plan(cfg, chunks, shape)
     inputs, n_train, _, outputs = shape or (cfg.data.input_dim, cfg.data.n_train, 0, 1)
@@ -521,21 +537,21 @@ def check_fused(cfg: Config, device: torch.device | None, shape: tuple[int, int,
 
 def run_experiment(
     cfg: Config, out: str | Path, fresh: bool = False, quiet: bool = False, backend: Backend = "local", address: str | None = None,
-    finish: Callable[[Path], object] | None = None,
+    finish: Callable[[RunFolder], object] | None = None,
 ) -> Path:
     """Run every chunk of `cfg` not already finished in `out`, then merge, summarize and report.
 
     local: on the CPU, chunks run in `cfg.workers` processes (0 = one per core); on CUDA, in this
     process. ray: each chunk is a Ray task (`address` of a cluster, or a private local instance).
     Finished chunks are committed as they arrive, so an interrupted run resumes where it stopped.
-    `finish(path)` runs last, while the folder is still locked (the CLI builds the report there).
+    `finish(folder)` runs last, while the folder is still locked (the CLI builds the report there).
     """
     if address is not None and backend != "ray":
         raise ConfigError("--address is only used with --backend ray")
-    shape = data_shape(cfg)
+    shape, data_sha256 = data_shape(cfg)
     chunks = plan_chunks(cfg)
     folder = RunFolder(out)
-    resumable = not fresh and (folder.path / "config.yaml").is_file()  # prepare() below refuses another config's folder
+    resumable = not fresh and folder.check_ours() is not None  # prepare() below refuses another config's or data's folder
     skipped = [c.id for c in chunks if resumable and folder.done(c.id)]
     todo = sorted((c for c in chunks if c.id not in skipped), key=lambda c: -chunk_cost(cfg, c))
     if backend == "ray":
@@ -558,26 +574,30 @@ def run_experiment(
     with contextlib.ExitStack() as stack:
         if backend == "ray":
             stack.enter_context(ray_session(address, cfg.workers or None))  # before anything is written
-        folder.prepare(cfg, fresh=fresh)
+        folder.prepare(cfg, fresh=fresh, data_digest=data_sha256)
         stack.callback(folder.release)
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         with Progress(quiet=quiet) as progress:
             if backend == "ray":
-                job = functools.partial(_chunk_job, cfg.model_dump(), threads)
+                job = functools.partial(_chunk_job, cfg.model_dump(), threads, data_sha256)
                 run_ray(job, todo, folder.commit_chunk, progress, gpus_per_task=1 if device.type == "cuda" else 0)
             elif workers > 1:
-                run_local(functools.partial(_chunk_job, cfg.model_dump(), threads), todo, folder.commit_chunk, progress, workers)
+                job = functools.partial(_chunk_job, cfg.model_dump(), threads, data_sha256)
+                run_local(job, todo, folder.commit_chunk, progress, workers)
             elif todo:
-                data = {t: make_data(cfg.for_teacher(t)).to(device) for t in sorted({c.teacher for c in todo})}
+                data = {t: make_data(cfg.for_teacher(t)) for t in sorted({c.teacher for c in todo})}
+                for d in data.values():
+                    check_same_data(cfg, d, data_sha256)
+                data = {t: d.to(device) for t, d in data.items()}
                 run_local(lambda chunk, p: train_chunk(cfg, chunk, data[chunk.teacher], device, p), todo, folder.commit_chunk, progress)
         ids = skipped + [c.id for c in todo]
         tables = folder.merge(ids)
         tables["results"] = select_strengths(tables["results"])
-        write_parquet_atomic(tables["results"], folder.path / "results.parquet")
+        folder.write("results.parquet", parquet_writer(tables["results"]))
         folder.write_json("summary.json", summarize(cfg, tables["results"], tables["curves"]))
         info = manifest(cfg, device, time.perf_counter() - start, ids, skipped, run)
         folder.write_json("manifest.json", {**info, "chunk_train_seconds": folder.chunk_seconds(ids)})
         if finish is not None:
-            finish(folder.path)
+            finish(folder)
     return folder.path

@@ -1,14 +1,21 @@
-"""The run folder: atomic writes, finished chunks, and a guard against mixing configs.
+"""Folders eigenprune owns: the run folder (and compare's and collapse's), atomic writes, finished chunks.
+
+A folder is eigenprune's only if it holds the marker `.eigenprune.json`, written when eigenprune made
+the folder (or found it empty). The marker records every entry eigenprune wrote there; `--fresh`
+removes exactly those, cleanups remove only entries named like eigenprune's temporaries
+(`core.io.TMP_PREFIX`), and a non-empty folder without the marker is never written into. So a run
+folder may also hold the user's own files (`.git`, notes, plots): they are never touched.
 
 Layout of runs/<name>/:
+  .eigenprune.json   the marker: kind of folder, entries written, digest of the user data (CSV bytes)
   config.yaml        the resolved config (its digest decides whether a rerun may resume)
   chunks/<id>/       one finished chunk: results/curves/importance parquet + student checkpoints
   results.parquet, curves.parquet, importance.parquet   all chunks merged
   summary.json, manifest.json, figures/*.png, report.html
-Each chunk is written to a temporary folder (`chunks/.<id>.*`), its files flushed to disk, and renamed
-into place, so a killed run (SIGKILL included) leaves either a whole chunk or none; rerunning the same
-command removes leftover temporary entries and skips the chunks already there. A run holds an
-advisory lock on `.lock` while it writes, so two runs cannot share a folder.
+Each chunk is written to a temporary folder in chunks/, its files flushed to disk, and renamed into
+place, so a killed run (SIGKILL included) leaves either a whole chunk or none; rerunning the same
+command removes leftover temporaries and skips the chunks already there. A run holds an advisory
+lock on `.lock` while it writes, so two runs cannot share a folder.
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ import json
 import math
 import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from eigenprune.core.io import atomic_write, fsync, is_temp, share_mode, temp_path
 from eigenprune.experiments.config import Config
 
 try:
@@ -34,6 +42,8 @@ except ImportError:  # Windows: no advisory lock
 TABLES = ("results", "curves", "importance", "layers")
 GROUP_KEYS = ["teacher_index", "method", "width", "strength"]  # one cell of the grid (trials vary inside)
 STUDENT_KEYS = [*GROUP_KEYS, "trial"]  # one student: the key columns shared by every table
+MARKER = ".eigenprune.json"
+MARKER_FORMAT = "eigenprune-folder/1"
 
 
 def _finite(obj):
@@ -51,23 +61,6 @@ class RunFolderError(ValueError):
     """A run folder that cannot be used as asked, stated in one line."""
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class ChunkResult:
     """What training one chunk produced, ready to commit: tables, other files (relative path -> bytes), timing.
@@ -82,103 +75,235 @@ class ChunkResult:
     seconds: float = 0.0
 
 
-def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+def parquet_writer(df: pd.DataFrame) -> Callable[[Path], object]:
+    """A writer for `atomic_write` that stores `df` as parquet (no index)."""
+    return lambda tmp: df.to_parquet(tmp, index=False)
 
 
-class RunFolder:
-    """A run folder for one config."""
+class OwnedFolder:
+    """A folder eigenprune made (see the module docstring), of one `kind`: run, compare or collapse.
 
-    def __init__(self, path: str | Path) -> None:
+    Entries are recorded by relative path as "file", "tree" (a folder wholly written by eigenprune,
+    e.g. a chunk) or "dir" (a folder eigenprune made, which may also hold the user's files).
+    """
+
+    def __init__(self, path: str | Path, kind: str = "run") -> None:
         self.path = Path(path)
+        self.kind = kind
+        self._marker: dict | None = None
 
-    @property
-    def chunks_dir(self) -> Path:
-        return self.path / "chunks"
+    def marker(self) -> dict | None:
+        """The folder's marker, or None if it has none; `RunFolderError` if it is damaged."""
+        p = self.path / MARKER
+        if not p.is_file():
+            return None
+        try:
+            marker = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError, OSError) as err:
+            raise RunFolderError(f"{p} is unreadable ({type(err).__name__}); eigenprune will not write into {self.path}") from None
+        if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT or not isinstance(marker.get("entries"), dict):
+            raise RunFolderError(f"{p} is not an eigenprune marker (format {MARKER_FORMAT}); eigenprune will not write into {self.path}")
+        return marker
 
-    def prepare(self, cfg: Config, fresh: bool = False) -> None:
-        """Create the folder, or check that an existing one was made by the same config, then lock it.
+    def check_ours(self) -> dict | None:
+        """Refuse (one line, nothing written) a path eigenprune may not write into; the marker if it has one.
 
-        Nothing is written before every check has passed. `fresh` empties a folder of ours (any config).
-        Leftover temporary entries of a killed run are removed.
+        A missing path or an empty folder may become ours; a non-empty folder must carry a marker of this kind.
         """
-        stored = self.path / "config.yaml"
-        if self.path.exists() and not self.path.is_dir():
-            raise RunFolderError(f"output path {self.path} exists and is not a folder")
-        ours = {"chunks", ".lock"}
-        if self.path.exists() and not stored.exists() and any(p.name not in ours for p in self.path.iterdir()):
-            raise RunFolderError(f"{self.path} is not empty and holds no eigenprune config.yaml; choose another --out")
-        if stored.exists() and not fresh:
-            try:
-                old = Config.model_validate(yaml.safe_load(stored.read_text()))
-            except Exception as err:  # noqa: BLE001 - any unreadable config means we must not mix runs
-                raise RunFolderError(f"{stored} is unreadable ({type(err).__name__}); use --fresh or another --out") from None
-            if old.digest() != cfg.digest():
-                raise RunFolderError(
-                    f"{self.path} holds a run of a different config (digest {old.digest()} vs {cfg.digest()}); "
-                    "use --fresh to start over or --out for a new folder"
-                )
-        self.path.mkdir(parents=True, exist_ok=True)
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise RunFolderError(f"output path {p} exists and is not a folder")
+        if not p.exists():
+            return None
+        marker = self.marker()
+        if marker is None:
+            if any(e.name != ".lock" and not is_temp(e) for e in p.iterdir()):  # what a killed first run may leave
+                legacy = (p / "config.yaml").is_file() and (p / "chunks").is_dir()
+                hint = (" (it looks like a run of an earlier eigenprune, which did not record what it wrote)" if legacy else "")
+                raise RunFolderError(f"{p} is not empty and was not made by eigenprune{hint}; choose another --out")
+            return None
+        if marker.get("kind") != self.kind:
+            raise RunFolderError(f"{p} was made by `eigenprune {marker.get('kind')}`, not `eigenprune {self.kind}`; choose another --out")
+        return marker
+
+    def open(self, create: bool = False) -> None:
+        """Lock the folder and load its marker, so that eigenprune may write into it (`release` drops the lock).
+
+        Without `create` the folder must be a run folder eigenprune made; with it, a missing or empty
+        folder is made ours (parents too). Refused in one line, with nothing written, otherwise.
+        """
+        marker = self.check_ours()
+        if marker is None and not create:
+            raise RunFolderError(f"{self.path} is not a {self.kind} folder made by eigenprune (it has no {MARKER})")
+        if not self.path.exists():
+            self.path.mkdir(parents=True)
+            share_mode(self.path, directory=True)
         self._lock()
-        if fresh:
-            for p in self.path.iterdir():
-                if p.name != ".lock":
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-        self.chunks_dir.mkdir(exist_ok=True)
-        self._remove_leftovers()
-        if not stored.is_file() or stored.read_text() != cfg.to_yaml():  # a resume leaves it untouched
-            write_text_atomic(stored, cfg.to_yaml())
+        self._marker = self.marker() or {"format": MARKER_FORMAT, "kind": self.kind, "entries": {}}  # re-read under the lock
+        self.record(".lock")
 
     def _lock(self) -> None:
         """Hold an exclusive advisory lock on `.lock` until this process exits (the OS drops it on a kill)."""
         if fcntl is None:
             return
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunFolderError(f"{self.path} is in use by another eigenprune run; wait for it to finish or use another --out") from None
+            raise RunFolderError(f"{self.path} is in use by another eigenprune process; wait for it or use another --out") from None
         self._lock_fd = fd
 
     def release(self) -> None:
-        """Drop the lock taken by `prepare` (also dropped when the process ends)."""
+        """Drop the lock taken by `open` (also dropped when the process ends)."""
         fd = getattr(self, "_lock_fd", None)
         if fd is not None:
             os.close(fd)
             self._lock_fd = None
 
-    def _remove_leftovers(self) -> None:
-        """Delete temporary entries (names starting with '.') a killed run may have left."""
-        for folder in (self.path, self.chunks_dir, self.path / "figures"):
-            if folder.is_dir():
+    def _save_marker(self) -> None:
+        text = json.dumps(self._marker, indent=1, sort_keys=True) + "\n"
+        p = self.path / MARKER
+        if not p.is_file() or p.read_text() != text:  # an unchanged marker is not rewritten
+            atomic_write(p, text)
+
+    def record(self, rel: str, kind: str = "file") -> Path:
+        """Note that eigenprune writes entry `rel` (before writing it); returns its path."""
+        if self._marker is None:
+            raise RuntimeError(f"{self.path} was not claimed before writing {rel}")
+        if self._marker["entries"].get(rel) != kind:
+            self._marker["entries"][rel] = kind
+            self._save_marker()
+        return self.path / rel
+
+    def owns(self, rel: str) -> bool:
+        marker = self._marker if self._marker is not None else self.marker()
+        return marker is not None and rel in marker["entries"]
+
+    def write(self, rel: str, content: bytes | str | Callable[[Path], object], durable: bool = False) -> Path:
+        """Atomically write a file of ours (recorded first); folders on the way are made and recorded."""
+        parts = Path(rel).parts
+        for i in range(1, len(parts)):
+            self.mkdir("/".join(parts[:i]))
+        return atomic_write(self.record(rel), content, durable)
+
+    def mkdir(self, rel: str) -> Path:
+        """A sub-folder eigenprune uses (it may also hold the user's files, which stay)."""
+        p = self.path / rel
+        if p.exists() and not p.is_dir():
+            raise RunFolderError(f"{p} exists and is not a folder; eigenprune will not replace it")
+        if not self.owns(rel) and not p.exists():
+            self.record(rel, "dir")
+        if not p.exists():
+            p.mkdir()
+            share_mode(p, directory=True)
+        return p
+
+    def remove_own(self, keep: tuple[str, ...] = ()) -> None:
+        """Delete every entry eigenprune recorded here (but `keep`), deepest first; folders only once empty."""
+        entries = self._marker["entries"]
+        for rel in sorted(entries, key=lambda r: (-len(Path(r).parts), r)):
+            if rel in keep:
+                continue
+            p, kind = self.path / rel, entries[rel]
+            if kind == "tree" and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif kind == "dir" and p.is_dir() and not p.is_symlink():
+                if any(p.iterdir()):
+                    continue  # the user's files are in it: it stays, and stays recorded
+                p.rmdir()
+            elif kind == "file" and (p.is_file() or p.is_symlink()):
+                p.unlink()
+            elif p.exists():
+                continue  # replaced by something else since: not ours any more
+            del entries[rel]
+        self._save_marker()
+
+    def remove_temporaries(self) -> None:
+        """Delete leftover temporaries of a killed run: only entries named with `core.io.TMP_PREFIX`, in our folders."""
+        folders = [self.path] + [self.path / rel for rel, kind in self._marker["entries"].items() if kind == "dir"]
+        for folder in folders:
+            if folder.is_dir() and not folder.is_symlink():
                 for p in folder.iterdir():
-                    if p.name.startswith(".") and p.name != ".lock":
-                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    if is_temp(p):
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+class RunFolder(OwnedFolder):
+    """A run folder for one config."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path, "run")
+
+    @property
+    def chunks_dir(self) -> Path:
+        return self.path / "chunks"
+
+    def prepare(self, cfg: Config, fresh: bool = False, data_digest: str | None = None) -> None:
+        """Create the folder, or check that an existing one is ours and was made by the same config on the same
+        data, then lock it.
+
+        Nothing is written before every check has passed. `fresh` removes what an earlier run of ours wrote
+        (any config) and nothing else. Leftover temporaries of a killed run are removed.
+        """
+        marker = self.check_ours()
+        stored = self.path / "config.yaml"
+        if marker is not None and stored.exists() and not fresh:
+            try:
+                old = Config.model_validate(yaml.safe_load(stored.read_text()))
+            except Exception as err:  # noqa: BLE001 - any unreadable config means we must not mix runs
+                raise RunFolderError(f"{stored} is unreadable ({type(err).__name__}); use --fresh to start over or another --out") from None
+            if old.digest() != cfg.digest():
+                raise RunFolderError(
+                    f"{self.path} holds a run of a different config (digest {old.digest()} vs {cfg.digest()}); "
+                    "use --fresh to start over or --out for a new folder"
+                )
+            if marker.get("data_sha256") != data_digest:
+                raise RunFolderError(
+                    f"the data changed since {self.path} was started (sha256 {str(marker.get('data_sha256'))[:12]} then, "
+                    f"{str(data_digest)[:12]} now); refusing to mix results; use --fresh to start over or another --out"
+                )
+        self.open(create=True)
+        if fresh:
+            self.remove_own(keep=(".lock",))
+        self._marker["data_sha256"] = data_digest
+        self.mkdir("chunks")
+        self.remove_temporaries()
+        if not stored.is_file() or stored.read_text() != cfg.to_yaml():  # a resume leaves it untouched
+            self.write("config.yaml", cfg.to_yaml())
+        self._save_marker()
 
     def done(self, chunk_id: str) -> bool:
-        return (self.chunks_dir / chunk_id / "results.parquet").exists()
+        """Whether chunk `chunk_id` was committed here by eigenprune."""
+        return self.owns(f"chunks/{chunk_id}") and (self.chunks_dir / chunk_id / "results.parquet").exists()
 
     def commit_chunk(self, result: ChunkResult) -> Path:
         """Write a chunk's tables, files and timing to a temporary folder, flush, and rename it into place."""
-        tmp = Path(tempfile.mkdtemp(dir=self.chunks_dir, prefix=f".{result.chunk_id}."))
-        for name, df in result.tables.items():
-            df.to_parquet(tmp / f"{name}.parquet", index=False)
-        for rel, data in result.files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
-        (tmp / "timing.json").write_text(json.dumps({"train_seconds": round(result.seconds, 3)}) + "\n")
-        for p in sorted(tmp.rglob("*"), reverse=True):  # files first, then their folders
-            _fsync(p)
-        _fsync(tmp)
-        final = self.chunks_dir / result.chunk_id
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(self.chunks_dir)
+        tmp = temp_path(self.chunks_dir, result.chunk_id, directory=True)
+        try:
+            for name, df in result.tables.items():
+                df.to_parquet(tmp / f"{name}.parquet", index=False)
+            for rel, data in result.files.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
+            (tmp / "timing.json").write_text(json.dumps({"train_seconds": round(result.seconds, 3)}) + "\n")
+            for p in sorted(tmp.rglob("*"), reverse=True):  # files first, then their folders
+                share_mode(p, directory=p.is_dir())
+                fsync(p)
+            share_mode(tmp, directory=True)
+            fsync(tmp)
+            rel = f"chunks/{result.chunk_id}"
+            final = self.path / rel
+            if final.exists() or final.is_symlink():
+                if not self.owns(rel) or final.is_symlink():
+                    raise RunFolderError(f"{final} exists and was not written by eigenprune; refusing to replace it")
+                shutil.rmtree(final)  # an unfinished chunk of ours
+            self.record(rel, "tree")
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync(self.chunks_dir)
         return final
 
     def chunk_seconds(self, chunk_ids: list[str]) -> dict[str, float]:
@@ -213,12 +338,12 @@ class RunFolder:
                     raise RunFolderError(f"{self.path}: {name} has repeated rows for {keys}; not writing a merged table")
             merged[name] = df
         for name, df in merged.items():
-            write_parquet_atomic(df, self.path / f"{name}.parquet")
+            self.write(f"{name}.parquet", parquet_writer(df))
         return merged
 
     def write_json(self, name: str, obj: dict) -> None:
         """Write strict JSON (NaN and infinities become null)."""
-        write_text_atomic(self.path / name, json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
+        self.write(name, json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
 
     def _need(self, name: str) -> Path:
         if not self.path.is_dir():

@@ -8,7 +8,6 @@ and the activations in `ACTIVATIONS`. The architecture lives in the safetensors 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
+from eigenprune.core.io import atomic_write
 from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.structure import as_sequential
 
@@ -102,11 +102,16 @@ def _sorted_header(blob: bytes) -> bytes:
 
 def save_model(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
     """Write `model` to `path` (safetensors, atomically) with its architecture and `extra` metadata."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(model_bytes(model, extra))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, model_bytes(model, extra))
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint eigenprune wrote (a safetensors file with eigenprune's format metadata)."""
+    try:
+        read_metadata(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -7,12 +7,14 @@ layers are exported as the dense weight they compute.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from eigenprune.core.io import atomic_write
 from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.structure import as_sequential
 
@@ -86,11 +88,46 @@ def to_onnx(model: nn.Module, input_name: str = "x", output_name: str = "y"):
     return proto
 
 
-def export_onnx(model: nn.Module, path: str | Path) -> Path:
-    """Write `model` (any MLP `as_sequential` reads) to `path` as ONNX; returns the path."""
+def check_onnx(model: nn.Module, blob: bytes, rtol: float = 1e-4, rows: int = 257) -> float:
+    """Run the serialized ONNX model `blob` with onnxruntime on `rows` seeded random inputs and compare it
+    with `model` in float32; returns the max relative difference (max |onnx - torch| / max |torch|).
+
+    `ExportError` if an output is not finite or the difference exceeds `rtol`; skipped (returns NaN)
+    when onnxruntime is not installed.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        return float("nan")
+    session = onnxruntime.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    n_in = session.get_inputs()[0].shape[1]
+    x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = copy.deepcopy(model).float()(x)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    if not (torch.isfinite(want).all() and torch.isfinite(got).all()):
+        raise ExportError("the model's outputs on random inputs are not finite (NaN or inf); not writing an ONNX file")
+    scale = float(want.abs().max())
+    diff = float((got - want).abs().max()) / (scale if scale > 0 else 1.0)
+    if not diff <= rtol:
+        raise ExportError(f"onnxruntime and torch disagree: max relative difference {diff:.3g} > {rtol:g}; not writing an ONNX file")
+    return diff
+
+
+def export_onnx(model: nn.Module, path: str | Path, rtol: float = 1e-4) -> tuple[Path, float]:
+    """Write `model` (any MLP `as_sequential` reads) to `path` as ONNX, only after checking it (see `check_onnx`).
+
+    Returns the path and the checked max relative difference. Nothing is written if a check fails.
+    """
+    blob = to_onnx(model).SerializeToString()
+    diff = check_onnx(model, blob, rtol)
+    return atomic_write(path, blob), diff
+
+
+def is_onnx_export(path: str | Path) -> bool:
+    """Whether `path` is an ONNX file eigenprune wrote (producer name "eigenprune")."""
     onnx = _onnx()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(to_onnx(model), str(tmp))
-    tmp.replace(path)
-    return path
+    try:
+        return onnx.load(str(path), load_external_data=False).producer_name == "eigenprune"
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False

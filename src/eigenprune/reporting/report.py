@@ -16,7 +16,7 @@ from eigenprune.experiments.analysis import collapse_measure, fit_exponential, t
 from eigenprune.experiments.builders import make_teacher
 from eigenprune.experiments.config import Config
 from eigenprune.experiments.regpath import RULES, path_table, select_strengths
-from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, RunFolder, RunFolderError, write_text_atomic
+from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, OwnedFolder, RunFolder, RunFolderError
 from eigenprune.pruning.checkpoint import load_model
 from eigenprune.reporting import plots
 
@@ -122,16 +122,15 @@ def teacher_slices(cfg: Config, tables: dict[str, pd.DataFrame]) -> list[tuple[C
     return out
 
 
-def _save(fig, out: Path, stem: str) -> Path:
-    out.mkdir(exist_ok=True)
-    path, tmp = out / f"{stem}.png", out / f".{stem}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+def _save(fig, folder: OwnedFolder, stem: str) -> Path:
+    """Write a figure as figures/<stem>.png of `folder` (atomically, recorded as eigenprune's) and close it."""
+    try:
+        return folder.write(f"figures/{stem}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
-def make_figures(run_dir: Path, cfg: Config, tables: dict[str, pd.DataFrame], suffix: str = "") -> list[tuple[Path, str]]:
+def make_figures(folder: RunFolder, cfg: Config, tables: dict[str, pd.DataFrame], suffix: str = "") -> list[tuple[Path, str]]:
     """Write one teacher's figures as PNG under figures/; returns (path, caption) pairs."""
     res, h_t = tables["results"], teacher_width(cfg)
     figs = {
@@ -149,10 +148,10 @@ def make_figures(run_dir: Path, cfg: Config, tables: dict[str, pd.DataFrame], su
         items, measure = run_collapse(tables["curves"], res, h_t)
         if len(items) >= 2:
             figs["collapse"] = plots.collapse(items, measure)
-    comparisons = path_comparisons(run_dir, cfg, res)
+    comparisons = path_comparisons(folder.path, cfg, res)
     if comparisons:
         figs["paths"] = plots.paths(comparisons)
-    return [(_save(fig, run_dir / "figures", name + suffix), FIGURES[name]) for name, fig in figs.items()]
+    return [(_save(fig, folder, name + suffix), FIGURES[name]) for name, fig in figs.items()]
 
 
 def claims(cfg: Config, groups: pd.DataFrame, collapse: dict | None = None) -> list[tuple[str, str]]:
@@ -201,14 +200,31 @@ def _img(path: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def build_report(run_dir: str | Path, quiet: bool = True) -> Path:
+def build_report(run: str | Path | RunFolder, quiet: bool = True) -> Path:
     """(Re)build figures/ and report.html of a run folder from its stored results (no training).
 
-    Every stored file is read and checked before anything is written; a missing or damaged one is a
-    one-line `RunFolderError` and leaves the folder as it was.
+    `run` is a run folder's path, or a `RunFolder` already open for writing (as inside `run_experiment`).
+    Every stored file is read and checked before anything is written; a missing or damaged one, or a
+    folder eigenprune did not make, is a one-line `RunFolderError` and leaves the folder as it was.
     """
-    folder = RunFolder(run_dir)
-    tables = folder.load()
+    if isinstance(run, RunFolder):
+        return _build_report(run)
+    folder = RunFolder(run)
+    if not folder.path.is_dir():
+        raise RunFolderError(f"run folder not found: {folder.path}")
+    if folder.marker() is None:
+        raise RunFolderError(f"{folder.path} is not a run folder made by eigenprune (no results of `eigenprune run` there)")
+    folder.check_ours()
+    tables = folder.load()  # read and check before taking the folder
+    folder.open()
+    try:
+        return _build_report(folder, tables)
+    finally:
+        folder.release()
+
+
+def _build_report(folder: RunFolder, tables: dict[str, pd.DataFrame] | None = None) -> Path:
+    tables = tables or folder.load()
     run_dir = folder.path
     cfg = folder.read_config()
     manifest = folder.read_json("manifest.json") if (run_dir / "manifest.json").exists() else {}
@@ -225,11 +241,11 @@ def build_report(run_dir: str | Path, quiet: bool = True) -> Path:
     sections = []
     if cfg.regularization.mode == "path":
         fig = plots.regularization_path(tables["results"], path_table(tables["results"]), cfg)
-        figure = _img(_save(fig, run_dir / "figures", "regularization_path"), REGPATH_CAPTION)
+        figure = _img(_save(fig, folder, "regularization_path"), REGPATH_CAPTION)
         sections.append("<h2>Regularization path</h2>" + figure + _table(path_selection_table(cfg, tables["results"])))
     for tcfg, sliced, suffix in teacher_slices(cfg, tables):
         h_t = teacher_width(tcfg)
-        figures = make_figures(run_dir, tcfg, sliced, suffix)
+        figures = make_figures(folder, tcfg, sliced, suffix)
         layers = f"""<h3>Per hidden layer: recovered width vs the teacher's</h3>
 <p>search_width: joint minimal architecture (every hidden layer pruned by importance, in order, keeping the training loss
 within {1 + cfg.analysis.search_rel_tol:g} × the full model's); search_test_*: the jointly pruned student on the test set.</p>
@@ -269,8 +285,7 @@ wall time {manifest.get('wall_seconds', '?')} s.</p>
 <h2>Config</h2><pre>{html.escape(cfg.to_yaml())}</pre>
 <h2>Manifest</h2><pre>{html.escape(json.dumps(manifest, indent=2))}</pre>
 </body></html>"""
-    write_text_atomic(run_dir / "report.html", page)
-    return run_dir / "report.html"
+    return folder.write("report.html", page)
 
 
 REGPATH_CAPTION = ("Left: effective dimension against the L2 multiplier (teacher width dashed). Right: validation loss "
@@ -318,13 +333,18 @@ def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
         raise RunFolderError("collapse needs at least two spectral curves with N > h_T across the given runs")
     measure = collapse_measure([(h, k, d) for _, h, k, d in items])
     measure_nc = collapse_measure([(h, k, d) for _, h, k, d in by_nc])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, curves, m, scale in (("collapse", items, measure, "h_T"), ("collapse_nc", by_nc, measure_nc, "n_c")):
-        fig = plots.collapse(curves, m, scale)
-        fig.savefig(out / f"{name}.png", dpi=110)
-        plt.close(fig)
     result = {"runs": [str(r) for r in run_dirs], "curves": [label for label, *_ in by_nc], **measure,
               "by_critical_point": measure_nc}
-    write_text_atomic(out / "collapse.json", json.dumps(result, indent=2) + "\n")
+    folder = OwnedFolder(out, "collapse")
+    folder.open(create=True)
+    try:
+        for name, curves, m, scale in (("collapse", items, measure, "h_T"), ("collapse_nc", by_nc, measure_nc, "n_c")):
+            fig = plots.collapse(curves, m, scale)
+            try:
+                folder.write(f"{name}.png", lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110))
+            finally:
+                plt.close(fig)
+        folder.write("collapse.json", json.dumps(result, indent=2) + "\n")
+    finally:
+        folder.release()
     return result

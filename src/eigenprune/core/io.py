@@ -1,0 +1,125 @@
+"""Writing files safely: atomically, with the user's umask, never over an input or a file eigenprune did not write.
+
+Every file eigenprune writes goes through `atomic_write`: the bytes go to a temporary file beside the
+target, named `TMP_PREFIX` + something random (the only names a cleanup may ever delete), are flushed,
+and the temporary is renamed over the target, so a reader sees the old file or the whole new one.
+`check_output` decides beforehand whether a target may be written at all.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+TMP_PREFIX = ".eigenprune-tmp-"
+"""Name prefix of every temporary file or folder eigenprune creates; nothing else is ever cleaned up."""
+
+
+class OutputError(ValueError):
+    """An output path that cannot or must not be written, stated in one line."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_mode(path: Path, directory: bool = False) -> None:
+    """Give `path` the permissions a plain `open()`/`mkdir()` would (mkstemp and mkdtemp make them private)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def temp_path(folder: Path, name: str, directory: bool = False) -> Path:
+    """A new, empty temporary file (or folder) in `folder`, named with `TMP_PREFIX`."""
+    if directory:
+        return Path(tempfile.mkdtemp(dir=folder, prefix=f"{TMP_PREFIX}{name}."))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{name}.")
+    os.close(fd)
+    return Path(tmp)
+
+
+def is_temp(path: Path) -> bool:
+    """Whether `path` is named like one of eigenprune's temporaries."""
+    return path.name.startswith(TMP_PREFIX)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or folder's) data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, content: bytes | str | Callable[[Path], object], durable: bool = False) -> Path:
+    """Write `content` (bytes, text, or a function that writes the file at the path it is given) to `path`.
+
+    Through a temporary file in the same folder and an atomic rename; the file gets the umask's
+    permissions. If writing fails the temporary is removed, `path` is left as it was, and the error
+    is raised as one-line `OutputError` (an `OSError`) or as raised (anything else). `durable`
+    also flushes the file to disk before the rename.
+    """
+    path = Path(path)
+    try:
+        tmp = temp_path(path.parent, path.name)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or type(err).__name__}") from None
+    try:
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        elif isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            content(tmp)
+        share_mode(tmp)
+        if durable:
+            fsync(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {err.strerror or type(err).__name__}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output(
+    path: str | Path, *, inputs: Iterable[str | Path] = (), force: bool = False,
+    ours: Callable[[Path], bool] | None = None, option: str = "--out",
+) -> Path:
+    """Check that `path` may be written as a new output file, before any work is done; returns it.
+
+    Refused with a one-line `OutputError`: a folder; a missing parent or a parent that is not a
+    folder or not writable; the same file as one of `inputs` (an output never replaces its own
+    input); an existing file, unless `force` and `ours(path)` says eigenprune wrote it.
+    """
+    path = Path(path)
+    if any(_same_file(path, Path(i)) for i in inputs):
+        raise OutputError(f"{option} {path} is the command's own input; choose another output file")
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; give a file name")
+    parent = path.parent
+    if not parent.exists():
+        raise OutputError(f"{option} {path}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise OutputError(f"{option} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: folder {parent} is not writable")
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise OutputError(f"{option} {path} already exists; choose another name, or pass --force to replace a file eigenprune wrote")
+        if ours is None or path.is_symlink() or not ours(path):
+            raise OutputError(f"{option} {path} exists and was not written by eigenprune; refusing to replace it")
+    return path
