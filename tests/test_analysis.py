@@ -10,7 +10,7 @@ from eigenprune.core.losses import task_loss
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.experiments.analysis import effective_dim
 from eigenprune.pruning.importance import eigenvalue_importance, feature_norm, node_importance, normalize
-from eigenprune.pruning.removal import keep_mask
+from eigenprune.pruning.removal import top_k_mask
 
 
 def test_eigenvalue_importance_on_hand_made_weights():
@@ -35,9 +35,9 @@ def test_effective_dimension_counts_above_threshold_of_max():
     assert effective_dim(scores, 0.05, widths=torch.tensor([4, 2])).tolist() == [2, 2]
 
 
-def test_keep_mask_keeps_the_top_k():
+def test_top_k_mask_keeps_the_top_k():
     scores = torch.tensor([[0.1, 5.0, 3.0, 0.2]])
-    assert keep_mask(scores, 2).tolist() == [[0.0, 1.0, 1.0, 0.0]]
+    assert top_k_mask(scores, 2).tolist() == [[0.0, 1.0, 1.0, 0.0]]
 
 
 def _diagonal_student(c):
@@ -84,7 +84,7 @@ def test_prefix_sum_curves_equal_masked_forward_passes():
     scores = node_importance(ens.layers[0])
     curves = pruning_curves(ens, 0, scores, x, y, ti, "regression", budget=5000)  # forces several chunks
     for k in range(1, 12):
-        masked = task_loss(ens(x[ti], keep={0: keep_mask(scores, k)}), y[ti], "regression")
+        masked = task_loss(ens(x[ti], kept={0: top_k_mask(scores, k)}), y[ti], "regression")
         torch.testing.assert_close(curves[:, k - 1], masked)
     assert math.isclose(curves[0, 10].item(), curves[0, 6].item())  # beyond its width: the full loss
 

@@ -43,7 +43,7 @@ def test_joint_search_recovers_the_used_widths_of_every_layer():
     widths, keep = joint_search(ens, scores, x, y, ti, "regression", rel_tol=1e-6)
     assert [w.tolist() for w in widths] == [[3, 3], [2, 2]]
     full = evaluate(ens, x, y, ti, "regression")
-    torch.testing.assert_close(evaluate(ens, x, y, ti, "regression", keep=keep), full)
+    torch.testing.assert_close(evaluate(ens, x, y, ti, "regression", kept=keep), full)
     # an unbounded tolerance prunes every layer to one node
     widths, _ = joint_search(ens, scores, x, y, ti, "regression", rel_tol=1e12)
     assert [w.tolist() for w in widths] == [[1, 1], [1, 1]]
@@ -81,9 +81,9 @@ def test_accuracy_curves_match_masked_predictions():
     ti = torch.tensor([0, 0])
     scores = node_importance(ens.layers[0])
     acc = pruning_curves(ens, 0, scores, x, y, ti, "classification", metric="accuracy")
-    from eigenprune.pruning.removal import keep_mask
+    from eigenprune.pruning.removal import top_k_mask
     for k in (1, 4, 7):
-        pred = ens(x[ti], keep={0: keep_mask(scores, k)}).argmax(-1)
+        pred = ens(x[ti], kept={0: top_k_mask(scores, k)}).argmax(-1)
         torch.testing.assert_close(acc[:, k - 1], (pred == y[ti]).float().mean(-1))
 
 

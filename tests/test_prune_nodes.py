@@ -16,13 +16,13 @@ from eigenprune.pruning.importance import node_importance
 from eigenprune.pruning.removal import (
     KeepSpec,
     PruneError,
-    keep_mask,
     loss_by_kept,
     mask_nodes,
     parse_keep,
     prune_nodes,
     remove_nodes,
     select_nodes,
+    top_k_mask,
 )
 
 
@@ -191,7 +191,7 @@ def test_loss_for_every_kept_count_equals_masked_forward_passes():
     scores = node_importance(as_sequential(model)[2])
     curve = loss_by_kept(model, 1, scores, x, y, budget=500)  # several chunks
     for k in (1, 4, 10, 11):
-        masked = mask_nodes(model, {1: keep_mask(scores, k).nonzero().flatten()})
+        masked = mask_nodes(model, {1: top_k_mask(scores, k).nonzero().flatten()})
         assert curve[k - 1].item() == pytest.approx(task_loss(masked(x), y, "regression").item(), rel=1e-10)
 
 

@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 from eigenprune.batched import fused as fused_kernels
 from eigenprune.core.layers import SpectralLinear, spectral_weight
-from eigenprune.core.structure import linear_layers
+from eigenprune.core.losses import task_loss_and_grad
+from eigenprune.core.structure import as_sequential
 
 
 def _sum_squares(v: torch.Tensor) -> torch.Tensor:
@@ -62,8 +63,9 @@ class StackedLayer(nn.Module):
         """Direct-space weights [S, O, I] (see `spectral_weight`)."""
         return spectral_weight(self.phi, self.lam_in, self.lam_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.bmm(x, self.weight.transpose(1, 2))
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Pre-activations x W^T + b [S, B, O] of x [S, B, I] (`weight`: this layer's weight if already formed)."""
+        z = torch.bmm(x, (self.weight if weight is None else weight).transpose(1, 2))
         return z if self.bias is None else z + self.bias.unsqueeze(1)
 
     def penalty(self, total: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,25 +88,25 @@ class StackedLayer(nn.Module):
         """lam_in_j - lam_out_i [S, O, I]: the factor between phi and the weight."""
         return self.lam_in.unsqueeze(1) - self.lam_out.unsqueeze(2)
 
-    def set_grads(self, grad_w: torch.Tensor, grad_bias: torch.Tensor | None, k: torch.Tensor, lam_diff: torch.Tensor) -> None:
+    def set_grads(self, grad_w: torch.Tensor, grad_bias: torch.Tensor | None, on: torch.Tensor, lam_diff: torch.Tensor) -> None:
         """Store d(loss)/d(parameters) in `.grad`, given d(loss)/dW [S, O, I] and d(loss)/d(bias) [S, O].
 
         Chain rule through w = lam_diff * phi (`lam_diff` as from `lam_diff()`), plus the regularization
-        terms (L2, and the L1 / group-lasso sparsity terms where set) of students with k = 1 (k [S] 0/1).
+        terms (L2, and the L1 / group-lasso sparsity terms where set) of students with on = 1 (on [S] 0/1).
         """
         if self._sparsity[1]:  # d/dW of g * sum_i ||w_i|| is g * w_i / ||w_i|| (0 for an all-zero row, as in autograd)
             w = self.weight
             norm = w.norm(dim=-1, keepdim=True)
-            grad_w = grad_w + (self.group_lasso * k)[:, None, None] * w / torch.where(norm > 0, norm, torch.ones_like(norm))
+            grad_w = grad_w + (self.group_lasso * on)[:, None, None] * w / torch.where(norm > 0, norm, torch.ones_like(norm))
         if self.phi.requires_grad:
-            self.phi.grad = torch.addcmul(grad_w * lam_diff, (2 * self.l2_phi * k)[:, None, None], self.phi)
+            self.phi.grad = torch.addcmul(grad_w * lam_diff, (2 * self.l2_phi * on)[:, None, None], self.phi)
         if self.lam_out.requires_grad or self.lam_in.requires_grad:
             gp = grad_w * self.phi
-            coef = (2 * self.l2_lam * k)[:, None]
+            coef = (2 * self.l2_lam * on)[:, None]
             if self.lam_out.requires_grad:
                 self.lam_out.grad = torch.addcmul(-gp.sum(2), coef, self.lam_out)
                 if self._sparsity[0]:  # d/dlam of l1 * sum |lam_out| (sign(0) = 0, as in autograd)
-                    self.lam_out.grad += (self.l1_lam * k)[:, None] * self.lam_out.sign()
+                    self.lam_out.grad += (self.l1_lam * on)[:, None] * self.lam_out.sign()
             if self.lam_in.requires_grad:
                 self.lam_in.grad = torch.addcmul(gp.sum(1), coef, self.lam_in)
         if self.bias is not None and self.bias.requires_grad:
@@ -129,16 +131,19 @@ class StackedLayer(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """S students (`nn.Sequential`s of `SpectralLinear` + ReLU, same depth) trained as one computation.
+    """S students (`nn.Sequential`s of `SpectralLinear` with ReLU between them, same depth) trained as one computation.
 
-    Input x is [S, B, input_dim]; output [S, B, n_outputs]. ReLU follows every layer but the last.
+    Input x is [S, B, input_dim]; output [S, B, n_outputs]. A student with any other module (another
+    activation, a normalization) is refused: the batched computation is written for this shape only.
+    "Removing" a hidden node means what setting its eigenvalue to zero means (as in `pruning.removal`):
+    its incoming weights are zero, so it outputs the constant relu(b) (0 without a bias).
     """
 
     def __init__(self, students: list[nn.Module]) -> None:
         super().__init__()
         if not students:
             raise ValueError("an ensemble needs at least one student")
-        per_student = [linear_layers(s) for s in students]
+        per_student = [_relu_chain(s, i) for i, s in enumerate(students)]
         depth = len(per_student[0])
         if any(len(layers) != depth for layers in per_student):
             raise ValueError("students stacked in one ensemble must have the same number of layers")
@@ -148,31 +153,42 @@ class Ensemble(nn.Module):
     def n_students(self) -> int:
         return self.layers[0].phi.shape[0]
 
-    def forward(self, x: torch.Tensor, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """Batched forward; `keep` maps a layer index to a [S, O] 0/1 mask of the nodes left in place."""
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-                if keep is not None and i in keep:
-                    x = x * keep[i].unsqueeze(1)
-        return x
+    def activate(self, i: int, z: torch.Tensor, kept: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+        """The activation after layer `i` of pre-activations z [S, B, O]: ReLU after every layer but the last.
+
+        `kept` [S, O] (0/1) removes the other nodes: they output relu(b), their value with zero incoming weights.
+        """
+        if i == len(self.layers) - 1:
+            return z
+        a = z.relu_() if inplace else F.relu(z)
+        if kept is None:
+            return a
+        bias = self.layers[i].bias
+        if bias is None:
+            return a * kept.unsqueeze(1)
+        return torch.where(kept.unsqueeze(1) > 0, a, F.relu(bias).unsqueeze(1))
+
+    def run(self, h: torch.Tensor, start: int = 0, stop: int | None = None, kept: dict[int, torch.Tensor] | None = None,
+            pre: bool = False) -> torch.Tensor:
+        """Layers start..stop-1 (each with its activation) applied to h, the input of layer `start`, or with
+        `pre` its pre-activation (so layer `start` itself is not applied again). `kept` as in `forward`."""
+        stop = len(self.layers) if stop is None else stop
+        kept = kept or {}
+        for i in range(start, stop):
+            h = self.activate(i, h if pre and i == start else self.layers[i](h), kept.get(i))
+        return h
+
+    def forward(self, x: torch.Tensor, kept: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Batched forward; `kept` maps a hidden layer index to a [S, O] 0/1 mask of the nodes left in place."""
+        return self.run(x, kept=kept)
 
     def hidden(self, x: torch.Tensor, upto: int) -> torch.Tensor:
-        """Post-ReLU activations of layer `upto` [S, B, O]."""
-        for layer in self.layers[: upto + 1]:
-            x = F.relu(layer(x))
-        return x
+        """Activations after hidden layer `upto` [S, B, O]."""
+        return self.run(x, 0, upto + 1)
 
-    def head(self, a: torch.Tensor, start: int) -> torch.Tensor:
+    def head(self, z: torch.Tensor, start: int) -> torch.Tensor:
         """The network from the *pre-activation* of layer `start` to the output."""
-        x = a
-        for i in range(start, len(self.layers)):
-            if i > start:
-                x = self.layers[i](x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
+        return self.run(z, start, pre=True)
 
     def penalty(self) -> torch.Tensor:
         """Per-student regularization [S]."""
@@ -186,7 +202,7 @@ class Ensemble(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor, task: str, alive: torch.Tensor, fused: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-student loss + penalty [S] of one batch, with its gradients written to `.grad`; also
-        returns `keep` [S]: alive and with a finite loss.
+        returns `ok` [S]: alive and with a finite loss.
 
         Hand-written backpropagation (no autograd graph, and few kernels: a step's cost on a CPU or
         in a CUDA graph is mostly their count). Equal to autograd on `task_loss(ens(x), y) + penalty()`
@@ -196,44 +212,38 @@ class Ensemble(nn.Module):
         """
         diffs = [layer.lam_diff() for layer in self.layers]
         weights = [d * layer.phi for layer, d in zip(self.layers, diffs)]
-        acts = [x]
+        acts = [x]  # the input of each layer; ReLU's gradient mask is act > 0 (as z > 0)
         h = x
         for i, (layer, w) in enumerate(zip(self.layers, weights)):
             if fused and i == 0:
                 acts.append(None)  # the first layer's activations stay inside the fused kernels
                 continue
-            h = fused_kernels.forward(x, weights[0], w) if fused and i == 1 else torch.bmm(h, w.transpose(1, 2))
-            if layer.bias is not None:
-                h = h + layer.bias.unsqueeze(1)
+            if fused and i == 1:  # layers 0 and 1 in one kernel: pre-activations of layer 1
+                h = fused_kernels.forward(x, weights[0], w)
+                h = h if layer.bias is None else h + layer.bias.unsqueeze(1)
+            else:
+                h = layer(h, w)
+            h = self.activate(i, h, inplace=True)
             if i < len(self.layers) - 1:
-                h = h.relu_()  # the mask of ReLU's gradient is h > 0 (as z > 0)
                 acts.append(h)
-        batch = x.shape[1]
-        if task == "regression":
-            residual = h.squeeze(-1) - y
-            loss = residual.square().mean(-1)
-            delta = (2.0 / batch) * residual.unsqueeze(-1)
-        else:
-            logp = F.log_softmax(h, -1)
-            loss = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(-1)
-            delta = (logp.exp() - torch.zeros_like(logp).scatter_(-1, y.unsqueeze(-1), 1.0)) / batch  # no host sync, unlike one_hot on CUDA
+        loss, delta = task_loss_and_grad(h, y, task)
         loss = loss + self.penalty()
-        keep = alive & (loss * 0 == 0)  # finite: inf * 0 and nan * 0 are nan (one kernel less than isfinite)
-        delta = torch.where(keep[:, None, None], delta, 0.0)
-        k = keep.to(x.dtype)
+        ok = alive & (loss * 0 == 0)  # finite: inf * 0 and nan * 0 are nan (one kernel less than isfinite)
+        delta = torch.where(ok[:, None, None], delta, 0.0)
+        on = ok.to(x.dtype)
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
             grad_bias = delta.sum(1) if layer.bias is not None and layer.bias.requires_grad else None
             if fused and i == 1:
                 grad_w0, grad_w = fused_kernels.backward(x, weights[0], weights[1], delta)
-                layer.set_grads(grad_w, grad_bias, k, diffs[1])
-                self.layers[0].set_grads(grad_w0, None, k, diffs[0])
+                layer.set_grads(grad_w, grad_bias, on, diffs[1])
+                self.layers[0].set_grads(grad_w0, None, on, diffs[0])
                 break
             if any(p is not None and p.requires_grad for p in (layer.phi, layer.lam_in, layer.lam_out, layer.bias)):
-                layer.set_grads(torch.bmm(delta.transpose(1, 2), acts[i]), grad_bias, k, diffs[i])
+                layer.set_grads(torch.bmm(delta.transpose(1, 2), acts[i]), grad_bias, on, diffs[i])
             if i > 0:
                 delta = torch.ops.aten.threshold_backward(torch.bmm(delta, weights[i]), acts[i], 0)  # ReLU's gradient
-        return loss, keep
+        return loss, ok
 
     def student(self, s: int) -> nn.Sequential:
         """Student `s` as a standalone, unpadded `nn.Sequential` (a copy)."""
@@ -243,3 +253,16 @@ class Ensemble(nn.Module):
             if i < len(self.layers) - 1:
                 mods.append(nn.ReLU())
         return nn.Sequential(*mods)
+
+
+def _relu_chain(student: nn.Module, index: int) -> list[SpectralLinear]:
+    """The `SpectralLinear` layers of a student that is exactly layer, ReLU, layer, ..., layer; ValueError otherwise."""
+    chain = list(as_sequential(student))
+    for j, m in enumerate(chain):
+        want = SpectralLinear if j % 2 == 0 else nn.ReLU
+        if type(m) is not want:
+            raise ValueError(f"the batched ensemble trains SpectralLinear layers with ReLU between them; student {index} has "
+                             f"{type(m).__name__} at position {j} where {want.__name__} belongs")
+    if len(chain) % 2 == 0:
+        raise ValueError(f"student {index} ends with an activation; the batched ensemble needs a SpectralLinear last")
+    return chain[0::2]

@@ -56,19 +56,19 @@ class _Epoch:
         for b in self.batches:
             xb, yb = xs[:, b], ys[:, b]
             if self.spec.backprop != "autograd":
-                loss, keep = self.ens.loss_and_grads(xb, yb, self.spec.task, self.alive, fused=self.spec.backprop == "fused")
+                loss, ok = self.ens.loss_and_grads(xb, yb, self.spec.task, self.alive, fused=self.spec.backprop == "fused")
             else:
                 loss = task_loss(self.ens(xb), yb, self.spec.task) + self.ens.penalty()
-                keep = self.alive & torch.isfinite(loss)
+                ok = self.alive & torch.isfinite(loss)
                 self.opt.zero_grad(set_to_none=True)
-                torch.where(keep, loss, torch.zeros_like(loss)).sum().backward()
+                torch.where(ok, loss, torch.zeros_like(loss)).sum().backward()
                 loss = loss.detach()
-            # a student that is not kept failed now or earlier; only now if it has no failed step yet
-            first = ~keep & (self.failed_step < 0)
+            # a student that is not ok failed now or earlier; only now if it has no failed step yet
+            first = ~ok & (self.failed_step < 0)
             torch.where(first, loss, self.failed_loss, out=self.failed_loss)
             torch.where(first, self.step, self.failed_step, out=self.failed_step)
-            self.alive.copy_(keep)  # no data gradient from the failing step on
-            self.running.add_(torch.where(keep, loss, 0.0))
+            self.alive.copy_(ok)  # no data gradient from the failing step on
+            self.running.add_(torch.where(ok, loss, 0.0))
             self.opt.step()
             self.step.add_(1)
 
@@ -144,14 +144,14 @@ def train_ensemble(
 @torch.no_grad()
 def evaluate(
     ens: Ensemble, x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor, task: Task, chunk: int = EVAL_BLOCK,
-    keep: dict[int, torch.Tensor] | None = None, metric: str = "loss",
+    kept: dict[int, torch.Tensor] | None = None, metric: str = "loss",
 ) -> torch.Tensor:
     """Loss (or accuracy) of every student on its trial's set (x [T, P, D], y [T, P]) -> [S] (no penalty).
 
-    `keep` masks hidden nodes as in `Ensemble.forward`.
+    `kept` removes hidden nodes as in `Ensemble.forward`.
     """
     total = x.new_zeros(ens.n_students)
     n = x.shape[1]
     for b in batches(n, chunk):
-        total += task_metric(ens(x[trial_index, b], keep=keep), y[trial_index, b], task, metric) * (b.stop - b.start)
+        total += task_metric(ens(x[trial_index, b], kept=kept), y[trial_index, b], task, metric) * (b.stop - b.start)
     return total / n

@@ -91,3 +91,11 @@ def layer_sizes(model: nn.Module) -> list[int]:
     """The node counts of an MLP (see `as_sequential`): [inputs, hidden..., outputs]."""
     lins = linear_layers(as_sequential(model))
     return [lins[0].in_features] + [m.out_features for m in lins]
+
+
+def check_hidden_layer(layer: int, n_linear: int, error: type[Exception] = ValueError) -> int:
+    """`layer` if it indexes a hidden linear layer (0..n_linear-2) of a network with `n_linear` linear layers;
+    otherwise `error` saying which indices are valid."""
+    if not 0 <= layer < n_linear - 1:
+        raise error(f"layer must be a hidden layer index in 0..{n_linear - 2}, got {layer}")
+    return layer

@@ -214,11 +214,11 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
         metrics["train_accuracy"] = evaluate(ens, fit_x, fit_y, trial_index, data.task, metric="accuracy")
         metrics["test_accuracy"] = evaluate(ens, data.x_test, data.y_test, trial_index, data.task, metric="accuracy")
     stats = layer_stats(cfg, ens, data, trial_index)
-    search_k, search_keep = joint_search(ens, [st.scores.to(device) for st in stats], fit_x, fit_y, trial_index, data.task,
+    search_widths, search_kept = joint_search(ens, [st.scores.to(device) for st in stats], fit_x, fit_y, trial_index, data.task,
                                          cfg.analysis.search_rel_tol)
-    metrics["search_test_loss"] = evaluate(ens, data.x_test, data.y_test, trial_index, data.task, keep=search_keep)
+    metrics["search_test_loss"] = evaluate(ens, data.x_test, data.y_test, trial_index, data.task, kept=search_kept)
     if data.task == "classification":
-        metrics["search_test_accuracy"] = evaluate(ens, data.x_test, data.y_test, trial_index, data.task, keep=search_keep,
+        metrics["search_test_accuracy"] = evaluate(ens, data.x_test, data.y_test, trial_index, data.task, kept=search_kept,
                                                    metric="accuracy")
     metrics = {k: v.cpu() for k, v in metrics.items()}
     t_widths = list(cfg.data.teacher.widths) if cfg.data.source == "teacher" else []
@@ -244,7 +244,7 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
             n_c = -1 if failed else critical_point(kept, delta, cfg.analysis.critical_rel_tol * full)
             t_w = t_widths[layer] if layer < len(t_widths) else np.nan
             row = {**base, "layer": layer, "layer_width": n, "teacher_layer_width": t_w,
-                   "effective_dim": int(st.effective_dim[s]), "critical_point": n_c, "search_width": int(search_k[layer][s])}
+                   "effective_dim": int(st.effective_dim[s]), "critical_point": n_c, "search_width": int(search_widths[layer][s])}
             frame = {**base, "layer": layer, "kept": kept, "test_loss": curve, "delta_loss": delta,
                      "kept_minus_teacher": kept - t_w}
             if st.accuracy is not None:

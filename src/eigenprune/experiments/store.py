@@ -80,6 +80,15 @@ def parquet_writer(df: pd.DataFrame) -> Callable[[Path], object]:
     return lambda tmp: df.to_parquet(tmp, index=False)
 
 
+def _make_dir(path: Path, parents: bool = False) -> None:
+    """mkdir with the umask's permissions; an OSError becomes one line."""
+    try:
+        path.mkdir(parents=parents)
+    except OSError as err:
+        raise RunFolderError(f"cannot create folder {path}: {err.strerror or type(err).__name__}") from None
+    share_mode(path, directory=True)
+
+
 class OwnedFolder:
     """A folder eigenprune made (see the module docstring), of one `kind`: run, compare or collapse.
 
@@ -136,8 +145,7 @@ class OwnedFolder:
         if marker is None and not create:
             raise RunFolderError(f"{self.path} is not a {self.kind} folder made by eigenprune (it has no {MARKER})")
         if not self.path.exists():
-            self.path.mkdir(parents=True)
-            share_mode(self.path, directory=True)
+            _make_dir(self.path, parents=True)
         self._lock()
         self._marker = self.marker() or {"format": MARKER_FORMAT, "kind": self.kind, "entries": {}}  # re-read under the lock
         self.record(".lock")
@@ -146,7 +154,10 @@ class OwnedFolder:
         """Hold an exclusive advisory lock on `.lock` until this process exits (the OS drops it on a kill)."""
         if fcntl is None:
             return
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise RunFolderError(f"cannot write into {self.path}: {err.strerror or type(err).__name__}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -195,8 +206,7 @@ class OwnedFolder:
         if not self.owns(rel) and not p.exists():
             self.record(rel, "dir")
         if not p.exists():
-            p.mkdir()
-            share_mode(p, directory=True)
+            _make_dir(p)
         return p
 
     def remove_own(self, keep: tuple[str, ...] = ()) -> None:

@@ -30,7 +30,7 @@ from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.losses import Task, task_loss
 from eigenprune.core.plans import LayerPlan
 from eigenprune.core.seeds import derive_seed
-from eigenprune.core.structure import as_sequential, linear_layers
+from eigenprune.core.structure import as_sequential, check_hidden_layer, linear_layers
 from eigenprune.pruning.importance import feature_norm, node_importance
 
 
@@ -49,9 +49,7 @@ class Stacked(Protocol):
 
 def _layer(model: nn.Module, layer: int) -> nn.Module:
     layers = list(model.layers) if isinstance(model, Stacked) else linear_layers(as_sequential(model))
-    if not 0 <= layer < len(layers) - 1:
-        raise ValueError(f"layer must be a hidden layer index in 0..{len(layers) - 2}, got {layer}")
-    return layers[layer]
+    return layers[check_hidden_layer(layer, len(layers))]
 
 
 def _valid(model: nn.Module, layer: int, scores: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,14 @@ from torch import nn
 from eigenprune.core.convert import despectralize
 from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.losses import Task, task_loss
-from eigenprune.core.structure import as_sequential, linear_layers
+from eigenprune.core.structure import as_sequential, check_hidden_layer, linear_layers
 from eigenprune.pruning.importance import node_importance, normalize
 
 CURVE_BUDGET = 2**24
 """Floats in one block of a prefix-sum pruning curve (bounds its memory)."""
 
 
-def keep_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+def top_k_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """0/1 mask [..., N] keeping the k highest-scoring nodes of each row (ties broken by index)."""
     order = scores.argsort(dim=-1, descending=True, stable=True)
     ranks = order.argsort(dim=-1)
@@ -126,8 +126,7 @@ def _activation(chain: nn.Sequential, start: int, stop: int) -> Callable[[torch.
 def _check_kept(kept: dict[int, torch.Tensor], widths: list[int]) -> dict[int, torch.Tensor]:
     out = {}
     for layer, idx in kept.items():
-        if not 0 <= layer < len(widths) - 1:
-            raise PruneError(f"layer must be a hidden layer index in 0..{len(widths) - 2}, got {layer}")
+        check_hidden_layer(layer, len(widths), PruneError)
         idx = torch.as_tensor(idx, dtype=torch.long).flatten().unique(sorted=True)
         if idx.numel() == 0 or idx[0] < 0 or idx[-1] >= widths[layer]:
             raise PruneError(f"kept nodes of layer {layer} must be 1 to {widths[layer]} indices in 0..{widths[layer] - 1}, "
@@ -207,8 +206,7 @@ def loss_by_kept(
     """
     chain = as_sequential(model)
     pos = _linear_positions(chain)
-    if not 0 <= layer < len(pos) - 1:
-        raise PruneError(f"layer must be a hidden layer index in 0..{len(pos) - 2}, got {layer}")
+    check_hidden_layer(layer, len(pos), PruneError)
     lin, nxt = chain[pos[layer]], chain[pos[layer + 1]]
     act = _activation(chain, pos[layer] + 1, pos[layer + 1])
     head, tail = chain[: pos[layer] + 1], chain[pos[layer + 1] + 1 :]
@@ -277,8 +275,7 @@ def select_nodes(
         hidden = list(range(n_linear - 1)) if layers is None else [int(i) for i in layers]
         specs = {i: parse_keep(keep) for i in hidden}
     for i in specs:
-        if not 0 <= i < n_linear - 1:
-            raise PruneError(f"layer must be a hidden layer index in 0..{n_linear - 2}, got {i}")
+        check_hidden_layer(i, n_linear, PruneError)
     needs_data = any(s.kind == "auto" for s in specs.values())
     if needs_data and (x_val is None or y_val is None):
         raise PruneError("keep='auto' needs validation data: pass x_val and y_val")
@@ -300,7 +297,7 @@ def select_nodes(
             return losses
 
         k = _count(specs[layer], scores, layer, curve, limit)
-        kept[layer] = keep_mask(scores, k).nonzero().flatten()
+        kept[layer] = top_k_mask(scores, k).nonzero().flatten()
         current = remove_nodes(current, {layer: kept[layer]})
     return kept
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from eigenprune.core.losses import Task, task_loss, task_metric
-from eigenprune.core.structure import layer_sizes
+from eigenprune.core.structure import check_hidden_layer, layer_sizes
 from eigenprune.core.training import TrainSpec, train_alone
 from eigenprune.pruning.removal import PruneError, ScoreFn, remove_nodes, select_nodes
 
@@ -69,8 +69,7 @@ def minimal_width(
         raise PruneError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
     current = remove_nodes(model, {})  # a plain copy: nothing removed yet
     sizes = layer_sizes(current)
-    if not 0 <= layer < len(sizes) - 2:
-        raise PruneError(f"layer must be a hidden layer index in 0..{len(sizes) - 3}, got {layer}")
+    check_hidden_layer(layer, len(sizes) - 1, PruneError)
     full = _loss(current, x_test, y_test, task)
     limit = full + atol + rtol * full
     if accuracy_tol is not None and task != "classification":

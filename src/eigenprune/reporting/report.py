@@ -314,6 +314,8 @@ def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
     measured critical point n_c (mean over trials): with a fixed L2 strength the transition sits at
     n_c, which need not be h_T. Writes `collapse.png`, `collapse_nc.png` and `collapse.json` under `out`.
     """
+    folder = OwnedFolder(out, "collapse")
+    folder.check_ours()  # before any work: refuse an output folder that is not ours
     items, by_nc = [], []
     for run in run_dirs:
         folder = RunFolder(run)
@@ -335,7 +337,6 @@ def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
     measure_nc = collapse_measure([(h, k, d) for _, h, k, d in by_nc])
     result = {"runs": [str(r) for r in run_dirs], "curves": [label for label, *_ in by_nc], **measure,
               "by_critical_point": measure_nc}
-    folder = OwnedFolder(out, "collapse")
     folder.open(create=True)
     try:
         for name, curves, m, scale in (("collapse", items, measure, "h_T"), ("collapse_nc", by_nc, measure_nc, "n_c")):
