@@ -79,7 +79,10 @@ def test_run_end_to_end_writes_the_run_folder(tmp_path):
     res = pd.read_parquet(out / "results.parquet")
     assert {"method", "width", "trial", "teacher_widths", "train_loss", "test_loss", "effective_dim"} <= set(res.columns)
     assert len(res) == 2 * 2 * 2 and set(res.width) == {6, 12} and (res.status == "ok").all()
-    assert res.effective_dim.between(1, 12).all()
+    imp = pd.read_parquet(out / "importance.parquet")  # effective dimension = nodes above 5% of the top score
+    keys = ["method", "width", "trial"]
+    counted = imp.groupby(keys).normalized.apply(lambda v: int((v > 0.05).sum()))
+    assert (res.set_index(keys).effective_dim == counted.reindex(res.set_index(keys).index)).all()
     curves = pd.read_parquet(out / "curves.parquet")
     assert {"method", "width", "trial", "kept", "test_loss", "delta_loss"} <= set(curves.columns)
     assert len(curves[curves.layer == 1]) == 8 * 10  # the second hidden layer (10 wide) has curves too

@@ -1,5 +1,4 @@
 import copy
-import time
 
 import pytest
 import torch
@@ -252,27 +251,12 @@ def test_modules_that_are_not_mlps_are_refused_by_name():
         prune_nodes(nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Linear(5, 1)), 2)
 
 
-def test_pruned_wide_student_is_physically_smaller_and_faster():
+def test_pruned_wide_student_is_physically_smaller_and_computes_the_same():
+    """Speed is measured in benchmarks/bench_inference.py (docs/benchmarks.md), not here."""
     student = make_student(10, [LayerPlan(1500), LayerPlan(10, "direct"), LayerPlan(1, "fixed")], seed=0)
     small = prune_nodes(student, 25, layers=[0])
     assert sum(p.numel() for p in small.parameters()) == 10 * 25 + 25 * 10 + 10
-    full = despectralize(copy.deepcopy(student))
-    x = torch.randn(8192, 10)
-
-    def best_of(m, reps=9):
-        times = []
-        with torch.inference_mode():
-            m(x)
-            for _ in range(reps):
-                t = time.perf_counter()
-                m(x)
-                times.append(time.perf_counter() - t)
-        return min(times)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two intra-op threads on cores shared with other jobs time the scheduler, not the model
-    try:
-        ratio = best_of(full) / best_of(small)
-    finally:
-        torch.set_num_threads(threads)
-    assert ratio > 10  # ~200x measured (docs/benchmarks.md); 10 leaves room for a busy CPU
+    kept = select_nodes(student, 25, layers=[0])
+    x = torch.randn(512, 10)
+    with torch.no_grad():
+        assert _rel(small(x), mask_nodes(student, kept)(x)) <= 1e-6

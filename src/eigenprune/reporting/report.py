@@ -318,12 +318,12 @@ def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
     folder.check_ours()  # before any work: refuse an output folder that is not ours
     items, by_nc = [], []
     for run in run_dirs:
-        folder = RunFolder(run)
-        tables = folder.load()
-        for tcfg, sliced, _ in teacher_slices(folder.read_config(), tables):
+        source = RunFolder(run)
+        tables = source.load()
+        for tcfg, sliced, _ in teacher_slices(source.read_config(), tables):
             h_t = teacher_width(tcfg)
             if h_t is None:
-                raise RunFolderError(f"{folder.path} has no teacher with a hidden layer (data {tcfg.data.source}, "
+                raise RunFolderError(f"{source.path} has no teacher with a hidden layer (data {tcfg.data.source}, "
                                      f"teacher {tcfg.data.teacher.kind}): its curves have no h_T to rescale by")
             res = sliced["results"]
             for w, k, d in mean_curves(sliced["curves"], res, "spectral"):
