@@ -32,7 +32,6 @@ from eigenprune.batched.curves import pruning_curves
 from eigenprune.batched.ensemble import Ensemble
 from eigenprune.batched.train import evaluate, train_ensemble
 from eigenprune.core.plans import LayerPlan, make_student
-from eigenprune.core.seeds import derive_seed
 from eigenprune.core.training import TrainSpec
 from eigenprune.experiments.analysis import critical_point, effective_dim
 from eigenprune.experiments.builders import paper_student
@@ -40,6 +39,7 @@ from eigenprune.experiments.config import DataConfig, _Strict, parse_config, rea
 from eigenprune.experiments.data import TrialData
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.runner import teacher_set
+from eigenprune.experiments.seeds import data_seed, shuffle_seeds, student_seed
 from eigenprune.experiments.store import OwnedFolder, parquet_writer
 from eigenprune.pruning.criteria import CRITERIA, Criterion, get_criterion
 
@@ -136,10 +136,10 @@ def _run_group(cfg: CompareConfig, kind: str, group: list[LayerPlan], plans: dic
     """Train the students of plans with the same trainable parts as one ensemble; score and prune them per criterion."""
     dtype, h_t = getattr(torch, cfg.dtype), cfg.data.teacher.widths[0]
     spec = TrainSpec(cfg.train.lr, cfg.train.batch_size, cfg.train.epochs)
-    shuffle = [derive_seed("shuffle", cfg.seed, trial) for trial in range(cfg.trials)]
+    shuffle = shuffle_seeds(cfg.seed, cfg.trials)
     keys = [(plan, w, trial) for plan in group for w in cfg.widths for trial in range(cfg.trials)]
     students = [make_student(cfg.data.input_dim, paper_student(replace(plan, width=w), list(cfg.rest)),
-                             derive_seed("student", cfg.seed, trial, w), dtype)
+                             student_seed(cfg.seed, trial, w), dtype)
                 for plan, w, trial in keys]
     ens = Ensemble(students)
     ti = torch.tensor([trial for _, _, trial in keys])
@@ -183,7 +183,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, quiet: bool = False) -> Pat
 def _run_compare(cfg: CompareConfig, folder: OwnedFolder, quiet: bool) -> Path:
     folder.remove_temporaries()
     folder.write("config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    data = teacher_set(cfg.data, derive_seed("data", cfg.seed, cfg.data.seed), cfg.trials, getattr(torch, cfg.dtype))
+    data = teacher_set(cfg.data, data_seed(cfg.seed, cfg.data.seed), cfg.trials, getattr(torch, cfg.dtype))
     criteria = {name: cfg.criterion(name) for name in cfg.criteria}
     plans: dict[LayerPlan, list[str]] = {}  # criteria that train alike share their students
     for name, crit in criteria.items():

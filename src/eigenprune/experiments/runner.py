@@ -31,8 +31,8 @@ from eigenprune.batched.ensemble import Ensemble
 from eigenprune.batched.memory import DEFAULT_FRACTION, available_bytes, chunk_bytes, gb
 from eigenprune.batched.train import evaluate, train_ensemble
 from eigenprune.core.plans import LayerPlan, make_student
-from eigenprune.core.seeds import derive_seed
 from eigenprune.core.training import TrainSpec
+from eigenprune.experiments import seeds
 from eigenprune.experiments.analysis import critical_point, effective_dim, teacher_comparison
 from eigenprune.experiments.backends import ray_session, require_ray, run_local, run_ray
 from eigenprune.experiments.builders import make_teacher, paper_student
@@ -100,7 +100,7 @@ def student_file(method: str, width: int, trial: int, strength: float) -> str:
 
 def student_seed(cfg: Config, trial: int, width: int) -> int:
     """Spectral and direct students of one (trial, width) start from the same parameters."""
-    return derive_seed("student", cfg.seed, trial, width)
+    return seeds.student_seed(cfg.seed, trial, width)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,7 +114,7 @@ def resolve_device(name: str) -> torch.device:
 def make_data(cfg: Config) -> TrialData:
     """The trials' train/test sets: teacher data, or a per-trial split of digits or a CSV file."""
     d = cfg.data
-    seed = derive_seed("data", cfg.seed, d.seed)
+    seed = seeds.data_seed(cfg.seed, d.seed)
     if d.source == "digits":
         return digits_data(cfg.trials, seed, d.test_fraction)
     if d.source == "csv":  # the file's bytes are part of the run's identity: hashed as they are read
@@ -189,7 +189,7 @@ def prepare_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.devi
         ens=Ensemble(students).to(device), trial_index=torch.tensor([t for _, t, _ in keys], device=device),
         spec=TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs, task=data.task, backprop=cfg.backprop,
                        cuda_graph=cfg.cuda_graphs),
-        shuffle=[derive_seed("shuffle", cfg.seed, t) for t in range(cfg.trials)], n_fit=validation_split(cfg, data.x_train.shape[1]),
+        shuffle=seeds.shuffle_seeds(cfg.seed, cfg.trials), n_fit=validation_split(cfg, data.x_train.shape[1]),
     )
 
 
@@ -203,8 +203,8 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
     ens, trial_index, n_fit, m = prep.ens, prep.trial_index, prep.n_fit, cfg.method(chunk.method)
     fit_x, fit_y = data.x_train[:, :n_fit], data.y_train[:, :n_fit]
     label = f"{chunk.method} N={','.join(map(str, chunk.widths))}" + (f" h_T={cfg.data.teacher.widths[0]}" if chunk.teacher else "")
-    task = progress.add(f"{label} ({len(keys)} students)", m.epochs)
-    log = train_ensemble(ens, fit_x, fit_y, trial_index, prep.spec, prep.shuffle, lambda e, loss: progress.update(task, e + 1, loss))
+    bar = progress.add(f"{label} ({len(keys)} students)", m.epochs)
+    log = train_ensemble(ens, fit_x, fit_y, trial_index, prep.spec, prep.shuffle, lambda e, loss: progress.update(bar, e + 1, loss))
     per_epoch = log.steps // m.epochs
     metrics = {"train_loss": evaluate(ens, fit_x, fit_y, trial_index, data.task),
                "test_loss": evaluate(ens, data.x_test, data.y_test, trial_index, data.task)}
