@@ -28,7 +28,6 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY  # noqa: E402
-
 from eigenprune.cli import app  # noqa: E402
 from eigenprune.core.plans import LayerPlan, make_student  # noqa: E402
 from eigenprune.experiments.config import parse_config  # noqa: E402
@@ -208,7 +207,7 @@ CASES = [
     Case("csv-target-in-features", RUN_CSV, "lists the target 'y'",
          {"d.csv": rows(), "c.yaml": csv_config({"features": ["a", "y"]})}, show="`features: [a, y]` with `target: y`",
          section="2"),
-    Case("csv-n-train", RUN_CSV, "data.n_train (500) only apply to data.source teacher",
+    Case("csv-n-train", RUN_CSV, "config: data.n_train (500) only apply to data.source teacher",
          {"d.csv": rows(), "c.yaml": csv_config(data={"source": "csv", "csv": {"path": "d.csv", "target": "y"}, "n_train": 500})},
          show="`data.n_train: 500` with CSV data", section="2"),
     Case("csv-input-dim", RUN_CSV, "data.input_dim (3) only apply to data.source teacher",
@@ -307,8 +306,9 @@ CASES = [
          show="`prune --keep 25` on an N=12 student (only layer 0 is pruned by default now)", section="5"),
     Case("collapse-same-run-twice", ["collapse", "run", "./run", "--out", "c"], "collapse got the run folder", run=True,
          show="`collapse run ./run`", section="5"),
-    Case("collapse-one-teacher-width", ["collapse", "run", "run2", "--out", "c"], "at least two different teacher widths h_T, got only h_T=4",
-         run=True, setup=(two_runs,), show="`collapse` of two runs with the same teacher width", section="5"),
+    Case("collapse-one-teacher-width", ["collapse", "run", "run2", "--out", "c"],
+         "at least two different teacher widths h_T, got only h_T=4", run=True, setup=(two_runs,),
+         show="`collapse` of two runs with the same teacher width", section="5"),
     # more, found on the way
     Case("csv-is-folder", RUN_CSV, "data.csv.path: is a folder, not a file", {"c.yaml": csv_config()},
          setup=(lambda d: (d / "d.csv").mkdir(),), show="`data.csv.path` names a folder"),
@@ -354,7 +354,8 @@ CASES = [
          show="`compare --set name=..` (would have written to runs/..)"),
     Case("compare-batch-too-large", ["compare", "--set", "train.batch_size=5000", "--out", "out", "--quiet"],
          "train.batch_size 5000 is larger than the 4000 training patterns", show="`compare --set train.batch_size=5000`"),
-    Case("compare-trials-bool", ["compare", "--set", "trials=yes", "--out", "out", "--quiet"], "trials: must be a number, not the boolean true",
+    Case("compare-trials-bool", ["compare", "--set", "trials=yes", "--out", "out", "--quiet"],
+         "trials: must be a number, not the boolean true",
          show="`compare --set trials=yes` (YAML 1.1 reads yes as true)"),
     Case("compare-critical-tol-inf", ["compare", "--set", "critical_tol=.inf", "--out", "out", "--quiet"],
          "critical_tol: Input should be a finite number", show="`compare --set critical_tol=.inf`"),
@@ -413,7 +414,7 @@ def prepare(case: Case, d: Path, stored: Path | None) -> None:
 
 
 def invoke(args: list[str]):
-    return runner.invoke(app, args)
+    return runner.invoke(app, args, prog_name="eigenprune")
 
 
 @pytest.fixture(scope="module")
@@ -531,3 +532,60 @@ def _table() -> str:
 
 if __name__ == "__main__":
     print(_table())
+
+
+# --- the Python API: the same inputs raise one typed one-line error ------------------------------------
+
+def _api_model(dtype=torch.float32):
+    return make_student(10, [LayerPlan(6, "spectral"), LayerPlan(4, "direct", 0.0, 0.0), LayerPlan(1, "fixed", 0.0, 0.0)],
+                        seed=1, dtype=dtype)
+
+
+def _nan_model():
+    model = _api_model()
+    with torch.no_grad():
+        model[0].phi[2] = float("nan")
+    return model
+
+
+def _api_cases():
+    from eigenprune.experiments.config import ConfigError
+    from eigenprune.experiments.data import DataError, csv_data
+    from eigenprune.pruning.removal import PruneError, prune_nodes
+
+    x, y = torch.randn(16, 10), torch.randn(16)
+    return {
+        "keep=True": (PruneError, "got True", lambda d: prune_nodes(_api_model(), True)),
+        "auto without data": (PruneError, "needs validation data", lambda d: prune_nodes(_api_model(), "auto")),
+        "layers=[]": (PruneError, "no layer to prune", lambda d: prune_nodes(_api_model(), 3, layers=[])),
+        "keep={}": (PruneError, "no layer to prune", lambda d: prune_nodes(_api_model(), {})),
+        "layers=['a']": (PruneError, "layers must be a list of hidden layer indices", lambda d: prune_nodes(_api_model(), 3, layers=["a"])),
+        "rtol=nan": (PruneError, "rtol and atol must be finite", lambda d: prune_nodes(_api_model(), "auto", x_val=x, y_val=y,
+                                                                                      rtol=float("nan"))),
+        "NaN in phi": (PruneError, "the model's 0.phi holds 10 NaN/inf", lambda d: prune_nodes(_nan_model(), 3)),
+        "empty x_val": (PruneError, "x_val has no rows", lambda d: prune_nodes(_api_model(), "auto", x_val=x[:0], y_val=y[:0])),
+        "inf in y_val": (PruneError, "y_val holds 1 NaN/inf", lambda d: prune_nodes(
+            _api_model(), "auto", x_val=x, y_val=y.index_fill(0, torch.tensor([0]), float("inf")))),
+        "trials=True": (ConfigError, "trials: must be a number, not the boolean true", lambda d: parse_config({"trials": True})),
+        "duplicate key": (ConfigError, "duplicate key 'trials'", lambda d: __import__("eigenprune.experiments.config", fromlist=["x"])
+                          .load_config((d / "c.yaml").write_text("trials: 1\ntrials: 2\n") and d / "c.yaml")),
+        "csv inf": (DataError, "column 'a' holds inf", lambda d: (d / "d.csv").write_text(rows(a="inf")) and csv_data(
+            str(d / "d.csv"), "y", None, "regression", 1, 0, 0.25)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_api_cases()))
+def test_python_api_bad_input_raises_one_typed_line(name, tmp_path):
+    error, message, call = _api_cases()[name]
+    with pytest.raises(error) as err:
+        call(tmp_path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_python_api_float64_model_with_float32_data_and_default_layers():
+    from eigenprune.pruning.removal import prune_nodes, ranked_layers
+
+    model = _api_model(torch.float64)
+    assert ranked_layers(model) == [0] and ranked_layers(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))) == [0]
+    small = prune_nodes(model, "auto", x_val=torch.randn(32, 10), y_val=torch.randn(32))
+    assert [m.out_features for m in small if isinstance(m, nn.Linear)][1:] == [4, 1]  # layer 1 (dense) untouched

@@ -11,8 +11,8 @@ import typer
 import yaml
 from typer.core import TyperGroup
 
-from eigenprune.experiments.backends import BackendError
 from eigenprune import __version__
+from eigenprune.experiments.backends import BackendError
 from eigenprune.experiments.config import ConfigError, load_config, safe_load, yaml_problem
 from eigenprune.experiments.data import DataError
 from eigenprune.experiments.store import RunFolder, RunFolderError

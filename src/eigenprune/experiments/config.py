@@ -73,20 +73,6 @@ class DataConfig(_Strict):
     standardize_targets: bool = False
     teacher: TeacherConfig = TeacherConfig()
 
-    @model_validator(mode="after")
-    def _unused_for_real_data(self) -> DataConfig:
-        if self.source != "teacher":
-            fields = type(self).model_fields
-            given = [f"data.{k} ({getattr(self, k)!r})" if k != "teacher" else "data.teacher"
-                     for k in ("input_dim", "n_train", "n_test", "standardize_targets", "teacher")
-                     if getattr(self, k) != fields[k].default]
-            if given:
-                raise ValueError(f"{', '.join(given)} only apply to data.source teacher; with {self.source} data "
-                                 f"the file sets the inputs and rows (split by data.test_fraction)")
-        if self.source != "csv" and self.csv is not None:
-            raise ValueError(f"data.csv is only used with data.source: csv (got data.source {self.source})")
-        return self
-
 
 class MethodConfig(_Strict):
     lr: PositiveFloat
@@ -164,6 +150,17 @@ class Config(_Strict):
             if len(set(values)) < len(values):
                 raise ValueError(f"{field} lists {sorted({v for v in values if values.count(v) > 1})} more than once; "
                                  "list each once")
+        d = self.data
+        if d.source != "teacher":
+            fields = type(d).model_fields
+            given = [f"data.{k} ({getattr(d, k)!r})" if k != "teacher" else "data.teacher"
+                     for k in ("input_dim", "n_train", "n_test", "standardize_targets", "teacher")
+                     if getattr(d, k) != fields[k].default]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to data.source teacher; with {d.source} data "
+                                 f"the file sets the inputs and rows (split by data.test_fraction)")
+        if d.source != "csv" and d.csv is not None:
+            raise ValueError(f"data.csv is only used with data.source: csv (got data.source {d.source})")
         if self.data.source == "csv" and self.data.csv is None:
             raise ValueError("data.source is csv but data.csv (path, target) is missing")
         if self.data.source != "teacher" and self.student.head != "linear":

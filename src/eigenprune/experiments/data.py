@@ -218,7 +218,8 @@ def csv_data(path: str, target: str, features: list[str] | None, task: str, tria
                             "needs class labels")
         labels = pd.Categorical(y).codes.astype(np.int64)
         if labels.max() < 1:
-            raise DataError(f"data.csv.target: column {target!r} has one class only ({y.iloc[0]!r}); classification needs "
+            only = y.iloc[0].item() if hasattr(y.iloc[0], "item") else y.iloc[0]
+            raise DataError(f"data.csv.target: column {target!r} has one class only ({only!r}); classification needs "
                             "at least 2 classes")
     return _split_trials(df[features].to_numpy(np.float64), labels, trials, seed, test_fraction, task, dtype,
                          [str(c) for c in features], what=str(path))

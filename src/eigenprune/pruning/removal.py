@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Union
@@ -302,7 +303,12 @@ def select_nodes(
             raise PruneError("pass either a per-layer keep dict or layers=, not both")
         specs = {int(k): parse_keep(v) for k, v in keep.items()}
     else:
-        hidden = ranked_layers(model) if layers is None else [int(i) for i in layers]
+        try:
+            hidden = ranked_layers(model) if layers is None else [operator.index(i) for i in layers if not isinstance(i, bool)]
+        except TypeError:
+            hidden = None
+        if hidden is None or (layers is not None and len(hidden) < len(list(layers))):
+            raise PruneError(f"layers must be a list of hidden layer indices (ints), got {layers!r}")
         specs = {i: parse_keep(keep) for i in hidden}
     if not specs:
         raise PruneError("no layer to prune: name at least one hidden layer (layers=[0] or keep={0: ...})")
@@ -352,7 +358,8 @@ def prune_nodes(
     `model` is any MLP `as_sequential` can read (spectral or direct layers, `nn.Sequential` or a
     chain-shaped module of your own). `keep` is a count, a fraction, a threshold '>t' on the
     normalised importance, 'auto' (needs x_val, y_val), or a dict {layer: keep} for per-layer
-    values; `layers` picks hidden linear layers by index (default: all). See `select_nodes` and
+    values; `layers` picks hidden linear layers by index (default: `ranked_layers`, the layers the
+    training method ranks; all hidden layers of a plain model). See `select_nodes` and
     `remove_nodes`. The result computes exactly what the model with the other nodes' incoming
     weights zeroed computes.
     """
