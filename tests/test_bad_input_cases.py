@@ -131,6 +131,13 @@ def index_csv(d: Path) -> None:
     pd.read_csv(d / "d.csv").to_csv(d / "d.csv")  # with pandas' default index=True
 
 
+def extra_trial_text(d: Path) -> None:
+    def edit(header):
+        extra = json.loads(header["__metadata__"]["extra"])
+        header["__metadata__"]["extra"] = json.dumps({**extra, "trial": "first"})
+    (d / "edited.safetensors").write_bytes(_header_edit((d / STUDENT).read_bytes(), edit))
+
+
 def two_runs(d: Path) -> None:
     shutil.copytree(d / "run", d / "run2")
 
@@ -390,6 +397,24 @@ CASES = [
          show="`export` of a missing checkpoint"),
     Case("plan-measure-negative", ["plan", "--measure", "-1"], "Invalid value for '--measure'", show="`plan --measure -1`"),
     Case("collapse-missing", ["collapse", "nothere", "--out", "c"], "nothere", show="`collapse nothere`"),
+    Case("compare-criteria-twice", ["compare", "--set", "criteria=[eigenvalue,eigenvalue]", "--out", "out", "--quiet"],
+         "criteria lists ['eigenvalue'] more than once", show="`compare --set criteria=[eigenvalue,eigenvalue]` (trained twice)"),
+    Case("compare-widths-twice", ["compare", "--set", "widths=[40,40]", "--out", "out", "--quiet"],
+         "widths lists [40] more than once", show="`compare --set widths=[40,40]` (rows doubled in the summary)"),
+    Case("csv-home-path-missing", ["run", "--set", "data.source=csv", "--set", "data.csv.path=~/no-such-eigenprune.csv",
+                                   "--set", "data.csv.target=y", "--set", "student.head=linear", "--out", "out", "--quiet"],
+         "no-such-eigenprune.csv", show="`--set data.csv.path=~/no-such-eigenprune.csv` (`~` is expanded now)"),
+    Case("prune-extra-trial-text", ["prune", "edited.safetensors", "--data", "run", "--out", "p.safetensors"],
+         "its metadata names trial 'first' and teacher 0; both must be integers", run=True, setup=(extra_trial_text,),
+         show="a student whose metadata says `\"trial\": \"first\"`, `--keep auto --data run`"),
+    Case("prune-data-run-broken-config", [*PRUNE, "--data", "run"], "config.yaml", run=True,
+         setup=(lambda d: (d / "run" / "config.yaml").write_text("trials: [1,\n"),),
+         show="`prune --data run` where run/config.yaml is broken YAML"),
+    Case("csv-test-fraction-large", RUN_CSV, "has 40 row(s): with test_fraction 0.99 that leaves 0 for training",
+         {"d.csv": rows(), "c.yaml": csv_config(data={"source": "csv", "csv": {"path": "d.csv", "target": "y"}, "test_fraction": 0.99})},
+         show="`data.test_fraction: 0.99` with 40 rows"),
+    Case("prune-keep-float-count", [*PRUNE, "--keep", "5.0"], "got '5.0'", run=True,
+         show="`prune --keep 5.0` (a fraction must be in (0, 1]; a count is written 5)"),
     Case("config-list-top", ["config", "c.yaml"], "the top level must be a mapping of keys, got list", {"c.yaml": "- 1\n- 2\n"},
          show="a config that is a YAML list"),
     Case("version-extra-arg", ["--version", "--bogus"], "No such option: --bogus", show="`eigenprune --version --bogus`"),
@@ -566,6 +591,10 @@ def _api_cases():
         "empty x_val": (PruneError, "x_val has no rows", lambda d: prune_nodes(_api_model(), "auto", x_val=x[:0], y_val=y[:0])),
         "inf in y_val": (PruneError, "y_val holds 1 NaN/inf", lambda d: prune_nodes(
             _api_model(), "auto", x_val=x, y_val=y.index_fill(0, torch.tensor([0]), float("inf")))),
+        "criterion gives NaN": (PruneError, "got 6 score(s), 6 of them NaN/inf", lambda d: prune_nodes(
+            _api_model(), 3, criterion=lambda m, layer, x, y, task: torch.full((6,), float("nan")))),
+        "criterion gives 4 scores": (PruneError, "score each of the 6 nodes of layer 0 with a finite number, got 4", lambda d: prune_nodes(
+            _api_model(), 3, criterion=lambda m, layer, x, y, task: torch.ones(4))),
         "trials=True": (ConfigError, "trials: must be a number, not the boolean true", lambda d: parse_config({"trials": True})),
         "duplicate key": (ConfigError, "duplicate key 'trials'", lambda d: __import__("eigenprune.experiments.config", fromlist=["x"])
                           .load_config((d / "c.yaml").write_text("trials: 1\ntrials: 2\n") and d / "c.yaml")),
@@ -589,3 +618,12 @@ def test_python_api_float64_model_with_float32_data_and_default_layers():
     assert ranked_layers(model) == [0] and ranked_layers(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))) == [0]
     small = prune_nodes(model, "auto", x_val=torch.randn(32, 10), y_val=torch.randn(32))
     assert [m.out_features for m in small if isinstance(m, nn.Linear)][1:] == [4, 1]  # layer 1 (dense) untouched
+
+
+def test_a_float64_run_on_csv_data(tmp_path, monkeypatch):
+    """Before: `RuntimeError: expected scalar type Float but found Double` (CSV data was always float32)."""
+    (tmp_path / "d.csv").write_text(rows(100))
+    (tmp_path / "c.yaml").write_text(csv_config(trials=1, workers=1, dtype="float64"))
+    monkeypatch.chdir(tmp_path)
+    result = invoke(["run", "c.yaml", "--out", "out", "--quiet"])
+    assert result.exit_code == 0, result.output

@@ -243,7 +243,9 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     digest = extra.get("config_digest")
     if digest is not None and digest != cfg.digest():
         raise PruneError(f"{checkpoint} was trained with config {digest}, but {run_dir} holds config {cfg.digest()}")
-    trial, teacher = int(extra.get("trial", 0)), int(extra.get("teacher_index") or 0)
+    trial, teacher = extra.get("trial", 0), extra.get("teacher_index") or 0
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (trial, teacher)):
+        raise PruneError(f"{checkpoint}: its metadata names trial {trial!r} and teacher {teacher!r}; both must be integers")
     if not 0 <= trial < cfg.trials:
         raise PruneError(f"{checkpoint} names trial {trial}, but {run_dir} has trials 0..{cfg.trials - 1}")
     if not 0 <= teacher < len(cfg.teacher_list()):

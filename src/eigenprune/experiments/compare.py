@@ -84,6 +84,9 @@ class CompareConfig(_Strict):
     def _known_criteria(self) -> CompareConfig:
         if self.data.source != "teacher":
             raise ValueError(f"compare trains on teacher data only; data.source {self.data.source!r} is not supported")
+        for name, values in (("criteria", self.criteria), ("widths", self.widths)):
+            if len(set(values)) < len(values):
+                raise ValueError(f"{name} lists {sorted({v for v in values if values.count(v) > 1})} more than once; list each once")
         if self.train.batch_size > self.data.n_train:
             raise ValueError(f"train.batch_size {self.train.batch_size} is larger than the {self.data.n_train} training "
                              f"patterns (data.n_train); use a batch_size of at most {self.data.n_train}")

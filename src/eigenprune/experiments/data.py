@@ -153,7 +153,8 @@ def csv_data(path: str, target: str, features: list[str] | None, task: str, tria
     classification), split per trial. Every problem raises `DataError` naming the column."""
     import pandas as pd
 
-    p = Path(path)
+    p = Path(path).expanduser()
+    path = str(p)
     if not p.is_file():
         where = f" (looked for {p.resolve()})" if str(p.resolve()) != str(p) else ""
         what = "is a folder, not a file" if p.is_dir() else "file not found"

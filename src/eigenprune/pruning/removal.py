@@ -335,6 +335,10 @@ def select_nodes(
         limit = full + atol + rtol * abs(full)
     for layer in sorted(specs):
         scores = criterion(model, layer, x_val, y_val, task=task).detach().flatten()
+        width = linear_layers(current)[layer].out_features
+        if scores.numel() != width or not bool(torch.isfinite(scores).all()):
+            raise PruneError(f"the criterion must score each of the {width} nodes of layer {layer} with a finite number, "
+                             f"got {scores.numel()} score(s), {int((~torch.isfinite(scores)).sum())} of them NaN/inf")
 
         def curve(layer=layer, scores=scores, current=current) -> torch.Tensor:
             losses = loss_by_kept(current, layer, scores, x_val, y_val, task)
