@@ -214,14 +214,14 @@ CASES = [
     Case("csv-target-in-features", RUN_CSV, "lists the target 'y'",
          {"d.csv": rows(), "c.yaml": csv_config({"features": ["a", "y"]})}, show="`features: [a, y]` with `target: y`",
          section="2"),
-    Case("csv-n-train", RUN_CSV, "config: data.n_train (500) only apply to data.source teacher",
+    Case("csv-n-train", RUN_CSV, "config: data.n_train (500) only applies to data.source teacher",
          {"d.csv": rows(), "c.yaml": csv_config(data={"source": "csv", "csv": {"path": "d.csv", "target": "y"}, "n_train": 500})},
          show="`data.n_train: 500` with CSV data", section="2"),
-    Case("csv-input-dim", RUN_CSV, "data.input_dim (3) only apply to data.source teacher",
+    Case("csv-input-dim", RUN_CSV, "data.input_dim (3) only applies to data.source teacher",
          {"d.csv": rows(), "c.yaml": csv_config(data={"source": "csv", "csv": {"path": "d.csv", "target": "y"}, "input_dim": 3})},
          show="`data.input_dim: 3` with CSV data", section="2"),
     Case("digits-n-test", ["run", "--set", "data.source=digits", "--set", "student.head=linear", "--set", "data.n_test=10",
-                           "--out", "out", "--quiet"], "data.n_test (10) only apply", show="digits with `data.n_test=10`",
+                           "--out", "out", "--quiet"], "data.n_test (10) only applies", show="digits with `data.n_test=10`",
          section="2"),
     Case("batch-larger-than-set", ["run", "t.yaml", "--set", "spectral.batch_size=500", "--out", "out", "--quiet"],
          "spectral.batch_size 500 is larger than the 200 training patterns", {"t.yaml": yaml.safe_dump(TINY)},
@@ -547,7 +547,7 @@ def _table() -> str:
             d.mkdir()
             mp = _pytest.monkeypatch.MonkeyPatch()
             try:
-                message = _check(case, d, stored_run, mp).replace(str(d), "…").replace("|", "\\|")
+                message = _check(case, d, stored_run, mp).replace(str(d), "…").replace(str(Path.home()), "~").replace("|", "\\|")
             finally:
                 mp.undo()
             shown = (case.show or "`eigenprune " + " ".join(case.args) + "`").replace("|", "\\|")

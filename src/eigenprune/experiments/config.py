@@ -157,7 +157,8 @@ class Config(_Strict):
                      for k in ("input_dim", "n_train", "n_test", "standardize_targets", "teacher")
                      if getattr(d, k) != fields[k].default]
             if given:
-                raise ValueError(f"{', '.join(given)} only apply to data.source teacher; with {d.source} data "
+                verb = "apply" if len(given) > 1 else "applies"
+                raise ValueError(f"{', '.join(given)} only {verb} to data.source teacher; with {d.source} data "
                                  f"the file sets the inputs and rows (split by data.test_fraction)")
         if d.source != "csv" and d.csv is not None:
             raise ValueError(f"data.csv is only used with data.source: csv (got data.source {d.source})")
