@@ -415,6 +415,16 @@ CASES = [
          show="`data.test_fraction: 0.99` with 40 rows"),
     Case("prune-keep-float-count", [*PRUNE, "--keep", "5.0"], "got '5.0'", run=True,
          show="`prune --keep 5.0` (a fraction must be in (0, 1]; a count is written 5)"),
+    Case("set-bool-word", ["run", "--set", "save_students=maybe", "--out", "out", "--quiet"],
+         "save_students: Input should be a valid boolean", show="`--set save_students=maybe`"),
+    Case("set-widths-scalar", ["run", "--set", "student.widths=6", "--out", "out", "--quiet"],
+         "student.widths: Input should be a valid list (got 6)", show="`--set student.widths=6` (not a list)"),
+    Case("set-seed-too-large", ["run", "--set", "seed=99999999999999999999", "--out", "out", "--quiet"],
+         "seed: Input should be less than 9223372036854775808", show="`--set seed=99999999999999999999`"),
+    Case("set-name-empty", ["run", "--set", "name=", "--out", "out", "--quiet"], "name: Input should be a valid string (got None)",
+         show="`--set name=` (empty)"),
+    Case("set-lr-overflow", ["run", "--set", "spectral.lr=1e400", "--out", "out", "--quiet"],
+         "spectral.lr: Input should be a finite number", show="`--set spectral.lr=1e400` (overflows to inf)"),
     Case("config-list-top", ["config", "c.yaml"], "the top level must be a mapping of keys, got list", {"c.yaml": "- 1\n- 2\n"},
          show="a config that is a YAML list"),
     Case("version-extra-arg", ["--version", "--bogus"], "No such option: --bogus", show="`eigenprune --version --bogus`"),
@@ -595,6 +605,10 @@ def _api_cases():
             _api_model(), 3, criterion=lambda m, layer, x, y, task: torch.full((6,), float("nan")))),
         "criterion gives 4 scores": (PruneError, "score each of the 6 nodes of layer 0 with a finite number, got 4", lambda d: prune_nodes(
             _api_model(), 3, criterion=lambda m, layer, x, y, task: torch.ones(4))),
+        "minimal_width rtol=nan": (PruneError, "rtol and atol must be finite", lambda d: __import__(
+            "eigenprune.pruning.search", fromlist=["x"]).minimal_width(_api_model(), x, y, x, y, rtol=float("nan"))),
+        "minimal_width on a NaN model": (PruneError, "test loss is nan", lambda d: __import__(
+            "eigenprune.pruning.search", fromlist=["x"]).minimal_width(_nan_model(), x, y, x, y)),
         "trials=True": (ConfigError, "trials: must be a number, not the boolean true", lambda d: parse_config({"trials": True})),
         "duplicate key": (ConfigError, "duplicate key 'trials'", lambda d: __import__("eigenprune.experiments.config", fromlist=["x"])
                           .load_config((d / "c.yaml").write_text("trials: 1\ntrials: 2\n") and d / "c.yaml")),

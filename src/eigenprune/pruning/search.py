@@ -11,6 +11,7 @@ few single-node steps near the end.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -65,13 +66,15 @@ def minimal_width(
     """
     if not 0 < shrink < 1:
         raise PruneError(f"shrink must be in (0, 1), got {shrink}")
-    if rtol < 0 or atol < 0:
-        raise PruneError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+    if not (math.isfinite(rtol) and math.isfinite(atol) and rtol >= 0 and atol >= 0):
+        raise PruneError(f"rtol and atol must be finite numbers >= 0, got rtol={rtol}, atol={atol}")
     current = remove_nodes(model, {})  # a plain copy: nothing removed yet
     sizes = layer_sizes(current)
     if not 0 <= layer < len(sizes) - 2:
         raise PruneError(f"layer must be a hidden layer index in 0..{len(sizes) - 3}, got {layer}")
     full = _loss(current, x_test, y_test, task)
+    if not math.isfinite(full):
+        raise PruneError(f"the unpruned model's test loss is {full} (a diverged model, or NaN/inf data): nothing to search")
     limit = full + atol + rtol * full
     if accuracy_tol is not None and task != "classification":
         raise PruneError(f"accuracy_tol needs task classification, got {task}")
