@@ -317,7 +317,7 @@ CASES = [
          "at least two different teacher widths h_T, got only h_T=4", run=True, setup=(two_runs,),
          show="`collapse` of two runs with the same teacher width", section="5"),
     # more, found on the way
-    Case("csv-is-folder", RUN_CSV, "data.csv.path: is a folder, not a file", {"c.yaml": csv_config()},
+    Case("csv-is-folder", RUN_CSV, "d.csv is a folder, not a CSV file", {"c.yaml": csv_config()},
          setup=(lambda d: (d / "d.csv").mkdir(),), show="`data.csv.path` names a folder"),
     Case("csv-empty-file", RUN_CSV, "is empty (no header row)", {"d.csv": "", "c.yaml": csv_config()}, show="empty CSV file (0 bytes)"),
     Case("csv-semicolons", RUN_CSV, "is it separated by ';' or tabs?", {"d.csv": rows().replace(",", ";"), "c.yaml": csv_config()},

@@ -155,10 +155,11 @@ def csv_data(path: str, target: str, features: list[str] | None, task: str, tria
 
     p = Path(path).expanduser()
     path = str(p)
+    if p.is_dir():
+        raise DataError(f"data.csv.path: {path} is a folder, not a CSV file")
     if not p.is_file():
         where = f" (looked for {p.resolve()})" if str(p.resolve()) != str(p) else ""
-        what = "is a folder, not a file" if p.is_dir() else "file not found"
-        raise DataError(f"data.csv.path: {what}: {path}{where}; a relative path in a config file is read from that file's folder")
+        raise DataError(f"data.csv.path: file not found: {path}{where}; a relative path in a config file is read from that file's folder")
     try:
         header = _header(path)
         df = pd.read_csv(path)
