@@ -425,6 +425,8 @@ CASES = [
          show="`--set name=` (empty)"),
     Case("set-lr-overflow", ["run", "--set", "spectral.lr=1e400", "--out", "out", "--quiet"],
          "spectral.lr: Input should be a finite number", show="`--set spectral.lr=1e400` (overflows to inf)"),
+    Case("trials-1e12", ["plan", "--set", "trials=1000000000000", "--measure", "0"],
+         "trials: Input should be less than or equal to 1000000", show="`plan --set trials=1000000000000` (before: MemoryError)"),
     Case("config-list-top", ["config", "c.yaml"], "the top level must be a mapping of keys, got list", {"c.yaml": "- 1\n- 2\n"},
          show="a config that is a YAML list"),
     Case("version-extra-arg", ["--version", "--bogus"], "No such option: --bogus", show="`eigenprune --version --bogus`"),

@@ -37,8 +37,10 @@ from eigenprune.core.training import TrainSpec
 from eigenprune.experiments.analysis import critical_point, effective_dim
 from eigenprune.experiments.builders import paper_student
 from eigenprune.experiments.config import (
+    MAX_TRIALS,
     ConfigError,
     DataConfig,
+    NoBool,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
@@ -68,7 +70,7 @@ class CompareConfig(_Strict):
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "compare"
     seed: Seed = 0
-    trials: PositiveInt = 3
+    trials: Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool] = 3
     dtype: Literal["float32", "float64"] = "float32"
     data: DataConfig = DataConfig(n_train=4000, n_test=2000)
     widths: Annotated[list[PositiveInt], Field(min_length=1)] = [40, 100, 200]

@@ -38,6 +38,10 @@ Fraction = Annotated[float, Field(gt=0, lt=1), NoBool]
 Seed = Annotated[int, Field(ge=0, lt=2**63), NoBool]
 
 
+MAX_TRIALS = 1_000_000
+"""The most trials a config may ask for (the paper uses 30); beyond it even listing them costs seconds and gigabytes."""
+
+
 class ConfigError(ValueError):
     """A configuration problem, stated in one line."""
 
@@ -127,7 +131,7 @@ class RegularizationConfig(_Strict):
 class Config(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "quick"
     seed: Seed = 0
-    trials: PositiveInt = 3
+    trials: Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool] = 3
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
     cuda_graphs: bool = False  # on CUDA, capture each training epoch once in a CUDA graph and replay it
