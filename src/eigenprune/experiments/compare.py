@@ -40,6 +40,7 @@ from eigenprune.experiments.config import (
     MAX_TRIALS,
     ConfigError,
     DataConfig,
+    Float,
     NoBool,
     NonNegativeFloat,
     NonNegativeInt,
@@ -76,7 +77,7 @@ class CompareConfig(_Strict):
     widths: Annotated[list[PositiveInt], Field(min_length=1)] = [40, 100, 200]
     rest: list[PositiveInt] = [10]
     criteria: Annotated[list[str], Field(min_length=1)] = list(CRITERIA)
-    params: dict[str, dict[str, Annotated[float, Field(allow_inf_nan=False)]]] = {}
+    params: dict[str, dict[str, Float]] = {}
     train: CompareTrain = CompareTrain()
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.05
     critical_tol: NonNegativeFloat = 0.01
