@@ -163,9 +163,10 @@ DAMAGE = {
     "architecture not JSON": (lambda b: _with_header(b, _meta("eigenprune", "[{")), "corrupted checkpoint (Expecting"),
     "architecture not a list": (lambda b: _with_header(b, _meta("eigenprune", "{}")), "architecture is not a list of layers"),
     "unknown layer": (lambda b: _with_header(b, _meta("eigenprune", '[{"type": "conv"}]')), "unknown layer type in architecture: 'conv'"),
-    "layer lacks a key": (lambda b: _with_header(b, _arch(lambda a: a[0].pop("in"))), "an architecture entry lacks the key 'in'"),
+    "layer lacks a key": (lambda b: _with_header(b, _arch(lambda a: a[0].pop("in"))),
+                          "layer 0 (spectral): 'in' must be a positive integer, got None"),
     "layer wider than its tensors": (lambda b: _with_header(b, _arch(lambda a: a[0].update(out=7))),
-                                     "tensors do not match the stored architecture (size mismatch for 0.phi"),
+                                     "layer 0 (spectral) is 10→7, but the tensor 0.phi is [6, 10]"),
     "extra not JSON": (lambda b: _with_header(b, _meta("extra", "{")), "corrupted checkpoint"),
 }
 

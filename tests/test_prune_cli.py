@@ -111,7 +111,7 @@ def test_prune_auto_with_a_data_file_and_without_data(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--keep", "0"], "keep must be a count >= 1"),
     (["--keep", "50", "--layers", "0"], "keep=50 exceeds the width 40 of layer 0"),
-    (["--keep", "5", "--layers", "0,x"], "--layers takes comma-separated layer indices"),
+    (["--keep", "5", "--layers", "0,x"], "--layers takes comma-separated hidden layer indices"),
     (["--keep", "5", "--layers", "3"], "hidden layer index in 0..1, got 3"),
 ])
 def test_bad_prune_arguments_are_one_line_errors(tmp_path, args, message):
@@ -192,5 +192,5 @@ def test_prune_auto_uses_the_checkpoints_teacher_and_held_out_validation_part(tm
         assert n_fit < data.x_train.shape[1]
         with torch.no_grad():
             want[teacher] = float(((model(data.x_train[0, n_fit:]).squeeze(-1) - data.y_train[0, n_fit:]) ** 2).mean())
-    assert f"(validation loss {want[1]:.4g} →" in out
+    assert f"validation loss {want[1]:.4g} →" in out
     assert f"{want[0]:.4g}" != f"{want[1]:.4g}"  # teacher 0's data would have given another number

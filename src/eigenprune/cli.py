@@ -13,9 +13,10 @@ import typer
 import yaml
 from typer.core import TyperGroup
 
+from eigenprune import __version__
 from eigenprune.core.io import OutputError, check_output
 from eigenprune.experiments.backends import BackendError
-from eigenprune.experiments.config import ConfigError, load_config
+from eigenprune.experiments.config import ConfigError, load_config, safe_load, yaml_problem
 from eigenprune.experiments.data import DataError
 from eigenprune.experiments.store import RunFolder, RunFolderError
 from eigenprune.pruning.checkpoint import CheckpointError
@@ -69,8 +70,24 @@ class _OneLineErrors(TyperGroup):
 
 
 app = typer.Typer(
-    cls=_OneLineErrors, add_completion=False, no_args_is_help=True, help="Spectral training and eigenvalue-ranked pruning of MLPs."
+    cls=_OneLineErrors, add_completion=False, no_args_is_help=True, help="Spectral training and eigenvalue-ranked pruning of MLPs.",
+    rich_markup_mode=None,  # help texts are plain: Rich markup would swallow `eigenprune[ray]`
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"eigenprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")] = False,
+) -> None:
+    """Spectral training and eigenvalue-ranked pruning of MLPs."""
+
 
 USER_ERRORS = (ConfigError, RunFolderError, CheckpointError, BackendError, DataError, OutputError)
 
@@ -87,7 +104,10 @@ def _overrides(pairs: list[str], **options: object) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             _fail(f"--set takes KEY=VALUE (e.g. spectral.epochs=100), got {pair!r}")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = safe_load(value)
+        except yaml.YAMLError as err:
+            _fail(f"--set {pair}: the value is not valid YAML{yaml_problem(err)} (lists look like [20,30])")
     return out | {k: v for k, v in options.items() if v is not None}
 
 
@@ -125,13 +145,18 @@ def run(
     typer.echo(f"results in {path} (open {path / 'report.html'})")
 
 
+MAX_MEASURE = 1000
+"""The most Adam steps `plan --measure` times per chunk (the estimate is steady after a few dozen)."""
+
+
 @app.command()
 def plan(
     config: Annotated[Optional[Path], typer.Argument(help="YAML config; omit for the embedded quick config")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (overrides the config)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config field, e.g. --set trials=2")] = [],  # noqa: B006
     workers: Annotated[Optional[int], typer.Option(min=0, help="worker processes (0 = one per core)")] = None,
-    measure: Annotated[int, typer.Option(min=0, help="Adam steps to time per chunk for the estimate (0: no timing)")] = 30,
+    measure: Annotated[int, typer.Option(min=0, max=MAX_MEASURE, help="Adam steps to time per chunk for the estimate "
+                                                                        f"(0: no timing, at most {MAX_MEASURE})")] = 30,
 ) -> None:
     """Show what `eigenprune run` would train: chunks, students, steps, memory, and the training time to
     expect from timing a few steps of each chunk on this machine. Writes nothing."""
@@ -211,6 +236,11 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     from eigenprune.pruning.removal import PruneError
 
     if data is not None and data.is_file():
+        with open(data, "rb") as f:
+            head = f.read(9)
+        if len(head) < 9 or head[8:9] != b"{":  # a safetensors file starts with a u64 header size and a JSON header
+            raise PruneError(f"--data {data}: not a safetensors file; --data takes the run folder the checkpoint came from "
+                             "or a safetensors file with tensors x [P, D] and y [P] (e.g. safetensors.torch.save_file)")
         try:
             tensors = load_file(str(data))
         except (SafetensorError, OSError, ValueError) as err:
@@ -219,6 +249,11 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
             raise PruneError(f"{data}: a data file needs tensors named x [P, D] and y [P], found {sorted(tensors)}")
         x, y = tensors["x"], tensors["y"]
         return x, y, "regression" if y.is_floating_point() else "classification"
+    if data is not None and not data.exists():
+        raise PruneError(f"--data {data}: not found; pass the run folder the checkpoint came from or a safetensors file with x and y")
+    if data is not None and not (data / "config.yaml").is_file():
+        raise PruneError(f"--data {data}: not a run folder (no config.yaml in it); pass the run folder the checkpoint came "
+                         "from or a safetensors file with tensors x and y")
     run_dir = data
     if run_dir is None:
         guess = checkpoint.resolve().parents[3] if len(checkpoint.resolve().parents) > 3 else None
@@ -230,7 +265,9 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     digest = extra.get("config_digest")
     if digest is not None and digest != cfg.digest():
         raise PruneError(f"{checkpoint} was trained with config {digest}, but {run_dir} holds config {cfg.digest()}")
-    trial, teacher = int(extra.get("trial", 0)), int(extra.get("teacher_index") or 0)
+    trial, teacher = extra.get("trial", 0), extra.get("teacher_index") or 0
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (trial, teacher)):
+        raise PruneError(f"{checkpoint}: its metadata names trial {trial!r} and teacher {teacher!r}; both must be integers")
     if not 0 <= trial < cfg.trials:
         raise PruneError(f"{checkpoint} names trial {trial}, but {run_dir} has trials 0..{cfg.trials - 1}")
     if not 0 <= teacher < len(cfg.teacher_list()):
@@ -247,13 +284,51 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     return trial_data.x_test[trial], trial_data.y_test[trial], trial_data.task
 
 
+def _check_validation(model, x, y, task: str):
+    """x, y as the model's dtype, after checking that they fit the model and the task (one-line PruneError)."""
+    import torch
+
+    from eigenprune.core.structure import layer_sizes
+    from eigenprune.pruning.removal import PruneError
+
+    sizes = layer_sizes(model)
+    n_in, n_out = sizes[0], sizes[-1]
+    if x.dim() != 2 or x.shape[1] != n_in or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise PruneError(f"validation data must be x [P, {n_in}] and y [P], got x {list(x.shape)} and y {list(y.shape)}")
+    if not x.is_floating_point():
+        raise PruneError(f"validation x must hold floating-point numbers, got {x.dtype}")
+    if task == "classification":
+        if n_out < 2:
+            raise PruneError(f"y holds integer class labels ({y.dtype}) but the model has one output (a regression model); "
+                             "store y as floats for regression")
+        low, high = int(y.min()) if y.numel() else 0, int(y.max()) if y.numel() else 0
+        if low < 0 or high >= n_out:
+            raise PruneError(f"class labels in y must be 0..{n_out - 1} (the model has {n_out} outputs), got {low}..{high}")
+    elif n_out != 1:
+        raise PruneError(f"the model has {n_out} outputs (a classifier) but y holds floats ({y.dtype}); "
+                         f"classification needs integer labels 0..{n_out - 1} in y")
+    dtype = next(model.parameters()).dtype
+    return x.to(dtype), (y.to(dtype) if task == "regression" else y.to(torch.long))
+
+
+def _layer_kind(layer) -> str:
+    from eigenprune.core.layers import SpectralLinear
+
+    if not isinstance(layer, SpectralLinear):
+        return "dense"
+    if layer.lam_out.requires_grad:
+        return "spectral"
+    return "direct, L2-regularized" if layer.l2_phi > 0 and layer.phi.requires_grad else "dense, unregularized"
+
+
 @app.command()
 def prune(
     checkpoint: Annotated[Path, typer.Argument(help="a model saved by eigenprune (e.g. runs/quick/chunks/*/students/*.safetensors)")],
     keep: Annotated[str, typer.Option(help="nodes to keep per hidden layer: a count (25), a fraction (0.1 or 10%), "
                                            "a threshold on normalised importance (>0.05), or auto")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="where to write the pruned model (default: CHECKPOINT stem + -pruned)")] = None,
-    layers: Annotated[Optional[str], typer.Option(help="hidden linear layers to prune, comma-separated indices (default: all)")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="hidden linear layers to prune, comma-separated indices (default: the "
+                                                       "layers the training method ranks: spectral or L2-regularized ones)")] = None,
     data: Annotated[Optional[Path], typer.Option(help="validation data for --keep auto: a run folder (its config regenerates "
                                                       "the data; the checkpoint's trial's held-out validation part if the run "
                                                       "has one, else its test set) or a safetensors file with tensors x and y")] = None,
@@ -265,36 +340,40 @@ def prune(
     import torch
 
     from eigenprune.core.losses import task_loss
-    from eigenprune.core.structure import layer_sizes
+    from eigenprune.core.structure import as_sequential, layer_sizes, linear_layers
     from eigenprune.pruning.checkpoint import is_checkpoint, load_model, save_model
-    from eigenprune.pruning.removal import PruneError, parse_keep, prune_nodes
+    from eigenprune.pruning.removal import PruneError, parse_keep, prune_nodes, ranked_layers
 
     try:
         target = check_output(out or checkpoint.with_name(checkpoint.stem + "-pruned.safetensors"),
                               inputs=[checkpoint, *([data] if data is not None else [])], force=force, ours=is_checkpoint)
         spec = parse_keep(keep)
         try:
-            chosen = None if layers is None else [int(v) for v in layers.split(",") if v.strip()]
+            chosen = None if layers is None else [int(v) for v in layers.split(",")]
         except ValueError:
-            raise PruneError(f"--layers takes comma-separated layer indices (e.g. 0,1), got {layers!r}") from None
+            raise PruneError(f"--layers takes comma-separated hidden layer indices (e.g. 0 or 0,1), got {layers!r}") from None
+        if data is not None and spec.kind != "auto":
+            raise PruneError(f"--data is only used with --keep auto (got --keep {keep})")
         model, extra = load_model(checkpoint)
         x = y = None
         task = "regression"
         if spec.kind == "auto":
             x, y, task = _validation_data(checkpoint, data, extra)
-            n_in = layer_sizes(model)[0]
-            if x.dim() != 2 or x.shape[1] != n_in or y.shape[:1] != x.shape[:1]:
-                raise PruneError(f"validation data must be x [P, {n_in}] and y [P], got x {list(x.shape)} and y {list(y.shape)}")
-            x = x.to(next(model.parameters()).dtype)
+            x, y = _check_validation(model, x, y, task)
+        chosen = ranked_layers(model) if chosen is None else chosen
         small = prune_nodes(model, spec, layers=chosen, x_val=x, y_val=y, rtol=rtol, atol=atol, task=task)
         save_model(small, target, {**extra, "pruned_from": str(checkpoint), "keep": keep, "sizes": layer_sizes(small)})
     except _pruning_errors() as err:
         _fail(str(err))
-    message = f"{'→'.join(map(str, layer_sizes(model)))} pruned to {'→'.join(map(str, layer_sizes(small)))}"
+    before, after = layer_sizes(model), layer_sizes(small)
+    hidden = linear_layers(as_sequential(model))[:-1]
+    how = "; ".join(f"layer {i} ({_layer_kind(m)}): " + (f"{before[i + 1]} → {after[i + 1]} nodes" if i in chosen else
+                                                         "not pruned (--layers to include it)") for i, m in enumerate(hidden))
+    message = f"{'→'.join(map(str, before))} pruned to {'→'.join(map(str, after))} with --keep {keep} ({how})"
     if x is not None:
         with torch.no_grad():
-            before, after = float(task_loss(model(x), y, task)), float(task_loss(small(x), y, task))
-        message += f" (validation loss {before:.4g} → {after:.4g})"
+            loss_before, loss_after = float(task_loss(model(x), y, task)), float(task_loss(small(x), y, task))
+        message += f"; validation loss {loss_before:.4g} → {loss_after:.4g}"
     typer.echo(f"{message}; wrote {target}")
 
 

@@ -35,7 +35,20 @@ from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.core.training import TrainSpec
 from eigenprune.experiments.analysis import critical_point, effective_dim
 from eigenprune.experiments.builders import paper_student
-from eigenprune.experiments.config import DataConfig, _Strict, parse_config, read_yaml
+from eigenprune.experiments.config import (
+    MAX_TRIALS,
+    DataConfig,
+    Float,
+    NoBool,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Seed,
+    _Strict,
+    parse_config,
+    read_yaml,
+)
 from eigenprune.experiments.data import TrialData
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.runner import teacher_set
@@ -47,32 +60,38 @@ from eigenprune.pruning.criteria import CRITERIA, Criterion, get_criterion
 class CompareTrain(_Strict):
     """The one optimizer schedule every criterion's students train with (Adam, mini-batches)."""
 
-    lr: Annotated[float, Field(gt=0)] = 0.005
-    batch_size: Annotated[int, Field(gt=0)] = 100
-    epochs: Annotated[int, Field(gt=0)] = 500
+    lr: PositiveFloat = 0.005
+    batch_size: PositiveInt = 100
+    epochs: PositiveInt = 500
 
 
 class CompareConfig(_Strict):
     """The comparison's settings; the defaults are the CPU-sized run reported in docs/pruning.md."""
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "compare"
-    seed: int = 0
-    trials: Annotated[int, Field(gt=0)] = 3
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "compare"
+    seed: Seed = 0
+    trials: Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool] = 3
     dtype: Literal["float32", "float64"] = "float32"
     data: DataConfig = DataConfig(n_train=4000, n_test=2000)
-    widths: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [40, 100, 200]
-    rest: list[Annotated[int, Field(gt=0)]] = [10]
+    widths: Annotated[list[PositiveInt], Field(min_length=1)] = [40, 100, 200]
+    rest: list[PositiveInt] = [10]
     criteria: Annotated[list[str], Field(min_length=1)] = list(CRITERIA)
-    params: dict[str, dict[str, float]] = {}
+    params: dict[str, dict[str, Float]] = {}
     train: CompareTrain = CompareTrain()
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.05
-    critical_tol: Annotated[float, Field(ge=0)] = 0.01
-    threads: Annotated[int, Field(ge=0)] = 1
+    critical_tol: NonNegativeFloat = 0.01
+    threads: NonNegativeInt = 1
 
     @model_validator(mode="after")
     def _known_criteria(self) -> CompareConfig:
         if self.data.source != "teacher":
             raise ValueError(f"compare trains on teacher data only; data.source {self.data.source!r} is not supported")
+        for name, values in (("criteria", self.criteria), ("widths", self.widths)):
+            if len(set(values)) < len(values):
+                raise ValueError(f"{name} lists {sorted({v for v in values if values.count(v) > 1})} more than once; list each once")
+        if self.train.batch_size > self.data.n_train:
+            raise ValueError(f"train.batch_size {self.train.batch_size} is larger than the {self.data.n_train} training "
+                             f"patterns (data.n_train); use a batch_size of at most {self.data.n_train}")
         for name in [*self.criteria, *self.params]:
             if name not in CRITERIA:
                 raise ValueError(f"unknown criterion {name!r}; known: {', '.join(CRITERIA)}")

@@ -12,16 +12,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Seed = Annotated[int, Field(ge=0, lt=2**63)]
+
+def _not_bool(value: Any) -> Any:
+    """Refuse true/false where a number belongs (pydantic would read them as 1 and 0)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not the boolean {str(value).lower()}")
+    return value
+
+
+NoBool = BeforeValidator(_not_bool)
+Int = Annotated[int, NoBool]
+Float = Annotated[float, Field(allow_inf_nan=False), NoBool]
+PositiveInt = Annotated[int, Field(gt=0), NoBool]
+NonNegativeInt = Annotated[int, Field(ge=0), NoBool]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False), NoBool]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False), NoBool]
+Fraction = Annotated[float, Field(gt=0, lt=1), NoBool]
+Seed = Annotated[int, Field(ge=0, lt=2**63), NoBool]
+
+
+MAX_TRIALS = 1_000_000
+"""The most trials a config may ask for (the paper uses 30); beyond it even listing them costs seconds and gigabytes."""
 
 
 class ConfigError(ValueError):
@@ -42,16 +60,16 @@ class TeacherConfig(_Strict):
 class CsvConfig(_Strict):
     """A user's table: feature columns (default: every other column) and one target column."""
 
-    path: str
-    target: str
-    features: list[str] | None = None
+    path: Annotated[str, Field(min_length=1)]
+    target: Annotated[str, Field(min_length=1)]
+    features: Annotated[list[str], Field(min_length=1)] | None = None
     task: Literal["regression", "classification"] = "regression"
 
 
 class DataConfig(_Strict):
     source: Literal["teacher", "digits", "csv"] = "teacher"
     csv: CsvConfig | None = None
-    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25  # real data (digits, csv): held-out share per trial
+    test_fraction: Fraction = 0.25  # real data (digits, csv): held-out share per trial
     input_dim: PositiveInt = 10
     n_train: PositiveInt = 8000
     n_test: PositiveInt = 4000
@@ -88,11 +106,11 @@ class StudentConfig(_Strict):
 
 
 class AnalysisConfig(_Strict):
-    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    threshold: Fraction = 0.05
     probe_kept: list[PositiveInt] = [20, 30]
-    critical_rel_tol: Annotated[float, Field(gt=0)] = 0.1  # n_c: pruning costs <= this x the full test loss
-    search_rel_tol: Annotated[float, Field(gt=0)] = 0.1  # joint search: training loss may rise by this fraction
-    accuracy_tol: Annotated[float, Field(ge=0, lt=1)] = 0.01  # classification: smallest width within this of full accuracy
+    critical_rel_tol: PositiveFloat = 0.1  # n_c: pruning costs <= this x the full test loss
+    search_rel_tol: PositiveFloat = 0.1  # joint search: training loss may rise by this fraction
+    accuracy_tol: Annotated[float, Field(ge=0, lt=1), NoBool] = 0.01  # classification: smallest width within this of full accuracy
 
 
 class RegularizationConfig(_Strict):
@@ -106,14 +124,14 @@ class RegularizationConfig(_Strict):
 
     mode: Literal["fixed", "path"] = "fixed"
     multipliers: Annotated[list[PositiveFloat], Field(min_length=1)] = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]
-    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    validation_fraction: Fraction = 0.2
     rule: Literal["best", "1se", "stable"] = "1se"
 
 
 class Config(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "quick"
     seed: Seed = 0
-    trials: PositiveInt = 3
+    trials: Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool] = 3
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
     cuda_graphs: bool = False  # on CUDA, capture each training epoch once in a CUDA graph and replay it
@@ -127,11 +145,27 @@ class Config(_Strict):
     direct: DirectConfig = DirectConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     save_students: bool = True
-    workers: Annotated[int, Field(ge=0)] = 0
+    workers: NonNegativeInt = 0
     max_memory_gb: PositiveFloat | None = None  # None: 80% of the memory available when the run starts
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        for field, values in (("methods", self.methods), ("regularization.multipliers", self.regularization.multipliers)):
+            if len(set(values)) < len(values):
+                raise ValueError(f"{field} lists {sorted({v for v in values if values.count(v) > 1})} more than once; "
+                                 "list each once")
+        d = self.data
+        if d.source != "teacher":
+            fields = type(d).model_fields
+            given = [f"data.{k} ({getattr(d, k)!r})" if k != "teacher" else "data.teacher"
+                     for k in ("input_dim", "n_train", "n_test", "standardize_targets", "teacher")
+                     if getattr(d, k) != fields[k].default]
+            if given:
+                verb = "apply" if len(given) > 1 else "applies"
+                raise ValueError(f"{', '.join(given)} only {verb} to data.source teacher; with {d.source} data "
+                                 f"the file sets the inputs and rows (split by data.test_fraction)")
+        if d.source != "csv" and d.csv is not None:
+            raise ValueError(f"data.csv is only used with data.source: csv (got data.source {d.source})")
         if self.data.source == "csv" and self.data.csv is None:
             raise ValueError("data.source is csv but data.csv (path, target) is missing")
         if self.data.source != "teacher" and self.student.head != "linear":
@@ -175,6 +209,40 @@ class Config(_Strict):
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping (at any depth) is an error:
+    plain YAML keeps the last one and silently drops the first (a whole `student:` section, say)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first + 1}); each key may appear once", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(text: str) -> object:
+    """`yaml.safe_load`, refusing duplicate keys (see `_UniqueKeyLoader`); raises `yaml.YAMLError`."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: 'at line N: problem'."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{where}: {problem}"
+
+
 def _one_line(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -213,16 +281,14 @@ def read_yaml(path: str | Path | None, overrides: dict | None = None, default: s
         if not p.is_file():
             raise ConfigError(f"config path {p} is not a file")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            data = safe_load(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:
             raise ConfigError(f"{p}: not a UTF-8 text file (byte {err.start} is {err.object[err.start:err.start + 1]!r})") from None
         except OSError as err:
             raise ConfigError(f"{p}: cannot be read ({err.strerror})") from None
         except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
-            raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from None
+            raise ConfigError(f"{p}: not valid YAML{yaml_problem(err)}") from None
+        data = _resolve_csv_path(data, p.parent)
     if overrides and data is None:
         data = {}
     if overrides and isinstance(data, dict):
@@ -235,6 +301,16 @@ def read_yaml(path: str | Path | None, overrides: dict | None = None, default: s
                     raise ConfigError(f"{source}: cannot set {dotted}: {key} is not a section (it holds {node!r})")
             node[leaf] = value
     return data, source
+
+
+def _resolve_csv_path(data: object, folder: Path) -> object:
+    """A relative `data.csv.path` in a config file is read from the file's folder (not the current
+    directory): it becomes that absolute path, so the run folder's copy of the config finds it too."""
+    csv = data.get("data") if isinstance(data, dict) else None
+    csv = csv.get("csv") if isinstance(csv, dict) else None
+    if isinstance(csv, dict) and isinstance(csv.get("path"), str) and csv["path"] and not os.path.isabs(csv["path"]):
+        csv["path"] = os.path.normpath(os.path.join(folder.resolve(), os.path.expanduser(csv["path"])))
+    return data
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None) -> Config:

@@ -96,66 +96,143 @@ class DataError(ValueError):
     """A data set that cannot be used as configured, stated in one line."""
 
 
-def _split_trials(x: np.ndarray, y: np.ndarray, trials: int, seed: int, test_fraction: float, task: str) -> TrialData:
+def _split_trials(x: np.ndarray, y: np.ndarray, trials: int, seed: int, test_fraction: float, task: str,
+                  dtype: torch.dtype = torch.float32, names: list[str] | None = None, what: str = "the data") -> TrialData:
     """Per trial: a seeded shuffle, the last `test_fraction` as test set, features standardized with
-    the training part's mean and std."""
+    the training part's mean and std. Refuses (DataError) anything that is not finite once
+    standardized in `dtype` (the dtype that trains); `names` are the feature columns' names for messages."""
     n = len(x)
     n_test = max(1, round(n * test_fraction))
     if n - n_test < 2:
-        raise DataError(f"{n} rows leave no training set with test_fraction {test_fraction}")
+        raise DataError(f"{what} has {n} row(s): with test_fraction {test_fraction} that leaves {max(n - n_test, 0)} for "
+                        "training; at least 2 training rows are needed")
+    names = names or [f"feature {j}" for j in range(x.shape[1])]
+    limit = float(torch.finfo(dtype).max)
+    if task == "regression" and not np.all(np.abs(y) < limit ** 0.5):  # its squared error would overflow
+        worst = float(y[np.argmax(np.abs(y))])
+        raise DataError(f"{what}: the target holds {worst:g}, whose squared error overflows {str(dtype).removeprefix('torch.')} "
+                        f"(|y| must stay below {limit ** 0.5:.3g}); rescale the target")
     xs, ys = [], []
-    for t in range(trials):
-        order = np.random.default_rng(derive_seed("split", seed, t) % 2**32).permutation(n)
-        xt = x[order]
-        mean, std = xt[: n - n_test].mean(0), xt[: n - n_test].std(0)
-        xs.append((xt - mean) / np.where(std > 0, std, 1.0))
-        ys.append(y[order])
-    x_all = torch.tensor(np.stack(xs), dtype=torch.float32)
-    y_all = torch.tensor(np.stack(ys), dtype=torch.long if task == "classification" else torch.float32)
+    with np.errstate(all="ignore"):
+        for t in range(trials):
+            order = np.random.default_rng(derive_seed("split", seed, t) % 2**32).permutation(n)
+            xt = x[order]
+            mean, std = xt[: n - n_test].mean(0), xt[: n - n_test].std(0)
+            z = ((xt - mean) / np.where(std > 0, std, 1.0)).astype(np.dtype(str(dtype).removeprefix("torch.")))
+            bad = ~np.isfinite(z).all(0) | ~np.isfinite(mean) | ~np.isfinite(std)
+            if bad.any():
+                j = int(np.nonzero(bad)[0][0])
+                raise DataError(f"{what}: column {names[j]!r} is not finite once standardized (values up to "
+                                f"{float(np.max(np.abs(x[:, j]))):g}; its mean or std overflows); rescale it")
+            xs.append(z)
+            ys.append(y[order])
+    x_all = torch.tensor(np.stack(xs), dtype=dtype)
+    y_all = torch.tensor(np.stack(ys), dtype=torch.long if task == "classification" else dtype)
     n_out = int(y.max()) + 1 if task == "classification" else 1
     return TrialData(x_all[:, : n - n_test], y_all[:, : n - n_test], x_all[:, n - n_test :], y_all[:, n - n_test :],
                      task=task, n_outputs=n_out)
 
 
-def digits_data(trials: int, seed: int, test_fraction: float) -> TrialData:
+def digits_data(trials: int, seed: int, test_fraction: float, dtype: torch.dtype = torch.float32) -> TrialData:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download), split per trial."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return _split_trials(d.data.astype(np.float64), d.target.astype(np.int64), trials, seed, test_fraction, "classification")
+    return _split_trials(d.data.astype(np.float64), d.target.astype(np.int64), trials, seed, test_fraction, "classification",
+                         dtype, what="digits")
 
 
-def csv_data(path: str, target: str, features: list[str] | None, task: str, trials: int, seed: int, test_fraction: float) -> TrialData:
+def _first_bad(column, check) -> object:
+    """The first value of a pandas column for which `check(value)` is false (for error messages)."""
+    for value in column:
+        if not check(value):
+            return value
+    return None
+
+
+def _header(path: str) -> list[str]:
+    """The CSV's header row as written (pandas renames a repeated name `y` to `y.1`)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return next(csv.reader(f), [])
+
+
+def csv_data(path: str, target: str, features: list[str] | None, task: str, trials: int, seed: int, test_fraction: float,
+             dtype: torch.dtype = torch.float32) -> TrialData:
     """A user's CSV: numeric feature columns and a target column (numbers for regression, labels for
     classification), split per trial. Every problem raises `DataError` naming the column."""
     import pandas as pd
 
-    if not Path(path).is_file():
-        raise DataError(f"data.csv.path: file not found: {path}")
+    p = Path(path).expanduser()
+    path = str(p)
+    if p.is_dir():
+        raise DataError(f"data.csv.path: {path} is a folder, not a CSV file")
+    if not p.is_file():
+        where = f" (looked for {p.resolve()})" if str(p.resolve()) != str(p) else ""
+        raise DataError(f"data.csv.path: file not found: {path}{where}; a relative path in a config file is read from that file's folder")
     try:
+        header = _header(path)
         df = pd.read_csv(path)
-    except (ValueError, OSError) as err:
-        raise DataError(f"data.csv.path: cannot read {path} as CSV ({err})") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"data.csv.path: {path} is empty (no header row)") from None
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        raise DataError(f"data.csv.path: cannot read {path} as CSV ({' '.join(str(err).split())})") from None
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise DataError(f"data.csv.path: {path} repeats the column name(s) {repeated} in its header; each column needs its own name")
     if target not in df.columns:
-        raise DataError(f"data.csv.target: no column {target!r} in {path}; columns are {list(df.columns)}")
-    features = features if features is not None else [c for c in df.columns if c != target]
-    missing = [c for c in features if c not in df.columns]
-    if missing or not features:
-        raise DataError(f"data.csv.features: no column(s) {missing} in {path}; columns are {list(df.columns)}")
+        hint = " (the file has one column: is it separated by ';' or tabs? eigenprune reads commas)" if len(df.columns) == 1 else ""
+        raise DataError(f"data.csv.target: no column {target!r} in {path}; columns are {list(df.columns)}{hint}")
+    if features is not None:
+        missing = [c for c in features if c not in df.columns]
+        if missing:
+            raise DataError(f"data.csv.features: no column(s) {missing} in {path}; columns are {list(df.columns)}")
+        if target in features:
+            raise DataError(f"data.csv.features: lists the target {target!r}; a model cannot use its target as an input")
+        if len(set(features)) < len(features):
+            raise DataError(f"data.csv.features: lists a column twice ({sorted({c for c in features if features.count(c) > 1})})")
+    else:
+        unnamed = [c for c, h in zip(df.columns, header) if not h.strip()]
+        if unnamed:
+            raise DataError(f"data.csv.path: {path} has a column without a name (pandas calls it {unnamed[0]!r}; an index "
+                            "written by DataFrame.to_csv?); drop it (to_csv(index=False)) or list data.csv.features")
+        features = [c for c in df.columns if c != target]
+        if not features:
+            raise DataError(f"data.csv.path: {path} has only the target column {target!r}; it needs feature columns too")
+    if len(df) == 0:
+        raise DataError(f"data.csv.path: {path} has a header but no data rows")
     for c in features:
-        if not pd.api.types.is_numeric_dtype(df[c]):
-            raise DataError(f"data.csv.features: column {c!r} is not numeric (e.g. {df[c].iloc[0]!r})")
+        if not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]):
+            bad = _first_bad(df[c], lambda v: pd.isna(v) or (not isinstance(v, bool) and pd.notna(pd.to_numeric(v, errors="coerce"))))
+            bad = bad if bad is not None else df[c].iloc[0]
+            raise DataError(f"data.csv.features: column {c!r} is not numeric (e.g. {bad!r}); features must be numbers")
         if df[c].isna().any():
             raise DataError(f"data.csv.features: column {c!r} has {int(df[c].isna().sum())} missing (NaN) values")
+        values = df[c].to_numpy(np.float64)
+        if not np.isfinite(values).all():
+            row = int(np.nonzero(~np.isfinite(values))[0][0])
+            raise DataError(f"data.csv.features: column {c!r} holds {values[row]} (data row {row + 1}); features must be finite")
     y = df[target]
     if y.isna().any():
         raise DataError(f"data.csv.target: column {target!r} has {int(y.isna().sum())} missing values")
     if task == "regression":
-        if not pd.api.types.is_numeric_dtype(y):
-            raise DataError(f"data.csv.target: column {target!r} is not numeric (e.g. {y.iloc[0]!r}); use task: classification")
+        if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
+            bad = _first_bad(y, lambda v: not isinstance(v, bool) and pd.notna(pd.to_numeric(v, errors="coerce")))
+            raise DataError(f"data.csv.target: column {target!r} is not numeric (e.g. {bad!r}); use task: classification")
         labels = y.to_numpy(np.float64)
+        if not np.isfinite(labels).all():
+            row = int(np.nonzero(~np.isfinite(labels))[0][0])
+            raise DataError(f"data.csv.target: column {target!r} holds {labels[row]} (data row {row + 1}); targets must be finite")
     else:
         if pd.api.types.is_float_dtype(y) and not np.all(np.mod(y, 1) == 0):
-            raise DataError(f"data.csv.target: column {target!r} has non-integer values; task classification needs class labels")
+            bad = _first_bad(y, lambda v: float(v) % 1 == 0)
+            raise DataError(f"data.csv.target: column {target!r} has non-integer values (e.g. {bad!r}); task classification "
+                            "needs class labels")
         labels = pd.Categorical(y).codes.astype(np.int64)
-    return _split_trials(df[features].to_numpy(np.float64), labels, trials, seed, test_fraction, task)
+        if labels.max() < 1:
+            only = y.iloc[0].item() if hasattr(y.iloc[0], "item") else y.iloc[0]
+            raise DataError(f"data.csv.target: column {target!r} has one class only ({only!r}); classification needs "
+                            "at least 2 classes")
+    return _split_trials(df[features].to_numpy(np.float64), labels, trials, seed, test_fraction, task, dtype,
+                         [str(c) for c in features], what=str(path))

@@ -116,10 +116,11 @@ def make_data(cfg: Config) -> TrialData:
     d = cfg.data
     seed = seeds.data_seed(cfg.seed, d.seed)
     if d.source == "digits":
-        return digits_data(cfg.trials, seed, d.test_fraction)
+        return digits_data(cfg.trials, seed, d.test_fraction, getattr(torch, cfg.dtype))
     if d.source == "csv":  # the file's bytes are part of the run's identity: hashed as they are read
         digest = file_sha256(d.csv.path) if Path(d.csv.path).is_file() else None
-        data = csv_data(d.csv.path, d.csv.target, d.csv.features, d.csv.task, cfg.trials, seed, d.test_fraction)
+        data = csv_data(d.csv.path, d.csv.target, d.csv.features, d.csv.task, cfg.trials, seed, d.test_fraction,
+                        getattr(torch, cfg.dtype))
         return replace(data, source_sha256=digest)
     return teacher_set(d, seed, cfg.trials, getattr(torch, cfg.dtype))
 
@@ -356,14 +357,17 @@ def check_memory(
     per_worker = limit / max(workers, 1)
     if workers > 1:
         source += f", shared by {workers} workers"
+    if (teacher := teacher_memory(cfg)) > per_worker:
+        raise ConfigError(f"the teacher needs about {gb(teacher)} to label the data, more than the {gb(per_worker)} limit "
+                          f"({source}); lower data.teacher.widths (or data.n_train, n_test) or set max_memory_gb")
     fitted = []
     for c in chunks:
         need = chunk_memory(cfg, c, shape)
         if need <= per_worker:
             fitted.append(c)
             continue
-        size = next((m for m in range(len(c.trials) - 1, 0, -1)
-                     if chunk_memory(cfg, replace(c, trials=c.trials[:m], split=True), shape) <= per_worker), 0)
+        size = _most_trials(lambda m, c=c: chunk_memory(cfg, replace(c, trials=c.trials[:m], split=True), shape) <= per_worker,
+                            len(c.trials) - 1)
         if not size:
             raise ConfigError(
                 f"chunk {c.id} ({len(c.keys())} students) needs about {gb(need)}, more than the "
@@ -374,6 +378,30 @@ def check_memory(
     return fitted, {"memory_limit_bytes": int(per_worker), "memory_estimate_bytes": need}
 
 
+def teacher_memory(cfg: Config) -> int:
+    """Estimated peak bytes of making teacher data (0 for real data): the largest teacher's weights and
+    its activations on one trial's training and test inputs."""
+    if cfg.data.source != "teacher":
+        return 0
+    d, size = cfg.data, torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+    need = 0
+    for t in cfg.teacher_list():
+        sizes = [t.latent_dim if t.kind == "hidden_manifold" else d.input_dim, *t.widths, 1]
+        params = sum(a * b for a, b in zip(sizes, sizes[1:]))
+        need = max(need, size * (params + 2 * (d.n_train + d.n_test) * max(sizes)))
+    return need
+
+
+def _most_trials(fits: Callable[[int], bool], most: int) -> int:
+    """The largest m in 1..most with fits(m) (memory grows with the trials in a chunk), or 0: a bisection,
+    so that a chunk of 100,000 trials is planned in microseconds, not by trying every size."""
+    low, high = 0, most
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
 def chunk_memory(cfg: Config, chunk: Chunk, shape: tuple[int, int, int, int] | None = None) -> int:
     """Estimated peak bytes of training and measuring one chunk (see `memory.chunk_bytes`);
     `shape` = (inputs, training patterns, test patterns, outputs), default: the teacher config's."""
@@ -381,7 +409,7 @@ def chunk_memory(cfg: Config, chunk: Chunk, shape: tuple[int, int, int, int] | N
     inputs, n_train, n_test, outputs = shape or (d.input_dim, d.n_train, d.n_test, 1)
     widths = [inputs, max(chunk.widths), *cfg.student.rest, outputs]
     size = torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
-    n_students = len(chunk.keys())
+    n_students = len(chunk.widths) * len(chunk.trials) * len(chunk.strengths)
     return chunk_bytes(n_students, cfg.trials, widths, n_train, n_test, cfg.method(chunk.method).batch_size, size)
 
 
@@ -442,7 +470,14 @@ def data_shape(cfg: Config) -> tuple[tuple[int, int, int, int] | None, str | Non
         real = make_data(cfg)
         shape = (real.x_train.shape[-1], real.x_train.shape[1], real.x_test.shape[1], real.n_outputs)
         digest = real.source_sha256
-    validation_split(cfg, shape[1] if shape else cfg.data.n_train)
+    n_train = shape[1] if shape else cfg.data.n_train
+    n_fit = validation_split(cfg, n_train)
+    for method in cfg.methods:
+        batch = cfg.method(method).batch_size
+        if batch > n_fit:
+            held = f" ({n_train - n_fit} of the {n_train} are held out for validation)" if n_fit < n_train else ""
+            raise ConfigError(f"{method}.batch_size {batch} is larger than the {n_fit} training patterns{held}; "
+                              f"use a batch_size of at most {n_fit}")
     return shape, digest
 
 

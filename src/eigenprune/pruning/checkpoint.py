@@ -83,6 +83,48 @@ def build(arch: list[dict], dtype: torch.dtype = torch.float32) -> nn.Sequential
     return nn.Sequential(*mods)
 
 
+_ARG_CHOICES = {"approximate": ("none", "tanh")}
+
+
+def check_architecture(arch: list[dict], tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse (CheckpointError) an architecture that cannot be built from these tensors: no linear layer,
+    sizes that are not positive integers or differ from the stored tensors' shapes (so nothing larger than
+    the file is ever allocated), layers that do not chain, activation arguments of the wrong kind."""
+    prev_out, n_linear = None, 0
+    for i, entry in enumerate(arch):
+        kind = entry.get("type")
+        if kind in ("spectral", "linear"):
+            for key in ("in", "out"):
+                value = entry.get(key)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise CheckpointError(f"layer {i} ({kind}): {key!r} must be a positive integer, got {value!r}")
+            if not isinstance(entry.get("bias"), bool):
+                raise CheckpointError(f"layer {i} ({kind}): 'bias' must be true or false, got {entry.get('bias')!r}")
+            name = f"{i}.phi" if kind == "spectral" else f"{i}.weight"
+            shape = list(tensors[name].shape) if name in tensors else None
+            if shape != [entry["out"], entry["in"]]:
+                raise CheckpointError(f"layer {i} ({kind}) is {entry['in']}→{entry['out']}, but the tensor {name} is "
+                                      f"{'missing' if shape is None else shape}")
+            if prev_out is not None and entry["in"] != prev_out:
+                raise CheckpointError(f"layer {i} takes {entry['in']} inputs, but the linear layer before it has {prev_out} "
+                                      "outputs: the layers do not chain")
+            prev_out, n_linear = entry["out"], n_linear + 1
+        elif kind in ACTIVATIONS:
+            for arg in ACTIVATIONS[kind][1]:
+                value = entry.get(arg)
+                if arg in _ARG_CHOICES:
+                    ok = value in _ARG_CHOICES[arg]
+                else:
+                    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
+                if not ok:
+                    valid = " or ".join(map(repr, _ARG_CHOICES[arg])) if arg in _ARG_CHOICES else "a finite number"
+                    raise CheckpointError(f"layer {i} ({kind}): {arg} must be {valid}, got {value!r}")
+        elif kind != "identity":
+            raise CheckpointError(f"unknown layer type in architecture: {kind!r}")
+    if n_linear == 0:
+        raise CheckpointError("the architecture has no linear layer" + (" (it is empty)" if not arch else ""))
+
+
 def model_bytes(model: nn.Module, extra: dict | None = None) -> bytes:
     """`model` as safetensors bytes with its architecture and `extra` metadata (what `save_model` writes)."""
     model = as_sequential(model)
@@ -152,6 +194,7 @@ def load_model(path: str | Path) -> tuple[nn.Sequential, dict]:
     if not dtypes <= {torch.float16, torch.bfloat16, torch.float32, torch.float64}:
         raise CheckpointError(f"{path}: tensors must be floating point, got {sorted(map(str, dtypes))}")
     try:
+        check_architecture(arch, tensors)
         model = build(arch, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
@@ -164,6 +207,12 @@ def load_model(path: str | Path) -> tuple[nn.Sequential, dict]:
     except RuntimeError as err:  # its first line is a generic heading; the second names the tensor
         detail = [line.strip() for line in str(err).splitlines() if line.strip()][1:2] or [first_line(err)]
         raise CheckpointError(f"{path}: tensors do not match the stored architecture ({detail[0]})") from None
+    try:
+        with torch.no_grad():
+            n_in = next(e["in"] for e in arch if e.get("type") in ("spectral", "linear"))
+            model(torch.zeros(1, n_in, dtype=next(model.parameters()).dtype))
+    except (RuntimeError, ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: the stored model does not run ({first_line(err)})") from None
     return model, extra if isinstance(extra, dict) else {}
 
 

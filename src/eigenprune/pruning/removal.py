@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Union
@@ -236,6 +237,32 @@ def _default_scores(model: nn.Module, layer: int, x: torch.Tensor | None = None,
     return node_importance(linear_layers(as_sequential(model))[layer])
 
 
+def ranked_layers(model: nn.Module) -> list[int]:
+    """The hidden linear layers a training method ranks, the default of `select_nodes`: those that are
+    `SpectralLinear` with trained eigenvalues or with a sparsity/L2 term on what trains (the method's
+    layer of an eigenprune student, every layer of a deep or `spectralize`d one). A model with none
+    (plain `nn.Linear` layers, say) gets all its hidden layers."""
+    hidden = linear_layers(as_sequential(model))[:-1]
+    ranked = [i for i, m in enumerate(hidden) if isinstance(m, SpectralLinear) and (
+        m.lam_out.requires_grad or m.l1_lam > 0 or m.group_lasso > 0 or (m.phi.requires_grad and m.l2_phi > 0))]
+    return ranked or list(range(len(hidden)))
+
+
+def _check_finite(model: nn.Module, x_val: torch.Tensor | None, y_val: torch.Tensor | None) -> None:
+    """Refuse a model or validation data holding NaN/inf (pruning it would write a model of garbage)."""
+    for name, t in as_sequential(model).state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise PruneError(f"the model's {name} holds {bad} NaN/inf value(s) (a diverged student?): nothing to prune")
+    for label, t in (("x_val", x_val), ("y_val", y_val)):
+        if t is None:
+            continue
+        if t.shape[0] == 0:
+            raise PruneError(f"{label} has no rows: keep='auto' needs validation patterns")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PruneError(f"{label} holds {int((~torch.isfinite(t)).sum())} NaN/inf value(s)")
+
+
 def _count(spec: KeepSpec, scores: torch.Tensor, layer: int, curve: Callable[[], torch.Tensor], limit: float) -> int:
     width = scores.numel()
     if spec.kind == "count":
@@ -257,6 +284,8 @@ def select_nodes(
 ) -> dict[int, torch.Tensor]:
     """Which nodes of each hidden layer to keep: {linear layer index: sorted node indices}.
 
+    `layers` defaults to `ranked_layers(model)` (the layers the training method ranks; all hidden
+    layers of a model without such layers). A model or validation data holding NaN/inf is refused.
     `criterion(model, layer, x, y, task=task) -> scores [N]` ranks each layer's nodes on the unpruned model
     (default `node_importance`: the eigenvalue score of a spectral layer, the norm of the incoming
     weights otherwise; `eigenprune.criteria` has the others). For keep="auto", pass validation
@@ -272,23 +301,41 @@ def select_nodes(
             raise PruneError("pass either a per-layer keep dict or layers=, not both")
         specs = {int(k): parse_keep(v) for k, v in keep.items()}
     else:
-        hidden = list(range(n_linear - 1)) if layers is None else [int(i) for i in layers]
+        try:
+            hidden = ranked_layers(model) if layers is None else [operator.index(i) for i in layers if not isinstance(i, bool)]
+        except TypeError:
+            hidden = None
+        if hidden is None or (layers is not None and len(hidden) < len(list(layers))):
+            raise PruneError(f"layers must be a list of hidden layer indices (ints), got {layers!r}")
         specs = {i: parse_keep(keep) for i in hidden}
+    if not specs:
+        raise PruneError("no layer to prune: name at least one hidden layer (layers=[0] or keep={0: ...})")
     for i in specs:
         check_hidden_layer(i, n_linear, PruneError)
     needs_data = any(s.kind == "auto" for s in specs.values())
     if needs_data and (x_val is None or y_val is None):
         raise PruneError("keep='auto' needs validation data: pass x_val and y_val")
-    if rtol < 0 or atol < 0:
-        raise PruneError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+    if not (math.isfinite(rtol) and math.isfinite(atol) and rtol >= 0 and atol >= 0):
+        raise PruneError(f"rtol and atol must be finite numbers >= 0, got rtol={rtol}, atol={atol}")
+    _check_finite(model, x_val if needs_data else None, y_val if needs_data else None)
     current, kept = _plain_copy(model).eval(), {}
     limit = float("inf")
     if needs_data:
+        dtype = next(current.parameters()).dtype
+        x_val = x_val.to(dtype) if x_val.is_floating_point() else x_val
+        y_val = y_val.to(dtype) if task == "regression" else y_val
         with torch.no_grad():
             full = float(task_loss(current(x_val), y_val, task))
+        if not math.isfinite(full):
+            raise PruneError(f"the unpruned model's validation loss is {full} (a diverged student, or data it cannot fit): "
+                             "nothing to compare pruning against")
         limit = full + atol + rtol * abs(full)
     for layer in sorted(specs):
         scores = criterion(model, layer, x_val, y_val, task=task).detach().flatten()
+        width = linear_layers(current)[layer].out_features
+        if scores.numel() != width or not bool(torch.isfinite(scores).all()):
+            raise PruneError(f"the criterion must score each of the {width} nodes of layer {layer} with a finite number, "
+                             f"got {scores.numel()} score(s), {int((~torch.isfinite(scores)).sum())} of them NaN/inf")
 
         def curve(layer=layer, scores=scores, current=current) -> torch.Tensor:
             losses = loss_by_kept(current, layer, scores, x_val, y_val, task)
@@ -312,7 +359,8 @@ def prune_nodes(
     `model` is any MLP `as_sequential` can read (spectral or direct layers, `nn.Sequential` or a
     chain-shaped module of your own). `keep` is a count, a fraction, a threshold '>t' on the
     normalised importance, 'auto' (needs x_val, y_val), or a dict {layer: keep} for per-layer
-    values; `layers` picks hidden linear layers by index (default: all). See `select_nodes` and
+    values; `layers` picks hidden linear layers by index (default: `ranked_layers`, the layers the
+    training method ranks; all hidden layers of a plain model). See `select_nodes` and
     `remove_nodes`. The result computes exactly what the model with the other nodes' incoming
     weights zeroed computes.
     """

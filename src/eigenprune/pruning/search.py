@@ -11,6 +11,7 @@ few single-node steps near the end.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -65,12 +66,14 @@ def minimal_width(
     """
     if not 0 < shrink < 1:
         raise PruneError(f"shrink must be in (0, 1), got {shrink}")
-    if rtol < 0 or atol < 0:
-        raise PruneError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+    if not (math.isfinite(rtol) and math.isfinite(atol) and rtol >= 0 and atol >= 0):
+        raise PruneError(f"rtol and atol must be finite numbers >= 0, got rtol={rtol}, atol={atol}")
     current = remove_nodes(model, {})  # a plain copy: nothing removed yet
     sizes = layer_sizes(current)
     check_hidden_layer(layer, len(sizes) - 1, PruneError)
     full = _loss(current, x_test, y_test, task)
+    if not math.isfinite(full):
+        raise PruneError(f"the unpruned model's test loss is {full} (a diverged model, or NaN/inf data): nothing to search")
     limit = full + atol + rtol * full
     if accuracy_tol is not None and task != "classification":
         raise PruneError(f"accuracy_tol needs task classification, got {task}")

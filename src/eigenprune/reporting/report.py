@@ -316,6 +316,11 @@ def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
     """
     folder = OwnedFolder(out, "collapse")
     folder.check_ours()  # before any work: refuse an output folder that is not ours
+    resolved = [Path(run).resolve() for run in run_dirs]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            raise RunFolderError(f"collapse got the run folder {path} twice (as {run_dirs[resolved.index(path)]} and "
+                                 f"{run_dirs[i]}); give each run once")
     items, by_nc = [], []
     for run in run_dirs:
         source = RunFolder(run)
@@ -333,6 +338,10 @@ def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
                     by_nc.append((f"h_T={h_t} N={w} (n_c={n_c:.0f})", max(round(n_c), 1), k, d))
     if len(items) < 2:
         raise RunFolderError("collapse needs at least two spectral curves with N > h_T across the given runs")
+    widths = sorted({h for _, h, _, _ in items})
+    if len(widths) < 2:
+        raise RunFolderError(f"collapse needs runs with at least two different teacher widths h_T, got only h_T={widths[0]}: "
+                             "rescaling by one h_T leaves the spread unchanged (a ratio of 1 by construction)")
     measure = collapse_measure([(h, k, d) for _, h, k, d in items])
     measure_nc = collapse_measure([(h, k, d) for _, h, k, d in by_nc])
     result = {"runs": [str(r) for r in run_dirs], "curves": [label for label, *_ in by_nc], **measure,
