@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from eigenprune.core.io import atomic_write, fsync, is_temp, share_mode, temp_path
-from eigenprune.experiments.config import Config
+from eigenprune.experiments.config import Config, safe_load
 
 try:
     import fcntl
@@ -260,7 +259,7 @@ class RunFolder(OwnedFolder):
         stored = self.path / "config.yaml"
         if marker is not None and stored.exists() and not fresh:
             try:
-                old = Config.model_validate(yaml.safe_load(stored.read_text()))
+                old = Config.model_validate(safe_load(stored.read_text()))
             except Exception as err:  # noqa: BLE001 - any unreadable config means we must not mix runs
                 raise RunFolderError(f"{stored} is unreadable ({type(err).__name__}); use --fresh to start over or another --out") from None
             if old.digest() != cfg.digest():
@@ -378,7 +377,7 @@ class RunFolder(OwnedFolder):
         """The run's stored config; `RunFolderError` if it is missing or invalid."""
         p = self._need("config.yaml")
         try:
-            return Config.model_validate(yaml.safe_load(p.read_text()))
+            return Config.model_validate(safe_load(p.read_text()))
         except Exception as err:  # noqa: BLE001 - YAML, encoding or validation problems alike
             raise RunFolderError(f"{p} is unreadable ({type(err).__name__}); it was not written by this eigenprune") from None
 
