@@ -18,6 +18,7 @@ from eigenprune.experiments.recovery import (
     best_split,
     collapse_table,
     explain,
+    load_recovery_config,
     node_removal_mse,
     readings,
     run_recovery,
@@ -150,6 +151,12 @@ def test_collapse_table_is_perfect_for_the_right_scale_and_counts_teachers_left_
     assert table.loc["n_c", "spread_after"] > 0.1  # the wrong scale does not collapse
     assert table.loc["k_star", "teachers"] == 2 and table.loc["k_star", "left_out"] == 1
     assert table.loc["k_star", "spread_after"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_shipped_recovery_config_is_the_documented_grid():
+    cfg = load_recovery_config(ROOT / "configs" / "recovery" / "cpu-recovery.yaml")
+    assert (cfg.teacher_widths, cfg.input_dims, cfg.teacher_seeds) == ([5, 10, 20, 50, 100], [5, 10, 20, 40], [1234, 1])
+    assert cfg.strengths() == [0.05, 0.2, 1.0, 5.0] and cfg.n_fit() == 3200 and cfg.student_width == 160
 
 
 def test_config_checks():
