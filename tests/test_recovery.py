@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from eigenprune.experiments.builders import make_teacher
-from eigenprune.experiments.capacity import capacity_curve, capacity_widths, k_star, k_star_table, pack_widths
+from eigenprune.experiments.capacity import (
+    capacity_curve,
+    capacity_widths,
+    k_star,
+    k_star_per_layer,
+    k_star_table,
+    pack_widths,
+)
 from eigenprune.experiments.config import ConfigError, parse_config
 from eigenprune.experiments.recovery import (
     RecoveryConfig,
@@ -40,6 +47,26 @@ def test_k_star_is_the_smallest_width_reaching_eps():
     assert k_star([2, 4, 6], [0.2, 0.05, 0.3], 0.1) == 4  # not monotone: still the smallest that reaches it
     with pytest.raises(ValueError, match="one shape"):
         k_star([1, 2], [0.1], 0.1)
+
+
+def test_k_star_per_layer_takes_the_narrowest_width_of_each_layer_over_all_shapes():
+    """MSE(k1, k2) = 1/k1 + 1/k2: eps 0.31 is reached by (10, 5) and (5, 10) but not (5, 5): k*_1 = k*_2 = 5."""
+    shapes = pd.DataFrame([{"k1": a, "k2": b, "best": 1 / a + 1 / b} for a in (2, 5, 10) for b in (2, 5, 10)])
+    assert k_star_per_layer(shapes, ["k1", "k2"], 0.31) == {"k1": 5, "k2": 5}
+    assert k_star_per_layer(shapes, ["k1", "k2"], 0.2) == {"k1": 10, "k2": 10}
+    assert k_star_per_layer(shapes, ["k1", "k2"], 0.6) == {"k1": 2, "k2": 2}  # 1/2 + 1/10
+    assert all(np.isnan(v) for v in k_star_per_layer(shapes, ["k1", "k2"], 0.1).values())
+
+
+def test_the_deep_script_refuses_a_shallow_config_and_bad_widths(tmp_path):
+    env = {"PYTHONPATH": str(ROOT / "src"), "MPLCONFIGDIR": str(tmp_path / "mpl"), "PATH": "/usr/bin:/bin"}
+    script = str(ROOT / "scripts" / "deep_capacity.py")
+    r = subprocess.run([sys.executable, script, str(ROOT / "configs" / "cpu-paper.yaml"), "--k1", "5", "--k2", "5", "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "deep=False" in r.stderr and not (tmp_path / "o").exists()
+    r = subprocess.run([sys.executable, script, str(ROOT / "configs" / "cpu-deep.yaml"), "--k1", "5,x", "--k2", "5", "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "--k1 must be comma-separated positive integers, got '5,x'" in r.stderr
 
 
 def test_capacity_widths_and_packing():

@@ -38,6 +38,13 @@ def k_star(widths: Sequence[float], mse: Sequence[float], eps: float) -> float:
     return float(widths[ok].min()) if ok.any() else float("nan")
 
 
+def k_star_per_layer(shapes: pd.DataFrame, layers: Sequence[str], eps: float, stat: str = "best") -> dict[str, float]:
+    """Per-layer k* of deep networks trained from scratch on a grid of shapes: for each width column in
+    `layers` (e.g. "k1", "k2"), the smallest value of it among the shapes whose `stat` column is <= eps,
+    whatever the other layers' widths (NaN where no shape reaches eps)."""
+    return {layer: k_star(shapes[layer].to_numpy(), shapes[stat].to_numpy(), eps) for layer in layers}
+
+
 def capacity_widths(h_t: int, fractions: Sequence[float]) -> list[int]:
     """The grid of widths for a teacher of width h_T: round(f x h_T) for each fraction f, at least 1, unique, sorted."""
     if not fractions or any(not f > 0 for f in fractions):
