@@ -33,6 +33,7 @@ from typing import Annotated, Literal
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from pydantic import Field, model_validator
 from scipy.stats import spearmanr
 
@@ -63,6 +64,7 @@ from eigenprune.experiments.config import (
     SpectralConfig,
     _Strict,
     parse_config,
+    read_yaml,
 )
 from eigenprune.experiments.data import teacher_data
 from eigenprune.experiments.regpath import select_strengths
@@ -124,8 +126,6 @@ class RecoveryConfig(_Strict):
 
 def load_recovery_config(path: str | Path) -> RecoveryConfig:
     """Read and validate a recovery YAML file; every problem is one `ConfigError` line."""
-    from eigenprune.experiments.config import read_yaml
-
     return parse_config(*read_yaml(path), model=RecoveryConfig)
 
 
@@ -334,8 +334,6 @@ def write_folder(out: Path, cfg: RecoveryConfig, tables: dict[str, pd.DataFrame]
         write_parquet_atomic(df, out / f"{name}.parquet")
     small = {k: derived[k].to_dict(orient="records") for k in ("summary", "explain", "collapse")}
     write_text_atomic(out / "tables.json", json.dumps(_finite(small), indent=1, default=str, allow_nan=False) + "\n")
-    import yaml
-
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     manifest = {"eigenprune": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
                 "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
