@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,13 +28,63 @@ class TrainSpec:
     # the ensemble's hand-written gradients, the same with the first layer in fused kernels, or autograd
     backprop: Literal["manual", "fused", "autograd"] = "manual"
     cuda_graph: bool = False  # on CUDA: capture an epoch once and replay it (see `train_ensemble`)
+    optimizer: Literal["adam", "keras_adam"] = "adam"  # torch's fused Adam, or `KerasAdam` (the authors' form)
 
     def __post_init__(self) -> None:
         if self.cuda_graph and self.backprop == "autograd":
             raise ValueError("cuda_graph needs backprop='manual' or 'fused' (autograd's backward is not captured)")
 
 
-def adam(params: list[torch.Tensor], lr: float, capturable: bool = False) -> torch.optim.Adam:
+class KerasAdam(torch.optim.Optimizer):
+    """Adam in the form Keras 3 computes it (the authors' optimizer), for parity runs.
+
+    Per step t (from 1), with g the gradient:
+        m += (g - m) (1 - beta1);  v += (g^2 - v) (1 - beta2)
+        alpha = lr sqrt(1 - beta2^t) / (1 - beta1^t);  p -= m alpha / (sqrt(v) + eps)
+    Two differences from `torch.optim.Adam`: eps is added to sqrt(v) *before* the bias correction
+    (torch adds it to sqrt(v / (1 - beta2^t))), and beta^t is computed from beta rounded to float32,
+    like the learning rate, which Keras holds in float32 even when the parameters are float64. Keras'
+    default eps is 1e-7 (torch's 1e-8). The step count is a tensor, so a step never reads back to the
+    host and can be captured in a CUDA graph.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-7) -> None:
+        if not lr > 0 or not eps >= 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"KerasAdam needs lr > 0, eps >= 0 and betas in [0, 1), got lr={lr}, eps={eps}, betas={betas}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch.optim.Optimizer's signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            (b1, b2), eps = group["betas"], group["eps"]
+            b1_32, b2_32, lr_32 = (float(np.float32(v)) for v in (b1, b2, group["lr"]))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=p.dtype, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
+                t.add_(1)
+                m.add_((g - m) * (1 - b1))
+                v.add_((g * g - v) * (1 - b2))
+                alpha = lr_32 * torch.sqrt(1 - torch.pow(b2_32, t)) / (1 - torch.pow(b1_32, t))
+                p.sub_(m * alpha / (v.sqrt() + eps))
+        return loss
+
+
+def adam(params: list[torch.Tensor], lr: float, capturable: bool = False, kind: str = "adam") -> torch.optim.Optimizer:
+    """The trainers' optimizer: torch's fused Adam (kind "adam", the default), or `KerasAdam` ("keras_adam")."""
+    if kind == "keras_adam":
+        return KerasAdam(params, lr=lr)
+    if kind != "adam":
+        raise ValueError(f"optimizer must be adam or keras_adam, got {kind!r}")
     return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
 
 
@@ -44,7 +95,7 @@ def batches(n: int, batch_size: int) -> list[slice]:
 def train_alone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec, shuffle_seed: int) -> nn.Module:
     """Train one ordinary PyTorch model with the same loop (x [P, D], y [P]); the batched path's oracle."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = adam(params, spec.lr)
+    opt = adam(params, spec.lr, kind=spec.optimizer)
     gen = torch.Generator().manual_seed(int(shuffle_seed))
     n = x.shape[0]
     for _ in range(spec.epochs):

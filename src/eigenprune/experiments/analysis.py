@@ -16,16 +16,35 @@ from eigenprune.core.structure import linear_layers
 from eigenprune.pruning.importance import node_importance, normalize
 
 
-def effective_dim(scores: torch.Tensor, threshold: float = 0.05, widths: torch.Tensor | None = None) -> torch.Tensor:
-    """Number of nodes whose normalised importance (score / max score) exceeds `threshold`.
+def normalized_importance(scores: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [S, N] divided by their maximum: each row's own (groups None, ours), or the maximum over
+    all rows with the same `groups` [S] id (the authors': over all trials of a width). Scores are >= 0;
+    all-zero rows or groups stay zero."""
+    if groups is None:
+        return normalize(scores)
+    row_top = scores.max(dim=-1).values
+    ids = torch.unique(groups, return_inverse=True)[1]
+    top = row_top.new_zeros(int(ids.max()) + 1).scatter_reduce(0, ids, row_top, "amax", include_self=False)[ids]
+    return scores / torch.where(top > 0, top, torch.ones_like(top)).unsqueeze(-1)
 
-    scores [..., N]; `widths` [...] limits each row to its first widths[i] entries (padding).
+
+def effective_dim(
+    scores: torch.Tensor, threshold: float = 0.05, widths: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+    at_least: bool = False,
+) -> torch.Tensor:
+    """Number of nodes whose normalised importance exceeds `threshold` (`at_least`: is not below it).
+
+    scores [..., N]; `widths` [...] limits each row to its first widths[i] entries (padding); `groups`
+    selects the normalisation (see `normalized_importance`). Ours: per row, > threshold; the authors':
+    groups = one id per width, at_least=True.
     """
-    norm = normalize(scores)
-    if widths is not None:
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
+    norm = normalized_importance(scores, groups)
+    if widths is not None:  # padding counts as 0, below any threshold
         valid = torch.arange(scores.shape[-1], device=scores.device) < widths.unsqueeze(-1)
         norm = norm * valid
-    return (norm > threshold).sum(-1)
+    return (norm >= threshold if at_least else norm > threshold).sum(-1)
 
 
 def critical_point(kept: np.ndarray, delta: np.ndarray, tol: float) -> int:

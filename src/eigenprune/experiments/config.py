@@ -128,6 +128,24 @@ class RegularizationConfig(_Strict):
     rule: Literal["best", "1se", "stable"] = "1se"
 
 
+class ParityConfig(_Strict):
+    """Options that reproduce the authors' Keras code where it differs from ours (docs/reproduction.md,
+    "Differences from the authors' code"); the defaults are ours.
+
+    optimizer: torch's Adam, or `keras_adam` (eps added before the bias correction, float32 beta and lr).
+    effective_dim: `per_trial` normalises each student's importance by its own maximum and counts values
+    > threshold; `authors` normalises by the maximum over all trials of a width (and strength) in a chunk
+    and counts values >= threshold. importance_scale: `sqrt_n` multiplies the stored importance by
+    sqrt(N) (their `RescaledEigenvalue`; rankings and normalised values are unchanged). l2_float32: round
+    the L2 coefficients to float32, as Keras does even in float64 runs.
+    """
+
+    optimizer: Literal["adam", "keras_adam"] = "adam"
+    effective_dim: Literal["per_trial", "authors"] = "per_trial"
+    importance_scale: Literal["none", "sqrt_n"] = "none"
+    l2_float32: bool = False
+
+
 class Config(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "quick"
     seed: Seed = 0
@@ -144,6 +162,7 @@ class Config(_Strict):
     spectral: SpectralConfig = SpectralConfig()
     direct: DirectConfig = DirectConfig()
     analysis: AnalysisConfig = AnalysisConfig()
+    parity: ParityConfig = ParityConfig()  # the authors' code's choices, as options
     save_students: bool = True
     workers: NonNegativeInt = 0
     max_memory_gb: PositiveFloat | None = None  # None: 80% of the memory available when the run starts
@@ -203,6 +222,8 @@ class Config(_Strict):
         """A hash of everything that changes results (not the device, CUDA graphs or kernels, the name, the worker count
         or the memory limit: they change floating-point rounding only)."""
         payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "name", "workers", "max_memory_gb"})
+        if self.parity == ParityConfig():  # the defaults: digests (and resumable folders) from before the option stay valid
+            del payload["parity"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -33,7 +33,7 @@ from eigenprune.batched.train import evaluate, train_ensemble
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.core.training import TrainSpec
 from eigenprune.experiments import seeds
-from eigenprune.experiments.analysis import critical_point, effective_dim, teacher_comparison
+from eigenprune.experiments.analysis import critical_point, effective_dim, normalized_importance, teacher_comparison
 from eigenprune.experiments.backends import ray_session, require_ray, run_local, run_ray
 from eigenprune.experiments.builders import make_teacher, paper_student
 from eigenprune.experiments.config import Config, ConfigError, DataConfig
@@ -42,7 +42,7 @@ from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.regpath import select_strengths
 from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, ChunkResult, RunFolder, parquet_writer
 from eigenprune.pruning.checkpoint import model_bytes
-from eigenprune.pruning.importance import node_importance, normalize
+from eigenprune.pruning.importance import node_importance
 
 Backend = Literal["local", "ray"]
 
@@ -89,7 +89,10 @@ def student_plans(cfg: Config, method: str, width: int, strength: float = 1.0, n
     `student.head: linear` the readout is a trainable dense layer with bias to `n_outputs`.
     """
     m = cfg.method(method)
-    first = LayerPlan(width, method, m.l2_phi * strength, m.l2_lam * strength)
+    l2_phi, l2_lam = m.l2_phi * strength, m.l2_lam * strength
+    if cfg.parity.l2_float32:  # Keras rounds its coefficients to float32 even in float64 runs
+        l2_phi, l2_lam = float(np.float32(l2_phi)), float(np.float32(l2_lam))
+    first = LayerPlan(width, method, l2_phi, l2_lam)
     return paper_student(first, list(cfg.student.rest), cfg.student.deep, cfg.student.head, n_outputs)
 
 
@@ -155,11 +158,22 @@ class LayerStats:
     accuracy: torch.Tensor | None
 
 
-def layer_stats(cfg: Config, ens: Ensemble, data: TrialData, trial_index: torch.Tensor) -> list[LayerStats]:
+def importance_groups(cfg: Config, keys: list[tuple[int, int, float]]) -> torch.Tensor | None:
+    """The effective dimension's normalisation groups of a chunk's students (width, trial, strength):
+    None (each student its own, ours), or one id per (width, strength) under `parity.effective_dim: authors`."""
+    if cfg.parity.effective_dim != "authors":
+        return None
+    ids: dict[tuple[int, float], int] = {}
+    return torch.tensor([ids.setdefault((w, k), len(ids)) for w, _, k in keys])
+
+
+def layer_stats(cfg: Config, ens: Ensemble, data: TrialData, trial_index: torch.Tensor,
+                groups: torch.Tensor | None = None) -> list[LayerStats]:
     stats = []
     for layer in range(len(ens.layers) - 1):
         scores = node_importance(ens.layers[layer])
-        eff = effective_dim(scores, cfg.analysis.threshold, ens.layers[layer].widths)
+        g = None if groups is None else groups.to(scores.device)
+        eff = effective_dim(scores, cfg.analysis.threshold, ens.layers[layer].widths, g, at_least=groups is not None)
         curves = pruning_curves(ens, layer, scores, data.x_test, data.y_test, trial_index, data.task)
         acc = (pruning_curves(ens, layer, scores, data.x_test, data.y_test, trial_index, data.task, metric="accuracy")
                if data.task == "classification" else None)
@@ -189,7 +203,7 @@ def prepare_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.devi
     return Prepared(
         ens=Ensemble(students).to(device), trial_index=torch.tensor([t for _, t, _ in keys], device=device),
         spec=TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs, task=data.task, backprop=cfg.backprop,
-                       cuda_graph=cfg.cuda_graphs),
+                       cuda_graph=cfg.cuda_graphs, optimizer=cfg.parity.optimizer),
         shuffle=seeds.shuffle_seeds(cfg.seed, cfg.trials), n_fit=validation_split(cfg, data.x_train.shape[1]),
     )
 
@@ -214,7 +228,9 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
     if data.task == "classification":
         metrics["train_accuracy"] = evaluate(ens, fit_x, fit_y, trial_index, data.task, metric="accuracy")
         metrics["test_accuracy"] = evaluate(ens, data.x_test, data.y_test, trial_index, data.task, metric="accuracy")
-    stats = layer_stats(cfg, ens, data, trial_index)
+    groups = importance_groups(cfg, keys)
+    stats = layer_stats(cfg, ens, data, trial_index, groups)
+    normalized = normalized_importance(stats[0].scores, groups)
     search_widths, search_kept = joint_search(ens, [st.scores.to(device) for st in stats], fit_x, fit_y, trial_index, data.task,
                                          cfg.analysis.search_rel_tol)
     metrics["search_test_loss"] = evaluate(ens, data.x_test, data.y_test, trial_index, data.task, kept=search_kept)
@@ -273,7 +289,9 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
             "seed": student_seed(cfg, t, w), "chunk": chunk.id,
             "checkpoint": f"chunks/{chunk.id}/students/{student_file(chunk.method, w, t, k)}" if cfg.save_students else "",
         })
-        scores, norm = stats[0].scores[s, :w], normalize(stats[0].scores[s, :w])
+        scores, norm = stats[0].scores[s, :w], normalized[s, :w]
+        if cfg.parity.importance_scale == "sqrt_n":  # the authors' RescaledEigenvalue
+            scores = scores * w**0.5
         imp_rows.append(pd.DataFrame({**base, "node": np.arange(w), "importance": scores.numpy(), "normalized": norm.numpy()}))
     tables = {"results": pd.DataFrame(results), "curves": pd.concat(curve_rows, ignore_index=True),
               "importance": pd.concat(imp_rows, ignore_index=True), "layers": pd.DataFrame(layer_rows)}
