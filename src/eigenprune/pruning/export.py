@@ -1,8 +1,10 @@
-"""Export an MLP to ONNX (optional extra: `pip install 'eigenprune[onnx]'`).
+"""Export to ONNX (optional extra: `pip install 'eigenprune[onnx]'`).
 
-The graph is written directly with `onnx.helper`, not traced: each linear layer becomes a Gemm
-(y = x W^T + b) and each activation its ONNX operator, with a dynamic batch dimension. Spectral
-layers are exported as the dense weight they compute.
+MLPs (`to_onnx`, `export_onnx`): the graph is written directly with `onnx.helper`, not traced: each
+linear layer becomes a Gemm (y = x W^T + b) and each activation its ONNX operator, with a dynamic
+batch dimension. Any other `nn.Module` (a pruned CNN, residual net, transformer): `export_module_onnx`
+traces it with `torch.onnx.export` and checks the file against torch with onnxruntime. Spectral
+layers are exported as the plain weight they compute.
 """
 
 from __future__ import annotations
@@ -94,3 +96,84 @@ def export_onnx(model: nn.Module, path: str | Path) -> Path:
     onnx.save(to_onnx(model), str(tmp))
     tmp.replace(path)
     return path
+
+
+# --- Any nn.Module, traced by torch.onnx.export -----------------------------------------------------
+
+
+def _example_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise ExportError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    return inputs
+
+
+def export_module_onnx(
+    model: nn.Module, example_inputs, path: str | Path, *, dynamic_batch: bool = True, overwrite: bool = False,
+    rtol: float = 1e-4, atol: float = 1e-5,
+) -> Path:
+    """Write any `nn.Module` (e.g. one `prune_nodes` pruned) to `path` as ONNX with `torch.onnx.export`; returns the path.
+
+    Spectral layers are exported as the plain layers they compute (a copy is despectralized; `model`
+    is not modified). Inputs are named x0, x1, ..., outputs y0, y1, ...; with `dynamic_batch` the first
+    dimension of every input is dynamic. The file is then run with onnxruntime on `example_inputs`
+    and must match torch within `rtol`/`atol` (`check_onnx`), else ExportError and no file is left.
+    An existing `path` is refused unless `overwrite`.
+    """
+    import copy
+    import os
+    import tempfile
+
+    from eigenprune.core.convert import despectralize
+
+    _onnx()
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} exists; choose a new path or pass overwrite=True")
+    if not path.parent.is_dir():
+        raise ExportError(f"the folder of {path} does not exist")
+    inputs = _example_tuple(example_inputs)
+    plain = despectralize(copy.deepcopy(model)).eval()
+    traced = tuple(torch.cat([t, t]) if dynamic_batch and t.dim() and t.shape[0] == 1 else t for t in inputs)
+    names = [f"x{i}" for i in range(len(inputs))]
+    with torch.no_grad():
+        outputs = plain(*inputs)
+    n_out = 1 if isinstance(outputs, torch.Tensor) else len(outputs)
+    dynamic = tuple({0: torch.export.Dim("batch")} if t.dim() else {} for t in traced) if dynamic_batch else None
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.onnx.export(plain, traced, tmp, input_names=names, output_names=[f"y{i}" for i in range(n_out)],
+                          dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
+        check_onnx(tmp, plain, inputs, rtol=rtol, atol=atol)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def check_onnx(path: str | Path, model: nn.Module, example_inputs, *, rtol: float = 1e-4, atol: float = 1e-5) -> float:
+    """Run the ONNX file with onnxruntime and compare with `model` in torch; returns the largest |difference|.
+
+    Raises ExportError when some output differs by more than atol + rtol * |torch output|.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("checking ONNX needs onnxruntime: pip install 'eigenprune[onnx]'") from None
+    inputs = _example_tuple(example_inputs)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.detach().cpu().float().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    got = session.run(None, feed)
+    with torch.no_grad():
+        want = model.eval()(*inputs)
+    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    worst = 0.0
+    for g, w in zip(got, want):
+        w = w.detach().cpu().float().numpy()
+        diff = np.abs(g - w)
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+        if not np.all(diff <= atol + rtol * np.abs(w)):
+            raise ExportError(f"onnxruntime and torch disagree by up to {float(diff.max()):.3g} (rtol={rtol}, atol={atol})")
+    return worst
