@@ -85,6 +85,9 @@ SPECTRAL_PRUNER = SpectralPruner()
 SPECTRAL_PRUNERS: dict[type[nn.Module], tp.pruner.function.BasePruningFunc] = {cls: SPECTRAL_PRUNER for cls in SPECTRAL_LAYERS}
 """`customized_pruners` for Torch-Pruning: {spectral layer type: pruner}."""
 
+ROOT_TYPES: tuple[type, ...] = (ops.TORCH_CONV, ops.TORCH_LINEAR, *SPECTRAL_LAYERS)
+"""`root_module_types` for Torch-Pruning's pruners: its defaults plus the spectral layers (else they root no group)."""
+
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, *SPECTRAL_LAYERS)
 """Layers whose output channels are ranked and whose slices `mask_graph` zeroes."""
 
@@ -102,8 +105,8 @@ class EigenImportance(tp.importance.Importance):
     For a channel produced by one layer it is `node_importance` of that layer (on a spectral layer with
     lam_in = 0, the paper's |lam_out_i| ||phi_i||); for channels that several layers produce together
     (a residual sum) it is the norm of all their incoming weights, sqrt(sum over layers of the squares).
-    Use it with any Torch-Pruning pruner, e.g.
-    `tp.pruner.MetaPruner(model, x, importance=EigenImportance(), customized_pruners=SPECTRAL_PRUNERS)`.
+    Use it with any Torch-Pruning pruner, e.g. `tp.pruner.MetaPruner(model, x, importance=EigenImportance(),
+    customized_pruners=SPECTRAL_PRUNERS, root_module_types=ROOT_TYPES)`.
     """
 
     @torch.no_grad()
@@ -156,12 +159,15 @@ def _shapes(inputs: tuple[torch.Tensor, ...]) -> str:
 def _check_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     """One line naming the model and the inputs if `model(*inputs)` fails or has no autograd graph."""
     name = type(model).__name__
+    training = model.training
     try:
         with torch.enable_grad():
-            out = model(*inputs)
+            out = model.eval()(*inputs)  # eval: a check must not move BatchNorm statistics
     except Exception as err:  # noqa: BLE001 - any failure means these inputs do not fit this model
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise PruneError(f"example_inputs of shape {_shapes(inputs)} do not fit {name}: {type(err).__name__}: {first}") from None
+    finally:
+        model.train(training)
     tensors = [t for t in tp.utils.flatten_as_list(out) if isinstance(t, torch.Tensor)]
     if not tensors or all(t.grad_fn is None for t in tensors):
         raise PruneError(f"cannot trace {name}: its output on example_inputs has no autograd graph "
@@ -187,7 +193,9 @@ def _unsupported_modules(model: nn.Module, dg: tp.DependencyGraph) -> list[tuple
     for name, m in model.named_modules():
         if not any(True for _ in m.parameters(recurse=False)):
             continue
-        if dg.get_pruner_of_module(m) is None and not isinstance(m, nn.MultiheadAttention):
+        if isinstance(m, nn.MultiheadAttention) or type(m) in dg.CUSTOMIZED_PRUNERS:
+            continue
+        if dg.get_pruner_of_module(m) is None or ops.module2type(m) == ops.OPTYPE.ELEMENTWISE:
             bad.append((name, m))
     return bad
 
@@ -214,12 +222,12 @@ def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], ignored: set[str]
 def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: ChannelPlan) -> dict[str, object]:
     """Prunable groups by root layer name; the others go to plan.left_alone with the reason."""
     names = {id(m): n for n, m in model.named_modules()}
+    names.update({id(p): n for n, p in model.named_parameters()})
     for name, m in model.named_modules():
         if isinstance(m, _WEIGHTED) and m not in dg.module2node:
             plan.left_alone[name] = "not reached by the forward pass on example_inputs"
-    roots = (ops.TORCH_CONV, ops.TORCH_LINEAR, *SPECTRAL_LAYERS)
     groups = {}
-    for group in dg.get_all_groups(root_module_types=roots):
+    for group in dg.get_all_groups(root_module_types=ROOT_TYPES):
         root = group[0].dep.target.module
         rname = names[id(root)]
         why = None
@@ -229,7 +237,7 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
             mname = names.get(id(mod), repr(mod))
             if isinstance(mod, ops._OutputOp) or (not target.outputs and _is_out(group, item.dep)):
                 why = "its channels are model outputs"
-            elif any(mname == i or mname.startswith(i + ".") for i in ignored):
+            elif _is_out(group, item.dep) and any(mname == i or mname.startswith(i + ".") for i in ignored):
                 why = f"shares channels with ignored layer {mname}"
             elif isinstance(mod, nn.Conv1d | nn.Conv2d) and mod.groups != 1:
                 why = f"shares channels with grouped convolution {mname} (groups={mod.groups})"
@@ -239,6 +247,9 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
                 break
         if why:
             plan.left_alone[rname] = why
+            for item in group:
+                if isinstance(item.dep.target.module, _WEIGHTED) and _is_out(group, item.dep):
+                    plan.left_alone.setdefault(names[id(item.dep.target.module)], why)
         else:
             groups[rname] = group
             plan.widths[rname] = len(group[0].idxs)
