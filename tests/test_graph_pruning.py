@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 import torch_pruning as tp
-from test_spectral_conv import CNN, MODELS, ResMLP, TinyTransformer, _randomize, _settle
 from torch import nn
 
 from eigenprune import SpectralLinear, node_importance, prune_nodes, spectralize
 from eigenprune.core.layers import SpectralConv2d, SpectralModule
 from eigenprune.pruning.graph import ROOT_TYPES, SPECTRAL_PRUNERS, EigenImportance, mask_graph, prune_graph, select_channels
 from eigenprune.pruning.removal import PruneError
+from real_models import CNN, MODELS, ResMLP, TinyTransformer, _randomize, _settle
 
 
 def _spectral(kind, seed=0):

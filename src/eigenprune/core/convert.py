@@ -20,7 +20,8 @@ from eigenprune.core.layers import SpectralConv1d, SpectralConv2d, SpectralLinea
 
 log = logging.getLogger("eigenprune")
 
-_SPECTRAL_OF: dict[type[nn.Module], type[SpectralModule]] = {nn.Linear: SpectralLinear, nn.Conv1d: SpectralConv1d, nn.Conv2d: SpectralConv2d}
+_SPECTRAL_OF: dict[type[nn.Module], type[SpectralModule]] = {
+    nn.Linear: SpectralLinear, nn.Conv1d: SpectralConv1d, nn.Conv2d: SpectralConv2d}
 
 
 class SpectralizeError(ValueError):
