@@ -62,9 +62,14 @@ def test_the_default_ranking_is_node_importance():
     plan = select_channels(model, 5, x)
     scores = node_importance(model.encoder.linear1)
     assert plan.kept["encoder.linear1"].tolist() == sorted(scores.argsort(descending=True)[:5].tolist())
-    model, x = _spectral("cnn")  # a residual group: the norm of both producing layers' incoming weights
+    model, x = _spectral("cnn")  # a residual group: the norm of both producing layers' incoming weights, after BatchNorm
     plan = select_channels(model, 3, x)
-    both = (node_importance(model.c1).square() + node_importance(model.c2).square()).sqrt()
+
+    def folded(conv, bn):
+        return node_importance(conv) * bn.weight.abs().detach() / (bn.running_var + bn.eps).sqrt()
+
+    both = (folded(model.c1, model.bn1).square() + folded(model.c2, model.bn2).square()).sqrt()
+    assert not torch.equal(both.argsort(), (node_importance(model.c1).square() + node_importance(model.c2).square()).argsort())
     assert plan.kept["c2"].tolist() == sorted(both.argsort(descending=True)[:3].tolist())
 
 

@@ -105,19 +105,34 @@ class EigenImportance(tp.importance.Importance):
     For a channel produced by one layer it is `node_importance` of that layer (on a spectral layer with
     lam_in = 0, the paper's |lam_out_i| ||phi_i||); for channels that several layers produce together
     (a residual sum) it is the norm of all their incoming weights, sqrt(sum over layers of the squares).
+    A BatchNorm right after a layer is part of the channel's incoming weights: its scale gamma / sqrt(var + eps)
+    multiplies them (otherwise the normalisation would hide how small a channel's weights are).
     Use it with any Torch-Pruning pruner, e.g. `tp.pruner.MetaPruner(model, x, importance=EigenImportance(),
     customized_pruners=SPECTRAL_PRUNERS, root_module_types=ROOT_TYPES)`.
     """
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:
+        scale = {}  # a BatchNorm right after a layer multiplies its channel o by gamma_o / sqrt(var_o + eps)
+        for item in group:
+            bn = item.dep.target
+            if not (isinstance(bn.module, nn.modules.batchnorm._BatchNorm) and bn.module.affine and len(bn.inputs) == 1):
+                continue
+            source = bn.inputs[0].module
+            if isinstance(source, _WEIGHTED):
+                m = bn.module
+                factor = m.weight.abs() / (m.running_var + m.eps).sqrt() if m.running_var is not None else m.weight.abs()
+                scale[id(source)] = factor.double()
         total = None
         for item in group:
             dep, idxs = item.dep, item.idxs
             layer = dep.target.module
             if not (isinstance(layer, _WEIGHTED) and _is_out(group, dep)):
                 continue
-            scores = node_importance(layer)[list(idxs)].double().square()
+            scores = node_importance(layer).double()
+            if id(layer) in scale:
+                scores = scores * scale[id(layer)].to(scores.device)
+            scores = scores[list(idxs)].square()
             if total is None:
                 total = torch.zeros(len(group[0].idxs), dtype=torch.float64, device=scores.device)
             total.index_add_(0, torch.as_tensor(item.root_idxs, device=scores.device), scores)
