@@ -222,3 +222,18 @@ def test_pruning_a_model_in_training_mode_keeps_its_mode_and_batchnorm_statistic
     kept = plan.kept["c2"]
     assert torch.equal(pruned.bn1.running_mean, model.bn1.running_mean[kept])
     assert torch.equal(pruned.bn2.running_var, model.bn2.running_var[kept])
+
+
+def test_choose_channels_re_decides_from_the_stored_scores():
+    from eigenprune.pruning.graph import choose_channels
+
+    model, x = _spectral("cnn")
+    plan = select_channels(model, 1.0, x)
+    assert all(len(plan.kept[n]) == plan.widths[n] for n in plan.kept)
+    for keep in (3, 0.5, ">0.5"):
+        assert {n: v.tolist() for n, v in choose_channels(plan, keep).kept.items()} == \
+               {n: v.tolist() for n, v in select_channels(model, keep, x).kept.items()}
+    glob = choose_channels(plan, 5, global_ranking=True)
+    assert sum(len(v) for v in glob.kept.values()) == 5
+    with pytest.raises(PruneError, match="global keep=1 must be between the number of groups 2"):
+        choose_channels(plan, 1, global_ranking=True)

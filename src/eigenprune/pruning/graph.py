@@ -145,13 +145,15 @@ class ChannelPlan:
 
     `kept`: root layer name -> sorted kept output-channel indices; `widths`: root layer name -> its
     width; `members`: every layer producing a group's channels (e.g. both convolutions of a residual
-    sum) -> the group's root layer name; `left_alone`: name -> why its channels are not pruned.
+    sum) -> the group's root layer name; `left_alone`: name -> why its channels are not pruned;
+    `scores`: root layer name -> the importance of each of its channels.
     """
 
     kept: dict[str, torch.Tensor] = field(default_factory=dict)
     widths: dict[str, int] = field(default_factory=dict)
     members: dict[str, str] = field(default_factory=dict)
     left_alone: dict[str, str] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{name}: keep {len(idx)} of {self.widths[name]}" for name, idx in self.kept.items()]
@@ -297,26 +299,44 @@ def select_channels(
 ) -> ChannelPlan:
     """Which output channels of each prunable group to keep (`model` is not modified).
 
-    `keep`: a count per group (int), a fraction (float or '10%'), a threshold '>t' on each group's
-    importance normalised by its maximum, or a dict {root layer name: keep} (other groups untouched).
-    `importance`: any Torch-Pruning `Importance` (default `EigenImportance`). With `global_ranking`,
-    a fraction keeps that fraction of all prunable channels together, ranked by importance
-    normalised by each group's maximum (each group keeps at least its top channel).
+    `importance`: any Torch-Pruning `Importance` (default `EigenImportance`; gradient-based ones such as
+    `TaylorImportance` read the gradients already in `model`'s parameters). The scores are kept in
+    the plan (`plan.scores`), so `choose_channels(plan, other_keep)` re-decides without re-scoring.
+    `keep` and `global_ranking`: see `choose_channels`.
     """
     work = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), work.parameters()):  # gradient-based importances (Taylor) read .grad
+        if p.grad is not None:
+            q.grad = p.grad.detach().clone()
     inputs = _as_tuple(example_inputs)
     names_of_original = {id(m): n for n, m in model.named_modules()}
     ignored = _resolve(work, ignored_layers, names_of_original)
     dg = _build(work, inputs, ignored)
     plan = ChannelPlan()
     groups = _groups(work, dg, ignored, plan)
+    if not groups:
+        raise PruneError(f"{type(model).__name__} has no channels that can be pruned: " +
+                         "; ".join(f"{n}: {w}" for n, w in plan.left_alone.items()))
     importance = importance or EigenImportance()
-    scores = {}
     for name, group in groups.items():
         s = importance(group)
         if s is None:
             raise PruneError(f"the importance {type(importance).__name__} gives no scores for the group of {name}")
-        scores[name] = s.detach().flatten().double().cpu()
+        plan.scores[name] = s.detach().flatten().double().cpu()
+    return choose_channels(plan, keep, global_ranking=global_ranking)
+
+
+def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, global_ranking: bool = False) -> ChannelPlan:
+    """A plan with the same groups and scores as `plan` keeping, by score, the channels `keep` asks for.
+
+    `keep`: a count per group (int), a fraction (float or '10%'), a threshold '>t' on each group's
+    score normalised by its maximum, or a dict {layer name: keep} (other groups untouched; any layer
+    producing a group's channels names the group). With `global_ranking`, a count or a fraction is
+    of all prunable channels together, ranked by score normalised by each group's maximum (each group
+    keeps at least its top channel).
+    """
+    scores = plan.scores
+    new = ChannelPlan(widths=dict(plan.widths), members=dict(plan.members), left_alone=dict(plan.left_alone), scores=scores)
     if isinstance(keep, dict):
         if global_ranking:
             raise PruneError("global_ranking ranks all groups together: give one keep value, not a per-layer dict")
@@ -331,27 +351,26 @@ def select_channels(
             specs[plan.members[name]] = parse_keep(value)
     else:
         spec = parse_keep(keep)
-        specs = {name: spec for name in groups}
-    if not groups:
-        raise PruneError(f"{type(model).__name__} has no channels that can be pruned: " +
-                         "; ".join(f"{n}: {w}" for n, w in plan.left_alone.items()))
-    if global_ranking and next(iter(specs.values())).kind == "fraction":
-        spec = next(iter(specs.values()))
+        specs = {name: spec for name in scores}
+    if global_ranking and spec.kind in ("count", "fraction"):
         flat = torch.cat([normalize(scores[n]) for n in specs])
-        total = max(len(specs), math.ceil(spec.value * flat.numel() - 1e-9))
-        order = torch.cat([keep_mask(normalize(scores[n]), 1) for n in specs])  # each group's top channel first
-        ranked = torch.where(order.bool(), torch.full_like(flat, math.inf), flat)
-        chosen = keep_mask(ranked, total).bool()
+        total = sum(new.widths[n] for n in specs)
+        wanted = int(spec.value) if spec.kind == "count" else math.ceil(spec.value * total - 1e-9)
+        if not len(specs) <= wanted <= total:
+            raise PruneError(f"global keep={wanted} must be between the number of groups {len(specs)} and the "
+                             f"number of prunable channels {total}")
+        top = torch.cat([keep_mask(scores[n], 1) for n in specs]).bool()  # each group's top channel first
+        chosen = keep_mask(torch.where(top, torch.full_like(flat, math.inf), flat), wanted).bool()
         start = 0
         for name in specs:
             n = scores[name].numel()
-            plan.kept[name] = chosen[start : start + n].nonzero().flatten()
+            new.kept[name] = chosen[start : start + n].nonzero().flatten()
             start += n
-        return plan
+        return new
     for name, spec in specs.items():
-        k = _count(spec, plan.widths[name], name, scores[name])
-        plan.kept[name] = keep_mask(scores[name], k).nonzero().flatten()
-    return plan
+        k = _count(spec, new.widths[name], name, scores[name])
+        new.kept[name] = keep_mask(scores[name], k).nonzero().flatten()
+    return new
 
 
 @torch.no_grad()
