@@ -105,8 +105,8 @@ class EigenImportance(tp.importance.Importance):
     For a channel produced by one layer it is `node_importance` of that layer (on a spectral layer with
     lam_in = 0, the paper's |lam_out_i| ||phi_i||); for channels that several layers produce together
     (a residual sum) it is the norm of all their incoming weights, sqrt(sum over layers of the squares).
-    A BatchNorm right after a layer is part of the channel's incoming weights: its scale gamma / sqrt(var + eps)
-    multiplies them (otherwise the normalisation would hide how small a channel's weights are).
+    A BatchNorm right after a layer (its only consumer) is part of the channel's incoming weights: its scale
+    gamma / sqrt(var + eps) multiplies them (otherwise the normalisation would hide how small a channel's weights are).
     Use it with any Torch-Pruning pruner, e.g. `tp.pruner.MetaPruner(model, x, importance=EigenImportance(),
     customized_pruners=SPECTRAL_PRUNERS, root_module_types=ROOT_TYPES)`.
     """
@@ -119,7 +119,7 @@ class EigenImportance(tp.importance.Importance):
             if not (isinstance(bn.module, nn.modules.batchnorm._BatchNorm) and bn.module.affine and len(bn.inputs) == 1):
                 continue
             source = bn.inputs[0].module
-            if isinstance(source, _WEIGHTED):
+            if isinstance(source, _WEIGHTED) and len(bn.inputs[0].outputs) == 1:  # the layer feeds only this BatchNorm
                 m = bn.module
                 factor = m.weight.abs() / (m.running_var + m.eps).sqrt() if m.running_var is not None else m.weight.abs()
                 scale[id(source)] = factor.double()
