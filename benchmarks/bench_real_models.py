@@ -152,9 +152,9 @@ def main() -> None:
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": time.perf_counter() - start,
     })
-    import torch_pruning
+    from importlib.metadata import version
 
-    result["machine"]["torch_pruning"] = torch_pruning.__version__
+    result["machine"]["torch_pruning"] = version("torch-pruning")  # the module's __version__ says 1.6.0 in 1.6.1
     print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
