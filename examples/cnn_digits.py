@@ -1,6 +1,6 @@
 """A small CNN on scikit-learn's 8x8 digits: train spectral and direct, prune channels, fine-tune, print a table.
 
-    python examples/cnn_digits.py           # about a minute on 2 CPU cores
+    python examples/cnn_digits.py           # about 10 s on the 2-core VM (one thread)
     python examples/cnn_digits.py --tiny    # seconds (what the tests run)
 
 The shortest form of pruning your own model with eigenprune:

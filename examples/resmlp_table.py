@@ -3,7 +3,7 @@
 The table is written from scikit-learn's `make_classification` (4 classes, 20 columns) into a temporary
 folder and read back as any CSV would be; nothing is downloaded.
 
-    python examples/resmlp_table.py           # about a minute on 2 CPU cores
+    python examples/resmlp_table.py           # about 10 s on the 2-core VM (one thread)
     python examples/resmlp_table.py --tiny    # seconds (what the tests run)
 """
 

@@ -3,7 +3,7 @@
 Each image is 8 tokens (its rows) of 8 pixels. Pruning reaches the feed-forward layers inside each
 `nn.TransformerEncoderLayer`; the residual stream (tied to LayerNorm and attention) is left alone and reported.
 
-    python examples/transformer_digits.py           # about two minutes on 2 CPU cores
+    python examples/transformer_digits.py           # about 10 s on the 2-core VM (one thread)
     python examples/transformer_digits.py --tiny    # seconds (what the tests run)
 """
 
