@@ -237,3 +237,17 @@ def test_choose_channels_re_decides_from_the_stored_scores():
     assert sum(len(v) for v in glob.kept.values()) == 5
     with pytest.raises(PruneError, match="global keep=1 must be between the number of groups 2"):
         choose_channels(plan, 1, global_ranking=True)
+
+
+def test_onnx_round_trip_of_a_pruned_transformer(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from eigenprune.pruning.export import check_onnx, export_module_onnx
+
+    torch.manual_seed(0)
+    model = spectralize(TinyTransformer()).eval()
+    x = torch.randn(3, 8, 8)
+    pruned = prune_nodes(model, 0.25, example_inputs=x).eval()
+    assert pruned.encoder.linear1.out_features == 6
+    path = export_module_onnx(pruned, x, tmp_path / "tr.onnx")
+    assert check_onnx(path, pruned, torch.randn(5, 8, 8)) < 1e-4

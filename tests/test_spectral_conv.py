@@ -110,6 +110,9 @@ def test_the_report_lists_what_is_converted_and_what_is_left_alone(caplog):
     with caplog.at_level(logging.INFO, logger="eigenprune"):
         spectralize(model)
     assert "converted 4 layer(s), left 4 alone" in caplog.text and "encoder.norm2" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["spectralize left encoder.self_attn.out_proj (NonDynamicallyQuantizableLinear) alone: "
+                        "NonDynamicallyQuantizableLinear has no spectral form (Linear, Conv1d, Conv2d have)"]
     assert type(model.encoder.self_attn.out_proj) is not SpectralLinear
 
 

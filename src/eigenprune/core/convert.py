@@ -124,7 +124,8 @@ def spectralize(model: nn.Module, *, include: Iterable | None = None, exclude: I
     The outputs are unchanged (lam_in = 0, lam_out = 1, phi = -W). Keyword arguments go to the
     spectral layers (flags, L2 coefficients). A layer used at several places stays one (shared) layer.
     Layers it cannot or was told not to convert are left alone and listed in the report it logs at
-    INFO level ("eigenprune" logger); `plan_spectralize` returns that report. Passing a bare layer
+    INFO level ("eigenprune" logger), with a WARNING for each Linear/Conv layer that stays plain for
+    a reason other than include/exclude; `plan_spectralize` returns that report. Passing a bare layer
     returns its spectral copy.
     """
     report = plan_spectralize(model, include, exclude)
@@ -137,6 +138,9 @@ def spectralize(model: nn.Module, *, include: Iterable | None = None, exclude: I
             new_of[id(old)] = spectral.from_linear(old, **kwargs) if spectral is SpectralLinear else spectral.from_conv(old, **kwargs)
         replace[name] = new_of[id(old)]
     log.info("%s", report)
+    for name, why in report.left_alone.items():  # a dense or convolutional layer that stays plain is worth a warning
+        if isinstance(model.get_submodule(name), (nn.Linear, nn.modules.conv._ConvNd)) and "include" not in why and "exclude" not in why:
+            log.warning("spectralize left %s (%s) alone: %s", name or "<model>", type(model.get_submodule(name)).__name__, why)
     return _swap(model, replace)
 
 
