@@ -47,3 +47,18 @@ def test_floor_counts_flops_and_orders_the_designs(tmp_path):
     assert first["floor_s_unfused"] <= first["floor_s_eager"]
     assert first["mb_per_step_fused"] < first["mb_per_step_fused_first"] < first["mb_per_step_eager"]
     assert first["mb_per_step_unfused"] < first["mb_per_step_eager"]
+
+
+def test_real_models_benchmark_runs_in_tiny_form(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "real.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_real_models.py"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    pairs = {(r["model"], r["training"], r["criterion"]) for r in result["rows"]}
+    assert len(pairs) == 15 and ("cnn-digits", "spectral", "eigenprune") in pairs and ("resmlp-csv", "direct", "tp-taylor") in pairs
+    for r in result["rows"]:
+        assert r["params_ft"] is None or r["params_ft"] <= r["params_full"]
+        assert r["latency_full_b1_ms"] > 0 and r["latency_full_b256_ms"] > 0
+    assert "| cnn-digits | spectral + eigenprune |" in proc.stdout

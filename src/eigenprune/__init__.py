@@ -5,8 +5,8 @@ importance and pruning. The paper's experiment runner lives in `eigenprune.exper
 only when used (`make_teacher` below loads it on first access).
 """
 
-from eigenprune.core.convert import despectralize, spectral_penalty, spectralize
-from eigenprune.core.layers import SpectralLinear, spectral_weight
+from eigenprune.core.convert import despectralize, plan_spectralize, spectral_penalty, spectralize
+from eigenprune.core.layers import SpectralConv1d, SpectralConv2d, SpectralLinear, spectral_weight
 from eigenprune.core.plans import make_student
 from eigenprune.core.structure import as_sequential
 from eigenprune.pruning.importance import node_importance
@@ -15,12 +15,15 @@ from eigenprune.pruning.removal import prune_nodes
 __version__ = "0.1.0"
 
 __all__ = [
+    "SpectralConv1d",
+    "SpectralConv2d",
     "SpectralLinear",
     "as_sequential",
     "despectralize",
     "make_student",
     "make_teacher",
     "node_importance",
+    "plan_spectralize",
     "prune_nodes",
     "spectral_penalty",
     "spectral_weight",

@@ -1,38 +1,133 @@
-"""The spectral dense layer: w_ij = (lam_in_j - lam_out_i) * phi_ij.
+"""Spectral layers: w_ij = (lam_in_j - lam_out_i) * phi_ij, dense or convolutional.
 
 A dense map from n_in to n_out nodes is the off-diagonal block of A = Phi Lambda Phi^-1 with
-Phi = identity + phi. `spectral_weight` is the one place the formula lives; the single layer
-(`SpectralLinear`) and the batched ensemble both call it.
+Phi = identity + phi. A convolution is the same map between channels, with one phi entry per kernel
+position: w[o, i, ...] = (lam_in_i - lam_out_o) * phi[o, i, ...]. `spectral_weight` is the one place
+the formula lives and `SpectralModule.penalty` the one place the penalty lives; the dense layer
+(`SpectralLinear`), the convolutions (`SpectralConv1d`, `SpectralConv2d`) and the batched ensemble
+all use them.
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 
-def spectral_weight(phi: torch.Tensor, lam_in: torch.Tensor, lam_out: torch.Tensor) -> torch.Tensor:
-    """Direct-space weight w_ij = (lam_in_j - lam_out_i) * phi_ij.
+def spectral_weight(phi: torch.Tensor, lam_in: torch.Tensor, lam_out: torch.Tensor, kernel_dims: int = 0) -> torch.Tensor:
+    """Direct-space weight w[..., o, i, k...] = (lam_in_i - lam_out_o) * phi[..., o, i, k...].
 
-    Shapes: phi [..., n_out, n_in], lam_in [..., n_in], lam_out [..., n_out]; leading dims broadcast.
+    Shapes: phi [..., n_out, n_in, *kernel] with `kernel_dims` trailing kernel dimensions (0 for a dense
+    layer), lam_in [..., n_in], lam_out [..., n_out]; leading dims broadcast.
     """
-    return (lam_in.unsqueeze(-2) - lam_out.unsqueeze(-1)) * phi
+    tail = (1,) * kernel_dims
+    lam_in = lam_in.reshape(*lam_in.shape[:-1], 1, lam_in.shape[-1], *tail)
+    lam_out = lam_out.reshape(*lam_out.shape[:-1], lam_out.shape[-1], 1, *tail)
+    return (lam_in - lam_out) * phi
 
 
-def glorot_uniform_(tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fill a [n_out, n_in] tensor from U(-a, a), a = sqrt(6 / (n_in + n_out)) (Keras' default)."""
-    n_out, n_in = tensor.shape[-2:]
-    bound = math.sqrt(6.0 / (n_in + n_out))
+def glorot_uniform_(tensor: torch.Tensor, generator: torch.Generator | None = None, kernel_dims: int = 0) -> torch.Tensor:
+    """Fill a [..., n_out, n_in, *kernel] tensor from U(-a, a), a = sqrt(6 / (fan_in + fan_out)) (Keras' default).
+
+    fan_in = n_in x kernel size, fan_out = n_out x kernel size (kernel size 1 for a dense layer).
+    """
+    split = tensor.dim() - kernel_dims
+    n_out, n_in = tensor.shape[split - 2 : split]
+    receptive = math.prod(tensor.shape[split:])
+    bound = math.sqrt(6.0 / ((n_in + n_out) * receptive))
     with torch.no_grad():
         values = torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * 2 - 1
         tensor.copy_(values * bound)
     return tensor
 
 
-class SpectralLinear(nn.Module):
+class SpectralModule(nn.Module):
+    """What every spectral layer shares: parameters phi, lam_in, lam_out, bias; their flags; the penalty.
+
+    Subclasses set `kernel_dims` (0 dense, 1 or 2 convolutional) and define `forward`. Frozen parts
+    stay `nn.Parameter`s with `requires_grad=False` so that state dicts are uniform.
+    """
+
+    kernel_dims: ClassVar[int] = 0
+    phi: nn.Parameter
+    lam_in: nn.Parameter
+    lam_out: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_spectral(
+        self, n_in: int, n_out: int, kernel: tuple[int, ...], *, bias: bool, train_phi: bool, train_lam_in: bool,
+        train_lam_out: bool, train_bias: bool, lam_in_init: float, lam_out_init: float, l2_phi: float, l2_lam: float,
+        l1_lam: float, group_lasso: float, generator: torch.Generator | None, dtype: torch.dtype | None,
+        device: torch.device | str | None,
+    ) -> None:
+        kw = {"dtype": dtype or torch.get_default_dtype(), "device": device}
+        self.l2_phi = float(l2_phi)
+        self.l2_lam = float(l2_lam)
+        self.l1_lam = float(l1_lam)
+        self.group_lasso = float(group_lasso)
+        phi = glorot_uniform_(torch.empty(n_out, n_in, *kernel, **kw), generator, self.kernel_dims)
+        self.phi = nn.Parameter(phi, train_phi)
+        self.lam_in = nn.Parameter(torch.full((n_in,), float(lam_in_init), **kw), train_lam_in)
+        self.lam_out = nn.Parameter(torch.full((n_out,), float(lam_out_init), **kw), train_lam_out)
+        self.bias = nn.Parameter(torch.zeros(n_out, **kw), train_bias) if bias else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The direct-space weight [out, in, *kernel] (see `spectral_weight`)."""
+        return spectral_weight(self.phi, self.lam_in, self.lam_out, self.kernel_dims)
+
+    def penalty(self) -> torch.Tensor:
+        """Regularization of the trainable parts.
+
+        The paper's L2 terms l2_phi * sum(phi^2) + l2_lam * sum(lam^2), plus, when set,
+        l1_lam * sum_i |lam_out_i| and group_lasso * sum_i ||w_i|| (w_i: node i's incoming weights,
+        all kernel positions of output channel i for a convolution).
+        """
+        total = self.phi.new_zeros(())
+        if self.phi.requires_grad:
+            total = total + self.l2_phi * self.phi.square().sum()
+        for lam in (self.lam_in, self.lam_out):
+            if lam.requires_grad:
+                total = total + self.l2_lam * lam.square().sum()
+        if self.l1_lam and self.lam_out.requires_grad:
+            total = total + self.l1_lam * self.lam_out.abs().sum()
+        if self.group_lasso:
+            total = total + self.group_lasso * self.weight.flatten(1).norm(dim=1).sum()
+        return total
+
+    def _spectral_trains(self) -> bool:
+        return any(p.requires_grad for p in (self.phi, self.lam_in, self.lam_out))
+
+    def _copy_direct(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Set the parameters to the exact spectral form of a direct layer: lam_in = 0, lam_out = 1, phi = -W."""
+        with torch.no_grad():
+            self.lam_in.zero_()
+            self.lam_out.fill_(1.0)
+            self.phi.copy_(-weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+
+    def trainable_parts(self) -> list[str]:
+        """Names of the parameters that train, from phi, lam_in, lam_out, bias."""
+        return [n for n in ("phi", "lam_in", "lam_out", "bias") if getattr(self, n) is not None and getattr(self, n).requires_grad]
+
+
+def _direct_flags(weight: nn.Parameter, bias: nn.Parameter | None, kwargs: dict) -> dict:
+    """Default flags of a spectral copy of a direct layer: a frozen layer gives a frozen copy."""
+    kwargs.setdefault("train_phi", weight.requires_grad)
+    kwargs.setdefault("train_lam_out", weight.requires_grad)
+    if bias is not None:
+        kwargs.setdefault("train_bias", bias.requires_grad)
+    kwargs.setdefault("dtype", weight.dtype)
+    kwargs.setdefault("device", weight.device)
+    return kwargs
+
+
+class SpectralLinear(SpectralModule):
     """A dense layer trained in the spectral domain.
 
     Parameters `phi` [out, in] (eigenvector entries), `lam_out` [out] (one eigenvalue per output
@@ -68,43 +163,16 @@ class SpectralLinear(nn.Module):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"SpectralLinear sizes must be positive integers, got {in_features}x{out_features}")
-        kw = {"dtype": dtype or torch.get_default_dtype(), "device": device}
         self.in_features = in_features
         self.out_features = out_features
-        self.l2_phi = float(l2_phi)
-        self.l2_lam = float(l2_lam)
-        self.l1_lam = float(l1_lam)
-        self.group_lasso = float(group_lasso)
-        self.phi = nn.Parameter(glorot_uniform_(torch.empty(out_features, in_features, **kw), generator), train_phi)
-        self.lam_in = nn.Parameter(torch.full((in_features,), float(lam_in_init), **kw), train_lam_in)
-        self.lam_out = nn.Parameter(torch.full((out_features,), float(lam_out_init), **kw), train_lam_out)
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw), train_bias) if bias else None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The direct-space weight matrix [out, in]."""
-        return spectral_weight(self.phi, self.lam_in, self.lam_out)
+        self._init_spectral(
+            in_features, out_features, (), bias=bias, train_phi=train_phi, train_lam_in=train_lam_in, train_lam_out=train_lam_out,
+            train_bias=train_bias, lam_in_init=lam_in_init, lam_out_init=lam_out_init, l2_phi=l2_phi, l2_lam=l2_lam,
+            l1_lam=l1_lam, group_lasso=group_lasso, generator=generator, dtype=dtype, device=device,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-    def penalty(self) -> torch.Tensor:
-        """Regularization of the trainable parts.
-
-        The paper's L2 terms l2_phi * sum(phi^2) + l2_lam * sum(lam^2), plus, when set,
-        l1_lam * sum_i |lam_out_i| and group_lasso * sum_i ||w_i|| (w_i: node i's incoming weights).
-        """
-        total = self.phi.new_zeros(())
-        if self.phi.requires_grad:
-            total = total + self.l2_phi * self.phi.square().sum()
-        for lam in (self.lam_in, self.lam_out):
-            if lam.requires_grad:
-                total = total + self.l2_lam * lam.square().sum()
-        if self.l1_lam and self.lam_out.requires_grad:
-            total = total + self.l1_lam * self.lam_out.abs().sum()
-        if self.group_lasso:
-            total = total + self.group_lasso * self.weight.norm(dim=-1).sum()
-        return total
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> SpectralLinear:
@@ -112,19 +180,9 @@ class SpectralLinear(nn.Module):
 
         A frozen `linear` (requires_grad False) gives a frozen copy unless the flags say otherwise.
         """
-        kwargs.setdefault("train_phi", linear.weight.requires_grad)
-        kwargs.setdefault("train_lam_out", linear.weight.requires_grad)
-        if linear.bias is not None:
-            kwargs.setdefault("train_bias", linear.bias.requires_grad)
-        kwargs.setdefault("dtype", linear.weight.dtype)
-        kwargs.setdefault("device", linear.weight.device)
+        kwargs = _direct_flags(linear.weight, linear.bias, kwargs)
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)
-        with torch.no_grad():
-            layer.lam_in.zero_()
-            layer.lam_out.fill_(1.0)
-            layer.phi.copy_(-linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+        layer._copy_direct(linear.weight, linear.bias)
         return layer
 
     def to_linear(self) -> nn.Linear:
@@ -135,15 +193,131 @@ class SpectralLinear(nn.Module):
             linear.weight.copy_(w)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        linear.weight.requires_grad_(any(p.requires_grad for p in (self.phi, self.lam_in, self.lam_out)))
+        linear.weight.requires_grad_(self._spectral_trains())
         if self.bias is not None:
             linear.bias.requires_grad_(self.bias.requires_grad)
         return linear
 
-    def trainable_parts(self) -> list[str]:
-        """Names of the parameters that train, from phi, lam_in, lam_out, bias."""
-        return [n for n in ("phi", "lam_in", "lam_out", "bias") if getattr(self, n) is not None and getattr(self, n).requires_grad]
-
     def extra_repr(self) -> str:
         trains = "+".join(self.trainable_parts()) or "nothing"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, trains={trains}"
+
+
+def _tuple(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * n
+
+
+class _SpectralConvNd(SpectralModule):
+    """A convolution trained in the spectral domain: one lam_out per output channel, one lam_in per input channel.
+
+    w[o, i, ...] = (lam_in_i - lam_out_o) * phi[o, i, ...]; phi [out, in, *kernel_size]. Same flags,
+    defaults and penalty as `SpectralLinear`. Only `groups=1` and zero padding (the `nn.ConvNd` defaults).
+    """
+
+    _conv: ClassVar[type[nn.Module]]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | str | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        *,
+        bias: bool = False,
+        train_phi: bool = True,
+        train_lam_in: bool = False,
+        train_lam_out: bool = True,
+        train_bias: bool = True,
+        lam_in_init: float = 0.0,
+        lam_out_init: float = 1.0,
+        l2_phi: float = 0.01,
+        l2_lam: float = 5e-4,
+        l1_lam: float = 0.0,
+        group_lasso: float = 0.0,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        n = self.kernel_dims
+        name = type(self).__name__
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"{name} channels must be positive integers, got {in_channels}x{out_channels}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _tuple(kernel_size, n)
+        self.stride = _tuple(stride, n)
+        self.padding = padding if isinstance(padding, str) else _tuple(padding, n)
+        self.dilation = _tuple(dilation, n)
+        if len(self.kernel_size) != n or min(self.kernel_size) < 1:
+            raise ValueError(f"{name} kernel_size must be {n} positive integers, got {kernel_size!r}")
+        self._init_spectral(
+            in_channels, out_channels, self.kernel_size, bias=bias, train_phi=train_phi, train_lam_in=train_lam_in,
+            train_lam_out=train_lam_out, train_bias=train_bias, lam_in_init=lam_in_init, lam_out_init=lam_out_init,
+            l2_phi=l2_phi, l2_lam=l2_lam, l1_lam=l1_lam, group_lasso=group_lasso, generator=generator, dtype=dtype, device=device,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = F.conv1d if self.kernel_dims == 1 else F.conv2d
+        return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+    @classmethod
+    def unsupported(cls, conv: nn.Module) -> str | None:
+        """Why `conv` has no exact spectral copy of this class (None when it has one)."""
+        if type(conv) is not cls._conv:
+            return f"{cls.__name__} converts {cls._conv.__name__}, got {type(conv).__name__}"
+        if conv.groups != 1:
+            return f"groups={conv.groups} (only groups=1 is supported)"
+        if conv.padding_mode != "zeros":
+            return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
+        return None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, **kwargs):
+        """An exact spectral copy of `conv` (lam_in = 0, lam_out = 1, phi = -W); frozen `conv` gives a frozen copy."""
+        if (why := cls.unsupported(conv)) is not None:
+            raise ValueError(f"cannot convert {type(conv).__name__} to {cls.__name__}: {why}")
+        kwargs = _direct_flags(conv.weight, conv.bias, kwargs)
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    bias=conv.bias is not None, **kwargs)
+        layer._copy_direct(conv.weight, conv.bias)
+        return layer
+
+    def to_conv(self) -> nn.Module:
+        """The `nn.Conv1d`/`nn.Conv2d` with exactly this layer's weight and bias (weight trains if phi or a lam did)."""
+        w = self.weight.detach()
+        conv = self._conv(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                          bias=self.bias is not None, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.weight.requires_grad_(self._spectral_trains())
+        if self.bias is not None:
+            conv.bias.requires_grad_(self.bias.requires_grad)
+        return conv
+
+    def extra_repr(self) -> str:
+        trains = "+".join(self.trainable_parts()) or "nothing"
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, trains={trains}")
+
+
+class SpectralConv1d(_SpectralConvNd):
+    """Spectral `nn.Conv1d` (see `_SpectralConvNd`): phi [out, in, k]."""
+
+    kernel_dims = 1
+    _conv = nn.Conv1d
+
+
+class SpectralConv2d(_SpectralConvNd):
+    """Spectral `nn.Conv2d` (see `_SpectralConvNd`): phi [out, in, kh, kw]."""
+
+    kernel_dims = 2
+    _conv = nn.Conv2d
+
+
+SPECTRAL_LAYERS: tuple[type[SpectralModule], ...] = (SpectralLinear, SpectralConv1d, SpectralConv2d)
+"""Every spectral layer type."""

@@ -1,8 +1,10 @@
-"""Export an MLP to ONNX (optional extra: `pip install 'eigenprune[onnx]'`).
+"""Export to ONNX (optional extra: `pip install 'eigenprune[onnx]'`).
 
-The graph is written directly with `onnx.helper`, not traced: each linear layer becomes a Gemm
-(y = x W^T + b) and each activation its ONNX operator, with a dynamic batch dimension. Spectral
-layers are exported as the dense weight they compute.
+MLPs (`to_onnx`, `export_onnx`): the graph is written directly with `onnx.helper`, not traced: each
+linear layer becomes a Gemm (y = x W^T + b) and each activation its ONNX operator, with a dynamic
+batch dimension. Any other `nn.Module` (a pruned CNN, residual net, transformer): `export_module_onnx`
+traces it with `torch.onnx.export` and checks the file against torch with onnxruntime. Spectral
+layers are exported as the plain weight they compute.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eigenprune.core.io import atomic_write
+from eigenprune.core.io import atomic_write, check_output
 from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.structure import as_sequential
 
@@ -88,39 +90,44 @@ def to_onnx(model: nn.Module, input_name: str = "x", output_name: str = "y"):
     return proto
 
 
-def check_onnx(model: nn.Module, blob: bytes, rtol: float = 1e-4, rows: int = 257) -> float:
-    """Run the serialized ONNX model `blob` with onnxruntime on `rows` seeded random inputs and compare it
-    with `model` in float32; returns the max relative difference (max |onnx - torch| / max |torch|).
+def check_onnx(onnx_model: bytes | str | Path, model: nn.Module, example_inputs, rtol: float = 1e-4) -> float:
+    """Run an ONNX model (serialized bytes or a file) with onnxruntime on `example_inputs` (a tensor or a tuple
+    of tensors) and compare it with `model` in torch, in float32.
 
-    `ExportError` if an output is not finite or the difference exceeds `rtol`; skipped (returns NaN)
-    when onnxruntime is not installed.
+    Returns the largest relative difference, max |onnx - torch| / max |torch| per output. `ExportError` if
+    onnxruntime is missing, an output is not finite (NaN or inf), or the difference exceeds `rtol`.
     """
     try:
         import onnxruntime
     except ImportError:
-        return float("nan")
-    session = onnxruntime.InferenceSession(blob, providers=["CPUExecutionProvider"])
-    n_in = session.get_inputs()[0].shape[1]
-    x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(0))
+        raise ExportError("checking ONNX needs onnxruntime: pip install 'eigenprune[onnx]'") from None
+    inputs = _example_tuple(example_inputs)
+    source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+    session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: t.detach().cpu().float().numpy() for i, t in zip(session.get_inputs(), inputs)})
     with torch.no_grad():
-        want = copy.deepcopy(model).float()(x)
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    if not (torch.isfinite(want).all() and torch.isfinite(got).all()):
-        raise ExportError("the model's outputs on random inputs are not finite (NaN or inf); not writing an ONNX file")
-    scale = float(want.abs().max())
-    diff = float((got - want).abs().max()) / (scale if scale > 0 else 1.0)
-    if not diff <= rtol:
-        raise ExportError(f"onnxruntime and torch disagree: max relative difference {diff:.3g} > {rtol:g}; not writing an ONNX file")
-    return diff
+        want = copy.deepcopy(model).float().eval()(*(t.float() for t in inputs))
+    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    worst = 0.0
+    for g, w in zip(got, want):
+        g, w = torch.from_numpy(g), w.detach().cpu().float()
+        if not (torch.isfinite(w).all() and torch.isfinite(g).all()):
+            raise ExportError("the model's outputs are not finite (NaN or inf) on the check inputs; not writing an ONNX file")
+        scale = float(w.abs().max()) if w.numel() else 0.0
+        diff = float((g - w).abs().max()) / (scale if scale > 0 else 1.0) if w.numel() else 0.0
+        if not diff <= rtol:
+            raise ExportError(f"onnxruntime and torch disagree: max relative difference {diff:.3g} > {rtol:g}; not writing an ONNX file")
+        worst = max(worst, diff)
+    return worst
 
 
 def export_onnx(model: nn.Module, path: str | Path, rtol: float = 1e-4) -> tuple[Path, float]:
-    """Write `model` (any MLP `as_sequential` reads) to `path` as ONNX, only after checking it (see `check_onnx`).
-
-    Returns the path and the checked max relative difference. Nothing is written if a check fails.
-    """
-    blob = to_onnx(model).SerializeToString()
-    diff = check_onnx(model, blob, rtol)
+    """Write `model` (any MLP `as_sequential` reads) to `path` as ONNX, only after onnxruntime reproduced it on
+    257 seeded random inputs (see `check_onnx`). Returns the path and that max relative difference."""
+    proto = to_onnx(model)
+    blob = proto.SerializeToString()
+    n_in = proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    diff = check_onnx(blob, model, torch.randn(257, n_in, generator=torch.Generator().manual_seed(0)), rtol)
     return atomic_write(path, blob), diff
 
 
@@ -131,3 +138,49 @@ def is_onnx_export(path: str | Path) -> bool:
         return onnx.load(str(path), load_external_data=False).producer_name == "eigenprune"
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
+
+
+# --- Any nn.Module, traced by torch.onnx.export -----------------------------------------------------
+
+
+def _example_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise ExportError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    return inputs
+
+
+def export_module_onnx(
+    model: nn.Module, example_inputs, path: str | Path, *, dynamic_batch: bool = True, overwrite: bool = False,
+    rtol: float = 1e-4,
+) -> Path:
+    """Write any `nn.Module` (e.g. one `prune_nodes` pruned) to `path` as ONNX with `torch.onnx.export`; returns the path.
+
+    Spectral layers are exported as the plain layers they compute (a copy is despectralized; `model`
+    is not modified). Inputs are named x0, x1, ..., outputs y0, y1, ...; with `dynamic_batch` the first
+    dimension of every input is dynamic. The file is written only after onnxruntime reproduced torch on
+    `example_inputs` within `rtol` (`check_onnx`); else `ExportError` and nothing is left. An existing
+    `path` is refused unless `overwrite` and eigenprune wrote it (`core.io.check_output`).
+    """
+    from eigenprune.core.convert import despectralize
+
+    onnx = _onnx()
+    path = check_output(path, force=overwrite, ours=is_onnx_export, option="path")
+    inputs = _example_tuple(example_inputs)
+    plain = despectralize(copy.deepcopy(model)).eval()
+    traced = tuple(torch.cat([t, t]) if dynamic_batch and t.dim() and t.shape[0] == 1 else t for t in inputs)
+    names = [f"x{i}" for i in range(len(inputs))]
+    with torch.no_grad():
+        outputs = plain(*inputs)
+    n_out = 1 if isinstance(outputs, torch.Tensor) else len(outputs)
+    dynamic = tuple({0: torch.export.Dim("batch")} if t.dim() else {} for t in traced) if dynamic_batch else None
+
+    def write(tmp: Path) -> None:
+        torch.onnx.export(plain, traced, str(tmp), input_names=names, output_names=[f"y{i}" for i in range(n_out)],
+                          dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
+        proto = onnx.load(str(tmp))
+        proto.producer_name = "eigenprune"  # so that `is_onnx_export` knows the file as ours
+        onnx.save(proto, str(tmp))
+        check_onnx(tmp, plain, inputs, rtol=rtol)
+
+    return atomic_write(path, write)

@@ -5,7 +5,8 @@ With lam_in = 0 (the paper's layer) that is the paper's spectral score L_i = |la
 ordinary layer (or one whose lam_out is frozen at 1) it is the direct score M_i = ||w_i||. Defining it on the
 actual weights keeps it exact when lam_in trains: a node with lam_out_i = 0 still has weights lam_in * phi_i.
 
-All functions accept a single layer ([O, I] tensors) or a stacked one ([S, O, I]).
+All functions accept a single layer ([O, I] tensors) or a stacked one ([S, O, I]). For a convolution a node is
+an output channel and its incoming weights are all its kernel entries (`node_importance` flattens them).
 """
 
 from __future__ import annotations
@@ -26,18 +27,23 @@ def feature_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def node_importance(layer: nn.Module) -> torch.Tensor:
-    """The norm of each output node's incoming weights (see the module docstring).
+    """The norm of each output node's (channel's) incoming weights (see the module docstring).
 
     On a spectral layer with lam_in fixed at 0 it is computed as the paper writes it, |lam_out_i| * ||phi_i||.
     """
+    kernel_dims = getattr(layer, "kernel_dims", 0) if hasattr(layer, "phi") else len(getattr(layer, "kernel_size", ()))
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # [..., O, I, *kernel] -> [..., O, I * kernel]
+        return t.flatten(t.dim() - 1 - kernel_dims) if kernel_dims else t
+
     with torch.no_grad():
         if hasattr(layer, "lam_out") and hasattr(layer, "phi"):
             if layer.lam_out.requires_grad and not layer.lam_in.requires_grad and not bool(layer.lam_in.any()):
-                return eigenvalue_importance(layer.phi, layer.lam_out)
-            return feature_norm(layer.weight)
-        if isinstance(layer, nn.Linear):
-            return feature_norm(layer.weight)
-    raise TypeError(f"node_importance needs a SpectralLinear or nn.Linear, got {type(layer).__name__}")
+                return eigenvalue_importance(rows(layer.phi), layer.lam_out)
+            return feature_norm(rows(layer.weight))
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            return feature_norm(rows(layer.weight))
+    raise TypeError(f"node_importance needs a spectral layer, nn.Linear, nn.Conv1d or nn.Conv2d, got {type(layer).__name__}")
 
 
 def normalize(scores: torch.Tensor) -> torch.Tensor:

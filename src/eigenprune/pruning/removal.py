@@ -352,9 +352,15 @@ def select_nodes(
 def prune_nodes(
     model: nn.Module, keep: KeepLike | dict[int, KeepLike], *, layers: list[int] | None = None,
     criterion: ScoreFn | None = None, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
-    rtol: float = 0.05, atol: float = 0.0, task: Task = "regression",
-) -> nn.Sequential:
+    rtol: float = 0.05, atol: float = 0.0, task: Task = "regression", example_inputs=None, **graph_options,
+) -> nn.Module:
     """A physically smaller copy of `model`: plain `nn.Linear` layers, only the important nodes kept.
+
+    With `example_inputs`, any model Torch-Pruning can trace (convolutions, residual blocks,
+    BatchNorm, transformer MLPs) is pruned by `eigenprune.pruning.graph.prune_graph`: `keep` is then
+    a count, fraction or '>t' per channel group, or a dict {layer name: keep}, and `graph_options`
+    are prune_graph's (importance, global_ranking, ignored_layers, keep_spectral, inplace).
+    Without it, the chain-MLP path below runs.
 
     `model` is any MLP `as_sequential` can read (spectral or direct layers, `nn.Sequential` or a
     chain-shaped module of your own). `keep` is a count, a fraction, a threshold '>t' on the
@@ -364,5 +370,14 @@ def prune_nodes(
     `remove_nodes`. The result computes exactly what the model with the other nodes' incoming
     weights zeroed computes.
     """
+    if example_inputs is not None:
+        from eigenprune.pruning.graph import prune_graph
+
+        if layers is not None or criterion is not None or x_val is not None or y_val is not None:
+            raise PruneError("with example_inputs, choose layers by name in keep={name: value} and the criterion with "
+                             "importance=; layers, criterion, x_val and y_val belong to the chain-MLP path")
+        return prune_graph(model, keep, example_inputs, **graph_options)
+    if graph_options:
+        raise PruneError(f"{', '.join(sorted(graph_options))}: options of the graph path; pass example_inputs to use it")
     kept = select_nodes(model, keep, layers=layers, criterion=criterion, x_val=x_val, y_val=y_val, rtol=rtol, atol=atol, task=task)
     return remove_nodes(model, kept)

@@ -1,0 +1,75 @@
+"""Small models of the kinds people prune (a residual CNN, a residual MLP, a transformer block), shared by the tests."""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _randomize(layer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (layer.lam_in, layer.lam_out):
+            p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 2 - 1)
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=g, dtype=layer.bias.dtype))
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.c3 = nn.Conv1d(8, 6, 3)
+        self.head = nn.Linear(6 * 6, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.c1(x)))
+        h = h + torch.relu(self.bn2(self.c2(h)))  # residual
+        h = F.avg_pool2d(h, 2).flatten(2)  # [B, 8, 16]
+        h = torch.relu(self.c3(h))[..., :6]  # [B, 6, 6]
+        return self.head(h.flatten(1))
+
+
+class ResMLP(nn.Module):
+    def __init__(self, d=6, width=12, hidden=20, norm="batch"):
+        super().__init__()
+        self.inp = nn.Linear(d, width)
+        make = (lambda: nn.BatchNorm1d(width)) if norm == "batch" else (lambda: nn.LayerNorm(width))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(make(), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)) for _ in range(2))
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(torch.relu(h))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, d_in=8, d=16, ff=24, classes=10):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.encoder = nn.TransformerEncoderLayer(d, 2, ff, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+MODELS = {"cnn": (CNN, (4, 1, 8, 8)), "resmlp": (ResMLP, (5, 6)), "transformer": (TinyTransformer, (3, 8, 8))}
+
+
+def _settle(model, seed=0):
+    """Random BatchNorm statistics so that normalisation layers are not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
