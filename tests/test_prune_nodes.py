@@ -130,7 +130,7 @@ def test_count_fraction_threshold_and_per_layer_dict_select_the_right_nodes():
     assert both[0].tolist() == [1, 3] and len(both[1]) == 1
     assert layer_sizes(prune_nodes(student, {0: 2, 1: 1})) == [4, 2, 1, 1]
     assert layer_sizes(prune_nodes(student, 2)) == [4, 2, 2, 1]  # default: every hidden layer
-    with pytest.raises(PruneError, match="keep=9 exceeds the width 8 of layer 0"):
+    with pytest.raises(PruneError, match="keep=9 exceeds the width 8 of layer 0; give a count in 1..8"):
         prune_nodes(student, 9, layers=[0])
     with pytest.raises(PruneError, match=r"hidden layer index in 0..1, got 2"):
         prune_nodes(student, 2, layers=[2])

@@ -12,14 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from eigenprune.batched import fused as fused_kernels
-from eigenprune.core.layers import SpectralLinear, spectral_weight
+from eigenprune.core.layers import SpectralLinear, add_penalty_grads, eigen_gap, penalty, spectral_weight
 from eigenprune.core.losses import task_loss_and_grad
 from eigenprune.core.structure import as_sequential
-
-
-def _sum_squares(v: torch.Tensor) -> torch.Tensor:
-    """Sum of squares along the last dimension [S, K] -> [S], as one batched dot product."""
-    return torch.linalg.vecdot(v, v)
 
 
 class StackedLayer(nn.Module):
@@ -56,7 +51,7 @@ class StackedLayer(nn.Module):
         self.register_buffer("l2_lam", torch.tensor([layer.l2_lam for layer in layers], **kw))
         self.register_buffer("l1_lam", torch.tensor([layer.l1_lam for layer in layers], **kw))
         self.register_buffer("group_lasso", torch.tensor([layer.group_lasso for layer in layers], **kw))
-        self._sparsity = (any(layer.l1_lam for layer in layers), any(layer.group_lasso for layer in layers))
+        self.sparsity = (any(layer.l1_lam for layer in layers), any(layer.group_lasso for layer in layers))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -69,46 +64,32 @@ class StackedLayer(nn.Module):
         return z if self.bias is None else z + self.bias.unsqueeze(1)
 
     def penalty(self, total: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-student regularization [S] of the trainable parts (same terms as `SpectralLinear.penalty`),
-        added to `total` if given."""
-        s = self.phi.shape[0]
-        total = self.phi.new_zeros(s) if total is None else total
-        if self.phi.requires_grad:
-            total = torch.addcmul(total, self.l2_phi, _sum_squares(self.phi.reshape(s, -1)))
-        for lam in (self.lam_in, self.lam_out):
-            if lam.requires_grad:
-                total = torch.addcmul(total, self.l2_lam, _sum_squares(lam))
-        if self.lam_out.requires_grad and self._sparsity[0]:
-            total = total + self.l1_lam * self.lam_out.abs().sum(1)
-        if self._sparsity[1]:
-            total = total + self.group_lasso * self.weight.norm(dim=-1).sum(1)
-        return total
+        """Per-student regularization [S] of the trainable parts (`core.layers.penalty` of the stack), added to `total`."""
+        return penalty(self, lead=1, total=total)
 
-    def lam_diff(self) -> torch.Tensor:
-        """lam_in_j - lam_out_i [S, O, I]: the factor between phi and the weight."""
-        return self.lam_in.unsqueeze(1) - self.lam_out.unsqueeze(2)
+    def weight_and_gap(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w [S, O, I], lam_in_j - lam_out_i [S, O, I]): the weight and its factor d w / d phi, for the chain rule."""
+        gap = eigen_gap(self.lam_in, self.lam_out)
+        return gap * self.phi, gap
 
-    def set_grads(self, grad_w: torch.Tensor, grad_bias: torch.Tensor | None, on: torch.Tensor, lam_diff: torch.Tensor) -> None:
+    def set_grads(self, grad_w: torch.Tensor, grad_bias: torch.Tensor | None, on: torch.Tensor, gap: torch.Tensor) -> None:
         """Store d(loss)/d(parameters) in `.grad`, given d(loss)/dW [S, O, I] and d(loss)/d(bias) [S, O].
 
-        Chain rule through w = lam_diff * phi (`lam_diff` as from `lam_diff()`), plus the regularization
-        terms (L2, and the L1 / group-lasso sparsity terms where set) of students with on = 1 (on [S] 0/1).
+        Chain rule through w = gap * phi (`gap` as from `weight_and_gap()`), plus the penalty's gradient
+        (`core.layers.add_penalty_grads`) of students with on = 1 (on [S] 0/1).
         """
-        if self._sparsity[1]:  # d/dW of g * sum_i ||w_i|| is g * w_i / ||w_i|| (0 for an all-zero row, as in autograd)
-            w = self.weight
-            norm = w.norm(dim=-1, keepdim=True)
-            grad_w = grad_w + (self.group_lasso * on)[:, None, None] * w / torch.where(norm > 0, norm, torch.ones_like(norm))
+        grad_w = add_penalty_grads(self, {"weight": grad_w}, on)["weight"]
+        grads = {}
         if self.phi.requires_grad:
-            self.phi.grad = torch.addcmul(grad_w * lam_diff, (2 * self.l2_phi * on)[:, None, None], self.phi)
+            grads["phi"] = grad_w * gap
         if self.lam_out.requires_grad or self.lam_in.requires_grad:
             gp = grad_w * self.phi
-            coef = (2 * self.l2_lam * on)[:, None]
             if self.lam_out.requires_grad:
-                self.lam_out.grad = torch.addcmul(-gp.sum(2), coef, self.lam_out)
-                if self._sparsity[0]:  # d/dlam of l1 * sum |lam_out| (sign(0) = 0, as in autograd)
-                    self.lam_out.grad += (self.l1_lam * on)[:, None] * self.lam_out.sign()
+                grads["lam_out"] = -gp.sum(2)
             if self.lam_in.requires_grad:
-                self.lam_in.grad = torch.addcmul(gp.sum(1), coef, self.lam_in)
+                grads["lam_in"] = gp.sum(1)
+        for name, grad in add_penalty_grads(self, grads, on).items():
+            getattr(self, name).grad = grad
         if self.bias is not None and self.bias.requires_grad:
             self.bias.grad = grad_bias
 
@@ -210,8 +191,7 @@ class Ensemble(nn.Module):
         gradients. x [S, B, D]; y [S, B]. `fused`: the first layer runs in the Triton kernels of
         `eigenprune.fused` (its activations are never stored; see `fused.check` for when it applies).
         """
-        diffs = [layer.lam_diff() for layer in self.layers]
-        weights = [d * layer.phi for layer, d in zip(self.layers, diffs)]
+        weights, gaps = zip(*(layer.weight_and_gap() for layer in self.layers))
         acts = [x]  # the input of each layer; ReLU's gradient mask is act > 0 (as z > 0)
         h = x
         for i, (layer, w) in enumerate(zip(self.layers, weights)):
@@ -236,11 +216,11 @@ class Ensemble(nn.Module):
             grad_bias = delta.sum(1) if layer.bias is not None and layer.bias.requires_grad else None
             if fused and i == 1:
                 grad_w0, grad_w = fused_kernels.backward(x, weights[0], weights[1], delta)
-                layer.set_grads(grad_w, grad_bias, on, diffs[1])
-                self.layers[0].set_grads(grad_w0, None, on, diffs[0])
+                layer.set_grads(grad_w, grad_bias, on, gaps[1])
+                self.layers[0].set_grads(grad_w0, None, on, gaps[0])
                 break
             if any(p is not None and p.requires_grad for p in (layer.phi, layer.lam_in, layer.lam_out, layer.bias)):
-                layer.set_grads(torch.bmm(delta.transpose(1, 2), acts[i]), grad_bias, on, diffs[i])
+                layer.set_grads(torch.bmm(delta.transpose(1, 2), acts[i]), grad_bias, on, gaps[i])
             if i > 0:
                 delta = torch.ops.aten.threshold_backward(torch.bmm(delta, weights[i]), acts[i], 0)  # ReLU's gradient
         return loss, ok

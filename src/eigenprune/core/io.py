@@ -88,6 +88,16 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[Path], objec
     return path
 
 
+def input_file(path: str | Path, missing: str, error: type[Exception]) -> Path:
+    """`path` if it is an existing file; else `error` saying "{missing} not found: path" or that it is not a file."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{missing} not found: {path}")
+    if not path.is_file():
+        raise error(f"{missing.split()[0]} path {path} is not a file")
+    return path
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))

@@ -3,19 +3,27 @@
 A dense map from n_in to n_out nodes is the off-diagonal block of A = Phi Lambda Phi^-1 with
 Phi = identity + phi. A convolution is the same map between channels, with one phi entry per kernel
 position: w[o, i, ...] = (lam_in_i - lam_out_o) * phi[o, i, ...]. `spectral_weight` is the one place
-the formula lives and `SpectralModule.penalty` the one place the penalty lives; the dense layer
-(`SpectralLinear`), the convolutions (`SpectralConv1d`, `SpectralConv2d`) and the batched ensemble
-all use them.
+the formula lives, `penalty` the one place the penalty lives and `add_penalty_grads` its gradient
+beside it; the dense layer (`SpectralLinear`), the convolutions (`SpectralConv1d`, `SpectralConv2d`)
+and the batched ensemble all use them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+def eigen_gap(lam_in: torch.Tensor, lam_out: torch.Tensor, kernel_dims: int = 0) -> torch.Tensor:
+    """lam_in_i - lam_out_o, shaped [..., n_out, n_in, 1...] (`kernel_dims` ones) to multiply phi: d w / d phi."""
+    tail = (1,) * kernel_dims
+    lam_in = lam_in.reshape(*lam_in.shape[:-1], 1, lam_in.shape[-1], *tail)
+    lam_out = lam_out.reshape(*lam_out.shape[:-1], lam_out.shape[-1], 1, *tail)
+    return lam_in - lam_out
 
 
 def spectral_weight(phi: torch.Tensor, lam_in: torch.Tensor, lam_out: torch.Tensor, kernel_dims: int = 0) -> torch.Tensor:
@@ -24,10 +32,7 @@ def spectral_weight(phi: torch.Tensor, lam_in: torch.Tensor, lam_out: torch.Tens
     Shapes: phi [..., n_out, n_in, *kernel] with `kernel_dims` trailing kernel dimensions (0 for a dense
     layer), lam_in [..., n_in], lam_out [..., n_out]; leading dims broadcast.
     """
-    tail = (1,) * kernel_dims
-    lam_in = lam_in.reshape(*lam_in.shape[:-1], 1, lam_in.shape[-1], *tail)
-    lam_out = lam_out.reshape(*lam_out.shape[:-1], lam_out.shape[-1], 1, *tail)
-    return (lam_in - lam_out) * phi
+    return eigen_gap(lam_in, lam_out, kernel_dims) * phi
 
 
 def glorot_uniform_(tensor: torch.Tensor, generator: torch.Generator | None = None, kernel_dims: int = 0) -> torch.Tensor:
@@ -45,6 +50,70 @@ def glorot_uniform_(tensor: torch.Tensor, generator: torch.Generator | None = No
     return tensor
 
 
+def _sum_squares(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """Sum of squares over all but the first `lead` dims, as one (batched) dot product."""
+    flat = t.reshape(*t.shape[:lead], -1)
+    return torch.linalg.vecdot(flat, flat)
+
+
+def _node_norms(weight: torch.Tensor, lead: int) -> torch.Tensor:
+    """||w_i|| of every output node (all inputs and kernel positions of channel i) [*lead, O]."""
+    return weight.flatten(lead + 1).norm(dim=-1)
+
+
+def penalty(layer: SpectralModule, lead: int = 0, total: torch.Tensor | None = None) -> torch.Tensor:
+    """The regularization of a spectral layer's trainable parts, per leading index (lead = 0: one layer, a scalar;
+    lead = 1: a stack of S layers, [S], with the coefficients as [S] tensors):
+
+        l2_phi * sum(phi^2) + l2_lam * (sum(lam_in^2) + sum(lam_out^2))       (the paper's L2 terms, trained parts only)
+        + l1_lam * sum_i |lam_out_i| + group_lasso * sum_i ||w_i||             (the baselines' sparsity terms, when set)
+
+    `layer` is anything with phi, lam_in, lam_out, weight, the four coefficients and `sparsity` (whether the
+    two sparsity terms are set: known without reading tensors back, so that a CUDA graph can capture it).
+    The terms are added to `total` if given (one running sum over a network's layers).
+    """
+    phi = layer.phi
+    total = phi.new_zeros(phi.shape[:lead]) if total is None else total
+    if phi.requires_grad:
+        total = torch.addcmul(total, torch.as_tensor(layer.l2_phi, dtype=phi.dtype, device=phi.device), _sum_squares(phi, lead))
+    for lam in (layer.lam_in, layer.lam_out):
+        if lam.requires_grad:
+            total = torch.addcmul(total, torch.as_tensor(layer.l2_lam, dtype=phi.dtype, device=phi.device), _sum_squares(lam, lead))
+    l1, group = layer.sparsity
+    if l1 and layer.lam_out.requires_grad:
+        total = total + layer.l1_lam * layer.lam_out.abs().sum(-1)
+    if group:
+        total = total + layer.group_lasso * _node_norms(layer.weight, lead).sum(-1)
+    return total
+
+
+def add_penalty_grads(layer: SpectralModule, grads: dict[str, torch.Tensor], on: torch.Tensor, lead: int = 1) -> dict[str, torch.Tensor]:
+    """`grads` (data gradients, by parameter name) plus the gradient of `penalty(layer, lead)`, for the students
+    with on = 1 (on [*lead], 0/1). A "weight" entry gets the group-lasso term g * w_i / ||w_i|| (0 for an
+    all-zero row, as in autograd), to be chained through w = (lam_in - lam_out) phi by the caller; "phi",
+    "lam_in" and "lam_out" get 2 * l2 * p (and lam_out l1 * sign(lam_out), sign(0) = 0). The hand-written
+    step of `batched.Ensemble` calls it; `penalty` is what it differentiates.
+    """
+    def scale(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (coef * on).reshape(*on.shape, *(1,) * (like.dim() - lead))
+
+    l1, group = layer.sparsity
+    out = dict(grads)
+    if "weight" in out and group:
+        w = layer.weight
+        norm = w.flatten(lead + 1).norm(dim=-1).reshape(*w.shape[: lead + 1], *(1,) * (w.dim() - lead - 1))
+        out["weight"] = out["weight"] + scale(layer.group_lasso, w) * w / torch.where(norm > 0, norm, torch.ones_like(norm))
+    if "phi" in out:
+        out["phi"] = torch.addcmul(out["phi"], scale(2 * layer.l2_phi, layer.phi), layer.phi)
+    for name in ("lam_in", "lam_out"):
+        if name in out:
+            lam = getattr(layer, name)
+            out[name] = torch.addcmul(out[name], scale(2 * layer.l2_lam, lam), lam)
+    if "lam_out" in out and l1:
+        out["lam_out"] = out["lam_out"] + scale(layer.l1_lam, layer.lam_out) * layer.lam_out.sign()
+    return out
+
+
 class SpectralModule(nn.Module):
     """What every spectral layer shares: parameters phi, lam_in, lam_out, bias; their flags; the penalty.
 
@@ -59,11 +128,14 @@ class SpectralModule(nn.Module):
     bias: nn.Parameter | None
 
     def _init_spectral(
-        self, n_in: int, n_out: int, kernel: tuple[int, ...], *, bias: bool, train_phi: bool, train_lam_in: bool,
-        train_lam_out: bool, train_bias: bool, lam_in_init: float, lam_out_init: float, l2_phi: float, l2_lam: float,
-        l1_lam: float, group_lasso: float, generator: torch.Generator | None, dtype: torch.dtype | None,
-        device: torch.device | str | None,
+        self, n_in: int, n_out: int, kernel: tuple[int, ...], *, bias: bool = False, train_phi: bool = True,
+        train_lam_in: bool = False, train_lam_out: bool = True, train_bias: bool = True, lam_in_init: float = 0.0,
+        lam_out_init: float = 1.0, l2_phi: float = 0.01, l2_lam: float = 5e-4, l1_lam: float = 0.0, group_lasso: float = 0.0,
+        generator: torch.Generator | None = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
     ) -> None:
+        """The parameters and coefficients; its keyword arguments are every spectral layer's options (the paper's
+        defaults: lam_in = 0 frozen, lam_out = 1 trainable, phi Glorot uniform from `generator`, no bias,
+        L2 0.01 on phi and 5e-4 on lam, no sparsity terms)."""
         kw = {"dtype": dtype or torch.get_default_dtype(), "device": device}
         self.l2_phi = float(l2_phi)
         self.l2_lam = float(l2_lam)
@@ -80,27 +152,31 @@ class SpectralModule(nn.Module):
         """The direct-space weight [out, in, *kernel] (see `spectral_weight`)."""
         return spectral_weight(self.phi, self.lam_in, self.lam_out, self.kernel_dims)
 
-    def penalty(self) -> torch.Tensor:
-        """Regularization of the trainable parts.
+    @property
+    def sparsity(self) -> tuple[bool, bool]:
+        """Whether the L1 (lam_out) and group-lasso terms are set."""
+        return bool(self.l1_lam), bool(self.group_lasso)
 
-        The paper's L2 terms l2_phi * sum(phi^2) + l2_lam * sum(lam^2), plus, when set,
-        l1_lam * sum_i |lam_out_i| and group_lasso * sum_i ||w_i|| (w_i: node i's incoming weights,
-        all kernel positions of output channel i for a convolution).
-        """
-        total = self.phi.new_zeros(())
-        if self.phi.requires_grad:
-            total = total + self.l2_phi * self.phi.square().sum()
-        for lam in (self.lam_in, self.lam_out):
-            if lam.requires_grad:
-                total = total + self.l2_lam * lam.square().sum()
-        if self.l1_lam and self.lam_out.requires_grad:
-            total = total + self.l1_lam * self.lam_out.abs().sum()
-        if self.group_lasso:
-            total = total + self.group_lasso * self.weight.flatten(1).norm(dim=1).sum()
-        return total
+    def penalty(self) -> torch.Tensor:
+        """Regularization of the trainable parts (see the module function `penalty`): the paper's L2 terms
+        l2_phi * sum(phi^2) + l2_lam * sum(lam^2), plus, when set, l1_lam * sum_i |lam_out_i| and
+        group_lasso * sum_i ||w_i|| (all kernel positions of output channel i for a convolution)."""
+        return penalty(self)
 
     def _spectral_trains(self) -> bool:
         return any(p.requires_grad for p in (self.phi, self.lam_in, self.lam_out))
+
+    def _as_direct(self, plain: nn.Module) -> nn.Module:
+        """`plain` (a new nn.Linear or nn.ConvNd of this shape) set to exactly this layer's weight and bias; its weight
+        trains if any of phi, lam_in, lam_out did, its bias if this bias did."""
+        with torch.no_grad():
+            plain.weight.copy_(self.weight)
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        plain.weight.requires_grad_(self._spectral_trains())
+        if self.bias is not None:
+            plain.bias.requires_grad_(self.bias.requires_grad)
+        return plain
 
     def _copy_direct(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Set the parameters to the exact spectral form of a direct layer: lam_in = 0, lam_out = 1, phi = -W."""
@@ -138,38 +214,24 @@ class SpectralLinear(SpectralModule):
     Two optional sparsity terms serve the pruning baselines (both 0 by default): `l1_lam` (an L1
     penalty on lam_out, i.e. network slimming's per-node gate) and `group_lasso` (sum over nodes
     of the norm of each node's incoming weights).
+
+    Keyword options (all spectral layers share them, see `SpectralModule._init_spectral`): bias, train_phi,
+    train_lam_in, train_lam_out, train_bias, lam_in_init, lam_out_init, l2_phi, l2_lam, l1_lam,
+    group_lasso, generator, dtype, device.
     """
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        *,
-        bias: bool = False,
-        train_phi: bool = True,
-        train_lam_in: bool = False,
-        train_lam_out: bool = True,
-        train_bias: bool = True,
-        lam_in_init: float = 0.0,
-        lam_out_init: float = 1.0,
-        l2_phi: float = 0.01,
-        l2_lam: float = 5e-4,
-        l1_lam: float = 0.0,
-        group_lasso: float = 0.0,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"SpectralLinear sizes must be positive integers, got {in_features}x{out_features}")
         self.in_features = in_features
         self.out_features = out_features
-        self._init_spectral(
-            in_features, out_features, (), bias=bias, train_phi=train_phi, train_lam_in=train_lam_in, train_lam_out=train_lam_out,
-            train_bias=train_bias, lam_in_init=lam_in_init, lam_out_init=lam_out_init, l2_phi=l2_phi, l2_lam=l2_lam,
-            l1_lam=l1_lam, group_lasso=group_lasso, generator=generator, dtype=dtype, device=device,
-        )
+        self._init_spectral(in_features, out_features, (), **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -188,15 +250,8 @@ class SpectralLinear(SpectralModule):
     def to_linear(self) -> nn.Linear:
         """An `nn.Linear` with exactly this layer's weight and bias; its weight trains if any of phi, lam_in, lam_out did."""
         w = self.weight.detach()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=w.dtype, device=w.device)
-        with torch.no_grad():
-            linear.weight.copy_(w)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        linear.weight.requires_grad_(self._spectral_trains())
-        if self.bias is not None:
-            linear.bias.requires_grad_(self.bias.requires_grad)
-        return linear
+        return self._as_direct(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=w.dtype,
+                                         device=w.device))
 
     def extra_repr(self) -> str:
         trains = "+".join(self.trainable_parts()) or "nothing"
@@ -224,21 +279,7 @@ class _SpectralConvNd(SpectralModule):
         stride: int | tuple[int, ...] = 1,
         padding: int | str | tuple[int, ...] = 0,
         dilation: int | tuple[int, ...] = 1,
-        *,
-        bias: bool = False,
-        train_phi: bool = True,
-        train_lam_in: bool = False,
-        train_lam_out: bool = True,
-        train_bias: bool = True,
-        lam_in_init: float = 0.0,
-        lam_out_init: float = 1.0,
-        l2_phi: float = 0.01,
-        l2_lam: float = 5e-4,
-        l1_lam: float = 0.0,
-        group_lasso: float = 0.0,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         n = self.kernel_dims
@@ -253,11 +294,7 @@ class _SpectralConvNd(SpectralModule):
         self.dilation = _tuple(dilation, n)
         if len(self.kernel_size) != n or min(self.kernel_size) < 1:
             raise ValueError(f"{name} kernel_size must be {n} positive integers, got {kernel_size!r}")
-        self._init_spectral(
-            in_channels, out_channels, self.kernel_size, bias=bias, train_phi=train_phi, train_lam_in=train_lam_in,
-            train_lam_out=train_lam_out, train_bias=train_bias, lam_in_init=lam_in_init, lam_out_init=lam_out_init,
-            l2_phi=l2_phi, l2_lam=l2_lam, l1_lam=l1_lam, group_lasso=group_lasso, generator=generator, dtype=dtype, device=device,
-        )
+        self._init_spectral(in_channels, out_channels, self.kernel_size, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = F.conv1d if self.kernel_dims == 1 else F.conv2d
@@ -288,16 +325,8 @@ class _SpectralConvNd(SpectralModule):
     def to_conv(self) -> nn.Module:
         """The `nn.Conv1d`/`nn.Conv2d` with exactly this layer's weight and bias (weight trains if phi or a lam did)."""
         w = self.weight.detach()
-        conv = self._conv(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-                          bias=self.bias is not None, dtype=w.dtype, device=w.device)
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        conv.weight.requires_grad_(self._spectral_trains())
-        if self.bias is not None:
-            conv.bias.requires_grad_(self.bias.requires_grad)
-        return conv
+        return self._as_direct(self._conv(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                                          self.dilation, bias=self.bias is not None, dtype=w.dtype, device=w.device))
 
     def extra_repr(self) -> str:
         trains = "+".join(self.trainable_parts()) or "nothing"

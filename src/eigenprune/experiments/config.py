@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from eigenprune.core.io import input_file
+
 
 def _not_bool(value: Any) -> Any:
     """Refuse true/false where a number belongs (pydantic would read them as 1 and 0)."""
@@ -295,12 +297,8 @@ def read_yaml(path: str | Path | None, overrides: dict | None = None, default: s
     data: object = {}
     source = default
     if path is not None:
-        p = Path(path)
+        p = input_file(path, "config file", ConfigError)
         source = str(p)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        if not p.is_file():
-            raise ConfigError(f"config path {p} is not a file")
         try:
             data = safe_load(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:

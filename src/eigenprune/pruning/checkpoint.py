@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from eigenprune.core.io import atomic_write
+from eigenprune.core.io import atomic_write, input_file
 from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.structure import as_sequential
 
@@ -160,11 +160,7 @@ def read_metadata(path: str | Path) -> dict:
     """The metadata dict of a safetensors file; `CheckpointError` if it is missing or unreadable."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint path {path} is not a file")
+    path = input_file(path, "checkpoint", CheckpointError)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -33,7 +33,7 @@ from torch_pruning import ops
 from eigenprune.core.convert import despectralize
 from eigenprune.core.layers import SPECTRAL_LAYERS, SpectralModule
 from eigenprune.pruning.importance import node_importance, normalize
-from eigenprune.pruning.removal import KeepLike, KeepSpec, PruneError, parse_keep, top_k_mask
+from eigenprune.pruning.removal import KeepLike, PruneError, count_to_keep, parse_keep, top_k_mask
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 LayerRef = Union[nn.Module, str]
@@ -279,19 +279,6 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
 Scope = Literal["layer", "global"]
 
 
-def _count(spec: KeepSpec, width: int, name: str, scores: torch.Tensor) -> int:
-    if spec.kind == "count":
-        if spec.value > width:
-            raise PruneError(f"keep={int(spec.value)} exceeds the width {width} of {name}; give a count in 1..{width}")
-        return int(spec.value)
-    if spec.kind == "fraction":
-        return max(1, math.ceil(spec.value * width - 1e-9))
-    if spec.kind == "threshold":
-        return max(1, int((normalize(scores) > spec.value).sum()))
-    raise PruneError("keep='auto' is for chain MLPs (call prune_nodes without example_inputs); with example_inputs "
-                     "give a count, a fraction or a threshold '>t'")
-
-
 def select_channels(
     model: nn.Module, keep: KeepLike | dict[str, KeepLike], example_inputs: Inputs, *,
     importance: tp.importance.Importance | None = None, global_ranking: bool = False,
@@ -368,7 +355,7 @@ def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, 
             start += n
         return new
     for name, spec in specs.items():
-        k = _count(spec, new.widths[name], name, scores[name])
+        k = count_to_keep(spec, scores[name], name)
         new.kept[name] = top_k_mask(scores[name], k).nonzero().flatten()
     return new
 

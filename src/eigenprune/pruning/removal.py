@@ -263,16 +263,26 @@ def _check_finite(model: nn.Module, x_val: torch.Tensor | None, y_val: torch.Ten
             raise PruneError(f"{label} holds {int((~torch.isfinite(t)).sum())} NaN/inf value(s)")
 
 
-def _count(spec: KeepSpec, scores: torch.Tensor, layer: int, curve: Callable[[], torch.Tensor], limit: float) -> int:
+def count_to_keep(spec: KeepSpec, scores: torch.Tensor, where: str, curve: Callable[[], torch.Tensor] | None = None,
+                  limit: float = float("inf")) -> int:
+    """How many of the nodes (channels) `scores` ranks a keep spec keeps, for the layer named `where`.
+
+    count: the value (at most the width); fraction: ceil(value x width), at least 1; threshold: those above
+    it after normalising by the top score, at least 1; auto: the smallest k such that `curve()` (the loss
+    for every k) stays <= `limit` from k on. Where no curve can be made, auto is refused.
+    """
     width = scores.numel()
     if spec.kind == "count":
         if spec.value > width:
-            raise PruneError(f"keep={int(spec.value)} exceeds the width {width} of layer {layer}")
+            raise PruneError(f"keep={int(spec.value)} exceeds the width {width} of {where}; give a count in 1..{width}")
         return int(spec.value)
     if spec.kind == "fraction":
         return max(1, math.ceil(spec.value * width - 1e-9))
     if spec.kind == "threshold":
         return max(1, int((normalize(scores) > spec.value).sum()))
+    if curve is None:
+        raise PruneError("keep='auto' is for chain MLPs (call prune_nodes without example_inputs); with example_inputs "
+                         "give a count, a fraction or a threshold '>t'")
     ok = (curve() <= limit).int().flip(0).cumprod(0).flip(0)  # 1 where this k and every larger k are within the limit
     return width - int(ok.sum()) + 1 if ok.any() else width
 
@@ -343,7 +353,7 @@ def select_nodes(
                 losses[-1] = task_loss(current(x_val), y_val, task)
             return losses
 
-        k = _count(specs[layer], scores, layer, curve, limit)
+        k = count_to_keep(specs[layer], scores, f"layer {layer}", curve, limit)
         kept[layer] = top_k_mask(scores, k).nonzero().flatten()
         current = remove_nodes(current, {layer: kept[layer]})
     return kept
