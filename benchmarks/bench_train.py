@@ -35,7 +35,8 @@ from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import make_student
 from eigenprune.core.training import TrainSpec, train_alone
 from eigenprune.experiments.config import load_config
-from eigenprune.experiments.runner import make_data, plan_chunks, prepare_chunk, student_plans, student_seed
+from eigenprune.experiments.grid import make_data, plan_chunks, student_plans, student_seed
+from eigenprune.experiments.measure import prepare_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("per-model", "manual", "manual+graph", "fused", "fused+graph")

@@ -44,7 +44,8 @@ from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import make_student
 from eigenprune.core.training import TrainSpec
 from eigenprune.experiments.config import load_config
-from eigenprune.experiments.runner import adam_steps, plan_chunks, student_plans, validation_split
+from eigenprune.experiments.grid import plan_chunks, student_plans, validation_split
+from eigenprune.experiments.plan import adam_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 # datasheet peaks: float32 (non-tensor) FLOP/s, memory bytes/s

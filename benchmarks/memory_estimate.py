@@ -25,7 +25,9 @@ CASES = [
 CHILD = """
 import json, sys, torch
 from eigenprune.experiments.config import parse_config
-from eigenprune.experiments.runner import chunk_memory, make_data, plan_chunks, train_chunk
+from eigenprune.experiments.grid import make_data, plan_chunks
+from eigenprune.experiments.measure import train_chunk
+from eigenprune.experiments.plan import chunk_memory
 from eigenprune.experiments.progress import Progress
 
 def rss(key):

@@ -29,9 +29,10 @@ from eigenprune.core.plans import LayerPlan
 from eigenprune.experiments.builders import paper_student
 from eigenprune.experiments.capacity import Students, capacity_curve, k_star_per_layer, test_losses, train_students
 from eigenprune.experiments.config import ConfigError, load_config
+from eigenprune.experiments.grid import Chunk, make_data, student_seed
+from eigenprune.experiments.measure import prepare_chunk, run_chunk
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.recovery import prepare_out
-from eigenprune.experiments.runner import Chunk, make_data, prepare_chunk, run_chunk, student_seed
 from eigenprune.experiments.store import RunFolderError, _finite, parquet_writer
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from eigenprune.core.training import TrainSpec
-from eigenprune.experiments.runner import make_data, validation_split
+from eigenprune.experiments.grid import make_data, validation_split
 from eigenprune.experiments.store import RunFolder
 from eigenprune.pruning.checkpoint import load_model
 from eigenprune.pruning.search import minimal_width

@@ -19,7 +19,9 @@ from conftest import TINY
 from eigenprune.cli import app
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.experiments.config import ConfigError, parse_config
-from eigenprune.experiments.runner import check_memory, chunk_memory, plan_chunks, run_experiment
+from eigenprune.experiments.grid import plan_chunks
+from eigenprune.experiments.plan import check_memory, chunk_memory
+from eigenprune.experiments.runner import run_experiment
 from eigenprune.pruning.checkpoint import CheckpointError, load_model, save_model
 
 runner = CliRunner()
@@ -112,7 +114,8 @@ def test_memory_estimate_is_within_a_factor_of_two_of_the_measured_peak():
     child = """
 import json, sys, torch
 from eigenprune.experiments.config import parse_config
-from eigenprune.experiments.runner import make_data, plan_chunks, train_chunk
+from eigenprune.experiments.grid import make_data, plan_chunks
+from eigenprune.experiments.measure import train_chunk
 from eigenprune.experiments.progress import Progress
 torch.set_num_threads(1)
 cfg = parse_config(json.loads(sys.argv[1]))

@@ -31,7 +31,9 @@ from conftest import TINY  # noqa: E402
 from eigenprune.cli import app  # noqa: E402
 from eigenprune.core.plans import LayerPlan, make_student  # noqa: E402
 from eigenprune.experiments.config import parse_config  # noqa: E402
-from eigenprune.experiments.runner import check_memory, plan_chunks, run_experiment  # noqa: E402
+from eigenprune.experiments.grid import plan_chunks  # noqa: E402
+from eigenprune.experiments.plan import check_memory  # noqa: E402
+from eigenprune.experiments.runner import run_experiment  # noqa: E402
 from eigenprune.pruning.checkpoint import load_model, save_model  # noqa: E402
 
 runner = CliRunner()

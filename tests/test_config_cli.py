@@ -101,7 +101,8 @@ def test_run_end_to_end_writes_the_run_folder(tmp_path):
 def test_plan_lists_the_chunks_with_memory_and_a_timed_estimate_and_writes_nothing(tmp_path, monkeypatch):
     import math
 
-    from eigenprune.experiments.runner import chunk_memory, plan_chunks, plan_run
+    from eigenprune.experiments.grid import plan_chunks
+    from eigenprune.experiments.plan import chunk_memory, plan_run
 
     cfg = parse_config({**TINY, "workers": 2})
     table, info = plan_run(cfg, measure_steps=6)

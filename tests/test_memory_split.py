@@ -8,7 +8,9 @@ import torch
 
 from conftest import TINY
 from eigenprune.experiments.config import parse_config
-from eigenprune.experiments.runner import check_memory, chunk_memory, plan_chunks, run_experiment
+from eigenprune.experiments.grid import plan_chunks
+from eigenprune.experiments.plan import check_memory, chunk_memory
+from eigenprune.experiments.runner import run_experiment
 
 
 def _limit_between_one_and_two_trials(cfg):

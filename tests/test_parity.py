@@ -15,7 +15,8 @@ from eigenprune.core.training import KerasAdam, TrainSpec, adam, train_alone
 from eigenprune.experiments.analysis import effective_dim, normalized_importance
 from eigenprune.experiments.builders import make_teacher
 from eigenprune.experiments.config import Config, parse_config
-from eigenprune.experiments.runner import run_experiment, student_plans
+from eigenprune.experiments.grid import student_plans
+from eigenprune.experiments.runner import run_experiment
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -10,7 +10,8 @@ from eigenprune.cli import app
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.core.structure import layer_sizes
 from eigenprune.experiments.config import Config
-from eigenprune.experiments.runner import make_data, run_experiment
+from eigenprune.experiments.grid import make_data
+from eigenprune.experiments.runner import run_experiment
 from eigenprune.pruning.checkpoint import CheckpointError, load_model, save_model
 from eigenprune.pruning.removal import mask_nodes, select_nodes
 
@@ -171,7 +172,7 @@ def test_export_refuses_what_onnx_cannot_express(tmp_path):
 
 def test_prune_auto_uses_the_checkpoints_teacher_and_held_out_validation_part(tmp_path):
     """A regularization-path run with two teachers: auto must use teacher 1's held-out validation patterns."""
-    from eigenprune.experiments.runner import validation_split
+    from eigenprune.experiments.grid import validation_split
 
     cfg = Config.model_validate({
         **TINY, "name": "path", "workers": 1, "trials": 1, "methods": ["spectral"], "student": {"widths": [8]},

@@ -7,8 +7,9 @@ import torch
 
 from conftest import TINY
 from eigenprune.experiments.config import ConfigError, parse_config
+from eigenprune.experiments.grid import validation_split
 from eigenprune.experiments.regpath import best_rule, one_se_rule, select_strengths, stable_rule
-from eigenprune.experiments.runner import run_experiment, validation_split
+from eigenprune.experiments.runner import run_experiment
 from eigenprune.pruning.checkpoint import load_model
 from eigenprune.reporting.report import build_report
 

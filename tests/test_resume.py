@@ -17,7 +17,8 @@ from conftest import TINY
 from eigenprune.cli import app
 from eigenprune.core.io import TMP_PREFIX
 from eigenprune.experiments.config import parse_config
-from eigenprune.experiments.runner import plan_chunks, run_experiment
+from eigenprune.experiments.grid import plan_chunks
+from eigenprune.experiments.runner import run_experiment
 from eigenprune.experiments.store import RunFolder, RunFolderError
 
 # 4 chunks (spectral/direct x widths {4, 8} and {16, 32}), each long enough to be killed between commits

@@ -160,7 +160,7 @@ def plan(
 ) -> None:
     """Show what `eigenprune run` would train: chunks, students, steps, memory, and the training time to
     expect from timing a few steps of each chunk on this machine. Writes nothing."""
-    from eigenprune.experiments.runner import plan_run
+    from eigenprune.experiments.plan import plan_run
 
     try:
         overrides = _overrides(set_, device=device, workers=workers)
@@ -195,7 +195,7 @@ def collapse(
     out: Annotated[Path, typer.Option(help="folder for collapse.png and collapse.json")] = Path("runs/collapse"),
 ) -> None:
     """Rescale the spectral pruning curves of several runs (delta/max vs n/h_T - 1) and measure their collapse."""
-    from eigenprune.reporting.report import collapse_runs
+    from eigenprune.reporting.collapse import collapse_runs
 
     try:
         result = collapse_runs(run_dirs, out)
@@ -232,7 +232,7 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from eigenprune.experiments.runner import make_data, validation_split
+    from eigenprune.experiments.grid import make_data, validation_split
     from eigenprune.pruning.removal import PruneError
 
     if data is not None and data.is_file():

@@ -50,8 +50,8 @@ from eigenprune.experiments.config import (
     read_yaml,
 )
 from eigenprune.experiments.data import TrialData
+from eigenprune.experiments.grid import teacher_set
 from eigenprune.experiments.progress import Progress
-from eigenprune.experiments.runner import teacher_set
 from eigenprune.experiments.seeds import data_seed, shuffle_seeds, student_seed
 from eigenprune.experiments.store import OwnedFolder, parquet_writer
 from eigenprune.pruning.criteria import CRITERIA, Criterion, get_criterion

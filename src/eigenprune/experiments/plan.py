@@ -1,0 +1,201 @@
+"""Planning a run before anything is written: memory (split or refuse chunks), the order of the work,
+Adam steps, where the local backend runs, and `plan_run`'s timed estimate."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import pandas as pd
+import torch
+
+from eigenprune.batched import fused
+from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.memory import DEFAULT_FRACTION, available_bytes, chunk_bytes, gb
+from eigenprune.batched.train import train_ensemble
+from eigenprune.core.plans import make_student
+from eigenprune.experiments.config import Config, ConfigError
+from eigenprune.experiments.data import TrialData
+from eigenprune.experiments.grid import Chunk, data_shape, plan_chunks, resolve_device, student_plans, validation_split
+from eigenprune.experiments.measure import prepare_chunk
+
+
+def check_memory(
+    cfg: Config, chunks: list[Chunk], workers: int, device: torch.device, shape: tuple[int, int, int, int] | None = None,
+) -> tuple[list[Chunk], dict]:
+    """Fit the chunks into memory before anything runs: split a chunk that is too large into groups of
+    trials that fit, and refuse (ConfigError) one that does not fit even with a single trial.
+
+    The limit is `max_memory_gb`, or DEFAULT_FRACTION of the memory available now (free GPU memory on
+    CUDA), shared by the `workers` chunks that run at once. `shape` = (inputs, training patterns, test
+    patterns, outputs) of real data (default: the teacher config's). Returns the chunks to run and the
+    figures for the manifest.
+    """
+    if cfg.max_memory_gb is not None:
+        limit, source = cfg.max_memory_gb * 1e9, f"max_memory_gb {cfg.max_memory_gb:g}"
+    else:
+        free = available_bytes(device)
+        limit, source = DEFAULT_FRACTION * free, f"{DEFAULT_FRACTION:.0%} of the {gb(free)} available on {device.type}"
+    per_worker = limit / max(workers, 1)
+    if workers > 1:
+        source += f", shared by {workers} workers"
+    if (teacher := teacher_memory(cfg)) > per_worker:
+        raise ConfigError(f"the teacher needs about {gb(teacher)} to label the data, more than the {gb(per_worker)} limit "
+                          f"({source}); lower data.teacher.widths (or data.n_train, n_test) or set max_memory_gb")
+    fitted = []
+    for c in chunks:
+        need = chunk_memory(cfg, c, shape)
+        if need <= per_worker:
+            fitted.append(c)
+            continue
+        size = _most_trials(lambda m, c=c: chunk_memory(cfg, replace(c, trials=c.trials[:m], split=True), shape) <= per_worker,
+                            len(c.trials) - 1)
+        if not size:
+            raise ConfigError(
+                f"chunk {c.id} ({len(c.keys())} students) needs about {gb(need)}, more than the "
+                f"{gb(per_worker)} limit ({source}); lower trials, widths or n_train, use fewer workers, or set max_memory_gb"
+            )
+        fitted += [replace(c, trials=c.trials[i : i + size], split=True) for i in range(0, len(c.trials), size)]
+    need = {c.id: chunk_memory(cfg, c, shape) for c in fitted}
+    return fitted, {"memory_limit_bytes": int(per_worker), "memory_estimate_bytes": need}
+
+
+def teacher_memory(cfg: Config) -> int:
+    """Estimated peak bytes of making teacher data (0 for real data): the largest teacher's weights and
+    its activations on one trial's training and test inputs."""
+    if cfg.data.source != "teacher":
+        return 0
+    d, size = cfg.data, torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+    need = 0
+    for t in cfg.teacher_list():
+        sizes = [t.latent_dim if t.kind == "hidden_manifold" else d.input_dim, *t.widths, 1]
+        params = sum(a * b for a, b in zip(sizes, sizes[1:]))
+        need = max(need, size * (params + 2 * (d.n_train + d.n_test) * max(sizes)))
+    return need
+
+
+def _most_trials(fits: Callable[[int], bool], most: int) -> int:
+    """The largest m in 1..most with fits(m) (memory grows with the trials in a chunk), or 0: a bisection,
+    so that a chunk of 100,000 trials is planned in microseconds, not by trying every size."""
+    low, high = 0, most
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def chunk_memory(cfg: Config, chunk: Chunk, shape: tuple[int, int, int, int] | None = None) -> int:
+    """Estimated peak bytes of training and measuring one chunk (see `memory.chunk_bytes`);
+    `shape` = (inputs, training patterns, test patterns, outputs), default: the teacher config's."""
+    d = cfg.data
+    inputs, n_train, n_test, outputs = shape or (d.input_dim, d.n_train, d.n_test, 1)
+    widths = [inputs, max(chunk.widths), *cfg.student.rest, outputs]
+    size = torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+    n_students = len(chunk.widths) * len(chunk.trials) * len(chunk.strengths)
+    return chunk_bytes(n_students, cfg.trials, widths, n_train, n_test, cfg.method(chunk.method).batch_size, size)
+
+
+def chunk_cost(cfg: Config, chunk: Chunk) -> float:
+    """A rough relative training cost (steps x padded students x width) used to order the work."""
+    m = cfg.method(chunk.method)
+    steps = m.epochs * -(-cfg.data.n_train // m.batch_size)
+    return steps * (1 + len(chunk.widths) * len(chunk.trials) * max(chunk.widths) / 2000)
+
+
+def adam_steps(cfg: Config, method: str, n_fit: int) -> tuple[int, int]:
+    """(batch size, Adam steps of the whole training) of a `method` student fitting `n_fit` patterns."""
+    m = cfg.method(method)
+    batch = min(m.batch_size, n_fit)
+    return batch, m.epochs * -(-n_fit // batch)
+
+
+def local_plan(cfg: Config, chunks: list[Chunk], shape: tuple[int, int, int, int] | None):
+    """Where and how the local backend runs `chunks`: (device, worker processes, torch threads per
+    worker, the chunks after the memory planner, the memory figures). Raises ConfigError first."""
+    device = resolve_device(cfg.device)
+    if cfg.backprop == "fused":
+        check_fused(cfg, device, shape)
+    workers = min(cfg.workers or os.cpu_count() or 1, len(chunks)) if device.type == "cpu" else 1
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    chunks, memory = check_memory(cfg, chunks, workers, device, shape)
+    return device, workers, threads, chunks, memory
+
+
+def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
+    """What `run_experiment` would train, without writing anything: one row per chunk (after the memory
+    planner) with its students, padded width, Adam steps and memory estimate, and the run's device,
+    workers and memory limit. With `measure_steps`, each chunk also trains at least that many steps
+    (random data of the chunk's shape, on the config's device, with its threads per worker) and the
+    steady time per step is extrapolated to the chunk's training: an estimate that leaves out
+    evaluation and analysis, and the slowdown of workers running side by side.
+    """
+    shape, _ = data_shape(cfg)
+    chunks = sorted(plan_chunks(cfg), key=lambda c: -chunk_cost(cfg, c))
+    device, workers, threads, chunks, memory = local_plan(cfg, chunks, shape)
+    inputs, n_train, _, outputs = shape or (cfg.data.input_dim, cfg.data.n_train, 0, 1)
+    n_fit = validation_split(cfg, n_train)
+    rows = []
+    for c in chunks:
+        batch, steps = adam_steps(cfg, c.method, n_fit)
+        row = {"chunk": c.id, "students": len(c.keys()), "padded_width": max(c.widths), "steps": steps,
+               "memory_gb": memory["memory_estimate_bytes"][c.id] / 1e9}
+        if measure_steps:
+            with _torch_threads(threads):
+                row["step_ms"] = 1e3 * _time_steps(cfg, c, inputs, outputs, n_fit, batch, measure_steps, device)
+            row["train_s_estimate"] = row["steps"] * row["step_ms"] / 1e3
+        rows.append(row)
+    info = {"device": str(device), "workers": workers, "threads_per_worker": threads, "memory_limit_gb": memory["memory_limit_bytes"] / 1e9}
+    if measure_steps:  # the workers take the chunks in this order (run_experiment's), each the next free one
+        loads = [0.0] * workers
+        for r in rows:
+            loads[loads.index(min(loads))] += r["train_s_estimate"]
+        info.update({"train_s_estimate_sequential": sum(r["train_s_estimate"] for r in rows), "train_s_estimate_wall": max(loads)})
+    return pd.DataFrame(rows), info
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_steps(cfg: Config, chunk: Chunk, inputs: int, outputs: int, n_fit: int, batch: int, steps: int,
+                device: torch.device) -> float:
+    """Seconds per Adam step of `chunk` on random data of its shape (at most its `n_fit` training
+    patterns): at least `steps` steps are timed, after two epochs that are not (the first pays one-off
+    costs, the second captures a CUDA graph where the config asks for one)."""
+    per_epoch = min(max(1, -(-steps // 2)), -(-n_fit // batch))
+    timed = max(2, -(-steps // per_epoch))
+    gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, cfg.dtype)
+    x = torch.randn(cfg.trials, min(per_epoch * batch, n_fit), inputs, generator=gen, dtype=dtype)
+    classify = cfg.data.source == "digits" or (cfg.data.source == "csv" and cfg.data.csv.task == "classification")
+    y = (torch.randint(0, outputs, x.shape[:2], generator=gen) if classify
+         else torch.randn(x.shape[:2], generator=gen, dtype=dtype))
+    data = TrialData(x, y, x[:, :1], y[:, :1], "classification" if classify else "regression", outputs).to(device)
+    prep = prepare_chunk(cfg, chunk, data, device)
+    stamps: list[float] = []
+
+    def on_epoch(epoch: int, loss: float) -> None:  # the loss was read back: the device has finished the epoch
+        stamps.append(time.perf_counter())
+
+    log = train_ensemble(prep.ens, data.x_train, data.y_train, prep.trial_index, replace(prep.spec, epochs=2 + timed, batch_size=batch),
+                         prep.shuffle, on_epoch)
+    return (stamps[-1] - stamps[1]) / (timed * log.steps // (2 + timed))
+
+
+def check_fused(cfg: Config, device: torch.device | None, shape: tuple[int, int, int, int] | None = None) -> None:
+    """Refuse `backprop: fused` before anything is written where its kernels cannot run these students."""
+    input_dim, n_outputs = (shape[0], shape[3]) if shape else (cfg.data.input_dim, 1)
+    method, width = cfg.methods[0], max(cfg.student.widths)
+    try:
+        fused.check(Ensemble([make_student(input_dim, student_plans(cfg, method, width, 1.0, n_outputs), 0)]).layers, device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
