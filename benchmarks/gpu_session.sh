@@ -18,7 +18,7 @@ case "${1:-run}" in
     export PYTHONPATH="/tmp/site:$PWD/src" PYTHONUNBUFFERED=1 MPLCONFIGDIR=/tmp/mpl
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.is_available())"
-    python3 -c "import eigenprune.experiment, eigenprune.fused"  # fail fast (a missing package) before any GPU work
+    python3 -c "import eigenprune.experiments.runner, eigenprune.batched.fused"  # fail fast (a missing package) before any GPU work
     python3 benchmarks/gpu_check.py --out "$OUT" --budget-s "${BUDGET_S:-420}" 2>&1 | tee "$OUT/log.txt" ;;
   *) echo "usage: bash benchmarks/gpu_session.sh fetch|run" >&2; exit 2 ;;
 esac

@@ -33,7 +33,7 @@ from eigenprune.experiments.grid import Chunk, make_data, student_seed
 from eigenprune.experiments.measure import prepare_chunk, run_chunk
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.recovery import prepare_out
-from eigenprune.experiments.store import RunFolderError, _finite, parquet_writer
+from eigenprune.experiments.store import RunFolderError, json_safe, parquet_writer
 
 
 def _widths(text: str, name: str) -> list[int]:
@@ -105,10 +105,10 @@ def main() -> int:
     out.write("students_from_scratch.parquet", parquet_writer(runs))
     out.write("shapes.parquet", parquet_writer(shapes))
     out.write("wide_layers.parquet", parquet_writer(lay))
-    out.write("summary.json", json.dumps(_finite(summary), indent=1, allow_nan=False) + "\n")
+    out.write_json("summary.json", summary)
     with pd.option_context("display.width", 200):
         print(shapes[shapes.method == "any"].pivot_table(index="k1", columns="k2", values="best").round(4).to_string())
-    print(json.dumps(_finite(summary), indent=1, allow_nan=False))
+    print(json.dumps(json_safe(summary), indent=1, allow_nan=False))
     if summary["failed"] or not np.isfinite(eps):
         print(f"error: {summary['failed']} networks diverged (or eps is not finite: {eps})", file=sys.stderr)
         return 1

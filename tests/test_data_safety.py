@@ -275,3 +275,57 @@ def test_workers_exit_by_themselves_after_a_sigkill_of_the_driver(tmp_path):
     finally:
         for p in _alive(kids):
             os.kill(p, signal.SIGKILL)
+
+
+def test_inside_a_folder_of_ours_a_users_file_is_neither_replaced_nor_removed(tmp_path):
+    from eigenprune.experiments.store import OwnedFolder, RunFolderError
+
+    folder = OwnedFolder(tmp_path / "cmp", "compare")
+    folder.open(create=True)
+    try:
+        (folder.path / "config.yaml").write_text("mine\n")  # the user's file, under a name eigenprune would use
+        (folder.path / "figures").mkdir()
+        (folder.path / "figures" / "x.png").write_bytes(b"my plot")
+        with pytest.raises(RunFolderError, match="not written by eigenprune"):
+            folder.write("config.yaml", "theirs\n")
+        with pytest.raises(RunFolderError, match="not written by eigenprune"):
+            folder.write("figures/x.png", b"theirs")
+        folder.write("figures/ours.png", b"ours")
+        folder.remove_own(keep=(".lock",))
+    finally:
+        folder.release()
+    assert (folder.path / "config.yaml").read_text() == "mine\n"
+    assert (folder.path / "figures" / "x.png").read_bytes() == b"my plot"
+    assert not (folder.path / "figures" / "ours.png").exists()
+
+
+def test_a_marker_that_points_outside_its_folder_is_refused(tmp_path):
+    import json
+
+    from eigenprune.experiments.store import MARKER, RunFolder, RunFolderError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    run = tmp_path / "run"
+    run_experiment(parse_config(SMALL), run, quiet=True)
+    marker = json.loads((run / MARKER).read_text())
+    marker["entries"]["../victim.txt"] = "file"
+    (run / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(RunFolderError, match="not a path inside the folder"):
+        run_experiment(parse_config(SMALL), run, quiet=True, fresh=True)
+    with pytest.raises(RunFolderError, match="not a path inside the folder"):
+        RunFolder(run).open()
+    assert victim.read_text() == "keep me\n"
+
+
+def test_prune_writes_its_default_output_outside_the_run_folder(tmp_path):
+    run = tmp_path / "run"
+    run_experiment(parse_config(SMALL), run, quiet=True)
+    student = next(run.glob("chunks/*/students/*.safetensors"))
+    here = tmp_path / "here"
+    here.mkdir()
+    before = snapshot(run)
+    code, err, _ = _run(["prune", student, "--keep", "2"], cwd=here)
+    assert code == 0, err
+    assert (here / f"{student.stem}-pruned.safetensors").is_file()
+    assert snapshot(run) == before  # nothing written into eigenprune's chunk folder, which --fresh may replace

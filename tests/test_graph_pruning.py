@@ -260,3 +260,14 @@ def test_onnx_round_trip_of_a_pruned_transformer(tmp_path):
     assert pruned.encoder.linear1.out_features == 6
     path = export_module_onnx(pruned, x, tmp_path / "tr.onnx")
     assert check_onnx(path, pruned, torch.randn(5, 8, 8)) < 1e-4
+
+
+def test_the_graph_path_refuses_a_diverged_model_or_nan_inputs():
+    model = spectralize(CNN()).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(PruneError, match="example_inputs\\[0\\] holds"):
+        prune_nodes(model, 0.5, example_inputs=torch.full_like(x, float("nan")))
+    with torch.no_grad():
+        next(m for m in model.modules() if isinstance(m, SpectralModule)).phi[0, 0] = float("inf")
+    with pytest.raises(PruneError, match="NaN/inf"):
+        prune_nodes(model, 0.5, example_inputs=x)

@@ -14,7 +14,7 @@ import yaml
 from typer.core import TyperGroup
 
 from eigenprune import __version__
-from eigenprune.core.io import OutputError, check_output
+from eigenprune.core.io import OutputError, check_output, first_line
 from eigenprune.experiments.backends import BackendError
 from eigenprune.experiments.config import ConfigError, load_config, safe_load, yaml_problem
 from eigenprune.experiments.data import DataError
@@ -70,7 +70,7 @@ class _OneLineErrors(TyperGroup):
 
 
 app = typer.Typer(
-    cls=_OneLineErrors, add_completion=False, no_args_is_help=True, help="Spectral training and eigenvalue-ranked pruning of MLPs.",
+    cls=_OneLineErrors, add_completion=False, no_args_is_help=True, help="Spectral training and eigenvalue-ranked pruning.",
     rich_markup_mode=None,  # help texts are plain: Rich markup would swallow `eigenprune[ray]`
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -86,14 +86,15 @@ def _print_version(value: bool) -> None:
 def _main(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")] = False,
 ) -> None:
-    """Spectral training and eigenvalue-ranked pruning of MLPs."""
+    """Spectral training and eigenvalue-ranked pruning of PyTorch models."""
 
 
 USER_ERRORS = (ConfigError, RunFolderError, CheckpointError, BackendError, DataError, OutputError)
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    """One `error:` line (the first line of `message`: an error re-raised from a Ray task carries its remote traceback), exit 2."""
+    typer.echo(f"error: {first_line(RuntimeError(message))}", err=True)
     raise typer.Exit(2)
 
 
@@ -117,7 +118,7 @@ def run(
     out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/<name>)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (overrides the config)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config field, e.g. --set trials=2")] = [],  # noqa: B006
-    fresh: Annotated[bool, typer.Option(help="delete an existing run folder of this config and start over")] = False,
+    fresh: Annotated[bool, typer.Option(help="start over: remove what earlier runs wrote in the folder, nothing else")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     workers: Annotated[Optional[int], typer.Option(min=0, help="worker processes, or CPUs of a new local Ray; 0 = one per core")] = None,
     backend: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster, needs eigenprune[ray])")] = "local",
@@ -255,9 +256,8 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
         raise PruneError(f"--data {data}: not a run folder (no config.yaml in it); pass the run folder the checkpoint came "
                          "from or a safetensors file with tensors x and y")
     run_dir = data
-    if run_dir is None:
-        guess = checkpoint.resolve().parents[3] if len(checkpoint.resolve().parents) > 3 else None
-        run_dir = guess if guess is not None and (guess / "config.yaml").is_file() else None
+    if run_dir is None:  # the run folder the checkpoint lies in: the nearest parent with a run marker
+        run_dir = next((d for d in checkpoint.resolve().parents if RunFolder(d).is_run_folder()), None)
     if run_dir is None or not (run_dir / "config.yaml").is_file():
         raise PruneError("--keep auto needs validation data: pass --data RUN_DIR (the run folder the checkpoint came from) "
                          "or --data FILE.safetensors (tensors x and y)")
@@ -326,7 +326,7 @@ def prune(
     checkpoint: Annotated[Path, typer.Argument(help="a model saved by eigenprune (e.g. runs/quick/chunks/*/students/*.safetensors)")],
     keep: Annotated[str, typer.Option(help="nodes to keep per hidden layer: a count (25), a fraction (0.1 or 10%), "
                                            "a threshold on normalised importance (>0.05), or auto")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="where to write the pruned model (default: CHECKPOINT stem + -pruned)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="the pruned model's file (default: ./<CHECKPOINT stem>-pruned.safetensors)")] = None,
     layers: Annotated[Optional[str], typer.Option(help="hidden linear layers to prune, comma-separated indices (default: the "
                                                        "layers the training method ranks: spectral or L2-regularized ones)")] = None,
     data: Annotated[Optional[Path], typer.Option(help="validation data for --keep auto: a run folder (its config regenerates "
@@ -345,7 +345,7 @@ def prune(
     from eigenprune.pruning.removal import PruneError, parse_keep, prune_nodes, ranked_layers
 
     try:
-        target = check_output(out or checkpoint.with_name(checkpoint.stem + "-pruned.safetensors"),
+        target = check_output(out or Path(checkpoint.stem + "-pruned.safetensors"),  # not inside a run folder's chunk
                               inputs=[checkpoint, *([data] if data is not None else [])], force=force, ours=is_checkpoint)
         spec = parse_keep(keep)
         try:
@@ -385,7 +385,7 @@ def export(
     force: Annotated[bool, typer.Option(help="replace an existing ONNX file that eigenprune wrote (never any other file)")] = False,
 ) -> None:
     """Export a saved model to ONNX (dynamic batch dimension). The file is written only after onnxruntime
-    reproduces torch's outputs on random inputs (when onnxruntime is installed)."""
+    reproduces torch's outputs on random inputs (needs onnxruntime, part of the `onnx` extra)."""
     from eigenprune.pruning.checkpoint import load_model
     from eigenprune.pruning.export import ExportError, export_onnx, is_onnx_export
 
@@ -394,12 +394,10 @@ def export(
             raise ExportError(f"--rtol must be a finite number >= 0, got {rtol}")
         check_output(onnx, inputs=[model], force=force, ours=is_onnx_export, option="--onnx")
         net, _ = load_model(model)
-        path, diff = export_onnx(net, onnx, rtol)
+        path, diff = export_onnx(net, onnx, rtol, overwrite=force)
     except _pruning_errors() as err:
         _fail(str(err))
-    checked = ("not checked (onnxruntime is not installed)" if diff != diff
-               else f"onnxruntime vs torch on 257 random inputs: max relative difference {diff:.2g}")
-    typer.echo(f"wrote {path} ({checked})")
+    typer.echo(f"wrote {path} (onnxruntime vs torch on 257 random inputs: max relative difference {diff:.2g})")
 
 
 @app.command()

@@ -17,6 +17,12 @@ TMP_PREFIX = ".eigenprune-tmp-"
 """Name prefix of every temporary file or folder eigenprune creates; nothing else is ever cleaned up."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name if the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class OutputError(ValueError):
     """An output path that cannot or must not be written, stated in one line."""
 

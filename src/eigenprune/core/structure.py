@@ -99,3 +99,12 @@ def check_hidden_layer(layer: int, n_linear: int, error: type[Exception] = Value
     if not 0 <= layer < n_linear - 1:
         raise error(f"layer must be a hidden layer index in 0..{n_linear - 2}, got {layer}")
     return layer
+
+
+def input_tuple(example_inputs: object, error: type[Exception] = ValueError) -> tuple[torch.Tensor, ...]:
+    """`example_inputs` (a tensor, or a non-empty tuple or list of tensors) as a tuple of tensors; else `error`."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise error(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")

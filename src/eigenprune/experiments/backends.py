@@ -25,9 +25,9 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Protocol
 
+from eigenprune.core.io import first_line
 from eigenprune.experiments.progress import Progress, QueueProgress
 from eigenprune.experiments.store import ChunkResult
-from eigenprune.pruning.checkpoint import first_line
 
 
 class Unit(Protocol):

@@ -45,7 +45,7 @@ from eigenprune.experiments.config import (
     PositiveFloat,
     PositiveInt,
     Seed,
-    _Strict,
+    StrictModel,
     parse_config,
     read_yaml,
 )
@@ -57,7 +57,7 @@ from eigenprune.experiments.store import OwnedFolder, parquet_writer
 from eigenprune.pruning.criteria import CRITERIA, Criterion, get_criterion
 
 
-class CompareTrain(_Strict):
+class CompareTrain(StrictModel):
     """The one optimizer schedule every criterion's students train with (Adam, mini-batches)."""
 
     lr: PositiveFloat = 0.005
@@ -65,7 +65,7 @@ class CompareTrain(_Strict):
     epochs: PositiveInt = 500
 
 
-class CompareConfig(_Strict):
+class CompareConfig(StrictModel):
     """The comparison's settings; the defaults are the CPU-sized run reported in docs/pruning.md."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "compare"

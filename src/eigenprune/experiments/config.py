@@ -48,18 +48,18 @@ class ConfigError(ValueError):
     """A configuration problem, stated in one line."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     kind: Literal["mlp", "linear", "hidden_manifold"] = "mlp"
     widths: Annotated[list[PositiveInt], Field(min_length=1)] = [20, 10]
     seed: Seed = 1234
     latent_dim: PositiveInt = 5
 
 
-class CsvConfig(_Strict):
+class CsvConfig(StrictModel):
     """A user's table: feature columns (default: every other column) and one target column."""
 
     path: Annotated[str, Field(min_length=1)]
@@ -68,7 +68,7 @@ class CsvConfig(_Strict):
     task: Literal["regression", "classification"] = "regression"
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     source: Literal["teacher", "digits", "csv"] = "teacher"
     csv: CsvConfig | None = None
     test_fraction: Fraction = 0.25  # real data (digits, csv): held-out share per trial
@@ -80,7 +80,7 @@ class DataConfig(_Strict):
     teacher: TeacherConfig = TeacherConfig()
 
 
-class MethodConfig(_Strict):
+class MethodConfig(StrictModel):
     lr: PositiveFloat
     batch_size: PositiveInt
     epochs: PositiveInt
@@ -100,14 +100,14 @@ class DirectConfig(MethodConfig):
     epochs: PositiveInt = 75
 
 
-class StudentConfig(_Strict):
+class StudentConfig(StrictModel):
     widths: Annotated[list[PositiveInt], Field(min_length=1)] = [20, 60, 200]
     rest: list[PositiveInt] = [10]
     deep: bool = False  # every hidden layer trains with the method and its L2 (else: the paper's dense, unregularized rest)
     head: Literal["sum", "linear"] = "sum"  # sum: the paper's frozen all-ones readout; linear: a trainable dense output layer
 
 
-class AnalysisConfig(_Strict):
+class AnalysisConfig(StrictModel):
     threshold: Fraction = 0.05
     probe_kept: list[PositiveInt] = [20, 30]
     critical_rel_tol: PositiveFloat = 0.1  # n_c: pruning costs <= this x the full test loss
@@ -115,7 +115,7 @@ class AnalysisConfig(_Strict):
     accuracy_tol: Annotated[float, Field(ge=0, lt=1), NoBool] = 0.01  # classification: smallest width within this of full accuracy
 
 
-class RegularizationConfig(_Strict):
+class RegularizationConfig(StrictModel):
     """Fixed strengths (the paper) or a path: K multipliers of every L2 coefficient, trained together.
 
     On a path, `validation_fraction` of each trial's training set is held out (not trained on) to
@@ -130,7 +130,7 @@ class RegularizationConfig(_Strict):
     rule: Literal["best", "1se", "stable"] = "1se"
 
 
-class ParityConfig(_Strict):
+class ParityConfig(StrictModel):
     """Options that reproduce the authors' Keras code where it differs from ours (docs/reproduction.md,
     "Differences from the authors' code"); the defaults are ours.
 
@@ -148,7 +148,7 @@ class ParityConfig(_Strict):
     l2_float32: bool = False
 
 
-class Config(_Strict):
+class Config(StrictModel):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "quick"
     seed: Seed = 0
     trials: Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool] = 3
@@ -319,12 +319,14 @@ def read_yaml(path: str | Path | None, overrides: dict | None = None, default: s
                 if not isinstance(node, dict):
                     raise ConfigError(f"{source}: cannot set {dotted}: {key} is not a section (it holds {node!r})")
             node[leaf] = value
+        data = _resolve_csv_path(data, Path.cwd())  # a path given with --set is read from the current folder
     return data, source
 
 
 def _resolve_csv_path(data: object, folder: Path) -> object:
     """A relative `data.csv.path` in a config file is read from the file's folder (not the current
-    directory): it becomes that absolute path, so the run folder's copy of the config finds it too."""
+    directory), one given with --set from the current folder, and `~` is expanded: the path becomes
+    absolute, so the run folder's copy of the config finds it too and its bytes can be hashed."""
     csv = data.get("data") if isinstance(data, dict) else None
     csv = csv.get("csv") if isinstance(csv, dict) else None
     if isinstance(csv, dict) and isinstance(csv.get("path"), str) and csv["path"] and not os.path.isabs(csv["path"]):

@@ -21,7 +21,6 @@ wide students of that dimension form one ensemble, and the capacity networks a f
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -62,20 +61,20 @@ from eigenprune.experiments.config import (
     RegularizationConfig,
     Seed,
     SpectralConfig,
-    _Strict,
+    StrictModel,
     parse_config,
     read_yaml,
 )
 from eigenprune.experiments.data import teacher_data
 from eigenprune.experiments.regpath import select_strengths
-from eigenprune.experiments.store import OwnedFolder, _finite, parquet_writer
+from eigenprune.experiments.store import OwnedFolder, parquet_writer
 from eigenprune.pruning.importance import node_importance
 
 TEACHER_KEYS = ["teacher", "h_t", "input_dim", "teacher_seed"]
 TABLES = ("students", "curves", "capacity", "signals")
 
 
-class RecoveryConfig(_Strict):
+class RecoveryConfig(StrictModel):
     """The diagram's grid and training (defaults: the CPU-sized diagram of docs/recovery.md)."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "recovery"
@@ -334,13 +333,13 @@ def write_folder(folder: OwnedFolder, cfg: RecoveryConfig, tables: dict[str, pd.
     for name, df in {**tables, **derived}.items():
         folder.write(f"{name}.parquet", parquet_writer(df))
     small = {k: derived[k].to_dict(orient="records") for k in ("summary", "explain", "collapse")}
-    folder.write("tables.json", json.dumps(_finite(small), indent=1, default=str, allow_nan=False) + "\n")
+    folder.write_json("tables.json", small)
     folder.write("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     manifest = {"eigenprune": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
                 "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "wall_seconds": round(wall, 1),
                 "command": " ".join(sys.argv)}
-    folder.write("manifest.json", json.dumps(manifest, indent=1) + "\n")
+    folder.write_json("manifest.json", manifest)
 
 
 def prepare_out(out: str | Path) -> OwnedFolder:

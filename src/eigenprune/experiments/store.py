@@ -45,15 +45,20 @@ MARKER = ".eigenprune.json"
 MARKER_FORMAT = "eigenprune-folder/1"
 
 
-def _finite(obj):
+def json_safe(obj):
     """`obj` with every non-finite float replaced by None (JSON has no NaN)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
+
+
+def _inside(rel: object) -> bool:
+    """Whether a marker entry names a path inside the folder (relative, no '..')."""
+    return isinstance(rel, str) and bool(rel) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
 
 
 class RunFolderError(ValueError):
@@ -111,6 +116,9 @@ class OwnedFolder:
             raise RunFolderError(f"{p} is unreadable ({type(err).__name__}); eigenprune will not write into {self.path}") from None
         if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT or not isinstance(marker.get("entries"), dict):
             raise RunFolderError(f"{p} is not an eigenprune marker (format {MARKER_FORMAT}); eigenprune will not write into {self.path}")
+        outside = [rel for rel in marker["entries"] if not _inside(rel)]
+        if outside:
+            raise RunFolderError(f"{p} lists {outside[0]!r}, which is not a path inside the folder; eigenprune will not use this marker")
         return marker
 
     def check_ours(self) -> dict | None:
@@ -191,11 +199,21 @@ class OwnedFolder:
         return marker is not None and rel in marker["entries"]
 
     def write(self, rel: str, content: bytes | str | Callable[[Path], object], durable: bool = False) -> Path:
-        """Atomically write a file of ours (recorded first); folders on the way are made and recorded."""
+        """Atomically write a file of ours (recorded first); folders on the way are made and recorded.
+
+        An existing entry of that name that eigenprune did not record (the user's own file) is refused, not replaced.
+        """
         parts = Path(rel).parts
         for i in range(1, len(parts)):
             self.mkdir("/".join(parts[:i]))
+        target = self.path / rel
+        if (target.exists() or target.is_symlink()) and not self.owns(rel):
+            raise RunFolderError(f"{target} exists and was not written by eigenprune; move it away (eigenprune will not replace it)")
         return atomic_write(self.record(rel), content, durable)
+
+    def write_json(self, rel: str, obj: dict) -> Path:
+        """Write strict JSON (NaN and infinities become null)."""
+        return self.write(rel, json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
 
     def mkdir(self, rel: str) -> Path:
         """A sub-folder eigenprune uses (it may also hold the user's files, which stay)."""
@@ -243,6 +261,14 @@ class RunFolder(OwnedFolder):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(path, "run")
+
+    def is_run_folder(self) -> bool:
+        """Whether this folder carries a run marker (without raising on anything else)."""
+        try:
+            marker = self.marker()
+        except RunFolderError:
+            return False
+        return marker is not None and marker.get("kind") == "run" and (self.path / "config.yaml").is_file()
 
     @property
     def chunks_dir(self) -> Path:
@@ -349,10 +375,6 @@ class RunFolder(OwnedFolder):
         for name, df in merged.items():
             self.write(f"{name}.parquet", parquet_writer(df))
         return merged
-
-    def write_json(self, name: str, obj: dict) -> None:
-        """Write strict JSON (NaN and infinities become null)."""
-        self.write(name, json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
 
     def _need(self, name: str) -> Path:
         if not self.path.is_dir():

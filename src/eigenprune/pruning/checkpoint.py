@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from eigenprune.core.io import atomic_write, input_file
+from eigenprune.core.io import atomic_write, first_line, input_file
 from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.structure import as_sequential
 
@@ -210,9 +210,3 @@ def load_model(path: str | Path) -> tuple[nn.Sequential, dict]:
     except (RuntimeError, ValueError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: the stored model does not run ({first_line(err)})") from None
     return model, extra if isinstance(extra, dict) else {}
-
-
-def first_line(err: Exception) -> str:
-    """The first line of an exception's message (its type name if the message is empty)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

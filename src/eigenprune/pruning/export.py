@@ -18,7 +18,7 @@ from torch import nn
 
 from eigenprune.core.io import atomic_write, check_output
 from eigenprune.core.layers import SpectralLinear
-from eigenprune.core.structure import as_sequential
+from eigenprune.core.structure import as_sequential, input_tuple
 
 OPSET = 17
 
@@ -101,7 +101,7 @@ def check_onnx(onnx_model: bytes | str | Path, model: nn.Module, example_inputs,
         import onnxruntime
     except ImportError:
         raise ExportError("checking ONNX needs onnxruntime: pip install 'eigenprune[onnx]'") from None
-    inputs = _example_tuple(example_inputs)
+    inputs = input_tuple(example_inputs, ExportError)
     source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
     session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
     got = session.run(None, {i.name: t.detach().cpu().float().numpy() for i, t in zip(session.get_inputs(), inputs)})
@@ -121,9 +121,11 @@ def check_onnx(onnx_model: bytes | str | Path, model: nn.Module, example_inputs,
     return worst
 
 
-def export_onnx(model: nn.Module, path: str | Path, rtol: float = 1e-4) -> tuple[Path, float]:
+def export_onnx(model: nn.Module, path: str | Path, rtol: float = 1e-4, overwrite: bool = False) -> tuple[Path, float]:
     """Write `model` (any MLP `as_sequential` reads) to `path` as ONNX, only after onnxruntime reproduced it on
-    257 seeded random inputs (see `check_onnx`). Returns the path and that max relative difference."""
+    257 seeded random inputs (see `check_onnx`). Returns the path and that max relative difference.
+    An existing `path` is refused unless `overwrite` and eigenprune wrote it (`core.io.check_output`)."""
+    path = check_output(path, force=overwrite, ours=is_onnx_export, option="path")
     proto = to_onnx(model)
     blob = proto.SerializeToString()
     n_in = proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value
@@ -143,13 +145,6 @@ def is_onnx_export(path: str | Path) -> bool:
 # --- Any nn.Module, traced by torch.onnx.export -----------------------------------------------------
 
 
-def _example_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise ExportError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
-    return inputs
-
-
 def export_module_onnx(
     model: nn.Module, example_inputs, path: str | Path, *, dynamic_batch: bool = True, overwrite: bool = False,
     rtol: float = 1e-4,
@@ -166,7 +161,7 @@ def export_module_onnx(
 
     onnx = _onnx()
     path = check_output(path, force=overwrite, ours=is_onnx_export, option="path")
-    inputs = _example_tuple(example_inputs)
+    inputs = input_tuple(example_inputs, ExportError)
     plain = despectralize(copy.deepcopy(model)).eval()
     traced = tuple(torch.cat([t, t]) if dynamic_batch and t.dim() and t.shape[0] == 1 else t for t in inputs)
     names = [f"x{i}" for i in range(len(inputs))]

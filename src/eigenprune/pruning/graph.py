@@ -31,9 +31,11 @@ from torch import nn
 from torch_pruning import ops
 
 from eigenprune.core.convert import despectralize
+from eigenprune.core.io import first_line
 from eigenprune.core.layers import SPECTRAL_LAYERS, SpectralModule
+from eigenprune.core.structure import input_tuple
 from eigenprune.pruning.importance import node_importance, normalize
-from eigenprune.pruning.removal import KeepLike, PruneError, count_to_keep, parse_keep, top_k_mask
+from eigenprune.pruning.removal import KeepLike, PruneError, check_finite, count_to_keep, parse_keep, top_k_mask
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 LayerRef = Union[nn.Module, str]
@@ -161,14 +163,6 @@ class ChannelPlan:
         return "\n".join(lines)
 
 
-def _as_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise PruneError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
-
-
 def _shapes(inputs: tuple[torch.Tensor, ...]) -> str:
     return ", ".join(str(list(t.shape)) for t in inputs)
 
@@ -181,8 +175,7 @@ def _check_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         with torch.enable_grad():
             out = model.eval()(*inputs)  # eval: a check must not move BatchNorm statistics
     except Exception as err:  # noqa: BLE001 - any failure means these inputs do not fit this model
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise PruneError(f"example_inputs of shape {_shapes(inputs)} do not fit {name}: {type(err).__name__}: {first}") from None
+        raise PruneError(f"example_inputs of shape {_shapes(inputs)} do not fit {name}: {type(err).__name__}: {first_line(err)}") from None
     finally:
         model.train(training)
     tensors = [t for t in tp.utils.flatten_as_list(out) if isinstance(t, torch.Tensor)]
@@ -295,7 +288,8 @@ def select_channels(
     for p, q in zip(model.parameters(), work.parameters()):  # gradient-based importances (Taylor) read .grad
         if p.grad is not None:
             q.grad = p.grad.detach().clone()
-    inputs = _as_tuple(example_inputs)
+    inputs = input_tuple(example_inputs, PruneError)
+    check_finite(model, *inputs)  # a diverged model (or NaN inputs) would rank garbage
     names_of_original = {id(m): n for n, m in model.named_modules()}
     ignored = _resolve(work, ignored_layers, names_of_original)
     dg = _build(work, inputs, ignored)
@@ -404,7 +398,7 @@ def _apply(model: nn.Module, plan: ChannelPlan, inputs: tuple[torch.Tensor, ...]
 def mask_graph(model: nn.Module, plan: ChannelPlan, example_inputs: Inputs) -> nn.Module:
     """A same-size copy of `model` with every slice that `prune_graph` would remove set to zero (the reference)."""
     work = copy.deepcopy(model)
-    return _apply(work, plan, _as_tuple(example_inputs), mask=True)
+    return _apply(work, plan, input_tuple(example_inputs, PruneError), mask=True)
 
 
 def prune_graph(
@@ -422,5 +416,5 @@ def prune_graph(
     plan = keep if isinstance(keep, ChannelPlan) else select_channels(
         model, keep, example_inputs, importance=importance, global_ranking=global_ranking, ignored_layers=ignored_layers)
     work = model if inplace else copy.deepcopy(model)
-    _apply(work, plan, _as_tuple(example_inputs), mask=False)
+    _apply(work, plan, input_tuple(example_inputs, PruneError), mask=False)
     return work if keep_spectral else despectralize(work)

@@ -248,17 +248,21 @@ def ranked_layers(model: nn.Module) -> list[int]:
     return ranked or list(range(len(hidden)))
 
 
-def _check_finite(model: nn.Module, x_val: torch.Tensor | None, y_val: torch.Tensor | None) -> None:
-    """Refuse a model or validation data holding NaN/inf (pruning it would write a model of garbage)."""
-    for name, t in as_sequential(model).state_dict().items():
+def check_finite(model: nn.Module, *data: torch.Tensor | None, names: tuple[str, ...] = ()) -> None:
+    """Refuse a model or data holding NaN/inf, or data without rows (pruning would write a model of garbage).
+
+    `data` are tensors (None skipped) named by `names` (default "example_inputs[i]") in the message.
+    """
+    for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise PruneError(f"the model's {name} holds {bad} NaN/inf value(s) (a diverged student?): nothing to prune")
-    for label, t in (("x_val", x_val), ("y_val", y_val)):
+    for i, t in enumerate(data):
+        label = names[i] if i < len(names) else f"example_inputs[{i}]"
         if t is None:
             continue
-        if t.shape[0] == 0:
-            raise PruneError(f"{label} has no rows: keep='auto' needs validation patterns")
+        if t.dim() and t.shape[0] == 0:
+            raise PruneError(f"{label} has no rows: pruning needs data to check against")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PruneError(f"{label} holds {int((~torch.isfinite(t)).sum())} NaN/inf value(s)")
 
@@ -327,7 +331,7 @@ def select_nodes(
         raise PruneError("keep='auto' needs validation data: pass x_val and y_val")
     if not (math.isfinite(rtol) and math.isfinite(atol) and rtol >= 0 and atol >= 0):
         raise PruneError(f"rtol and atol must be finite numbers >= 0, got rtol={rtol}, atol={atol}")
-    _check_finite(model, x_val if needs_data else None, y_val if needs_data else None)
+    check_finite(model, x_val if needs_data else None, y_val if needs_data else None, names=("x_val", "y_val"))
     current, kept = _plain_copy(model).eval(), {}
     limit = float("inf")
     if needs_data:

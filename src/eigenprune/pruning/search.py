@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 from torch import nn
 
@@ -22,6 +22,9 @@ from eigenprune.core.losses import Task, task_loss, task_metric
 from eigenprune.core.structure import check_hidden_layer, layer_sizes
 from eigenprune.core.training import TrainSpec, train_alone
 from eigenprune.pruning.removal import PruneError, ScoreFn, remove_nodes, select_nodes
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -97,6 +100,8 @@ def minimal_width(
             break
         else:
             step //= 2
+    import pandas as pd  # only here: the library does not load pandas on import
+
     curve = pd.DataFrame(rows, columns=["step", "kept", "loss_pruned", "loss_finetuned", "accepted"])
     return SearchResult(current, n, full, curve)
 

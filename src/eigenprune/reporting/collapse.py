@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import matplotlib.pyplot as plt
 
 from eigenprune.experiments.analysis import collapse_measure
 from eigenprune.experiments.store import OwnedFolder, RunFolder, RunFolderError
@@ -55,12 +52,8 @@ def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
     folder.open(create=True)
     try:
         for name, curves, m, scale in (("collapse", items, measure, "h_T"), ("collapse_nc", by_nc, measure_nc, "n_c")):
-            fig = plots.collapse(curves, m, scale)
-            try:
-                folder.write(f"{name}.png", lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110))
-            finally:
-                plt.close(fig)
-        folder.write("collapse.json", json.dumps(result, indent=2) + "\n")
+            plots.save(plots.collapse(curves, m, scale), folder, f"{name}.png")
+        folder.write_json("collapse.json", result)
     finally:
         folder.release()
     return result

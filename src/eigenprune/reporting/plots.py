@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -230,3 +232,11 @@ def layer_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_widths: li
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def save(fig, folder, rel: str) -> Path:
+    """Write `fig` as the PNG `rel` of an eigenprune folder (`experiments.store.OwnedFolder`: atomic, recorded) and close it."""
+    try:
+        return folder.write(rel, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)

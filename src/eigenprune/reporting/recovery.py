@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from eigenprune.experiments.store import OwnedFolder
+from eigenprune.reporting.plots import save
 
 COLORS = {"spectral": "tab:red", "direct": "tab:blue", "any": "k"}
 
@@ -126,8 +127,5 @@ def write_figures(folder: OwnedFolder) -> list[Path]:
         figures[f"collapse_{setting}"] = collapse(curves, summary, setting)
     paths = []
     for name, fig in figures.items():
-        try:
-            paths.append(folder.write(f"figures/{name}.png", lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110)))
-        finally:
-            plt.close(fig)
+        paths.append(save(fig, folder, f"figures/{name}.png"))
     return paths

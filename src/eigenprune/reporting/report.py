@@ -7,12 +7,11 @@ import html
 import json
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from eigenprune.experiments.config import Config
 from eigenprune.experiments.regpath import path_table, select_strengths
-from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, OwnedFolder, RunFolder, RunFolderError
+from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, RunFolder, RunFolderError
 from eigenprune.reporting import plots
 from eigenprune.reporting.tables import (
     claims,
@@ -37,14 +36,6 @@ FIGURES = {
 }
 
 
-def _save(fig, folder: OwnedFolder, stem: str) -> Path:
-    """Write a figure as figures/<stem>.png of `folder` (atomically, recorded as eigenprune's) and close it."""
-    try:
-        return folder.write(f"figures/{stem}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-
-
 def make_figures(folder: RunFolder, cfg: Config, tables: dict[str, pd.DataFrame], suffix: str = "") -> list[tuple[Path, str]]:
     """Write one teacher's figures as PNG under figures/; returns (path, caption) pairs."""
     res, h_t = tables["results"], teacher_width(cfg)
@@ -66,7 +57,7 @@ def make_figures(folder: RunFolder, cfg: Config, tables: dict[str, pd.DataFrame]
     comparisons = path_comparisons(folder.path, cfg, res)
     if comparisons:
         figs["paths"] = plots.paths(comparisons)
-    return [(_save(fig, folder, name + suffix), FIGURES[name]) for name, fig in figs.items()]
+    return [(plots.save(fig, folder, f"figures/{name + suffix}.png"), FIGURES[name]) for name, fig in figs.items()]
 
 
 def _table(df: pd.DataFrame) -> str:
@@ -119,7 +110,7 @@ def _build_report(folder: RunFolder, tables: dict[str, pd.DataFrame] | None = No
     sections = []
     if cfg.regularization.mode == "path":
         fig = plots.regularization_path(tables["results"], path_table(tables["results"]), cfg)
-        figure = _img(_save(fig, folder, "regularization_path"), REGPATH_CAPTION)
+        figure = _img(plots.save(fig, folder, "figures/regularization_path.png"), REGPATH_CAPTION)
         sections.append("<h2>Regularization path</h2>" + figure + _table(path_selection_table(cfg, tables["results"])))
     for tcfg, sliced, suffix in teacher_slices(cfg, tables):
         h_t = teacher_width(tcfg)
