@@ -5,7 +5,7 @@ of 100 from the same data, same dtype, same number of steps. Variants:
 
   per-model      `train_alone` over the students one after another (autograd; the tests' oracle)
   manual         `train_ensemble`: the stacked students, hand-written batched backprop (the default)
-  fused          the same with the first layer in the Triton kernels of `eigenprune.fused` (CUDA)
+  fused          the same with the first layer in the Triton kernels of `eigenprune.batched.fused` (CUDA)
   +graph         either of the two with the epoch captured in a CUDA graph and replayed (CUDA)
 
     python benchmarks/bench_train.py                      # CPU: manual vs per-model, widths 20/60/200, 10 and 30 students

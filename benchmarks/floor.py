@@ -18,7 +18,7 @@ are lower bounds for four ways of running a step (per chunk, steps x the largest
   unfused         a hypothetical minimum with one kernel per matmul, ReLU and its mask fused in: h
                   written once and read three times, the hidden gradient written and read once = 24
                   bytes; 10 passes over each weight;
-  fused_first     backprop: fused as built (`eigenprune.fused`): the first layer's activations never
+  fused_first     backprop: fused as built (`eigenprune.batched.fused`): the first layer's activations never
                   leave the chip; its two kernels re-read the weights once per block of 64 rows and
                   the inputs and output gradients once per block of 64 nodes; everything else as eager
                   (the 7 first-layer kernels of the eager step become 2);
@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # datasheet peaks: float32 (non-tensor) FLOP/s, memory bytes/s
 CARDS = {"h100-sxm": (67e12, 3.35e12), "h100-pcie": (51e12, 2.0e12), "h200": (67e12, 4.8e12)}
 MODES = ("eager", "unfused", "fused_first", "fused")
-BLOCK = 64  # rows and nodes per program in eigenprune.fused
+BLOCK = 64  # rows and nodes per program in eigenprune.batched.fused
 
 
 NO_KERNEL = {"detach", "empty", "empty_strided", "scalar_tensor", "lift_fresh"}  # metadata or allocation only

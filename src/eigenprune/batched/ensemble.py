@@ -189,7 +189,7 @@ class Ensemble(nn.Module):
         in a CUDA graph is mostly their count). Equal to autograd on `task_loss(ens(x), y) + penalty()`
         summed over the students that are `alive` and whose loss is finite; the others get zero
         gradients. x [S, B, D]; y [S, B]. `fused`: the first layer runs in the Triton kernels of
-        `eigenprune.fused` (its activations are never stored; see `fused.check` for when it applies).
+        `eigenprune.batched.fused` (its activations are never stored; see `fused.check` for when it applies).
         """
         weights, gaps = zip(*(layer.weight_and_gap() for layer in self.layers))
         acts = [x]  # the input of each layer; ReLU's gradient mask is act > 0 (as z > 0)

@@ -12,7 +12,7 @@ n_1 = N (the widest student), n_2, ..., n_L = 1:
                                                          gather; pre/post-ReLU activations and gradients
     evaluation   S C (D + 2 sum_l n_l), C = min(8192, max(P, Q))
     curves       S c N (3 n_2 + 3 + sum_{l>2} n_l), c = min(Q, max(1, 2^24 // (S N n_2)))
-                 the prefix-sum buffers of `prune.pruning_curves`
+                 the prefix-sum buffers of `batched.curves.pruning_curves`
 
     bytes = e (data + parameters + max(training, evaluation, curves)) + RUNTIME_BYTES
 

@@ -31,7 +31,7 @@ from eigenprune.experiments.store import ChunkResult
 
 
 class Unit(Protocol):
-    """One piece of work (an `experiment.Chunk`): anything picklable with a string `id`."""
+    """One piece of work (an `experiments.grid.Chunk`): anything picklable with a string `id`."""
 
     @property
     def id(self) -> str: ...

@@ -354,7 +354,7 @@ class RunFolder(OwnedFolder):
         """Concatenate the tables of the given finished chunks into the top-level parquet files.
 
         Only the planned chunks are read, so a stray folder cannot add rows; a repeated
-        (method, width, trial) is refused rather than written.
+        student (`STUDENT_KEYS`, and layer/kept/node where a table has them) is refused rather than written.
         """
         merged = {}
         for name in TABLES:  # read everything first: a damaged chunk stops the merge before any file is replaced

@@ -1,8 +1,9 @@
-"""Pruning by importance: masks, pruning curves, and physical removal of nodes.
+"""Pruning an MLP by importance: keep specs, masks, the loss for every kept count, and physical removal.
 
-A pruning curve is the test loss when only the k most important nodes of a layer are kept,
-for every k from 1 to the layer's width (`delta_loss = loss_k - loss_full`). `prune_nodes` turns
-any MLP into a physically smaller one made of plain `nn.Linear` layers.
+`prune_nodes` turns any chain-shaped MLP into a physically smaller one made of plain `nn.Linear`
+layers (with `example_inputs`, any graph Torch-Pruning can trace: see `pruning.graph`). `loss_by_kept`
+is the loss when only the k most important nodes of a layer are kept, for every k (the ensemble's
+version is `batched.curves.pruning_curves`).
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ def select_nodes(
     layers of a model without such layers). A model or validation data holding NaN/inf is refused.
     `criterion(model, layer, x, y, task=task) -> scores [N]` ranks each layer's nodes on the unpruned model
     (default `node_importance`: the eigenvalue score of a spectral layer, the norm of the incoming
-    weights otherwise; `eigenprune.criteria` has the others). For keep="auto", pass validation
+    weights otherwise; `eigenprune.pruning.criteria` has the others). For keep="auto", pass validation
     data: a layer keeps the smallest k such that, for this k and every larger one, the validation
     loss stays within loss_full + atol + rtol * loss_full (loss_full: the unpruned model's). Layers
     are decided in order, each on the model with the earlier ones already pruned, against that one

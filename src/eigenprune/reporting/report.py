@@ -73,8 +73,10 @@ def build_report(run: str | Path | RunFolder, quiet: bool = True) -> Path:
     """(Re)build figures/ and report.html of a run folder from its stored results (no training).
 
     `run` is a run folder's path, or a `RunFolder` already open for writing (as inside `run_experiment`).
-    Every stored file is read and checked before anything is written; a missing or damaged one, or a
-    folder eigenprune did not make, is a one-line `RunFolderError` and leaves the folder as it was.
+    The stored tables, config and summary are read and checked before anything is written; a missing or
+    damaged one, or a folder eigenprune did not make, is a one-line `RunFolderError` and leaves the folder
+    as it was. (Student checkpoints, read for the path figure, are read as each figure is drawn: a damaged
+    one stops the report after the figures before it, each of which was written whole.)
     """
     if isinstance(run, RunFolder):
         return _build_report(run)
