@@ -5,6 +5,7 @@ of 100 from the same data, same dtype, same number of steps. Variants:
 
   per-model      `train_alone` over the students one after another (autograd; the tests' oracle)
   manual         `train_ensemble`: the stacked students, hand-written batched backprop (the default)
+  autograd       the same stacked students, batched forward differentiated by torch.autograd
   fused          the same with the first layer in the Triton kernels of `eigenprune.batched.fused` (CUDA)
   +graph         either of the two with the epoch captured in a CUDA graph and replayed (CUDA)
 
@@ -13,7 +14,10 @@ of 100 from the same data, same dtype, same number of steps. Variants:
     python benchmarks/bench_train.py --device cuda --variants manual --paper-grid fused+graph manual+graph   # + configs/paper.yaml
 
 "ms/step" is the steady state: the median epoch after the first two (a CUDA graph is captured in
-epoch 1), divided by the steps per epoch. Prints a table and writes JSON.
+epoch 1), divided by the steps per epoch. "GFLOP/s" is the arithmetic of a step (`batched.memory.step_flops`:
+matrix products only) over that time, printed next to the CPU's fp32 peak: cores x SIMD lanes (16 with
+AVX-512, 8 with AVX2) x 2 FMA units (assumed: lscpu does not say) x 2 FLOP per FMA x the clock of
+/proc/cpuinfo. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -31,6 +36,7 @@ from pathlib import Path
 import torch
 
 from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.memory import step_flops
 from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import make_student
 from eigenprune.core.training import TrainSpec, train_alone
@@ -39,7 +45,23 @@ from eigenprune.experiments.grid import make_data, plan_chunks, student_plans, s
 from eigenprune.experiments.measure import prepare_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("per-model", "manual", "manual+graph", "fused", "fused+graph")
+VARIANTS = ("per-model", "manual", "autograd", "manual+graph", "fused", "fused+graph")
+
+
+def cpu_peak_gflops() -> dict:
+    """The CPU's fp32 peak from /proc/cpuinfo (see the module docstring); {} where it cannot be read."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    mhz = [float(line.split(":", 1)[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    cores = os.cpu_count() or 1
+    ghz = max(mhz) / 1e3 if mhz else float("nan")
+    per_core = lanes * 2 * 2 * ghz
+    return {"cores": cores, "fp32_lanes": lanes, "fma_units_assumed": 2, "ghz": ghz, "peak_gflops": cores * per_core,
+            "peak_gflops_threads": min(cores, torch.get_num_threads()) * per_core}
 
 
 def _sync(device: torch.device) -> None:
@@ -70,8 +92,9 @@ def bench(width: int, trials: int, steps: int, epochs: int, device: torch.device
             record({**row, "error": f"{type(err).__name__}: {err}"})
             continue
         base = total if variant == "per-model" else base
+        flops = trials * 100 * step_flops([10, width, *cfg.student.rest, 1])  # batches of 100 patterns
         record({**row, "seconds": total, "student_steps_per_s": trials * steps / total, "step_ms": 1e3 * step_s,
-                "speedup_vs_per_model": base / total if base else None})
+                "gflops": flops / step_s / 1e9, "speedup_vs_per_model": base / total if base else None})
 
 
 def _warm(students, data, spec: TrainSpec, device: torch.device) -> None:
@@ -164,7 +187,9 @@ def main() -> None:
     for v in [*args.variants, *(args.paper_grid or [])]:
         if (v.startswith("fused") or v.endswith("+graph")) and device.type != "cuda":
             ap.error(f"variant {v} needs a CUDA device, got --device {args.device}")
+    peak = cpu_peak_gflops() if device.type == "cpu" else {}
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+              "cpu_peak": peak,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "rows": [],
               "paper_grid": []}
     out = Path(args.out)
@@ -175,7 +200,11 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
     if args.variants:
-        print(f"{'width':>6} {'students':>8} {'variant':<13} {'students*steps/s':>17} {'ms/step':>8} {'vs per-model':>12}")
+        if peak:
+            print(f"CPU fp32 peak {peak['peak_gflops']:.0f} GFLOP/s = {peak['cores']} cores x {peak['fp32_lanes']} lanes x "
+                  f"{peak['fma_units_assumed']} FMA units (assumed) x 2 x {peak['ghz']:.2f} GHz; "
+                  f"{peak['peak_gflops_threads']:.0f} GFLOP/s on the {torch.get_num_threads()} thread(s) used")
+        print(f"{'width':>6} {'students':>8} {'variant':<13} {'students*steps/s':>17} {'ms/step':>8} {'GFLOP/s':>8} {'vs per-model':>12}")
 
     def show(row: dict) -> None:
         record("rows", row)
@@ -184,7 +213,7 @@ def main() -> None:
             return
         speedup = f"{row['speedup_vs_per_model']:.1f}x" if row["speedup_vs_per_model"] else "-"
         print(f"{row['width']:>6} {row['students']:>8} {row['variant']:<13} {row['student_steps_per_s']:>17.0f} "
-              f"{row['step_ms']:>8.3f} {speedup:>12}", flush=True)
+              f"{row['step_ms']:>8.3f} {row['gflops']:>8.2f} {speedup:>12}", flush=True)
 
     for w in args.widths if args.variants else []:
         for t in args.trials:

@@ -40,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.memory import step_flops
 from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import make_student
 from eigenprune.core.training import TrainSpec
@@ -91,8 +92,7 @@ def chunk_floor(cfg, chunk, card: str, node_us: float, kernels: int) -> dict:
     b, steps = adam_steps(cfg, chunk.method, p)
 
     def flops(n: int) -> int:  # per student and pattern: forward, weight gradients, hidden gradients
-        sizes = [d, n, *rest]
-        return sum(6 * i * o for i, o in zip(sizes[:-1], sizes[1:])) - 2 * d * n
+        return step_flops([d, n, *rest])
 
     weights = sum(i * o for i, o in zip([d, n_pad, *rest][:-1], [n_pad, *rest]))
     first = d * n_pad + n_pad * rest[0]  # W1 and W2: what the fused kernels read

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -124,3 +125,15 @@ def test_plan_lists_the_chunks_with_memory_and_a_timed_estimate_and_writes_nothi
     assert list(tmp_path.iterdir()) == []  # nothing written
     bad = runner.invoke(app, ["plan", "--set", "trials=0"])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def test_backprop_autograd_is_a_config_option_that_trains_like_the_hand_written_step(tmp_path):
+    from eigenprune.experiments.runner import run_experiment
+
+    with pytest.raises(ConfigError, match="cuda_graphs needs backprop manual or fused"):
+        parse_config({"backprop": "autograd", "cuda_graphs": True})
+    body = {**TINY, "workers": 1, "dtype": "float64"}
+    manual = run_experiment(parse_config(body), tmp_path / "manual", quiet=True)
+    auto = run_experiment(parse_config({**body, "backprop": "autograd"}), tmp_path / "auto", quiet=True)
+    a, b = pd.read_parquet(manual / "results.parquet"), pd.read_parquet(auto / "results.parquet")
+    assert np.allclose(a.test_loss, b.test_loss, rtol=1e-9) and (a.effective_dim == b.effective_dim).all()

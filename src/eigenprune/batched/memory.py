@@ -34,6 +34,13 @@ DEFAULT_FRACTION = 0.8
 EVAL_BLOCK = 8192  # patterns per block in train.evaluate
 
 
+def step_flops(widths: list[int]) -> int:
+    """Floating-point operations of one Adam step per student and pattern, for layer widths
+    [inputs, hidden..., outputs]: forward (2 i o per layer), weight gradients (2 i o) and the gradients of
+    every layer's input but the first (2 i o), element-wise work not counted."""
+    return sum(6 * i * o for i, o in zip(widths[:-1], widths[1:])) - 2 * widths[0] * widths[1]
+
+
 def chunk_bytes(
     n_students: int, trials: int, widths: list[int], n_train: int, n_test: int, batch_size: int, element_size: int,
 ) -> int:

@@ -155,7 +155,9 @@ class Config(StrictModel):
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
     cuda_graphs: bool = False  # on CUDA, capture each training epoch once in a CUDA graph and replay it
-    backprop: Literal["manual", "fused"] = "manual"  # fused: the first layer in Triton kernels (CUDA, float32)
+    # manual: the hand-written batched step; fused: its first layer in Triton kernels (CUDA, float32);
+    # autograd: the same batched forward differentiated by torch.autograd (slower here; docs/benchmarks.md)
+    backprop: Literal["manual", "fused", "autograd"] = "manual"
     methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
     data: DataConfig = DataConfig()
     teachers: list[TeacherConfig] = []  # several teachers in one run (each replaces data.teacher); empty = data.teacher
@@ -195,6 +197,8 @@ class Config(StrictModel):
             raise ValueError("teachers are only used with data.source: teacher")
         if self.backprop == "fused" and self.dtype != "float32":
             raise ValueError(f"backprop: fused runs in float32, not {self.dtype}")
+        if self.backprop == "autograd" and self.cuda_graphs:
+            raise ValueError("cuda_graphs needs backprop manual or fused (autograd's backward is not captured)")
         return self
 
     @field_validator("device")
