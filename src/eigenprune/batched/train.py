@@ -40,6 +40,8 @@ class _Epoch:
     def __init__(self, ens: Ensemble, x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor, spec: TrainSpec,
                  opt: torch.optim.Optimizer) -> None:
         self.ens, self.x, self.y, self.trial_index, self.spec, self.opt = ens, x, y, trial_index, spec, opt
+        # the same step, its element-wise kernels fused by inductor (compiled once per shape, on first use)
+        self.train_step = torch.compile(ens.loss_and_grads, dynamic=False) if spec.compile else ens.loss_and_grads
         s, dev = ens.n_students, x.device
         self.batches = batches(x.shape[1], spec.batch_size)
         self.rows = torch.arange(x.shape[0], device=dev).unsqueeze(1)
@@ -56,7 +58,7 @@ class _Epoch:
         for b in self.batches:
             xb, yb = xs[:, b], ys[:, b]
             if self.spec.backprop != "autograd":
-                loss, ok = self.ens.loss_and_grads(xb, yb, self.spec.task, self.alive, fused=self.spec.backprop == "fused")
+                loss, ok = self.train_step(xb, yb, self.spec.task, self.alive, fused=self.spec.backprop == "fused")
             else:
                 loss = task_loss(self.ens(xb), yb, self.spec.task) + self.ens.penalty()
                 ok = self.alive & torch.isfinite(loss)

@@ -158,6 +158,7 @@ class Config(StrictModel):
     # manual: the hand-written batched step; fused: its first layer in Triton kernels (CUDA, float32);
     # autograd: the same batched forward differentiated by torch.autograd (slower here; docs/benchmarks.md)
     backprop: Literal["manual", "fused", "autograd"] = "manual"
+    compile: bool = False  # backprop manual under torch.compile: fewer kernels per step (needs a C++ compiler on a CPU)
     methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
     data: DataConfig = DataConfig()
     teachers: list[TeacherConfig] = []  # several teachers in one run (each replaces data.teacher); empty = data.teacher
@@ -197,6 +198,8 @@ class Config(StrictModel):
             raise ValueError("teachers are only used with data.source: teacher")
         if self.backprop == "fused" and self.dtype != "float32":
             raise ValueError(f"backprop: fused runs in float32, not {self.dtype}")
+        if self.compile and self.backprop != "manual":
+            raise ValueError(f"compile applies to backprop: manual, not {self.backprop}")
         if self.backprop == "autograd" and self.cuda_graphs:
             raise ValueError("cuda_graphs needs backprop manual or fused (autograd's backward is not captured)")
         return self
@@ -227,7 +230,7 @@ class Config(StrictModel):
     def digest(self) -> str:
         """A hash of everything that changes results (not the device, CUDA graphs or kernels, the name, the worker count
         or the memory limit: they change floating-point rounding only)."""
-        payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "name", "workers", "max_memory_gb"})
+        payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "compile", "name", "workers", "max_memory_gb"})
         if self.parity == ParityConfig():  # the defaults: digests (and resumable folders) from before the option stay valid
             del payload["parity"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

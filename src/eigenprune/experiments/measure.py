@@ -82,7 +82,7 @@ def prepare_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.devi
     return Prepared(
         ens=Ensemble(students).to(device), trial_index=torch.tensor([t for _, t, _ in keys], device=device),
         spec=TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs, task=data.task, backprop=cfg.backprop,
-                       cuda_graph=cfg.cuda_graphs, optimizer=cfg.parity.optimizer),
+                       cuda_graph=cfg.cuda_graphs, optimizer=cfg.parity.optimizer, compile=cfg.compile),
         shuffle=seeds.shuffle_seeds(cfg.seed, cfg.trials), n_fit=validation_split(cfg, data.x_train.shape[1]),
     )
 
