@@ -8,6 +8,7 @@ or one of Torch-Pruning's importances), `prune_graph` removes the rest; every cr
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import time
@@ -28,6 +29,17 @@ CRITERIA: dict[str, Callable[[], tp.importance.Importance]] = {
     "tp-taylor": tp.importance.TaylorImportance,
 }
 """Criteria by name: ours and Torch-Pruning's (its defaults otherwise)."""
+
+
+def parse_args(doc: str, rows: str, keep: str) -> argparse.Namespace:
+    """The examples' shared options (--tiny, --keep) for the example whose docstring is `doc`; also sets one torch
+    thread (small layers: one thread is ~30x faster than two here, the rest is thread overhead)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help=f"a few hundred {rows} and epochs: a seconds-long smoke run")
+    parser.add_argument("--keep", type=float, default=0.25, help=f"fraction of each {keep} to keep (default 0.25)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    return args
 
 
 def split(x: torch.Tensor, y: torch.Tensor, seed: int, test: float = 0.25):

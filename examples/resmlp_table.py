@@ -9,14 +9,13 @@ folder and read back as any CSV would be; nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import run_example, split
+from _common import parse_args, run_example, split
 from sklearn.datasets import make_classification
 from torch import nn
 
@@ -60,11 +59,7 @@ def load(path: Path, seed: int = 0):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a few hundred rows and epochs: a seconds-long smoke run")
-    parser.add_argument("--keep", type=float, default=0.25, help="fraction of each neuron group to keep (default 0.25)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)  # small layers: one thread is ~30x faster than two here (thread overhead)
+    args = parse_args(__doc__, "rows", "neuron group")
     with tempfile.TemporaryDirectory() as folder:
         data = load(write_csv(Path(folder), 400 if args.tiny else 4000))
     run_example("residual MLP on a CSV table", ResidualMLP, data, epochs=2 if args.tiny else 30,

@@ -9,10 +9,8 @@ Each image is 8 tokens (its rows) of 8 pixels. Pruning reaches the feed-forward 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _common import run_example, split
+from _common import parse_args, run_example, split
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -42,11 +40,7 @@ def load(seed: int = 0, limit: int | None = None):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a few hundred images and epochs: a seconds-long smoke run")
-    parser.add_argument("--keep", type=float, default=0.25, help="fraction of each MLP's neurons to keep (default 0.25)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)  # small layers: one thread is ~30x faster than two here (thread overhead)
+    args = parse_args(__doc__, "images", "MLP's neurons")
     data = load(limit=300 if args.tiny else None)
     run_example("transformer on digits", RowTransformer, data, epochs=2 if args.tiny else 30,
                 finetune_epochs=1 if args.tiny else 3, keep=args.keep)

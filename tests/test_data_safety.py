@@ -243,16 +243,21 @@ def _start_workers(tmp_path: Path):
     return proc, kids, out
 
 
+def _signal_and_wait(proc, kids: set[int], sig: int, seconds: float) -> None:
+    """Send `sig` to the driver alone, then assert that none of its children is alive after `seconds`."""
+    os.kill(proc.pid, sig)
+    proc.wait(10)
+    deadline = time.monotonic() + seconds
+    while _alive(kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(kids), f"still alive {seconds} s after {signal.Signals(sig).name} to the driver: {_alive(kids)}"
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc")
 def test_sigterm_to_the_driver_ends_every_worker_and_leaves_whole_chunks(tmp_path):
     proc, kids, out = _start_workers(tmp_path)
-    os.kill(proc.pid, signal.SIGTERM)  # the driver alone, not its process group
-    proc.wait(10)
-    deadline = time.monotonic() + 5
-    while _alive(kids) and time.monotonic() < deadline:
-        time.sleep(0.1)
     try:
-        assert not _alive(kids), f"still alive 5 s after SIGTERM: {_alive(kids)}"
+        _signal_and_wait(proc, kids, signal.SIGTERM, 5)  # the driver alone, not its process group
         assert proc.returncode == 128 + signal.SIGTERM
         assert "interrupted" in proc.stderr.read().decode()
         for chunk in (out / "chunks").iterdir():  # whole chunks or none
@@ -265,13 +270,8 @@ def test_sigterm_to_the_driver_ends_every_worker_and_leaves_whole_chunks(tmp_pat
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc")
 def test_workers_exit_by_themselves_after_a_sigkill_of_the_driver(tmp_path):
     proc, kids, _ = _start_workers(tmp_path)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    deadline = time.monotonic() + 15
-    while _alive(kids) and time.monotonic() < deadline:
-        time.sleep(0.2)
     try:
-        assert not _alive(kids), f"still alive 15 s after the driver's SIGKILL: {_alive(kids)}"
+        _signal_and_wait(proc, kids, signal.SIGKILL, 15)
     finally:
         for p in _alive(kids):
             os.kill(p, signal.SIGKILL)
