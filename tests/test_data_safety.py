@@ -329,3 +329,20 @@ def test_prune_writes_its_default_output_outside_the_run_folder(tmp_path):
     assert code == 0, err
     assert (here / f"{student.stem}-pruned.safetensors").is_file()
     assert snapshot(run) == before  # nothing written into eigenprune's chunk folder, which --fresh may replace
+
+
+def test_a_users_file_under_a_name_the_run_writes_is_refused_before_training(tmp_path):
+    from eigenprune.experiments.store import RunFolder
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "run"
+    folder = RunFolder(out)  # a run that was started (the folder is ours, its config written) ...
+    folder.prepare(parse_config(SMALL))
+    folder.release()
+    (out / "summary.json").write_text('{"mine": true}\n')  # ... and a file of the user's where its summary goes
+    before = snapshot(out)
+    for extra in ([], ["--fresh"]):
+        code, err, _ = _run(["run", cfg, "--out", out, "--quiet", *extra])
+        assert one_line_error(code, err) and "summary.json was not written by eigenprune" in err, err
+    assert snapshot(out) == before  # refused before anything trained or was written

@@ -200,6 +200,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, quiet: bool = False) -> Pat
 
 
 def _run_compare(cfg: CompareConfig, folder: OwnedFolder, quiet: bool) -> Path:
+    folder.refuse_foreign(("config.yaml", "compare.parquet", "compare_curves.parquet", "compare_summary.parquet", "compare.md"))
     folder.remove_temporaries()
     folder.write("config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     data = teacher_set(cfg.data, data_seed(cfg.seed, cfg.data.seed), cfg.trials, getattr(torch, cfg.dtype))

@@ -42,6 +42,8 @@ TABLES = ("results", "curves", "importance", "layers")
 GROUP_KEYS = ["teacher_index", "method", "width", "strength"]  # one cell of the grid (trials vary inside)
 STUDENT_KEYS = [*GROUP_KEYS, "trial"]  # one student: the key columns shared by every table
 MARKER = ".eigenprune.json"
+RUN_OUTPUTS = ("config.yaml", *(f"{t}.parquet" for t in TABLES), "summary.json", "manifest.json", "report.html")
+"""The files a run writes at the top of its folder."""
 MARKER_FORMAT = "eigenprune-folder/1"
 
 
@@ -194,6 +196,14 @@ class OwnedFolder:
             self._save_marker()
         return self.path / rel
 
+    def refuse_foreign(self, names: tuple[str, ...]) -> None:
+        """Refuse now (one line), not after the work, a folder where a file of the user's holds a name that
+        will be written (`names`): eigenprune would not replace it."""
+        theirs = [rel for rel in names if ((self.path / rel).exists() or (self.path / rel).is_symlink()) and not self.owns(rel)]
+        if theirs:
+            raise RunFolderError(f"{self.path / theirs[0]} was not written by eigenprune, and eigenprune would write that name; "
+                                 "move it away or use another --out")
+
     def owns(self, rel: str) -> bool:
         marker = self._marker if self._marker is not None else self.marker()
         return marker is not None and rel in marker["entries"]
@@ -282,6 +292,7 @@ class RunFolder(OwnedFolder):
         (any config) and nothing else. Leftover temporaries of a killed run are removed.
         """
         marker = self.check_ours()
+        self.refuse_foreign(RUN_OUTPUTS)
         stored = self.path / "config.yaml"
         if marker is not None and stored.exists() and not fresh:
             try:
