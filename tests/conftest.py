@@ -1,4 +1,6 @@
+import json
 import os
+import struct
 import tempfile
 
 import pytest
@@ -30,3 +32,13 @@ TINY = {
     "spectral": {"epochs": 3, "batch_size": 50},
     "direct": {"epochs": 3, "batch_size": 50},
 }
+
+
+def edit_safetensors_header(blob: bytes, change) -> bytes:
+    """A safetensors file's bytes with its JSON header edited in place by `change(header)` (data kept 8-byte aligned)."""
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8 : 8 + n])
+    change(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + blob[8 + n :]

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import yaml
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import TINY
+from conftest import TINY, edit_safetensors_header
 from eigenprune.cli import app
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.experiments.config import ConfigError, parse_config
@@ -136,15 +135,6 @@ def _model_file(tmp_path):
     return save_model(model, tmp_path / "good.safetensors").read_bytes()
 
 
-def _with_header(blob, change):
-    n = struct.unpack("<Q", blob[:8])[0]
-    header = json.loads(blob[8 : 8 + n])
-    change(header)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + blob[8 + n :]
-
-
 def _meta(key, value):
     return lambda h: h["__metadata__"].__setitem__(key, value)
 
@@ -163,14 +153,15 @@ DAMAGE = {
     "cut in the data": (lambda b: b[:-16], "not a readable safetensors file"),
     "garbage bytes": (lambda b: bytes(range(256)) * 4, "not a readable safetensors file"),
     "text file": (lambda b: b"hello, not a checkpoint\n", "not a readable safetensors file"),
-    "architecture not JSON": (lambda b: _with_header(b, _meta("eigenprune", "[{")), "corrupted checkpoint (Expecting"),
-    "architecture not a list": (lambda b: _with_header(b, _meta("eigenprune", "{}")), "architecture is not a list of layers"),
-    "unknown layer": (lambda b: _with_header(b, _meta("eigenprune", '[{"type": "conv"}]')), "unknown layer type in architecture: 'conv'"),
-    "layer lacks a key": (lambda b: _with_header(b, _arch(lambda a: a[0].pop("in"))),
+    "architecture not JSON": (lambda b: edit_safetensors_header(b, _meta("eigenprune", "[{")), "corrupted checkpoint (Expecting"),
+    "architecture not a list": (lambda b: edit_safetensors_header(b, _meta("eigenprune", "{}")), "architecture is not a list of layers"),
+    "unknown layer": (lambda b: edit_safetensors_header(b, _meta("eigenprune", '[{"type": "conv"}]')),
+                      "unknown layer type in architecture: 'conv'"),
+    "layer lacks a key": (lambda b: edit_safetensors_header(b, _arch(lambda a: a[0].pop("in"))),
                           "layer 0 (spectral): 'in' must be a positive integer, got None"),
-    "layer wider than its tensors": (lambda b: _with_header(b, _arch(lambda a: a[0].update(out=7))),
+    "layer wider than its tensors": (lambda b: edit_safetensors_header(b, _arch(lambda a: a[0].update(out=7))),
                                      "layer 0 (spectral) is 10→7, but the tensor 0.phi is [6, 10]"),
-    "extra not JSON": (lambda b: _with_header(b, _meta("extra", "{")), "corrupted checkpoint"),
+    "extra not JSON": (lambda b: edit_safetensors_header(b, _meta("extra", "{")), "corrupted checkpoint"),
 }
 
 

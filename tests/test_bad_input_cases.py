@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY  # noqa: E402
+from conftest import TINY, edit_safetensors_header  # noqa: E402
 from eigenprune.cli import app  # noqa: E402
 from eigenprune.core.plans import LayerPlan, make_student  # noqa: E402
 from eigenprune.experiments.config import parse_config  # noqa: E402
@@ -64,15 +63,6 @@ def csv_config(csv: dict | None = None, **top) -> str:
     return yaml.safe_dump(body)
 
 
-def _header_edit(blob: bytes, change: Callable[[dict], None]) -> bytes:
-    n = struct.unpack("<Q", blob[:8])[0]
-    header = json.loads(blob[8 : 8 + n])
-    change(header)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + blob[8 + n :]
-
-
 def edited_arch(change: Callable[[list], None], source: str = "good.safetensors") -> Callable[[Path], None]:
     """Setup: a copy of `source` named edited.safetensors whose stored architecture `change` edits."""
     def setup(d: Path) -> None:
@@ -80,7 +70,7 @@ def edited_arch(change: Callable[[list], None], source: str = "good.safetensors"
             arch = json.loads(header["__metadata__"]["eigenprune"])
             change(arch)
             header["__metadata__"]["eigenprune"] = json.dumps(arch)
-        (d / "edited.safetensors").write_bytes(_header_edit((d / source).read_bytes(), edit))
+        (d / "edited.safetensors").write_bytes(edit_safetensors_header((d / source).read_bytes(), edit))
     return setup
 
 
@@ -137,7 +127,7 @@ def extra_trial_text(d: Path) -> None:
     def edit(header):
         extra = json.loads(header["__metadata__"]["extra"])
         header["__metadata__"]["extra"] = json.dumps({**extra, "trial": "first"})
-    (d / "edited.safetensors").write_bytes(_header_edit((d / STUDENT).read_bytes(), edit))
+    (d / "edited.safetensors").write_bytes(edit_safetensors_header((d / STUDENT).read_bytes(), edit))
 
 
 def two_runs(d: Path) -> None:
