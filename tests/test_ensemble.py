@@ -1,9 +1,12 @@
 import copy
+import platform
+import sys
 
 import pytest
 import torch
 
-from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.ensemble import Ensemble, bmm
+from eigenprune.batched.memory import reuse_freed_memory
 from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.core.training import TrainSpec, train_alone
@@ -143,3 +146,29 @@ def test_an_earlier_failure_stays_frozen_when_another_student_fails_later():
     assert log.failed_step[0] == -1 and 0 <= log.failed_step[1] < 3 and 9 <= log.failed_step[2] < 12
     for p, v in zip(ens.parameters(), frozen["s1"]):
         assert torch.equal(p.detach()[1], v)  # not moved by the momentum of the epochs after its failure
+
+
+@pytest.mark.parametrize("shape", [(3, 100, 10, 60), (3, 100, 60, 10), (2, 60, 100, 10), (2, 10, 100, 60), (4, 100, 1, 10)])
+def test_bmm_picks_an_orientation_and_keeps_the_product(shape):
+    s, m, k, n = shape
+    a, b = torch.randn(s, m, k, dtype=torch.float64), torch.randn(s, k, n, dtype=torch.float64)
+    out = bmm(a, b)
+    assert out.shape == (s, m, n)
+    torch.testing.assert_close(out, torch.bmm(a, b), rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous() == (n >= min(m, k))  # few output columns from a long contraction: the transpose
+
+
+def test_gradients_have_their_parameters_layout():
+    """The step's gradients reach Adam with the parameters' (contiguous) layout, whichever way bmm ran."""
+    x, y = _data()
+    index = torch.tensor([0, 1])
+    for kind in ("spectral", "direct"):
+        ens = Ensemble([make_student(10, _plans(w, kind), seed=w) for w in (5, 40)])
+        ens.loss_and_grads(x[index, :50], y[index, :50], "regression", torch.ones(2, dtype=torch.bool))
+        for p in ens.parameters():
+            if p.requires_grad:
+                assert p.grad.stride() == p.stride()
+
+
+def test_reuse_freed_memory_applies_on_glibc():
+    assert reuse_freed_memory() == (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")

@@ -17,6 +17,18 @@ from eigenprune.core.losses import task_loss_and_grad
 from eigenprune.core.structure import as_sequential
 
 
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [S, M, K] @ b [S, K, N], in the orientation the CPU's GEMM does faster.
+
+    Producing few output columns (N < M) from a longer contraction (N < K) is 2-3x slower on x86
+    BLAS than producing the transpose, (b^T a^T)^T, which has long rows (measured on this project's
+    CPU for the shapes of a step, docs/benchmarks.md); the result is then a transposed view.
+    """
+    if b.shape[-1] < min(a.shape[-2], a.shape[-1]):
+        return torch.bmm(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(a, b)
+
+
 class StackedLayer(nn.Module):
     """One layer of S students: phi [S, O, I], lam_in [S, I], lam_out [S, O], bias [S, O] or None."""
 
@@ -60,7 +72,7 @@ class StackedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-activations x W^T + b [S, B, O] of x [S, B, I] (`weight`: this layer's weight if already formed)."""
-        z = torch.bmm(x, (self.weight if weight is None else weight).transpose(1, 2))
+        z = bmm(x, (self.weight if weight is None else weight).transpose(1, 2))
         return z if self.bias is None else z + self.bias.unsqueeze(1)
 
     def penalty(self, total: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,7 +93,7 @@ class StackedLayer(nn.Module):
         grad_w = add_penalty_grads(self, {"weight": grad_w}, on)["weight"]
         grads = {}
         if self.phi.requires_grad:
-            grads["phi"] = grad_w * gap
+            grads["phi"] = gap * grad_w  # gap first: the gradient takes its (contiguous) layout
         if self.lam_out.requires_grad or self.lam_in.requires_grad:
             gp = grad_w * self.phi
             if self.lam_out.requires_grad:
@@ -220,9 +232,9 @@ class Ensemble(nn.Module):
                 self.layers[0].set_grads(grad_w0, None, on, gaps[0])
                 break
             if any(p is not None and p.requires_grad for p in (layer.phi, layer.lam_in, layer.lam_out, layer.bias)):
-                layer.set_grads(torch.bmm(delta.transpose(1, 2), acts[i]), grad_bias, on, gaps[i])
+                layer.set_grads(bmm(delta.transpose(1, 2), acts[i]), grad_bias, on, gaps[i])
             if i > 0:
-                delta = torch.ops.aten.threshold_backward(torch.bmm(delta, weights[i]), acts[i], 0)  # ReLU's gradient
+                delta = torch.ops.aten.threshold_backward(bmm(delta, weights[i]), acts[i], 0)  # ReLU's gradient
         return loss, ok
 
     def student(self, s: int) -> nn.Sequential:

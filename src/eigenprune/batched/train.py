@@ -47,10 +47,9 @@ class _Epoch:
         self.rows = torch.arange(x.shape[0], device=dev).unsqueeze(1)
         self.perm = torch.zeros(x.shape[:2], dtype=torch.long, device=dev)
         self.alive = torch.ones(s, dtype=torch.bool, device=dev)
-        self.failed_step = torch.full((s,), -1, dtype=torch.long, device=dev)
-        self.failed_loss = x.new_zeros(s)
+        self.ok_steps = torch.zeros(s, dtype=torch.long, device=dev)  # steps before the first failing one
+        self.last_loss = x.new_zeros(s)  # the loss of each student's last step while it was alive
         self.running = x.new_zeros(s)
-        self.step = torch.zeros((), dtype=torch.long, device=dev)
 
     def __call__(self) -> None:
         xs, ys = self.x[self.rows, self.perm][self.trial_index], self.y[self.rows, self.perm][self.trial_index]
@@ -65,14 +64,17 @@ class _Epoch:
                 self.opt.zero_grad(set_to_none=True)
                 torch.where(ok, loss, torch.zeros_like(loss)).sum().backward()
                 loss = loss.detach()
-            # a student that is not ok failed now or earlier; only now if it has no failed step yet
-            first = ~ok & (self.failed_step < 0)
-            torch.where(first, loss, self.failed_loss, out=self.failed_loss)
-            torch.where(first, self.step, self.failed_step, out=self.failed_step)
+            # a student that fails stays failed (ok = alive & finite), so its count of ok steps is the index of
+            # its failing step, and the loss recorded while it was still alive at the start of a step is that step's
+            torch.where(self.alive, loss, self.last_loss, out=self.last_loss)
+            self.ok_steps.add_(ok)
             self.alive.copy_(ok)  # no data gradient from the failing step on
             self.running.add_(torch.where(ok, loss, 0.0))
             self.opt.step()
-            self.step.add_(1)
+
+    def failures(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first non-finite step, -1 for none; the loss at that step, 0 for none) per student."""
+        return (torch.where(self.alive, -1, self.ok_steps), torch.where(self.alive, 0.0, self.last_loss))
 
 
 def train_ensemble(
@@ -140,7 +142,8 @@ def train_ensemble(
         if on_epoch is not None:
             live = run.running[alive]
             on_epoch(epoch, float(live.mean()) / len(run.batches) if live.numel() else float("nan"))
-    return TrainLog(failed_step=run.failed_step.cpu(), failed_loss=run.failed_loss.cpu(), steps=spec.epochs * len(run.batches))
+    failed_step, failed_loss = run.failures()
+    return TrainLog(failed_step=failed_step.cpu(), failed_loss=failed_loss.cpu(), steps=spec.epochs * len(run.batches))
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import torch
 
 from eigenprune.batched.curves import joint_search, pruning_curves
 from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.memory import reuse_freed_memory
 from eigenprune.batched.train import evaluate, train_ensemble
 from eigenprune.core.plans import make_student
 from eigenprune.core.training import TrainSpec
@@ -73,6 +74,9 @@ class Prepared:
 
 
 def prepare_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device) -> Prepared:
+    """Stack a chunk's students on `device` (in every process that trains, freed memory is kept for reuse:
+    `batched.memory.reuse_freed_memory`)."""
+    reuse_freed_memory()
     dtype = getattr(torch, cfg.dtype)
     keys = chunk.keys()
     input_dim = data.x_train.shape[-1]
