@@ -6,6 +6,8 @@ of 100 from the same data, same dtype, same number of steps. Variants:
   per-model      `train_alone` over the students one after another (autograd; the tests' oracle)
   manual         `train_ensemble`: the stacked students, hand-written batched backprop (the default)
   autograd       the same stacked students, batched forward differentiated by torch.autograd
+  compile        autograd of the batched forward compiled by torch.compile (`backprop: compile`)
+  manual+compile the hand-written step under torch.compile (`compile: true`)
   fused          the same with the first layer in the Triton kernels of `eigenprune.batched.fused` (CUDA)
   +graph         either of the two with the epoch captured in a CUDA graph and replayed (CUDA)
 
@@ -31,6 +33,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,7 +48,7 @@ from eigenprune.experiments.grid import make_data, plan_chunks, student_plans, s
 from eigenprune.experiments.measure import prepare_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("per-model", "manual", "autograd", "manual+graph", "fused", "fused+graph")
+VARIANTS = ("per-model", "manual", "autograd", "compile", "manual+compile", "manual+graph", "fused", "fused+graph")
 
 
 def cpu_peak_gflops() -> dict:
@@ -70,7 +73,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _spec(variant: str, epochs: int) -> TrainSpec:
-    return TrainSpec(lr=0.005, batch_size=100, epochs=epochs, backprop=variant.split("+")[0], cuda_graph=variant.endswith("+graph"))
+    backprop, *extra = variant.split("+")
+    return TrainSpec(lr=0.005, batch_size=100, epochs=epochs, backprop=backprop, cuda_graph="graph" in extra, compile="compile" in extra)
 
 
 def bench(width: int, trials: int, steps: int, epochs: int, device: torch.device, variants: list[str], record) -> None:
@@ -102,7 +106,7 @@ def _warm(students, data, spec: TrainSpec, device: torch.device) -> None:
     warm = Ensemble(copy.deepcopy(students[:2])).to(device)
     index = torch.arange(2, device=device)
     x, y = data.x_train[:2, : 3 * spec.batch_size], data.y_train[:2, : 3 * spec.batch_size]
-    train_ensemble(warm, x, y, index, TrainSpec(spec.lr, spec.batch_size, 3, spec.task, spec.backprop, spec.cuda_graph), [0, 1])
+    train_ensemble(warm, x, y, index, replace(spec, epochs=3), [0, 1])
 
 
 def _time_variant(variant: str, students, data, index, epochs: int, per_epoch: int, device: torch.device) -> tuple[float, float]:
@@ -138,8 +142,9 @@ def paper_grid(device: torch.device, variants: list[str], budget_s: float, confi
     t0 = time.perf_counter()
     data = None
     for variant in variants:
-        cfg = load_config(config, {"device": str(device), "save_students": False, "backprop": variant.split("+")[0],
-                                   "cuda_graphs": variant.endswith("+graph")})
+        spec = _spec(variant, 1)
+        cfg = load_config(config, {"device": str(device), "save_students": False, "backprop": spec.backprop,
+                                   "cuda_graphs": spec.cuda_graph, "compile": spec.compile})
         data = make_data(cfg).to(device) if data is None else data  # the variants change no data
         failed, warmed = None, False
         for chunk in plan_chunks(cfg):

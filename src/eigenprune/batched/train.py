@@ -42,6 +42,7 @@ class _Epoch:
         self.ens, self.x, self.y, self.trial_index, self.spec, self.opt = ens, x, y, trial_index, spec, opt
         # the same step, its element-wise kernels fused by inductor (compiled once per shape, on first use)
         self.train_step = torch.compile(ens.loss_and_grads, dynamic=False) if spec.compile else ens.loss_and_grads
+        self.autograd_loss = torch.compile(self._loss, dynamic=False) if spec.backprop == "compile" else self._loss
         s, dev = ens.n_students, x.device
         self.batches = batches(x.shape[1], spec.batch_size)
         self.rows = torch.arange(x.shape[0], device=dev).unsqueeze(1)
@@ -56,13 +57,12 @@ class _Epoch:
         self.running.zero_()
         for b in self.batches:
             xb, yb = xs[:, b], ys[:, b]
-            if self.spec.backprop != "autograd":
+            if self.spec.backprop in ("manual", "fused"):
                 loss, ok = self.train_step(xb, yb, self.spec.task, self.alive, fused=self.spec.backprop == "fused")
             else:
-                loss = task_loss(self.ens(xb), yb, self.spec.task) + self.ens.penalty()
-                ok = self.alive & torch.isfinite(loss)
                 self.opt.zero_grad(set_to_none=True)
-                torch.where(ok, loss, torch.zeros_like(loss)).sum().backward()
+                loss, ok, total = self.autograd_loss(xb, yb)
+                total.backward()
                 loss = loss.detach()
             # a student that fails stays failed (ok = alive & finite), so its count of ok steps is the index of
             # its failing step, and the loss recorded while it was still alive at the start of a step is that step's
@@ -71,6 +71,12 @@ class _Epoch:
             self.alive.copy_(ok)  # no data gradient from the failing step on
             self.running.add_(torch.where(ok, loss, 0.0))
             self.opt.step()
+
+    def _loss(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Autograd's step: (loss + penalty [S], ok [S]: alive and finite, the sum over ok students to differentiate)."""
+        loss = task_loss(self.ens(xb), yb, self.spec.task) + self.ens.penalty()
+        ok = self.alive & torch.isfinite(loss)
+        return loss, ok, torch.where(ok, loss, torch.zeros_like(loss)).sum()
 
     def failures(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(first non-finite step, -1 for none; the loss at that step, 0 for none) per student."""

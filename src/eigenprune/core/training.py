@@ -25,14 +25,15 @@ class TrainSpec:
     batch_size: int
     epochs: int
     task: Task = "regression"
-    # the ensemble's hand-written gradients, the same with the first layer in fused kernels, or autograd
-    backprop: Literal["manual", "fused", "autograd"] = "manual"
+    # the ensemble's hand-written gradients, the same with the first layer in fused kernels, autograd, or
+    # autograd of the forward compiled by torch.compile (AOTAutograd compiles its backward too)
+    backprop: Literal["manual", "fused", "autograd", "compile"] = "manual"
     cuda_graph: bool = False  # on CUDA: capture an epoch once and replay it (see `train_ensemble`)
     compile: bool = False  # the hand-written step under torch.compile (inductor fuses its element-wise kernels)
     optimizer: Literal["adam", "keras_adam"] = "adam"  # torch's fused Adam, or `KerasAdam` (the authors' form)
 
     def __post_init__(self) -> None:
-        if self.cuda_graph and self.backprop == "autograd":
+        if self.cuda_graph and self.backprop in ("autograd", "compile"):
             raise ValueError("cuda_graph needs backprop='manual' or 'fused' (autograd's backward is not captured)")
         if self.compile and self.backprop != "manual":
             raise ValueError(f"compile applies to backprop='manual', not {self.backprop!r}")

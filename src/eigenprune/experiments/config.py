@@ -157,7 +157,7 @@ class Config(StrictModel):
     cuda_graphs: bool = False  # on CUDA, capture each training epoch once in a CUDA graph and replay it
     # manual: the hand-written batched step; fused: its first layer in Triton kernels (CUDA, float32);
     # autograd: the same batched forward differentiated by torch.autograd (slower here; docs/benchmarks.md)
-    backprop: Literal["manual", "fused", "autograd"] = "manual"
+    backprop: Literal["manual", "fused", "autograd", "compile"] = "manual"
     compile: bool = False  # backprop manual under torch.compile: fewer kernels per step (needs a C++ compiler on a CPU)
     methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
     data: DataConfig = DataConfig()
@@ -200,7 +200,7 @@ class Config(StrictModel):
             raise ValueError(f"backprop: fused runs in float32, not {self.dtype}")
         if self.compile and self.backprop != "manual":
             raise ValueError(f"compile applies to backprop: manual, not {self.backprop}")
-        if self.backprop == "autograd" and self.cuda_graphs:
+        if self.backprop in ("autograd", "compile") and self.cuda_graphs:
             raise ValueError("cuda_graphs needs backprop manual or fused (autograd's backward is not captured)")
         return self
 
