@@ -137,3 +137,17 @@ def test_backprop_autograd_is_a_config_option_that_trains_like_the_hand_written_
     auto = run_experiment(parse_config({**body, "backprop": "autograd"}), tmp_path / "auto", quiet=True)
     a, b = pd.read_parquet(manual / "results.parquet"), pd.read_parquet(auto / "results.parquet")
     assert np.allclose(a.test_loss, b.test_loss, rtol=1e-9) and (a.effective_dim == b.effective_dim).all()
+
+
+def test_widths_are_padded_together_only_in_small_steps():
+    """pack factor 1.5 as before, and no padding once a step holds more than PAD_LIMIT activations."""
+    from eigenprune.experiments.grid import plan_chunks
+
+    quick = [c.id for c in plan_chunks(parse_config({}))]
+    assert quick == ["spectral-w20_60", "spectral-w200", "direct-w20_60", "direct-w200"]
+    body = {"trials": 30, "student": {"widths": [10, 20, 200, 500, 800, 1000]}, "spectral": {"batch_size": 300}}
+    ids = [c.id for c in plan_chunks(parse_config(body)) if c.method == "spectral"]
+    # 2 x 30 x 300 x 20 activations: padded; 2 x 30 x 300 x 500 > 2^22: apart, although 1000 <= 1.5 x 700
+    assert ids == ["spectral-w10_20", "spectral-w200", "spectral-w500", "spectral-w800", "spectral-w1000"]
+    assert [c.id for c in plan_chunks(parse_config(body), pad_limit=float("inf")) if c.method == "spectral"] == [
+        "spectral-w10_20", "spectral-w200_500", "spectral-w800_1000"]

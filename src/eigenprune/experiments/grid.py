@@ -2,7 +2,8 @@
 
 A chunk is one method and a bucket of similar widths, with all trials: every student in it shares
 learning rate, batch size and epochs, so the chunk trains as one `Ensemble`. Widths are bucketed
-so that padding never more than `pack_factor`-folds the work (see `plan_chunks`).
+so that padding never more than `pack_factor`-folds the work, and only in chunks of small
+steps (`PAD_LIMIT`, see `plan_chunks`).
 """
 
 from __future__ import annotations
@@ -41,18 +42,37 @@ class Chunk:
         return [(w, t, k) for w in self.widths for t in self.trials for k in self.strengths]
 
 
-def plan_chunks(cfg: Config, pack_factor: float = 1.5) -> list[Chunk]:
-    """Group widths (sorted) greedily while the padded size stays <= pack_factor x the real size;
+PAD_LIMIT = 2**22
+"""Padding is allowed only in chunks whose step holds at most this many first-layer activations
+(students x batch rows x padded nodes: 16 MB in float32).
+
+A small step is bound by its ~100 kernel launches (~0.3 ms on this project's 2-core CPU) and its
+padding is nearly free; a step beyond a few million activations is bound by memory bandwidth
+(~4 ns per activation element on the paper's widest chunks), where each padded zero costs what a
+real node costs and the widths train faster apart. Measured with `eigenprune plan` (docs/benchmarks.md):
+configs/paper.yaml's estimate 3.1 h -> 2.5 h of training; the quick run and cpu-paper keep their buckets."""
+
+
+def plan_chunks(cfg: Config, pack_factor: float = 1.5, pad_limit: float = PAD_LIMIT) -> list[Chunk]:
+    """Group widths (sorted) greedily while the padded size stays <= pack_factor x the real size and a step
+    of the padded chunk holds at most `pad_limit` first-layer activations at the method's batch size;
     one chunk per (teacher, method, bucket of widths)."""
-    buckets: list[list[int]] = []
-    for w in sorted(set(cfg.student.widths)):
-        if buckets and (len(buckets[-1]) + 1) * w <= pack_factor * (sum(buckets[-1]) + w):
-            buckets[-1].append(w)
-        else:
-            buckets.append([w])
     trials, strengths = tuple(range(cfg.trials)), tuple(cfg.strengths())
-    return [Chunk(method, tuple(b), trials, teacher, strengths)
-            for teacher in range(len(cfg.teacher_list())) for method in cfg.methods for b in buckets]
+    per_width = len(trials) * len(strengths)
+    chunks = []
+    for teacher in range(len(cfg.teacher_list())):
+        for method in cfg.methods:
+            batch = cfg.method(method).batch_size
+            buckets: list[list[int]] = []
+            for w in sorted(set(cfg.student.widths)):
+                n = len(buckets[-1]) + 1 if buckets else 1  # widths in the bucket if w joins it
+                if (buckets and n * w <= pack_factor * (sum(buckets[-1]) + w)
+                        and n * per_width * batch * w <= pad_limit):
+                    buckets[-1].append(w)
+                else:
+                    buckets.append([w])
+            chunks += [Chunk(method, tuple(b), trials, teacher, strengths) for b in buckets]
+    return chunks
 
 
 def student_plans(cfg: Config, method: str, width: int, strength: float = 1.0, n_outputs: int = 1) -> list[LayerPlan]:
