@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import multiprocessing as mp
+import os
+import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -234,9 +240,60 @@ def layer_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_widths: li
     return fig
 
 
-def save(fig, folder, rel: str) -> Path:
-    """Write `fig` as the PNG `rel` of an eigenprune folder (`experiments.store.OwnedFolder`: atomic, recorded) and close it."""
+def png(fig) -> bytes:
+    """`fig` as PNG bytes; the figure is closed."""
+    buf = io.BytesIO()
     try:
-        return folder.write(rel, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        fig.savefig(buf, format="png", dpi=110)
     finally:
         plt.close(fig)
+    return buf.getvalue()
+
+
+def save(fig, folder, rel: str) -> Path:
+    """Write `fig` as the PNG `rel` of an eigenprune folder (`experiments.store.OwnedFolder`: atomic, recorded) and close it."""
+    return folder.write(rel, png(fig))
+
+
+def render(makers: list[Callable[[], object]]) -> list[bytes]:
+    """The PNG bytes of the figure each `makers[i]()` draws, in order.
+
+    matplotlib draws on one core; on Linux with two or more, a forked process draws every other figure
+    meanwhile (it has the tables already: nothing is copied in), which about halves a report's time.
+    An error in either process is raised here.
+    """
+    if len(makers) < 2 or not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:
+        return [png(make()) for make in makers]
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_render_child, args=(makers[1::2], send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        mine = [png(make()) for make in makers[0::2]]
+        try:
+            status, theirs = recv.recv()
+        except EOFError:
+            raise RuntimeError(f"the process drawing figures ended without them (exit code {child.exitcode})") from None
+    finally:
+        recv.close()
+        if child.is_alive():
+            child.terminate()
+        child.join()
+    if status != "ok":
+        raise RuntimeError(f"drawing a figure failed: {theirs}")
+    out: list[bytes] = [b""] * len(makers)
+    out[0::2], out[1::2] = mine, theirs
+    return out
+
+
+def _render_child(makers: list[Callable[[], object]], conn) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends this process
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # not the CLI's handlers, which this fork inherited
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        conn.send(("ok", [png(make()) for make in makers]))
+    except Exception as err:  # noqa: BLE001 - sent to the parent, which raises it
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+    finally:
+        conn.close()

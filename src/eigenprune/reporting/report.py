@@ -39,25 +39,26 @@ FIGURES = {
 def make_figures(folder: RunFolder, cfg: Config, tables: dict[str, pd.DataFrame], suffix: str = "") -> list[tuple[Path, str]]:
     """Write one teacher's figures as PNG under figures/; returns (path, caption) pairs."""
     res, h_t = tables["results"], teacher_width(cfg)
-    figs = {
-        "importance_histograms": plots.importance_histograms(tables["importance"], res),
-        "effective_dimension": plots.effective_dimension(res, h_t, cfg.analysis.threshold),
-        "losses": plots.losses(res),
-        "pruning_curves": plots.pruning_curves(tables["curves"], res, h_t),
+    figs = {  # what draws each figure; `plots.render` draws them, two at a time where it can
+        "importance_histograms": lambda: plots.importance_histograms(tables["importance"], res),
+        "effective_dimension": lambda: plots.effective_dimension(res, h_t, cfg.analysis.threshold),
+        "losses": lambda: plots.losses(res),
+        "pruning_curves": lambda: plots.pruning_curves(tables["curves"], res, h_t),
     }
     t_widths = list(cfg.data.teacher.widths) if h_t else []
     if tables["layer_curves"].layer.nunique() > 1 and (cfg.student.deep or not h_t):
-        figs["layer_curves"] = plots.layer_curves(tables["layer_curves"], res, t_widths)
+        figs["layer_curves"] = lambda: plots.layer_curves(tables["layer_curves"], res, t_widths)
     if "test_accuracy" in tables["layer_curves"]:
-        figs["accuracy_curves"] = plots.layer_curves(tables["layer_curves"], res, t_widths, "test_accuracy")
+        figs["accuracy_curves"] = lambda: plots.layer_curves(tables["layer_curves"], res, t_widths, "test_accuracy")
     if h_t:
         items, measure = run_collapse(tables["curves"], res, h_t)
         if len(items) >= 2:
-            figs["collapse"] = plots.collapse(items, measure)
+            figs["collapse"] = lambda: plots.collapse(items, measure)
     comparisons = path_comparisons(folder.path, cfg, res)
     if comparisons:
-        figs["paths"] = plots.paths(comparisons)
-    return [(plots.save(fig, folder, f"figures/{name + suffix}.png"), FIGURES[name]) for name, fig in figs.items()]
+        figs["paths"] = lambda: plots.paths(comparisons)
+    pngs = plots.render(list(figs.values()))
+    return [(folder.write(f"figures/{name + suffix}.png", data), FIGURES[name]) for name, data in zip(figs, pngs)]
 
 
 def _table(df: pd.DataFrame) -> str:
