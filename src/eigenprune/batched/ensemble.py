@@ -63,7 +63,7 @@ class StackedLayer(nn.Module):
         self.register_buffer("l2_lam", torch.tensor([layer.l2_lam for layer in layers], **kw))
         self.register_buffer("l1_lam", torch.tensor([layer.l1_lam for layer in layers], **kw))
         self.register_buffer("group_lasso", torch.tensor([layer.group_lasso for layer in layers], **kw))
-        self.sparsity = (any(layer.l1_lam for layer in layers), any(layer.group_lasso for layer in layers))
+        self.terms = tuple(any(layer.terms[i] for layer in layers) for i in range(4))  # see `core.layers.penalty`
 
     @property
     def weight(self) -> torch.Tensor:

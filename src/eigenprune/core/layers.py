@@ -68,18 +68,19 @@ def penalty(layer: SpectralModule, lead: int = 0, total: torch.Tensor | None = N
         l2_phi * sum(phi^2) + l2_lam * (sum(lam_in^2) + sum(lam_out^2))       (the paper's L2 terms, trained parts only)
         + l1_lam * sum_i |lam_out_i| + group_lasso * sum_i ||w_i||             (the baselines' sparsity terms, when set)
 
-    `layer` is anything with phi, lam_in, lam_out, weight, the four coefficients and `sparsity` (whether the
-    two sparsity terms are set: known without reading tensors back, so that a CUDA graph can capture it).
+    `layer` is anything with phi, lam_in, lam_out, weight, the four coefficients and `terms` (which of the
+    four coefficients are non-zero: known without reading tensors back, so that a CUDA graph can capture it;
+    a term that is not set costs no kernel).
     The terms are added to `total` if given (one running sum over a network's layers).
     """
     phi = layer.phi
     total = phi.new_zeros(phi.shape[:lead]) if total is None else total
-    if phi.requires_grad:
+    l2_phi, l2_lam, l1, group = layer.terms
+    if phi.requires_grad and l2_phi:
         total = torch.addcmul(total, torch.as_tensor(layer.l2_phi, dtype=phi.dtype, device=phi.device), _sum_squares(phi, lead))
     for lam in (layer.lam_in, layer.lam_out):
-        if lam.requires_grad:
+        if lam.requires_grad and l2_lam:
             total = torch.addcmul(total, torch.as_tensor(layer.l2_lam, dtype=phi.dtype, device=phi.device), _sum_squares(lam, lead))
-    l1, group = layer.sparsity
     if l1 and layer.lam_out.requires_grad:
         total = total + layer.l1_lam * layer.lam_out.abs().sum(-1)
     if group:
@@ -97,16 +98,16 @@ def add_penalty_grads(layer: SpectralModule, grads: dict[str, torch.Tensor], on:
     def scale(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return (coef * on).reshape(*on.shape, *(1,) * (like.dim() - lead))
 
-    l1, group = layer.sparsity
+    l2_phi, l2_lam, l1, group = layer.terms
     out = dict(grads)
     if "weight" in out and group:
         w = layer.weight
         norm = w.flatten(lead + 1).norm(dim=-1).reshape(*w.shape[: lead + 1], *(1,) * (w.dim() - lead - 1))
         out["weight"] = out["weight"] + scale(layer.group_lasso, w) * w / torch.where(norm > 0, norm, torch.ones_like(norm))
-    if "phi" in out:
+    if "phi" in out and l2_phi:
         out["phi"] = torch.addcmul(out["phi"], scale(2 * layer.l2_phi, layer.phi), layer.phi)
     for name in ("lam_in", "lam_out"):
-        if name in out:
+        if name in out and l2_lam:
             lam = getattr(layer, name)
             out[name] = torch.addcmul(out[name], scale(2 * layer.l2_lam, lam), lam)
     if "lam_out" in out and l1:
@@ -153,9 +154,9 @@ class SpectralModule(nn.Module):
         return spectral_weight(self.phi, self.lam_in, self.lam_out, self.kernel_dims)
 
     @property
-    def sparsity(self) -> tuple[bool, bool]:
-        """Whether the L1 (lam_out) and group-lasso terms are set."""
-        return bool(self.l1_lam), bool(self.group_lasso)
+    def terms(self) -> tuple[bool, bool, bool, bool]:
+        """Which penalty terms are set: L2 on phi, L2 on lam, L1 on lam_out, group lasso."""
+        return bool(self.l2_phi), bool(self.l2_lam), bool(self.l1_lam), bool(self.group_lasso)
 
     def penalty(self) -> torch.Tensor:
         """Regularization of the trainable parts (see the module function `penalty`): the paper's L2 terms
