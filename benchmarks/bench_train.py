@@ -135,10 +135,10 @@ def _time_variant(variant: str, students, data, index, epochs: int, per_epoch: i
     return total, (statistics.median(laps) if laps else total / epochs) / per_epoch
 
 
-def paper_grid(device: torch.device, variants: list[str], budget_s: float, config: Path, record) -> None:
-    """Training wall time of every chunk of `config` (configs/paper.yaml; no analysis) for each variant
-    in turn, in this process; `record(row)` gets each chunk's row as soon as it is timed. Nothing starts
-    after `budget_s` seconds (those chunks are recorded as not run)."""
+def paper_grid(device: torch.device, variants: list[str], budget_s: float, config: Path | None, record) -> None:
+    """Training wall time and achieved GFLOP/s of every chunk of `config` (configs/paper.yaml; None: the
+    quick run; no analysis) for each variant in turn, in this process; `record(row)` gets each chunk's row
+    as soon as it is timed. Nothing starts after `budget_s` seconds (those chunks are recorded as not run)."""
     t0 = time.perf_counter()
     data = None
     for variant in variants:
@@ -167,8 +167,12 @@ def paper_grid(device: torch.device, variants: list[str], budget_s: float, confi
                 failed = f"{type(err).__name__}: {err}"
                 record({**row, "error": failed})
                 continue
-            record({**row, "seconds": time.perf_counter() - c0})
-            print(f"  {variant} {chunk.id}: {time.perf_counter() - c0:.1f} s", flush=True)
+            seconds = time.perf_counter() - c0
+            widths = [data.x_train.shape[-1], max(chunk.widths), *cfg.student.rest, data.n_outputs]
+            steps = prep.spec.epochs * -(-prep.n_fit // prep.spec.batch_size)
+            gflops = steps * len(chunk.keys()) * prep.spec.batch_size * step_flops(widths) / seconds / 1e9
+            record({**row, "seconds": seconds, "steps": steps, "gflops": gflops})
+            print(f"  {variant} {chunk.id}: {seconds:.1f} s, {gflops:.1f} GFLOP/s", flush=True)
 
 
 def main() -> None:
@@ -181,7 +185,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", choices=VARIANTS, default=["per-model", "manual"], help="none: only --paper-grid")
     ap.add_argument("--paper-grid", nargs="+", choices=VARIANTS[1:],
                     help="also time configs/paper.yaml's training with these variants, in turn")
-    ap.add_argument("--grid-config", default=str(ROOT / "configs" / "paper.yaml"), help="the grid --paper-grid times")
+    ap.add_argument("--grid-config", default=str(ROOT / "configs" / "paper.yaml"),
+                    help="the grid --paper-grid times (a config file, or quick: the embedded quick run)")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="paper grid: start no chunk after this many seconds")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", default="benchmarks/results/bench_train.json")
@@ -204,11 +209,11 @@ def main() -> None:
         result[key].append(row)
         out.write_text(json.dumps(result, indent=2) + "\n")
 
+    if peak:
+        print(f"CPU fp32 peak {peak['peak_gflops']:.0f} GFLOP/s = {peak['cores']} cores x {peak['fp32_lanes']} lanes x "
+              f"{peak['fma_units_assumed']} FMA units (assumed) x 2 x {peak['ghz']:.2f} GHz; "
+              f"{peak['peak_gflops_threads']:.0f} GFLOP/s on the {torch.get_num_threads()} thread(s) used")
     if args.variants:
-        if peak:
-            print(f"CPU fp32 peak {peak['peak_gflops']:.0f} GFLOP/s = {peak['cores']} cores x {peak['fp32_lanes']} lanes x "
-                  f"{peak['fma_units_assumed']} FMA units (assumed) x 2 x {peak['ghz']:.2f} GHz; "
-                  f"{peak['peak_gflops_threads']:.0f} GFLOP/s on the {torch.get_num_threads()} thread(s) used")
         print(f"{'width':>6} {'students':>8} {'variant':<13} {'students*steps/s':>17} {'ms/step':>8} {'GFLOP/s':>8} {'vs per-model':>12}")
 
     def show(row: dict) -> None:
@@ -224,11 +229,12 @@ def main() -> None:
         for t in args.trials:
             bench(w, t, args.steps, args.epochs, device, args.variants, show)
     if args.paper_grid:
-        paper_grid(device, args.paper_grid, args.budget_s, Path(args.grid_config), lambda row: record("paper_grid", row))
+        grid = None if args.grid_config == "quick" else Path(args.grid_config)
+        paper_grid(device, args.paper_grid, args.budget_s, grid, lambda row: record("paper_grid", row))
         for variant in args.paper_grid:
             rows = [r for r in result["paper_grid"] if r["variant"] == variant]
             skipped = [r["chunk"] for r in rows if r.get("not_run")]
-            print(f"paper grid ({variant}): {sum(r.get('seconds', 0) for r in rows):.1f} s of training"
+            print(f"{args.grid_config} ({variant}): {sum(r.get('seconds', 0) for r in rows):.1f} s of training"
                   + (f"; not run: {', '.join(skipped)}" if skipped else ""))
     print(f"wrote {out}")
     if any("error" in r for r in result["rows"]):
