@@ -124,10 +124,23 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
+def _fresh_streams() -> None:
+    """New sys.stdout and sys.stderr on the same descriptors. A forked worker's copies may hold the lock of a
+    write the driver's progress-bar thread was making at the fork, which would block the worker's first
+    warning forever (tests/test_backends.py makes that happen)."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        try:
+            dup = os.dup(fd)
+        except OSError:  # the descriptor is closed: there is no stream to replace
+            continue
+        setattr(sys, name, open(dup, "w", buffering=1))  # noqa: SIM115 - lives as long as the process
+
+
 def _worker(job: Job, tasks: Any, results: Any, parent: int) -> None:
     """A worker process: train the chunks it takes from `tasks` until it takes None; report through `results`."""
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a forked worker has the driver's handlers: the default ends it
         signal.signal(sig, signal.SIG_DFL)
+    _fresh_streams()
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     while (chunk := tasks.get()) is not None:
         try:
