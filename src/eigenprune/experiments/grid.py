@@ -46,11 +46,12 @@ PAD_LIMIT = 2**22
 """Padding is allowed only in chunks whose step holds at most this many first-layer activations
 (students x batch rows x padded nodes: 16 MB in float32).
 
-A small step is bound by its ~100 kernel launches (~0.3 ms on this project's 2-core CPU) and its
-padding is nearly free; a step beyond a few million activations is bound by memory bandwidth
-(~4 ns per activation element on the paper's widest chunks), where each padded zero costs what a
-real node costs and the widths train faster apart. Measured with `eigenprune plan` (docs/benchmarks.md):
-configs/paper.yaml's estimate 3.1 h -> 2.5 h of training; the quick run and cpu-paper keep their buckets."""
+A small step is bound by its ~50 kernel launches and their Python (~0.35 ms on this project's 2-core
+CPU) and its padding is nearly free; a step beyond a few million activations is bound by memory
+bandwidth (~4 ns per activation element on the paper's widest chunks), where each padded zero costs
+what a real node costs and the widths train faster apart. Measured with `eigenprune plan`
+(docs/benchmarks.md): configs/paper.yaml's estimate 3.1 h -> 2.4 h of training; the quick run and
+cpu-paper keep their buckets."""
 
 
 def plan_chunks(cfg: Config, pack_factor: float = 1.5, pad_limit: float = PAD_LIMIT) -> list[Chunk]:
