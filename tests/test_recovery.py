@@ -16,9 +16,9 @@ from eigenprune.experiments.capacity import (
     k_star,
     k_star_per_layer,
     k_star_table,
-    pack_widths,
 )
 from eigenprune.experiments.config import ConfigError, parse_config
+from eigenprune.experiments.grid import pack_widths
 from eigenprune.experiments.recovery import (
     RecoveryConfig,
     analyse,
@@ -74,7 +74,7 @@ def test_capacity_widths_and_packing():
     assert capacity_widths(5, [0.01, 0.1, 0.2]) == [1]
     with pytest.raises(ValueError, match="positive numbers"):
         capacity_widths(5, [0.0])
-    buckets = pack_widths([1, 2, 5, 10, 20, 28, 50, 70, 100, 140, 28])
+    buckets = pack_widths([1, 2, 5, 10, 20, 28, 50, 70, 100, 140, 28], pack_factor=2.0, floor=10)  # as the recovery runs it
     assert buckets == [[1, 2, 5, 10], [20, 28, 50, 70, 100], [140]]  # 6 x 140 > 2 x (268 + 140): a new bucket
     assert all(len(b) * max(b) <= 2 * sum(b) for b in buckets[1:])
 

@@ -106,15 +106,3 @@ def test_losses(ens: Ensemble, x_test: torch.Tensor, y_test: torch.Tensor, trial
     """Test MSE of every network of a trained ensemble [S]; NaN for the failed ones."""
     loss = evaluate(ens, x_test, y_test, trial_index, "regression").double().numpy()
     return np.where(failed.numpy(), np.nan, loss)
-
-
-def pack_widths(widths: Sequence[int], pack_factor: float = 2.0, floor: int = 10) -> list[list[int]]:
-    """Group sorted distinct widths so that padding to a group's largest costs <= pack_factor x the real
-    work (widths <= `floor` always share a group: there the per-step overhead dominates)."""
-    buckets: list[list[int]] = []
-    for w in sorted(set(widths)):
-        if buckets and (w <= floor or (len(buckets[-1]) + 1) * w <= pack_factor * (sum(buckets[-1]) + w)):
-            buckets[-1].append(w)
-        else:
-            buckets.append([w])
-    return buckets

@@ -8,6 +8,7 @@ steps (`PAD_LIMIT`, see `plan_chunks`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -54,26 +55,30 @@ what a real node costs and the widths train faster apart. Measured with `eigenpr
 cpu-paper keep their buckets."""
 
 
+def pack_widths(widths: Sequence[int], pack_factor: float, floor: int = 0, max_padded: float = float("inf")) -> list[list[int]]:
+    """Group sorted distinct widths greedily: a width joins the current group while padding every width of the
+    group to it costs <= pack_factor x the real work and at most `max_padded` nodes in all; widths <= `floor`
+    always share a group (there the per-step overhead dominates)."""
+    buckets: list[list[int]] = []
+    for w in sorted(set(widths)):
+        padded = (len(buckets[-1]) + 1) * w if buckets else 0
+        if buckets and (w <= floor or (padded <= pack_factor * (sum(buckets[-1]) + w) and padded <= max_padded)):
+            buckets[-1].append(w)
+        else:
+            buckets.append([w])
+    return buckets
+
+
 def plan_chunks(cfg: Config, pack_factor: float = 1.5, pad_limit: float = PAD_LIMIT) -> list[Chunk]:
-    """Group widths (sorted) greedily while the padded size stays <= pack_factor x the real size and a step
+    """Group widths (`pack_widths`) while the padded size stays <= pack_factor x the real size and a step
     of the padded chunk holds at most `pad_limit` first-layer activations at the method's batch size;
     one chunk per (teacher, method, bucket of widths)."""
     trials, strengths = tuple(range(cfg.trials)), tuple(cfg.strengths())
     per_width = len(trials) * len(strengths)
-    chunks = []
-    for teacher in range(len(cfg.teacher_list())):
-        for method in cfg.methods:
-            batch = cfg.method(method).batch_size
-            buckets: list[list[int]] = []
-            for w in sorted(set(cfg.student.widths)):
-                n = len(buckets[-1]) + 1 if buckets else 1  # widths in the bucket if w joins it
-                if (buckets and n * w <= pack_factor * (sum(buckets[-1]) + w)
-                        and n * per_width * batch * w <= pad_limit):
-                    buckets[-1].append(w)
-                else:
-                    buckets.append([w])
-            chunks += [Chunk(method, tuple(b), trials, teacher, strengths) for b in buckets]
-    return chunks
+    buckets = {method: pack_widths(cfg.student.widths, pack_factor, max_padded=pad_limit / (per_width * cfg.method(method).batch_size))
+               for method in cfg.methods}
+    return [Chunk(method, tuple(b), trials, teacher, strengths)
+            for teacher in range(len(cfg.teacher_list())) for method in cfg.methods for b in buckets[method]]
 
 
 def student_plans(cfg: Config, method: str, width: int, strength: float = 1.0, n_outputs: int = 1) -> list[LayerPlan]:

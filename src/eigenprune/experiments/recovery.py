@@ -49,7 +49,6 @@ from eigenprune.experiments.capacity import (
     capacity_curve,
     capacity_widths,
     k_star_table,
-    pack_widths,
     test_losses,
     train_students,
 )
@@ -66,6 +65,7 @@ from eigenprune.experiments.config import (
     read_yaml,
 )
 from eigenprune.experiments.data import teacher_data
+from eigenprune.experiments.grid import pack_widths
 from eigenprune.experiments.regpath import select_strengths
 from eigenprune.experiments.store import OwnedFolder, parquet_writer
 from eigenprune.pruning.importance import node_importance
@@ -202,7 +202,7 @@ def run_recovery(cfg: RecoveryConfig, log: Callable[[str], None] = print) -> dic
         # capacity curves: narrow networks from scratch, per method, in buckets of similar widths
         grids = {i: capacity_widths(teachers[i][0], cfg.capacity_fractions) for i in ids}
         for method in cfg.capacity_methods:
-            for bucket in pack_widths([w for g in grids.values() for w in g]):
+            for bucket in pack_widths([w for g in grids.values() for w in g], pack_factor=2.0, floor=10):
                 ckeys = [(i, w, t) for i in ids for w in grids[i] if w in bucket for t in range(cfg.trials)]
                 group = Students([_plans(cfg, method, w, 1.0) for _, w, _ in ckeys],
                                  [derive_seed("recovery-capacity", cfg.seed, d, t, w) for _, w, t in ckeys],
