@@ -24,7 +24,7 @@ grid that cannot fit before it starts rather than have the kernel kill it hours 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import sys
 
@@ -42,6 +42,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 2**30
 
 
+@functools.cache  # process-wide and inherited by forked workers: once is enough
 def reuse_freed_memory() -> bool:
     """Make this process's C allocator (glibc) keep freed blocks of up to 1 GiB for reuse.
 
@@ -57,12 +58,10 @@ def reuse_freed_memory() -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
+    libc = ctypes.CDLL(None)  # the symbols this process already has (no search for the library, no subprocess)
+    if not hasattr(libc, "gnu_get_libc_version"):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
 
 
 def step_flops(widths: list[int]) -> int:
