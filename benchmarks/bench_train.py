@@ -46,6 +46,7 @@ from eigenprune.core.training import TrainSpec, train_alone
 from eigenprune.experiments.config import load_config
 from eigenprune.experiments.grid import make_data, plan_chunks, student_plans, student_seed
 from eigenprune.experiments.measure import prepare_chunk
+from eigenprune.experiments.plan import adam_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("per-model", "manual", "autograd", "compile", "manual+compile", "manual+graph", "fused", "fused+graph")
@@ -169,8 +170,8 @@ def paper_grid(device: torch.device, variants: list[str], budget_s: float, confi
                 continue
             seconds = time.perf_counter() - c0
             widths = [data.x_train.shape[-1], max(chunk.widths), *cfg.student.rest, data.n_outputs]
-            steps = prep.spec.epochs * -(-prep.n_fit // prep.spec.batch_size)
-            gflops = steps * len(chunk.keys()) * prep.spec.batch_size * step_flops(widths) / seconds / 1e9
+            batch, steps = adam_steps(cfg, chunk.method, prep.n_fit)
+            gflops = steps * len(chunk.keys()) * batch * step_flops(widths) / seconds / 1e9
             record({**row, "seconds": seconds, "steps": steps, "gflops": gflops})
             print(f"  {variant} {chunk.id}: {seconds:.1f} s, {gflops:.1f} GFLOP/s", flush=True)
 
