@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from eigenprune.batched.ensemble import Ensemble
 from eigenprune.batched.train import _Epoch, train_ensemble
 from eigenprune.core.plans import LayerPlan, make_student
-from eigenprune.core.training import TrainSpec
+from eigenprune.core.training import TrainSpec, adam
 from eigenprune.experiments.builders import make_teacher
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -117,7 +117,7 @@ def test_an_epoch_is_the_same_calls_every_time_and_never_reads_back(backprop):
     ens = Ensemble(copy.deepcopy(students)).float().to(dev)
     x, y, index = x.float().to(dev), y.float().to(dev), index.to(dev)
     params = [p for p in ens.parameters() if p.requires_grad]
-    run = _Epoch(ens, x, y, index, TrainSpec(0.01, 40, 3, backprop=backprop), torch.optim.Adam(params, lr=0.01, fused=True))
+    run = _Epoch(ens, x, y, index, TrainSpec(0.01, 40, 3, backprop=backprop), adam(params, 0.01))
     calls = []
     for _ in range(3):
         run.perm.copy_(torch.stack([torch.randperm(x.shape[1]) for _t in range(x.shape[0])]).to(dev))

@@ -59,10 +59,31 @@ def test_keras_adam_follows_the_keras_formula_over_many_steps():
 def test_the_optimizer_option_is_checked_and_adam_stays_torch_fused_adam():
     p = [torch.zeros(2, requires_grad=True)]
     opt = adam(p, 0.01)
-    assert type(opt) is torch.optim.Adam and opt.defaults["fused"] and opt.defaults["eps"] == 1e-8
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"] and opt.defaults["eps"] == 1e-8
     assert isinstance(adam(p, 0.01, kind="keras_adam"), KerasAdam)
     with pytest.raises(ValueError, match="keras_adam, got 'sgd'"):
         adam(p, 0.01, kind="sgd")
+
+
+@pytest.mark.parametrize("kind", ["adam", "keras_adam"])
+def test_step_with_gradients_equals_step_through_grad(kind):
+    """`step_with(grads)` (the trainer's path: no .grad) moves parameters and state exactly as `step()` does."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(3, 5, 4), (3, 5), (3, 2, 5)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) * 10.0 ** (t % 3 - 1) for s in shapes] for t in range(7)]
+    via_grad = [t.clone().requires_grad_() for t in start]
+    direct = [t.clone().requires_grad_() for t in start]
+    opt_a, opt_b = adam(via_grad, 0.01, kind=kind), adam(direct, 0.01, kind=kind)
+    for step in grads:
+        for p, grad in zip(via_grad, step):
+            p.grad = grad
+        opt_a.step()
+        opt_b.step_with(step)
+    for a, b in zip(via_grad, direct):
+        assert torch.equal(a, b)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a.state[a][key], opt_b.state[b][key])
 
 
 def test_batched_keras_adam_training_equals_training_each_student_alone():

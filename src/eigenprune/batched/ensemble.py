@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from eigenprune.batched import fused as fused_kernels
-from eigenprune.core.layers import SpectralLinear, add_penalty_grads, eigen_gap, penalty, spectral_weight
+from eigenprune.core.layers import Penalty, SpectralLinear, eigen_gap, penalty, spectral_weight
 from eigenprune.core.losses import task_loss_and_grad
 from eigenprune.core.structure import as_sequential
 
@@ -78,32 +78,6 @@ class StackedLayer(nn.Module):
     def penalty(self, total: torch.Tensor | None = None) -> torch.Tensor:
         """Per-student regularization [S] of the trainable parts (`core.layers.penalty` of the stack), added to `total`."""
         return penalty(self, lead=1, total=total)
-
-    def weight_and_gap(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w [S, O, I], lam_in_j - lam_out_i [S, O, I]): the weight and its factor d w / d phi, for the chain rule."""
-        gap = eigen_gap(self.lam_in, self.lam_out)
-        return gap * self.phi, gap
-
-    def set_grads(self, grad_w: torch.Tensor, grad_bias: torch.Tensor | None, on: torch.Tensor, gap: torch.Tensor) -> None:
-        """Store d(loss)/d(parameters) in `.grad`, given d(loss)/dW [S, O, I] and d(loss)/d(bias) [S, O].
-
-        Chain rule through w = gap * phi (`gap` as from `weight_and_gap()`), plus the penalty's gradient
-        (`core.layers.add_penalty_grads`) of students with on = 1 (on [S] 0/1).
-        """
-        grad_w = add_penalty_grads(self, {"weight": grad_w}, on)["weight"]
-        grads = {}
-        if self.phi.requires_grad:
-            grads["phi"] = gap * grad_w  # gap first: the gradient takes its (contiguous) layout
-        if self.lam_out.requires_grad or self.lam_in.requires_grad:
-            gp = grad_w * self.phi
-            if self.lam_out.requires_grad:
-                grads["lam_out"] = -gp.sum(2)
-            if self.lam_in.requires_grad:
-                grads["lam_in"] = gp.sum(1)
-        for name, grad in add_penalty_grads(self, grads, on).items():
-            getattr(self, name).grad = grad
-        if self.bias is not None and self.bias.requires_grad:
-            self.bias.grad = grad_bias
 
     def student_layer(self, s: int) -> SpectralLinear:
         """Student `s`'s layer, unpadded, as a standalone `SpectralLinear`."""
@@ -190,51 +164,14 @@ class Ensemble(nn.Module):
             total = layer.penalty(total)
         return total
 
-    @torch.no_grad()
     def loss_and_grads(
         self, x: torch.Tensor, y: torch.Tensor, task: str, alive: torch.Tensor, fused: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-student loss + penalty [S] of one batch, with its gradients written to `.grad`; also
-        returns `ok` [S]: alive and with a finite loss.
-
-        Hand-written backpropagation (no autograd graph, and few kernels: a step's cost on a CPU or
-        in a CUDA graph is mostly their count). Equal to autograd on `task_loss(ens(x), y) + penalty()`
-        summed over the students that are `alive` and whose loss is finite; the others get zero
-        gradients. x [S, B, D]; y [S, B]. `fused`: the first layer runs in the Triton kernels of
-        `eigenprune.batched.fused` (its activations are never stored; see `fused.check` for when it applies).
-        """
-        weights, gaps = zip(*(layer.weight_and_gap() for layer in self.layers))
-        acts = [x]  # the input of each layer; ReLU's gradient mask is act > 0 (as z > 0)
-        h = x
-        for i, (layer, w) in enumerate(zip(self.layers, weights)):
-            if fused and i == 0:
-                acts.append(None)  # the first layer's activations stay inside the fused kernels
-                continue
-            if fused and i == 1:  # layers 0 and 1 in one kernel: pre-activations of layer 1
-                h = fused_kernels.forward(x, weights[0], w)
-                h = h if layer.bias is None else h + layer.bias.unsqueeze(1)
-            else:
-                h = layer(h, w)
-            h = self.activate(i, h, inplace=True)
-            if i < len(self.layers) - 1:
-                acts.append(h)
-        loss, delta = task_loss_and_grad(h, y, task)
-        loss = loss + self.penalty()
-        ok = alive & (loss * 0 == 0)  # finite: inf * 0 and nan * 0 are nan (one kernel less than isfinite)
-        delta = torch.where(ok[:, None, None], delta, 0.0)
-        on = ok.to(x.dtype)
-        for i in reversed(range(len(self.layers))):
-            layer = self.layers[i]
-            grad_bias = delta.sum(1) if layer.bias is not None and layer.bias.requires_grad else None
-            if fused and i == 1:
-                grad_w0, grad_w = fused_kernels.backward(x, weights[0], weights[1], delta)
-                layer.set_grads(grad_w, grad_bias, on, gaps[1])
-                self.layers[0].set_grads(grad_w0, None, on, gaps[0])
-                break
-            if any(p is not None and p.requires_grad for p in (layer.phi, layer.lam_in, layer.lam_out, layer.bias)):
-                layer.set_grads(bmm(delta.transpose(1, 2), acts[i]), grad_bias, on, gaps[i])
-            if i > 0:
-                delta = torch.ops.aten.threshold_backward(bmm(delta, weights[i]), acts[i], 0)  # ReLU's gradient
+        """One `ManualStep` (see there) with its gradients written to the parameters' `.grad`; returns (loss, ok)."""
+        step = ManualStep(self, task, fused)
+        loss, ok, grads = step(x, y, alive)
+        for p, g in zip(step.params, grads):
+            p.grad = g
         return loss, ok
 
     def student(self, s: int) -> nn.Sequential:
@@ -258,3 +195,114 @@ def _relu_chain(student: nn.Module, index: int) -> list[SpectralLinear]:
     if len(chain) % 2 == 0:
         raise ValueError(f"student {index} ends with an activation; the batched ensemble needs a SpectralLinear last")
     return chain[0::2]
+
+
+class _LayerStep:
+    """What `ManualStep` needs of one stacked layer, looked up once: the tensors it reads, what trains, and what
+    does not change during training (the gap lam_in - lam_out when no eigenvalue trains; the weight when nothing does)."""
+
+    __slots__ = ("layer", "phi", "lam_in", "lam_out", "bias", "bias_rows", "gap", "weight",
+                 "train_phi", "train_lam_in", "train_lam_out", "train_bias", "trains", "penalty", "relu")
+
+    def __init__(self, layer: StackedLayer, relu: bool) -> None:
+        self.layer, self.phi, self.lam_in, self.lam_out, self.bias = layer, layer.phi, layer.lam_in, layer.lam_out, layer.bias
+        self.train_phi, self.train_lam_in, self.train_lam_out = (p.requires_grad for p in (layer.phi, layer.lam_in, layer.lam_out))
+        self.train_bias = layer.bias is not None and layer.bias.requires_grad
+        self.trains = self.train_phi or self.train_lam_in or self.train_lam_out
+        self.relu = relu
+        with torch.no_grad():  # views of the parameters: they follow Adam's in-place updates
+            self.bias_rows = None if layer.bias is None else layer.bias.unsqueeze(1)
+            self.gap = None if self.train_lam_in or self.train_lam_out else eigen_gap(layer.lam_in, layer.lam_out)
+            self.weight = None if self.trains else self.gap * layer.phi
+        self.penalty = Penalty(layer, lead=1)
+
+    def weight_and_gap(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(w [S, O, I], lam_in_j - lam_out_i [S, O, I] or None if nothing trains): the weight and d w / d phi."""
+        if self.weight is not None:
+            return self.weight, None
+        gap = self.gap if self.gap is not None else eigen_gap(self.lam_in, self.lam_out)
+        return gap * self.phi, gap
+
+    def grads(self, grad_w: torch.Tensor, grad_bias: torch.Tensor | None, on: torch.Tensor, gap: torch.Tensor,
+              out: dict[int, torch.Tensor]) -> None:
+        """d(loss)/d(each trained parameter) into `out` (by id), given d(loss)/dW [S, O, I] and d(loss)/d(bias) [S, O]:
+        the chain rule through w = gap * phi, plus the penalty's gradient (`core.layers.Penalty.grads`) of
+        students with on = 1 (on [S] 0/1)."""
+        if self.penalty.group is not None:
+            grad_w = self.penalty.grads({"weight": grad_w}, on)["weight"]
+        grads = {}
+        if self.train_phi:
+            grads["phi"] = gap * grad_w  # gap first: the gradient takes its (contiguous) layout
+        if self.train_lam_out or self.train_lam_in:
+            gp = grad_w * self.phi
+            if self.train_lam_out:
+                grads["lam_out"] = gp.sum(2).neg_()
+            if self.train_lam_in:
+                grads["lam_in"] = gp.sum(1)
+        if self.penalty.active:
+            grads = self.penalty.grads(grads, on)
+        for name, grad in grads.items():
+            out[id(getattr(self, name))] = grad
+        if self.train_bias:
+            out[id(self.bias)] = grad_bias
+
+
+class ManualStep:
+    """The hand-written training step of an `Ensemble`: per-student loss + penalty of one batch, and its gradients.
+
+    Hand-written backpropagation (no autograd graph, and few kernels: a step's cost on a CPU or in a CUDA
+    graph is mostly their count, and on a CPU the Python around them). Equal to autograd on
+    `task_loss(ens(x), y) + penalty()` summed over the students that are `alive` and whose loss is finite;
+    the others get zero gradients. What does not change while training (which parts train, frozen layers'
+    weights and gaps, views of the parameters) is looked up once, here: build a new step after changing
+    the ensemble's frozen parameters or which parts train. `fused`: the first layer runs in the Triton
+    kernels of `eigenprune.batched.fused` (its activations are never stored; see `fused.check` for when it applies).
+    """
+
+    def __init__(self, ens: Ensemble, task: str, fused: bool = False) -> None:
+        n = len(ens.layers)
+        self.ens, self.task, self.fused = ens, task, fused
+        self.layers = [_LayerStep(layer, relu=i < n - 1) for i, layer in enumerate(ens.layers)]
+        self.params = [p for p in ens.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(loss + penalty [S], ok [S]: alive and with a finite loss, the gradients of `self.params` in their order)
+        of x [S, B, D], y [S, B]."""
+        layers, fused = self.layers, self.fused
+        weights, gaps = zip(*(step.weight_and_gap() for step in layers))
+        acts = [x]  # the input of each layer; ReLU's gradient mask is act > 0 (as z > 0)
+        h = x
+        for i, (step, w) in enumerate(zip(layers, weights)):
+            if fused and i == 0:
+                acts.append(None)  # the first layer's activations stay inside the fused kernels
+                continue
+            h = fused_kernels.forward(x, weights[0], w) if fused and i == 1 else bmm(h, w.transpose(1, 2))  # layers 0 and 1 in one kernel
+            if step.bias_rows is not None:
+                h = h + step.bias_rows
+            if step.relu:
+                h = h.relu_()
+                acts.append(h)
+        loss, delta = task_loss_and_grad(h, y, self.task)
+        for step in layers:
+            if step.penalty.active:
+                loss = step.penalty.value(loss)
+        ok = alive & (loss * 0 == 0)  # finite: inf * 0 and nan * 0 are nan (one kernel less than isfinite)
+        delta = torch.where(ok[:, None, None], delta, 0.0)
+        on = ok.to(x.dtype)
+        grads: dict[int, torch.Tensor] = {}
+        for i in reversed(range(len(layers))):
+            step = layers[i]
+            grad_bias = delta.sum(1) if step.train_bias else None
+            if fused and i == 1:
+                grad_w0, grad_w = fused_kernels.backward(x, weights[0], weights[1], delta)
+                step.grads(grad_w, grad_bias, on, gaps[1], grads)
+                layers[0].grads(grad_w0, None, on, gaps[0], grads)
+                break
+            if step.trains:
+                step.grads(bmm(delta.transpose(1, 2), acts[i]), grad_bias, on, gaps[i], grads)
+            elif grad_bias is not None:
+                grads[id(step.bias)] = grad_bias
+            if i > 0:
+                delta = torch.ops.aten.threshold_backward(bmm(delta, weights[i]), acts[i], 0)  # ReLU's gradient
+        return loss, ok, [grads[id(p)] for p in self.params]

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from eigenprune.batched import fused
-from eigenprune.batched.ensemble import Ensemble
+from eigenprune.batched.ensemble import Ensemble, ManualStep
 from eigenprune.batched.memory import EVAL_BLOCK
 from eigenprune.core.losses import Task, task_loss, task_metric
-from eigenprune.core.training import TrainSpec, adam, batches
+from eigenprune.core.training import FusedAdam, KerasAdam, TrainSpec, adam, batches
 
 
 @dataclass
@@ -38,10 +38,12 @@ class _Epoch:
     """
 
     def __init__(self, ens: Ensemble, x: torch.Tensor, y: torch.Tensor, trial_index: torch.Tensor, spec: TrainSpec,
-                 opt: torch.optim.Optimizer) -> None:
+                 opt: FusedAdam | KerasAdam) -> None:
         self.ens, self.x, self.y, self.trial_index, self.spec, self.opt = ens, x, y, trial_index, spec, opt
+        self.manual = spec.backprop in ("manual", "fused")
+        step = ManualStep(ens, spec.task, fused=spec.backprop == "fused") if self.manual else None
         # the same step, its element-wise kernels fused by inductor (compiled once per shape, on first use)
-        self.train_step = torch.compile(ens.loss_and_grads, dynamic=False) if spec.compile else ens.loss_and_grads
+        self.train_step = torch.compile(step, dynamic=False) if spec.compile else step
         self.autograd_loss = torch.compile(self._loss, dynamic=False) if spec.backprop == "compile" else self._loss
         s, dev = ens.n_students, x.device
         self.batches = batches(x.shape[1], spec.batch_size)
@@ -57,8 +59,8 @@ class _Epoch:
         self.running.zero_()
         for b in self.batches:
             xb, yb = xs[:, b], ys[:, b]
-            if self.spec.backprop in ("manual", "fused"):
-                loss, ok = self.train_step(xb, yb, self.spec.task, self.alive, fused=self.spec.backprop == "fused")
+            if self.manual:
+                loss, ok, grads = self.train_step(xb, yb, self.alive)
             else:
                 self.opt.zero_grad(set_to_none=True)
                 loss, ok, total = self.autograd_loss(xb, yb)
@@ -70,7 +72,10 @@ class _Epoch:
             self.ok_steps.add_(ok)
             self.alive.copy_(ok)  # no data gradient from the failing step on
             self.running.add_(torch.where(ok, loss, 0.0))
-            self.opt.step()
+            if self.manual:
+                self.opt.step_with(grads)
+            else:
+                self.opt.step()
 
     def _loss(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Autograd's step: (loss + penalty [S], ok [S]: alive and finite, the sum over ok students to differentiate)."""

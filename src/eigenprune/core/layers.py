@@ -3,9 +3,8 @@
 A dense map from n_in to n_out nodes is the off-diagonal block of A = Phi Lambda Phi^-1 with
 Phi = identity + phi. A convolution is the same map between channels, with one phi entry per kernel
 position: w[o, i, ...] = (lam_in_i - lam_out_o) * phi[o, i, ...]. `spectral_weight` is the one place
-the formula lives, `penalty` the one place the penalty lives and `add_penalty_grads` its gradient
-beside it; the dense layer (`SpectralLinear`), the convolutions (`SpectralConv1d`, `SpectralConv2d`)
-and the batched ensemble all use them.
+the formula lives and `Penalty` the one place the penalty and its gradient live; the dense layer
+(`SpectralLinear`), the convolutions (`SpectralConv1d`, `SpectralConv2d`) and the batched ensemble all use them.
 """
 
 from __future__ import annotations
@@ -61,58 +60,82 @@ def _node_norms(weight: torch.Tensor, lead: int) -> torch.Tensor:
     return weight.flatten(lead + 1).norm(dim=-1)
 
 
-def penalty(layer: SpectralModule, lead: int = 0, total: torch.Tensor | None = None) -> torch.Tensor:
-    """The regularization of a spectral layer's trainable parts, per leading index (lead = 0: one layer, a scalar;
-    lead = 1: a stack of S layers, [S], with the coefficients as [S] tensors):
+class Penalty:
+    """The regularization of one spectral layer (lead = 0, a scalar) or of a stack of S of them (lead = 1, [S], with
+    the coefficients as [S] tensors), with its coefficients looked up once:
 
         l2_phi * sum(phi^2) + l2_lam * (sum(lam_in^2) + sum(lam_out^2))       (the paper's L2 terms, trained parts only)
         + l1_lam * sum_i |lam_out_i| + group_lasso * sum_i ||w_i||             (the baselines' sparsity terms, when set)
 
     `layer` is anything with phi, lam_in, lam_out, weight, the four coefficients and `terms` (which of the
     four coefficients are non-zero: known without reading tensors back, so that a CUDA graph can capture it;
-    a term that is not set costs no kernel).
-    The terms are added to `total` if given (one running sum over a network's layers).
+    a term that is not set costs no kernel). `value` is the penalty and `grads` its gradient (for the hand-written
+    step). The function `penalty` makes one per call; the batched step keeps one per layer for a whole training
+    (the coefficients and which parts train must not change meanwhile).
     """
-    phi = layer.phi
-    total = phi.new_zeros(phi.shape[:lead]) if total is None else total
-    l2_phi, l2_lam, l1, group = layer.terms
-    if phi.requires_grad and l2_phi:
-        total = torch.addcmul(total, torch.as_tensor(layer.l2_phi, dtype=phi.dtype, device=phi.device), _sum_squares(phi, lead))
-    for lam in (layer.lam_in, layer.lam_out):
-        if lam.requires_grad and l2_lam:
-            total = torch.addcmul(total, torch.as_tensor(layer.l2_lam, dtype=phi.dtype, device=phi.device), _sum_squares(lam, lead))
-    if l1 and layer.lam_out.requires_grad:
-        total = total + layer.l1_lam * layer.lam_out.abs().sum(-1)
-    if group:
-        total = total + layer.group_lasso * _node_norms(layer.weight, lead).sum(-1)
-    return total
+
+    def __init__(self, layer: SpectralModule, lead: int = 0) -> None:
+        phi = layer.phi
+        l2_phi, l2_lam, l1, group = layer.terms
+        self.layer, self.lead = layer, lead
+
+        def coef(value: float | torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(value, dtype=phi.dtype, device=phi.device)
+
+        self.l2 = [(name, coef(layer.l2_phi if name == "phi" else layer.l2_lam))
+                   for name, term in (("phi", l2_phi), ("lam_in", l2_lam), ("lam_out", l2_lam))
+                   if term and getattr(layer, name).requires_grad]
+        self.l1 = coef(layer.l1_lam) if l1 and layer.lam_out.requires_grad else None
+        self.group = coef(layer.group_lasso) if group else None
+        self.active = bool(self.l2) or self.l1 is not None or self.group is not None
+        self._grad_coefs: dict | None = None
+
+    def value(self, total: torch.Tensor | None = None) -> torch.Tensor:
+        """The penalty, added to `total` if given (one running sum over a network's layers)."""
+        layer, lead = self.layer, self.lead
+        total = layer.phi.new_zeros(layer.phi.shape[:lead]) if total is None else total
+        for name, c in self.l2:
+            total = torch.addcmul(total, c, _sum_squares(getattr(layer, name), lead))
+        if self.l1 is not None:
+            total = total + self.l1 * layer.lam_out.abs().sum(-1)
+        if self.group is not None:
+            total = total + self.group * _node_norms(layer.weight, lead).sum(-1)
+        return total
+
+    def grads(self, grads: dict[str, torch.Tensor], on: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`grads` (data gradients, by parameter name) plus the penalty's gradient, for the students with on = 1
+        (on [*lead], 0/1). A "weight" entry gets the group-lasso term g * w_i / ||w_i|| (0 for an all-zero row,
+        as in autograd), to be chained through w = (lam_in - lam_out) phi by the caller; "phi", "lam_in" and
+        "lam_out" get 2 * l2 * p (and lam_out l1 * sign(lam_out), sign(0) = 0)."""
+        layer, lead = self.layer, self.lead
+        if self._grad_coefs is None:  # shaped [*lead, 1, ...] to broadcast against each parameter
+            def shaped(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+                return c.reshape(*c.shape, *(1,) * (like.dim() - lead))
+            self._grad_coefs = {name: shaped(2 * c, getattr(layer, name)) for name, c in self.l2}
+            if self.l1 is not None:
+                self._grad_coefs["l1"] = shaped(self.l1, layer.lam_out)
+            if self.group is not None:
+                self._grad_coefs["group"] = shaped(self.group, layer.phi)
+
+        def on_(c: torch.Tensor) -> torch.Tensor:
+            return c * on.reshape(*on.shape, *(1,) * (c.dim() - lead))
+
+        coefs, out = self._grad_coefs, dict(grads)
+        if "weight" in out and self.group is not None:
+            w = layer.weight
+            norm = w.flatten(lead + 1).norm(dim=-1).reshape(*w.shape[: lead + 1], *(1,) * (w.dim() - lead - 1))
+            out["weight"] = out["weight"] + on_(coefs["group"]) * w / torch.where(norm > 0, norm, torch.ones_like(norm))
+        for name, _ in self.l2:
+            if name in out:
+                out[name] = torch.addcmul(out[name], on_(coefs[name]), getattr(layer, name))
+        if "lam_out" in out and self.l1 is not None:
+            out["lam_out"] = out["lam_out"] + on_(coefs["l1"]) * layer.lam_out.sign()
+        return out
 
 
-def add_penalty_grads(layer: SpectralModule, grads: dict[str, torch.Tensor], on: torch.Tensor, lead: int = 1) -> dict[str, torch.Tensor]:
-    """`grads` (data gradients, by parameter name) plus the gradient of `penalty(layer, lead)`, for the students
-    with on = 1 (on [*lead], 0/1). A "weight" entry gets the group-lasso term g * w_i / ||w_i|| (0 for an
-    all-zero row, as in autograd), to be chained through w = (lam_in - lam_out) phi by the caller; "phi",
-    "lam_in" and "lam_out" get 2 * l2 * p (and lam_out l1 * sign(lam_out), sign(0) = 0). The hand-written
-    step of `batched.Ensemble` calls it; `penalty` is what it differentiates.
-    """
-    def scale(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return (coef * on).reshape(*on.shape, *(1,) * (like.dim() - lead))
-
-    l2_phi, l2_lam, l1, group = layer.terms
-    out = dict(grads)
-    if "weight" in out and group:
-        w = layer.weight
-        norm = w.flatten(lead + 1).norm(dim=-1).reshape(*w.shape[: lead + 1], *(1,) * (w.dim() - lead - 1))
-        out["weight"] = out["weight"] + scale(layer.group_lasso, w) * w / torch.where(norm > 0, norm, torch.ones_like(norm))
-    if "phi" in out and l2_phi:
-        out["phi"] = torch.addcmul(out["phi"], scale(2 * layer.l2_phi, layer.phi), layer.phi)
-    for name in ("lam_in", "lam_out"):
-        if name in out and l2_lam:
-            lam = getattr(layer, name)
-            out[name] = torch.addcmul(out[name], scale(2 * layer.l2_lam, lam), lam)
-    if "lam_out" in out and l1:
-        out["lam_out"] = out["lam_out"] + scale(layer.l1_lam, layer.lam_out) * layer.lam_out.sign()
-    return out
+def penalty(layer: SpectralModule, lead: int = 0, total: torch.Tensor | None = None) -> torch.Tensor:
+    """The regularization of a spectral layer's trainable parts (`Penalty`), per leading index, added to `total` if given."""
+    return Penalty(layer, lead).value(total)
 
 
 class SpectralModule(nn.Module):

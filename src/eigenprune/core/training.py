@@ -82,14 +82,54 @@ class KerasAdam(torch.optim.Optimizer):
                 p.sub_(m * alpha / (v.sqrt() + eps))
         return loss
 
+    def step_with(self, grads: list[torch.Tensor]) -> None:
+        """`step()` with these gradients of the parameters (in their order) instead of `.grad`."""
+        for p, g in zip(self.param_groups[0]["params"], grads):
+            p.grad = g
+        self.step()
 
-def adam(params: list[torch.Tensor], lr: float, capturable: bool = False, kind: str = "adam") -> torch.optim.Optimizer:
-    """The trainers' optimizer: torch's fused Adam (kind "adam", the default), or `KerasAdam` ("keras_adam")."""
+
+class FusedAdam(torch.optim.Adam):
+    """torch's fused Adam (`torch.optim.Adam(fused=True)`) over one group of parameters, plus `step_with(grads)`.
+
+    `step_with` launches the same two kernels as `step()` (the step counts' increment and `torch._fused_adam_`,
+    in torch's order, with its state), given the gradients directly: without `step()`'s Python around them
+    (grouping by device, hooks, reading `.grad`), which costs more than the kernels for the small tensors
+    of the teacher-student runs (36 -> 10 us a step, docs/benchmarks.md). `step()` works as usual.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, capturable: bool = False) -> None:
+        super().__init__(params, lr=lr, fused=True, capturable=capturable)
+        self._lists: tuple[list[torch.Tensor], ...] | None = None
+
+    @torch.no_grad()
+    def step_with(self, grads: list[torch.Tensor]) -> None:
+        """One Adam step of the parameters (in their order) with these gradients, not read from `.grad`."""
+        group = self.param_groups[0]
+        if self._lists is None:
+            params = group["params"]
+            for p in params:
+                state = self.state[p]
+                if not state:  # as torch's fused Adam initializes it
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._lists = (params, *([self.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq", "step")))
+        params, exp_avgs, exp_avg_sqs, steps = self._lists
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
+                           weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+
+def adam(params: list[torch.Tensor], lr: float, capturable: bool = False, kind: str = "adam") -> FusedAdam | KerasAdam:
+    """The trainers' optimizer: torch's fused Adam (kind "adam", the default: `FusedAdam`), or `KerasAdam` ("keras_adam");
+    both have `step_with(grads)`."""
     if kind == "keras_adam":
         return KerasAdam(params, lr=lr)
     if kind != "adam":
         raise ValueError(f"optimizer must be adam or keras_adam, got {kind!r}")
-    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
+    return FusedAdam(params, lr=lr, capturable=capturable)
 
 
 def batches(n: int, batch_size: int) -> list[slice]:
