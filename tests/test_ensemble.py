@@ -160,6 +160,14 @@ def test_bmm_picks_an_orientation_and_keeps_the_product(shape):
     assert out.is_contiguous() == (n >= min(m, k))  # few output columns from a long contraction: the transpose
 
 
+def test_bmm_follows_the_layout_it_is_asked_for():
+    a, b = torch.randn(3, 100, 60, dtype=torch.float64), torch.randn(3, 60, 10, dtype=torch.float64)
+    for like in (torch.empty(3, 100, 10), torch.empty(3, 10, 100).transpose(1, 2)):
+        out = bmm(a, b, like=like)
+        torch.testing.assert_close(out, torch.bmm(a, b), rtol=1e-12, atol=1e-12)
+        assert out.stride() == like.stride()
+
+
 def test_gradients_have_their_parameters_layout():
     """The step's gradients reach Adam with the parameters' (contiguous) layout, whichever way bmm ran."""
     x, y = _data()

@@ -17,14 +17,20 @@ from eigenprune.core.losses import task_loss_and_grad
 from eigenprune.core.structure import as_sequential
 
 
-def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [S, M, K] @ b [S, K, N], in the orientation the CPU's GEMM does faster.
+def bmm(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """a [S, M, K] @ b [S, K, N], in the orientation the CPU's GEMM does faster, or in `like`'s layout if given.
 
     Producing few output columns (N < M) from a longer contraction (N < K) is 2-3x slower on x86
     BLAS than producing the transpose, (b^T a^T)^T, which has long rows (measured on this project's
-    CPU for the shapes of a step, docs/benchmarks.md); the result is then a transposed view.
+    CPU for the shapes of a step, docs/benchmarks.md); the result is then a transposed view. `like`
+    (a tensor the result will be combined with element-wise) asks for its layout instead: element-wise
+    kernels on operands of two layouts are 2x slower than on one.
     """
-    if b.shape[-1] < min(a.shape[-2], a.shape[-1]):
+    if like is not None:
+        transposed = like.stride(-1) != 1
+    else:
+        transposed = b.shape[-1] < min(a.shape[-2], a.shape[-1])
+    if transposed:
         return torch.bmm(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
     return torch.bmm(a, b)
 
@@ -304,5 +310,5 @@ class ManualStep:
             elif grad_bias is not None:
                 grads[id(step.bias)] = grad_bias
             if i > 0:
-                delta = torch.ops.aten.threshold_backward(bmm(delta, weights[i]), acts[i], 0)  # ReLU's gradient
+                delta = torch.ops.aten.threshold_backward(bmm(delta, weights[i], like=acts[i]), acts[i], 0)  # ReLU's gradient
         return loss, ok, [grads[id(p)] for p in self.params]

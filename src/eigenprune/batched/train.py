@@ -47,7 +47,8 @@ class _Epoch:
         self.autograd_loss = torch.compile(self._loss, dynamic=False) if spec.backprop == "compile" else self._loss
         s, dev = ens.n_students, x.device
         self.batches = batches(x.shape[1], spec.batch_size)
-        self.rows = torch.arange(x.shape[0], device=dev).unsqueeze(1)
+        self.x_rows, self.y_rows = x.reshape(-1, x.shape[2]), y.reshape(-1)  # [T * P, D], [T * P] (copies if x, y are views)
+        self.offsets = (trial_index * x.shape[1]).unsqueeze(1)  # student s reads rows t * P + perm[t]
         self.perm = torch.zeros(x.shape[:2], dtype=torch.long, device=dev)
         self.alive = torch.ones(s, dtype=torch.bool, device=dev)
         self.ok_steps = torch.zeros(s, dtype=torch.long, device=dev)  # steps before the first failing one
@@ -55,7 +56,9 @@ class _Epoch:
         self.running = x.new_zeros(s)
 
     def __call__(self) -> None:
-        xs, ys = self.x[self.rows, self.perm][self.trial_index], self.y[self.rows, self.perm][self.trial_index]
+        rows = (self.perm[self.trial_index] + self.offsets).view(-1)  # one gather per tensor, of whole rows
+        shape = (self.trial_index.shape[0], self.x.shape[1])
+        xs, ys = self.x_rows.index_select(0, rows).view(*shape, -1), self.y_rows.index_select(0, rows).view(shape)
         self.running.zero_()
         for b in self.batches:
             xb, yb = xs[:, b], ys[:, b]
