@@ -116,7 +116,7 @@ def train_ensemble(
     graph = spec.cuda_graph and x.device.type == "cuda"
     if spec.backprop == "fused":
         fused.check(ens.layers, x.device)
-    opt = adam(params, spec.lr, capturable=x.device.type == "cuda", kind=spec.optimizer)  # the same Adam kernels with or without a graph
+    opt = adam(params, spec.lr, kind=spec.optimizer)  # the same Adam kernels with or without a graph
     run = _Epoch(ens, x, y, trial_index, spec, opt)
     gens = [torch.Generator().manual_seed(int(s)) for s in shuffle_seeds]
     n = x.shape[1]

@@ -89,47 +89,59 @@ class KerasAdam(torch.optim.Optimizer):
         self.step()
 
 
-class FusedAdam(torch.optim.Adam):
-    """torch's fused Adam (`torch.optim.Adam(fused=True)`) over one group of parameters, plus `step_with(grads)`.
+class FusedAdam:
+    """Adam in torch's fused kernel (`torch._fused_adam_`: what `torch.optim.Adam(fused=True)` runs, in its order,
+    with its defaults), over one list of parameters of one device and dtype; equal to it bit for bit (tested).
 
-    `step_with` launches the same two kernels as `step()` (the step counts' increment and `torch._fused_adam_`,
-    in torch's order, with its state), given the gradients directly: without `step()`'s Python around them
-    (grouping by device, hooks, reading `.grad`), which costs more than the kernels for the small tensors
-    of the teacher-student runs (36 -> 10 us a step, docs/benchmarks.md). `step()` works as usual.
+    `step_with(grads)` takes the gradients directly, `step()` reads them from `.grad` (the autograd variants).
+    It is not a `torch.optim.Optimizer`: building one of those imports torch._dynamo (about 1.5 s in every
+    worker process), and its `step()` spends more time in Python than in the kernels for the small tensors
+    of the teacher-student runs (36 -> 10 us a step, docs/benchmarks.md). The state is made at construction.
     """
 
-    def __init__(self, params: list[torch.Tensor], lr: float, capturable: bool = False) -> None:
-        super().__init__(params, lr=lr, fused=True, capturable=capturable)
-        self._lists: tuple[list[torch.Tensor], ...] | None = None
+    def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params = list(params)
+        kinds = {(p.device, p.dtype) for p in self.params}
+        if len(kinds) > 1:
+            raise ValueError(f"FusedAdam needs parameters of one device and dtype, got {sorted(map(str, kinds))}")
+        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
+        self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]  # as torch's fused Adam
+
+    def step_with(self, grads: list[torch.Tensor]) -> None:
+        """One Adam step of the parameters (in their order) with these gradients."""
+        self._update(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.steps)
+
+    def step(self) -> None:
+        """One Adam step with the gradients in `.grad`; parameters without one are left as they are (as in torch)."""
+        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        self._update(*([items[i] for i in have] for items in (self.params, [p.grad for p in self.params], self.exp_avgs,
+                                                              self.exp_avg_sqs, self.steps)))
 
     @torch.no_grad()
-    def step_with(self, grads: list[torch.Tensor]) -> None:
-        """One Adam step of the parameters (in their order) with these gradients, not read from `.grad`."""
-        group = self.param_groups[0]
-        if self._lists is None:
-            params = group["params"]
-            for p in params:
-                state = self.state[p]
-                if not state:  # as torch's fused Adam initializes it
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            self._lists = (params, *([self.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq", "step")))
-        params, exp_avgs, exp_avg_sqs, steps = self._lists
-        beta1, beta2 = group["betas"]
-        torch._foreach_add_(steps, 1)
-        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
-                           weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+    def _update(self, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: list) -> None:
+        if params:
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=self.lr, beta1=self.betas[0],
+                               beta2=self.betas[1], weight_decay=0.0, eps=self.eps, maximize=False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
 
 
-def adam(params: list[torch.Tensor], lr: float, capturable: bool = False, kind: str = "adam") -> FusedAdam | KerasAdam:
+def adam(params: list[torch.Tensor], lr: float, kind: str = "adam") -> FusedAdam | KerasAdam:
     """The trainers' optimizer: torch's fused Adam (kind "adam", the default: `FusedAdam`), or `KerasAdam` ("keras_adam");
     both have `step_with(grads)`."""
     if kind == "keras_adam":
         return KerasAdam(params, lr=lr)
     if kind != "adam":
         raise ValueError(f"optimizer must be adam or keras_adam, got {kind!r}")
-    return FusedAdam(params, lr=lr, capturable=capturable)
+    return FusedAdam(params, lr=lr)
 
 
 def batches(n: int, batch_size: int) -> list[slice]:
