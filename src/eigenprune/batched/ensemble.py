@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from eigenprune.batched import fused as fused_kernels
 from eigenprune.core.layers import Penalty, SpectralLinear, eigen_gap, penalty, spectral_weight
 from eigenprune.core.losses import task_loss_and_grad
 from eigenprune.core.structure import as_sequential
@@ -268,6 +267,10 @@ class ManualStep:
     def __init__(self, ens: Ensemble, task: str, fused: bool = False) -> None:
         n = len(ens.layers)
         self.ens, self.task, self.fused = ens, task, fused
+        self.kernels = None
+        if fused:  # imported when used: importing triton takes 0.25 s
+            from eigenprune.batched import fused as kernels
+            self.kernels = kernels
         self.layers = [_LayerStep(layer, relu=i < n - 1) for i, layer in enumerate(ens.layers)]
         self.params = [p for p in ens.parameters() if p.requires_grad]
 
@@ -283,7 +286,7 @@ class ManualStep:
             if fused and i == 0:
                 acts.append(None)  # the first layer's activations stay inside the fused kernels
                 continue
-            h = fused_kernels.forward(x, weights[0], w) if fused and i == 1 else bmm(h, w.transpose(1, 2))  # layers 0 and 1 in one kernel
+            h = self.kernels.forward(x, weights[0], w) if fused and i == 1 else bmm(h, w.transpose(1, 2))  # layers 0 and 1 in one kernel
             if step.bias_rows is not None:
                 h = h + step.bias_rows
             if step.relu:
@@ -301,7 +304,7 @@ class ManualStep:
             step = layers[i]
             grad_bias = delta.sum(1) if step.train_bias else None
             if fused and i == 1:
-                grad_w0, grad_w = fused_kernels.backward(x, weights[0], weights[1], delta)
+                grad_w0, grad_w = self.kernels.backward(x, weights[0], weights[1], delta)
                 step.grads(grad_w, grad_bias, on, gaps[1], grads)
                 layers[0].grads(grad_w0, None, on, gaps[0], grads)
                 break

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from eigenprune.batched import fused
 from eigenprune.batched.ensemble import Ensemble, ManualStep
 from eigenprune.batched.memory import EVAL_BLOCK
 from eigenprune.core.losses import Task, task_loss, task_metric
@@ -115,6 +114,8 @@ def train_ensemble(
     params = [p for p in ens.parameters() if p.requires_grad]
     graph = spec.cuda_graph and x.device.type == "cuda"
     if spec.backprop == "fused":
+        from eigenprune.batched import fused  # imported when used: importing triton takes 0.25 s
+
         fused.check(ens.layers, x.device)
     opt = adam(params, spec.lr, kind=spec.optimizer)  # the same Adam kernels with or without a graph
     run = _Epoch(ens, x, y, trial_index, spec, opt)

@@ -12,7 +12,6 @@ from dataclasses import replace
 import pandas as pd
 import torch
 
-from eigenprune.batched import fused
 from eigenprune.batched.ensemble import Ensemble
 from eigenprune.batched.memory import DEFAULT_FRACTION, available_bytes, chunk_bytes, gb
 from eigenprune.batched.train import train_ensemble
@@ -195,6 +194,8 @@ def check_fused(cfg: Config, device: torch.device | None, shape: tuple[int, int,
     """Refuse `backprop: fused` before anything is written where its kernels cannot run these students."""
     input_dim, n_outputs = (shape[0], shape[3]) if shape else (cfg.data.input_dim, 1)
     method, width = cfg.methods[0], max(cfg.student.widths)
+    from eigenprune.batched import fused  # imported when used: importing triton takes 0.25 s
+
     try:
         fused.check(Ensemble([make_student(input_dim, student_plans(cfg, method, width, 1.0, n_outputs), 0)]).layers, device)
     except ValueError as err:
