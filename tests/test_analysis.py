@@ -93,3 +93,19 @@ def test_pruning_curves_reject_the_output_layer():
     ens = Ensemble([make_student(3, [LayerPlan(4), LayerPlan(1, "fixed")], seed=1)])
     with pytest.raises(ValueError, match="hidden layer index in 0..0, got 1"):
         pruning_curves(ens, 1, torch.ones(1, 1), torch.zeros(1, 2, 3), torch.zeros(1, 2), torch.tensor([0]), "regression")
+
+
+@pytest.mark.parametrize("sizes", [(1, 1), (5, 5), (7, 40), (300, 12)])
+def test_distribution_distance_is_scipys_wasserstein_distance(sizes):
+    import numpy as np
+    from scipy.stats import wasserstein_distance
+
+    from eigenprune.experiments.analysis import distribution_distance
+
+    rng = np.random.default_rng(sum(sizes))
+    a, b = rng.normal(size=sizes[0]), rng.exponential(size=sizes[1]) + 0.3
+    b[: sizes[1] // 3] = a[0]  # ties, across the two samples too
+    assert distribution_distance(a, b) == pytest.approx(wasserstein_distance(a, b), rel=1e-12, abs=1e-15)
+    assert distribution_distance(a, a) == 0.0
+    with pytest.raises(ValueError, match="sizes 0 and"):
+        distribution_distance(a[:0], b)
