@@ -59,8 +59,7 @@ class _Epoch:
         shape = (self.trial_index.shape[0], self.x.shape[1])
         xs, ys = self.x_rows.index_select(0, rows).view(*shape, -1), self.y_rows.index_select(0, rows).view(shape)
         self.running.zero_()
-        for b in self.batches:
-            xb, yb = xs[:, b], ys[:, b]
+        for xb, yb in zip(xs.split(self.spec.batch_size, 1), ys.split(self.spec.batch_size, 1)):  # the batches' views
             if self.manual:
                 loss, ok, grads = self.train_step(xb, yb, self.alive)
             else:
