@@ -8,7 +8,7 @@ measured by counting the ATen operations one training step dispatches (on this C
 launches about one kernel per operation), and the card's peaks are its datasheet numbers. The floors
 are lower bounds for four ways of running a step (per chunk, steps x the largest of the bounds):
 
-  eager           the default step (`Ensemble.loss_and_grads`, backprop: manual, + fused Adam): every
+  eager           the default step (`ManualStep`, backprop: manual, + fused Adam): every
                   hidden activation [S, B, N] goes through memory 10 times in float32 (z written by
                   the matmul; read and written back by the in-place ReLU; read by the next layer and
                   by its weight gradient; the propagated gradient written, read with h by ReLU's

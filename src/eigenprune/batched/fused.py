@@ -1,4 +1,4 @@
-"""Fused first layer for `Ensemble.loss_and_grads` (Triton): its activations never leave the chip.
+"""Fused first layer for the hand-written step (`batched.ensemble.ManualStep`, Triton): its activations never leave the chip.
 
 The first hidden layer is the widest (N up to 1500) but sees only D inputs and feeds M outputs (the
 paper: D = M = 10), so in the eager step its activations [S, B, N] dominate the memory traffic (see

@@ -26,7 +26,7 @@ def _ok(results: pd.DataFrame) -> pd.DataFrame:
 
 def _nothing_to_show():
     """A placeholder figure for a run in which no student trained (all diverged)."""
-    fig, ax = plt.subplots(figsize=(5.5, 2))
+    fig, ax = plt.subplots(figsize=(5.5, 2), layout="constrained")
     ax.text(0.5, 0.5, "no student trained successfully", ha="center", va="center")
     ax.set_axis_off()
     return fig
@@ -40,7 +40,8 @@ def importance_histograms(importance: pd.DataFrame, results: pd.DataFrame, width
     widths = widths or sorted(imp.width.unique())
     if not methods:
         return _nothing_to_show()
-    fig, axes = plt.subplots(len(methods), len(widths), figsize=(3.2 * len(widths), 2.6 * len(methods)), squeeze=False)
+    fig, axes = plt.subplots(len(methods), len(widths), figsize=(3.2 * len(widths), 2.6 * len(methods)), squeeze=False,
+                             layout="constrained")
     for i, method in enumerate(methods):
         for j, w in enumerate(widths):
             ax = axes[i][j]
@@ -50,13 +51,12 @@ def importance_histograms(importance: pd.DataFrame, results: pd.DataFrame, width
             ax.set_title(f"{method}, N={w}", fontsize=9)
             ax.set_xlabel("L / max L" if method == "spectral" else "M / max M", fontsize=8)
     fig.suptitle("Node importance (pooled over trials)")
-    fig.tight_layout()
     return fig
 
 
 def effective_dimension(results: pd.DataFrame, teacher_width: int | None, threshold: float):
     """Effective dimension (mean +- std over trials) against student width N, teacher width marked."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4), layout="constrained")
     ok = _ok(results)
     for method, g in ok.groupby("method"):
         s = g.groupby("width").effective_dim.agg(["mean", "std"]).fillna(0)
@@ -67,13 +67,12 @@ def effective_dimension(results: pd.DataFrame, teacher_width: int | None, thresh
     ax.set_xlabel("student width N")
     ax.set_ylabel(f"effective dimension (importance > {threshold:g} max)")
     ax.legend()
-    fig.tight_layout()
     return fig
 
 
 def losses(results: pd.DataFrame):
     """Train and test loss against student width, both methods."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4), layout="constrained")
     ok = _ok(results)
     for method, g in ok.groupby("method"):
         for col, ls in (("train_loss", ":"), ("test_loss", "-")):
@@ -86,7 +85,6 @@ def losses(results: pd.DataFrame):
     ax.set_ylabel("MSE")
     if len(ok):
         ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -98,7 +96,7 @@ def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: i
     methods = [m for m in ("spectral", "direct") if m in set(cur.method)]
     if not methods:
         return _nothing_to_show()
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False, sharey=True, layout="constrained")
     cmap = plt.get_cmap("viridis")
     widths = sorted(cur.width.unique())
     for ax, method in zip(axes[0], methods):
@@ -120,14 +118,13 @@ def pruning_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_width: i
         ax.set_xlabel(r"kept nodes $n_\lambda - h_T$" if teacher_width else r"kept nodes $n_\lambda$")
         ax.set_ylabel(r"$\Delta$MSE (test)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 def collapse(curves: list[tuple[str, int, np.ndarray, np.ndarray]], measure: dict[str, float], scale: str = "h_T"):
     """Rescaled pruning curves: delta / max(delta) against kept / h - 1, one line per (label, h); h is the
     teacher's width (`scale` "h_T") or another per-curve size such as the critical point ("n_c")."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     cmap = plt.get_cmap("plasma")
     for j, (label, h, kept, delta) in enumerate(curves):
         color = cmap(j / max(len(curves) - 1, 1) * 0.85)
@@ -144,13 +141,12 @@ def collapse(curves: list[tuple[str, int, np.ndarray, np.ndarray]], measure: dic
     for ax in axes:
         ax.axvline(0, ls="--", color="k", lw=1)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     return fig
 
 
 def paths(comparisons: dict[str, dict], teacher_label: str = "teacher"):
     """Sorted path products (left) and in-strength histograms (right): students vs the teacher."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     first = next(iter(comparisons.values()))
     tp = first["teacher_paths"]
     axes[0].plot(np.linspace(0, 1, len(tp)), tp, color="k", lw=2, label=teacher_label)
@@ -172,14 +168,13 @@ def paths(comparisons: dict[str, dict], teacher_label: str = "teacher"):
     axes[1].set_title("in-strength of first-layer nodes")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 def regularization_path(results: pd.DataFrame, table: pd.DataFrame, cfg):
     """Per teacher (rows): effective dimension and validation loss against the L2 multiplier."""
     teachers = sorted(results.teacher_index.unique())
-    fig, axes = plt.subplots(len(teachers), 2, figsize=(11, 3.6 * len(teachers)), squeeze=False)
+    fig, axes = plt.subplots(len(teachers), 2, figsize=(11, 3.6 * len(teachers)), squeeze=False, layout="constrained")
     ok = results[results.status == "ok"]
     cmap = plt.get_cmap("viridis")
     for row, ti in enumerate(teachers):
@@ -208,7 +203,6 @@ def regularization_path(results: pd.DataFrame, table: pd.DataFrame, cfg):
             ax.set_xlabel("L2 multiplier")
         axes[row][1].set_yscale("log")
         axes[row][0].legend(fontsize=7)
-    fig.tight_layout()
     return fig
 
 
@@ -218,7 +212,7 @@ def layer_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_widths: li
     cur = curves.merge(ok, on=["method", "width", "trial"])
     layers = sorted(cur.layer.unique())
     methods = [m for m in ("spectral", "direct") if m in set(cur.method)]
-    fig, axes = plt.subplots(len(methods), len(layers), figsize=(5 * len(layers), 3.6 * len(methods)), squeeze=False)
+    fig, axes = plt.subplots(len(methods), len(layers), figsize=(5 * len(layers), 3.6 * len(methods)), squeeze=False, layout="constrained")
     cmap = plt.get_cmap("viridis")
     widths = sorted(cur.width.unique())
     for i, method in enumerate(methods):
@@ -236,7 +230,6 @@ def layer_curves(curves: pd.DataFrame, results: pd.DataFrame, teacher_widths: li
             ax.set_xlabel("kept nodes of this layer")
             ax.set_ylabel(column.replace("_", " "))
             ax.legend(fontsize=7)
-    fig.tight_layout()
     return fig
 
 

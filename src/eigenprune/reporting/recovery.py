@@ -20,7 +20,7 @@ COLORS = {"spectral": "tab:red", "direct": "tab:blue", "any": "k"}
 def heatmaps(summary: pd.DataFrame):
     """n_c / h_T and n_c / k* on the (h_T, d) grid, mean over teacher seeds, one row per setting (fixed L2, path)."""
     settings = sorted(summary.setting.unique())
-    fig, axes = plt.subplots(len(settings), 2, figsize=(10, 3.6 * len(settings)), squeeze=False)
+    fig, axes = plt.subplots(len(settings), 2, figsize=(10, 3.6 * len(settings)), squeeze=False, layout="constrained")
     for i, setting in enumerate(settings):
         g = summary[summary.setting == setting]
         for j, (col, title) in enumerate((("nc_over_ht", "n_c / h_T"), ("nc_over_kstar", "n_c / k*(eps)"))):
@@ -35,7 +35,6 @@ def heatmaps(summary: pd.DataFrame):
             ax.set_ylabel("input dim d")
             ax.set_title(f"{title} ({setting} L2)", fontsize=10)
             fig.colorbar(im, ax=ax, label="log2 ratio")
-    fig.tight_layout()
     return fig
 
 
@@ -43,7 +42,7 @@ def capacity_comparison(mean_curves: pd.DataFrame, capacity_curve: pd.DataFrame,
                         setting: str = "fixed"):
     """For each teacher: the pruned wide student's test loss against kept nodes (mean over trials),
     over the capacity curve MSE*(k) of networks trained from scratch (best and mean over seeds)."""
-    fig, axes = plt.subplots(1, len(teachers), figsize=(4.6 * len(teachers), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(teachers), figsize=(4.6 * len(teachers), 3.8), squeeze=False, layout="constrained")
     for ax, t in zip(axes[0], teachers):
         r = summary[(summary.teacher == t) & (summary.setting == setting)].iloc[0]
         c = mean_curves[(mean_curves.teacher == t) & (mean_curves.setting == setting)]
@@ -63,13 +62,12 @@ def capacity_comparison(mean_curves: pd.DataFrame, capacity_curve: pd.DataFrame,
         ax.set_ylabel("test MSE")
         ax.set_title(f"h_T={r.h_t}, d={r.input_dim}, seed {r.teacher_seed} ({setting} L2)", fontsize=9)
         ax.legend(fontsize=6)
-    fig.tight_layout()
     return fig
 
 
 def collapse(mean_curves: pd.DataFrame, summary: pd.DataFrame, setting: str = "fixed"):
     """Delta / max delta against kept / scale - 1 for every teacher, the scale being h_T, n_c and k*."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True, layout="constrained")
     g = summary[summary.setting == setting]
     cmap = plt.get_cmap("viridis")
     hs = sorted(g.h_t.unique())
@@ -87,13 +85,12 @@ def collapse(mean_curves: pd.DataFrame, summary: pd.DataFrame, setting: str = "f
     handles = [plt.Line2D([], [], color=cmap(i / max(len(hs) - 1, 1))) for i in range(len(hs))]
     axes[-1].legend(handles, [f"h_T={h}" for h in hs], fontsize=7)
     fig.suptitle(f"Collapse of the pruning curves of every teacher ({setting} L2)", fontsize=10)
-    fig.tight_layout()
     return fig
 
 
 def predictors(summary: pd.DataFrame):
     """n_c against h_T, k* and n_detect (nodes whose removal alone costs more than the tolerance), per setting."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
     for setting, marker in (("fixed", "o"), ("path", "s")):
         g = summary[summary.setting == setting]
         for ax, col in zip(axes, ("h_t", "k_star", "n_detect")):
@@ -106,7 +103,6 @@ def predictors(summary: pd.DataFrame):
         ax.set_xlabel(name)
         ax.set_ylabel("n_c")
     axes[0].legend(fontsize=7, title="colour: log2 d", title_fontsize=7)
-    fig.tight_layout()
     return fig
 
 
