@@ -1,4 +1,4 @@
-"""The prepared GPU script and the floor model, exercised on the CPU so they are ready when a GPU is."""
+"""The benchmark scripts (the prepared GPU script, the floor model, the before/after runner), exercised on the CPU."""
 
 import importlib.util
 import json
@@ -62,3 +62,18 @@ def test_real_models_benchmark_runs_in_tiny_form(tmp_path):
         assert r["params_ft"] is None or r["params_ft"] <= r["params_full"]
         assert r["latency_full_b1_ms"] > 0 and r["latency_full_b256_ms"] > 0
     assert "| cnn-digits | spectral + eigenprune |" in proc.stdout
+
+
+def test_alternate_runs_both_versions_in_turn(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("name: tiny\ntrials: 1\ndata: {n_train: 200, n_test: 100}\nstudent: {widths: [10]}\n"
+                      "spectral: {epochs: 2}\ndirect: {epochs: 2}\nsave_students: false\n")
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "alternate.py"), "--before", "HEAD", "--config", str(config),
+                           "--rounds", "1", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["version"] for r in rows] == ["before", "after"]
+    assert all(r["wall_s"] > 0 and set(r["chunk_train_seconds"]) == {"spectral-w10", "direct-w10"} for r in rows)
+    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "eigenprune-alternate-" not in worktrees  # its worktree is removed
