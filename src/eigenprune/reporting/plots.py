@@ -251,19 +251,22 @@ def save(fig, folder, rel: str) -> Path:
 def render(makers: list[Callable[[], object]]) -> list[bytes]:
     """The PNG bytes of the figure each `makers[i]()` draws, in order.
 
-    matplotlib draws on one core; on Linux with two or more, a forked process draws every other figure
-    meanwhile (it has the tables already: nothing is copied in), which about halves a report's time.
-    An error in either process is raised here.
+    matplotlib draws on one core; on Linux with two or more, a forked process draws figures meanwhile (it
+    has the tables already: nothing is copied in). Each process takes the next figure no one has taken yet
+    (a shared counter), so one heavy figure does not hold up the others. An error in either process is raised here.
     """
     if len(makers) < 2 or not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:
         return [png(make()) for make in makers]
     ctx = mp.get_context("fork")
+    taken = ctx.Value("i", 0)  # the index of the next figure to draw, shared by both processes
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_render_child, args=(makers[1::2], send), daemon=True)
+    child = ctx.Process(target=_render_child, args=(makers, taken, send), daemon=True)
     child.start()
     send.close()
+    drawn: dict[int, bytes] = {}
     try:
-        mine = [png(make()) for make in makers[0::2]]
+        for i in _take(taken, len(makers)):
+            drawn[i] = png(makers[i]())
         try:
             status, theirs = recv.recv()
         except EOFError:
@@ -275,17 +278,27 @@ def render(makers: list[Callable[[], object]]) -> list[bytes]:
         child.join()
     if status != "ok":
         raise RuntimeError(f"drawing a figure failed: {theirs}")
-    out: list[bytes] = [b""] * len(makers)
-    out[0::2], out[1::2] = mine, theirs
-    return out
+    drawn.update(theirs)
+    return [drawn[i] for i in range(len(makers))]
 
 
-def _render_child(makers: list[Callable[[], object]], conn) -> None:
+def _take(taken, n: int):
+    """The indices below n that this process takes from the shared counter `taken`, one at a time."""
+    while True:
+        with taken.get_lock():
+            i = taken.value
+            taken.value = i + 1
+        if i >= n:
+            return
+        yield i
+
+
+def _render_child(makers: list[Callable[[], object]], taken, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends this process
     for sig in (signal.SIGTERM, signal.SIGHUP):  # not the CLI's handlers, which this fork inherited
         signal.signal(sig, signal.SIG_DFL)
     try:
-        conn.send(("ok", [png(make()) for make in makers]))
+        conn.send(("ok", {i: png(makers[i]()) for i in _take(taken, len(makers))}))
     except Exception as err:  # noqa: BLE001 - sent to the parent, which raises it
         conn.send(("error", f"{type(err).__name__}: {err}"))
     finally:
