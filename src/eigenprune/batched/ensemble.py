@@ -206,17 +206,15 @@ class _LayerStep:
     """What `ManualStep` needs of one stacked layer, looked up once: the tensors it reads, what trains, and what
     does not change during training (the gap lam_in - lam_out when no eigenvalue trains; the weight when nothing does)."""
 
-    __slots__ = ("layer", "phi", "lam_in", "lam_out", "bias", "bias_rows", "gap", "weight",
-                 "train_phi", "train_lam_in", "train_lam_out", "train_bias", "trains", "penalty", "relu")
+    __slots__ = ("layer", "phi", "lam_in", "lam_out", "bias", "gap", "weight",
+                 "train_phi", "train_lam_in", "train_lam_out", "train_bias", "trains", "penalty")
 
-    def __init__(self, layer: StackedLayer, relu: bool) -> None:
+    def __init__(self, layer: StackedLayer) -> None:
         self.layer, self.phi, self.lam_in, self.lam_out, self.bias = layer, layer.phi, layer.lam_in, layer.lam_out, layer.bias
         self.train_phi, self.train_lam_in, self.train_lam_out = (p.requires_grad for p in (layer.phi, layer.lam_in, layer.lam_out))
         self.train_bias = layer.bias is not None and layer.bias.requires_grad
         self.trains = self.train_phi or self.train_lam_in or self.train_lam_out
-        self.relu = relu
-        with torch.no_grad():  # views of the parameters: they follow Adam's in-place updates
-            self.bias_rows = None if layer.bias is None else layer.bias.unsqueeze(1)
+        with torch.no_grad():
             self.gap = None if self.train_lam_in or self.train_lam_out else eigen_gap(layer.lam_in, layer.lam_out)
             self.weight = None if self.trains else self.gap * layer.phi
         self.penalty = Penalty(layer, lead=1)
@@ -259,19 +257,18 @@ class ManualStep:
     graph is mostly their count, and on a CPU the Python around them). Equal to autograd on
     `task_loss(ens(x), y) + penalty()` summed over the students that are `alive` and whose loss is finite;
     the others get zero gradients. What does not change while training (which parts train, frozen layers'
-    weights and gaps, views of the parameters) is looked up once, here: build a new step after changing
+    weights and gaps) is looked up once, here: build a new step after changing
     the ensemble's frozen parameters or which parts train. `fused`: the first layer runs in the Triton
     kernels of `eigenprune.batched.fused` (its activations are never stored; see `fused.check` for when it applies).
     """
 
     def __init__(self, ens: Ensemble, task: str, fused: bool = False) -> None:
-        n = len(ens.layers)
         self.ens, self.task, self.fused = ens, task, fused
         self.kernels = None
         if fused:  # imported when used: importing triton takes 0.25 s
             from eigenprune.batched import fused as kernels
             self.kernels = kernels
-        self.layers = [_LayerStep(layer, relu=i < n - 1) for i, layer in enumerate(ens.layers)]
+        self.layers = [_LayerStep(layer) for layer in ens.layers]
         self.params = [p for p in ens.parameters() if p.requires_grad]
 
     @torch.no_grad()
@@ -286,11 +283,13 @@ class ManualStep:
             if fused and i == 0:
                 acts.append(None)  # the first layer's activations stay inside the fused kernels
                 continue
-            h = self.kernels.forward(x, weights[0], w) if fused and i == 1 else bmm(h, w.transpose(1, 2))  # layers 0 and 1 in one kernel
-            if step.bias_rows is not None:
-                h = h + step.bias_rows
-            if step.relu:
-                h = h.relu_()
+            if fused and i == 1:  # layers 0 and 1 in one kernel: pre-activations of layer 1
+                h = self.kernels.forward(x, weights[0], w)
+                h = h if step.layer.bias is None else h + step.layer.bias.unsqueeze(1)
+            else:
+                h = step.layer.forward(h, w)  # not through nn.Module.__call__ (hooks): less Python a step
+            h = self.ens.activate(i, h, inplace=True)
+            if i < len(layers) - 1:
                 acts.append(h)
         loss, delta = task_loss_and_grad(h, y, self.task)
         for step in layers:

@@ -63,7 +63,7 @@ class _Epoch:
             if self.manual:
                 loss, ok, grads = self.train_step(xb, yb, self.alive)
             else:
-                self.opt.zero_grad(set_to_none=True)
+                self.opt.zero_grad()  # set to None (both optimizers)
                 loss, ok, total = self.autograd_loss(xb, yb)
                 total.backward()
                 loss = loss.detach()

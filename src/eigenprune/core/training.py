@@ -126,12 +126,10 @@ class FusedAdam:
             torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=self.lr, beta1=self.betas[0],
                                beta2=self.betas[1], weight_decay=0.0, eps=self.eps, maximize=False)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
+        """Drop the parameters' `.grad` (as `torch.optim.Optimizer.zero_grad(set_to_none=True)`)."""
         for p in self.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
+            p.grad = None
 
 
 def adam(params: list[torch.Tensor], lr: float, kind: str = "adam") -> FusedAdam | KerasAdam:
@@ -159,7 +157,7 @@ def train_alone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainS
         xs, ys = x[perm], y[perm]
         for b in batches(n, spec.batch_size):
             loss = task_loss(model(xs[b]), ys[b], spec.task) + spectral_penalty(model)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()  # set to None (both optimizers)
             loss.backward()
             opt.step()
     return model
