@@ -151,3 +151,16 @@ def test_widths_are_padded_together_only_in_small_steps():
     assert ids == ["spectral-w10_20", "spectral-w200", "spectral-w500", "spectral-w800", "spectral-w1000"]
     assert [c.id for c in plan_chunks(parse_config(body), pad_limit=float("inf")) if c.method == "spectral"] == [
         "spectral-w10_20", "spectral-w200_500", "spectral-w800_1000"]
+
+
+def test_narrow_widths_share_a_chunk_when_their_padding_costs_less_than_a_step():
+    """cpu-paper: 3 trials x batch 100 = 300 rows a width; padding 10, 20, 40 to 60 adds (1 x 10 + 2 x 20 + 3 x 20)
+    x 300 activations at most a join, under STEP_OVERHEAD, although 4 x 60 > 1.5 x 130; 200 would add 4 x 140 x 300."""
+    from eigenprune.experiments.grid import STEP_OVERHEAD, plan_chunks
+
+    body = {"trials": 3, "student": {"widths": [10, 20, 40, 60, 200, 500, 1000]}, "spectral": {"batch_size": 100}}
+    ids = [c.id for c in plan_chunks(parse_config(body)) if c.method == "spectral"]
+    assert ids == ["spectral-w10_20_40_60", "spectral-w200_500", "spectral-w1000"]
+    assert 3 * 20 * 300 <= STEP_OVERHEAD < 4 * 140 * 300
+    apart = [c.id for c in plan_chunks(parse_config(body), overhead=0) if c.method == "spectral"]
+    assert apart == ["spectral-w10_20", "spectral-w40_60", "spectral-w200_500", "spectral-w1000"]  # the pack factor alone

@@ -3,7 +3,7 @@
 A chunk is one method and a bucket of similar widths, with all trials: every student in it shares
 learning rate, batch size and epochs, so the chunk trains as one `Ensemble`. Widths are bucketed
 so that padding never more than `pack_factor`-folds the work, and only in chunks of small
-steps (`PAD_LIMIT`, see `plan_chunks`).
+steps (`PAD_LIMIT`), unless it adds less work than a step's fixed cost (`STEP_OVERHEAD`; see `plan_chunks`).
 """
 
 from __future__ import annotations
@@ -54,29 +54,43 @@ what a real node costs and the widths train faster apart. Measured with `eigenpr
 (docs/benchmarks.md): configs/paper.yaml's estimate 3.1 h -> 2.4 h of training; the quick run and
 cpu-paper keep their buckets."""
 
+STEP_OVERHEAD = 80_000
+"""What a training step's fixed cost is worth in first-layer activations (students x batch rows x nodes).
 
-def pack_widths(widths: Sequence[int], pack_factor: float, floor: int = 0, max_padded: float = float("inf")) -> list[list[int]]:
+A step costs about 0.16 ms + 1.9 ns per activation on this project's 2-core CPU (docs/benchmarks.md,
+speed round 3), so padding that adds fewer activations than this to a step costs less than the step a
+width would add in a chunk of its own: such a width joins its neighbours whatever the pack factor says
+(cpu-paper's widths 10, 20, 40, 60 train as one chunk)."""
+
+
+def pack_widths(widths: Sequence[int], pack_factor: float, floor: int = 0, max_padded: float = float("inf"),
+                cheap: float = 0) -> list[list[int]]:
     """Group sorted distinct widths greedily: a width joins the current group while padding every width of the
-    group to it costs <= pack_factor x the real work and at most `max_padded` nodes in all; widths <= `floor`
+    group to it costs <= pack_factor x the real work and at most `max_padded` nodes in all, or while the padding
+    it adds (the group's size x its excess over the group's widest) is at most `cheap` nodes; widths <= `floor`
     always share a group (there the per-step overhead dominates)."""
     buckets: list[list[int]] = []
     for w in sorted(set(widths)):
-        padded = (len(buckets[-1]) + 1) * w if buckets else 0
-        if buckets and (w <= floor or (padded <= pack_factor * (sum(buckets[-1]) + w) and padded <= max_padded)):
+        group = buckets[-1] if buckets else []
+        padded = (len(group) + 1) * w
+        if group and (w <= floor or (padded <= pack_factor * (sum(group) + w) and padded <= max_padded)
+                      or len(group) * (w - group[-1]) <= cheap):
             buckets[-1].append(w)
         else:
             buckets.append([w])
     return buckets
 
 
-def plan_chunks(cfg: Config, pack_factor: float = 1.5, pad_limit: float = PAD_LIMIT) -> list[Chunk]:
+def plan_chunks(cfg: Config, pack_factor: float = 1.5, pad_limit: float = PAD_LIMIT, overhead: float = STEP_OVERHEAD) -> list[Chunk]:
     """Group widths (`pack_widths`) while the padded size stays <= pack_factor x the real size and a step
-    of the padded chunk holds at most `pad_limit` first-layer activations at the method's batch size;
-    one chunk per (teacher, method, bucket of widths)."""
+    of the padded chunk holds at most `pad_limit` first-layer activations at the method's batch size, or while
+    the padding adds at most `overhead` activations to a step; one chunk per (teacher, method, bucket of widths)."""
     trials, strengths = tuple(range(cfg.trials)), tuple(cfg.strengths())
     per_width = len(trials) * len(strengths)
-    buckets = {method: pack_widths(cfg.student.widths, pack_factor, max_padded=pad_limit / (per_width * cfg.method(method).batch_size))
-               for method in cfg.methods}
+    buckets = {}
+    for method in cfg.methods:
+        rows = per_width * cfg.method(method).batch_size  # a step's rows of activations per width
+        buckets[method] = pack_widths(cfg.student.widths, pack_factor, max_padded=pad_limit / rows, cheap=overhead / rows)
     return [Chunk(method, tuple(b), trials, teacher, strengths)
             for teacher in range(len(cfg.teacher_list())) for method in cfg.methods for b in buckets[method]]
 

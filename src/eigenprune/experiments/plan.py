@@ -18,7 +18,7 @@ from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import make_student
 from eigenprune.experiments.config import Config, ConfigError
 from eigenprune.experiments.data import TrialData
-from eigenprune.experiments.grid import Chunk, data_shape, plan_chunks, resolve_device, student_plans, validation_split
+from eigenprune.experiments.grid import STEP_OVERHEAD, Chunk, data_shape, plan_chunks, resolve_device, student_plans, validation_split
 from eigenprune.experiments.measure import prepare_chunk
 
 
@@ -98,10 +98,11 @@ def chunk_memory(cfg: Config, chunk: Chunk, shape: tuple[int, int, int, int] | N
 
 
 def chunk_cost(cfg: Config, chunk: Chunk) -> float:
-    """A rough relative training cost (steps x padded students x width) used to order the work."""
+    """A relative training cost used to order the work: steps x (a step's fixed cost + its first-layer activations),
+    the cost model of `grid.STEP_OVERHEAD`."""
     m = cfg.method(chunk.method)
     steps = m.epochs * -(-cfg.data.n_train // m.batch_size)
-    return steps * (1 + len(chunk.widths) * len(chunk.trials) * max(chunk.widths) / 2000)
+    return steps * (STEP_OVERHEAD + m.batch_size * len(chunk.keys()) * max(chunk.widths))
 
 
 def adam_steps(cfg: Config, method: str, n_fit: int) -> tuple[int, int]:
