@@ -34,7 +34,10 @@ def one_run(src: Path, config: str | None, folder: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
     manifest = json.loads((folder / "run" / "manifest.json").read_text())
-    return {"wall_s": round(wall, 2), "run_wall_seconds": manifest["wall_seconds"], "chunk_train_seconds": manifest["chunk_train_seconds"]}
+    split = "chunk_seconds" in manifest  # before the two were kept apart, "chunk_train_seconds" was the whole chunk
+    return {"wall_s": round(wall, 2), "run_wall_seconds": manifest["wall_seconds"],
+            "chunk_seconds": manifest["chunk_seconds"] if split else manifest["chunk_train_seconds"],
+            "chunk_train_seconds": manifest["chunk_train_seconds"] if split else {}}
 
 
 def main() -> None:
@@ -59,7 +62,7 @@ def main() -> None:
                     row = {"round": r + 1, "version": label, **one_run(src, config, folder)}
                     rows.append(row)
                     print(f"round {row['round']}  {label:6s}  {row['wall_s']:7.2f} s wall  ({row['run_wall_seconds']:.2f} s in the run; "
-                          f"chunks {row['chunk_train_seconds']})", flush=True)
+                          f"chunks {row['chunk_seconds']}, of which training {row['chunk_train_seconds']})", flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True, capture_output=True)
     for label in ("before", "after"):

@@ -35,12 +35,12 @@ def test_floor_counts_flops_and_orders_the_designs(tmp_path):
     from floor import grid_floor
 
     config = tmp_path / "g.yaml"
-    config.write_text(yaml.safe_dump({"trials": 3, "data": {"n_train": 1000}, "student": {"widths": [40, 100]},
+    config.write_text(yaml.safe_dump({"trials": 3, "data": {"n_train": 1000}, "student": {"widths": [40, 200]},
                                       "spectral": {"epochs": 2, "batch_size": 250}, "methods": ["spectral"]}))
     floor = grid_floor(config, "h100-sxm", pack=1.0)
-    first = floor["chunks"][1]  # width 100 alone: 3 students, 4 steps per epoch
-    assert (first["students"], first["padded_width"], first["steps"], first["padding_waste"]) == (3, 100, 8, 1.0)
-    d, n = 10, 100
+    first = floor["chunks"][1]  # width 200 alone (padding 40 to it would add more than grid.STEP_OVERHEAD): 3 students, 4 steps per epoch
+    assert (first["students"], first["padded_width"], first["steps"], first["padding_waste"]) == (3, 200, 8, 1.0)
+    d, n = 10, 200
     assert first["gflop_per_step"] * 1e9 == pytest.approx(3 * 250 * (6 * (d * n + n * 10 + 10 * 1) - 2 * d * n))
     assert 20 < first["kernels_per_step"] < 200
     assert first["floor_s_fused"] <= first["floor_s_fused_first"] <= first["floor_s_eager"]
@@ -74,6 +74,6 @@ def test_alternate_runs_both_versions_in_turn(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [r["version"] for r in rows] == ["before", "after"]
-    assert all(r["wall_s"] > 0 and set(r["chunk_train_seconds"]) == {"spectral-w10", "direct-w10"} for r in rows)
+    assert all(r["wall_s"] > 0 and set(r["chunk_seconds"]) == {"spectral-w10", "direct-w10"} for r in rows)
     worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     assert "eigenprune-alternate-" not in worktrees  # its worktree is removed

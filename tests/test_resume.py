@@ -162,4 +162,15 @@ def test_same_config_and_seed_give_bit_identical_files_and_a_complete_manifest(t
                 "config_digest", "command", "memory_limit_bytes"):
         assert manifest[key] is not None, key
     assert manifest["config_digest"] == cfg.digest() and manifest["workers"] == 1
-    assert set(manifest["chunk_train_seconds"]) == {c.id for c in plan_chunks(cfg)}
+    ids = {c.id for c in plan_chunks(cfg)}
+    assert set(manifest["chunk_seconds"]) == set(manifest["chunk_train_seconds"]) == ids
+    assert all(0 < manifest["chunk_train_seconds"][c] < manifest["chunk_seconds"][c] for c in ids)  # training is part of the chunk
+
+
+def test_a_chunk_timed_before_training_and_measuring_were_kept_apart_reports_its_whole_time(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    for cid, timing in (("old", {"train_seconds": 7.5}), ("new", {"seconds": 9.0, "train_seconds": 6.0})):
+        (folder.chunks_dir / cid).mkdir(parents=True)
+        (folder.chunks_dir / cid / "timing.json").write_text(json.dumps(timing))
+    assert folder.chunk_seconds(["old", "new", "missing"]) == {"chunk_seconds": {"old": 7.5, "new": 9.0},
+                                                               "chunk_train_seconds": {"new": 6.0}}

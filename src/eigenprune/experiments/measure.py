@@ -91,8 +91,10 @@ def prepare_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.devi
     )
 
 
-def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, progress: Progress) -> tuple[dict, Ensemble, list]:
-    """Train one chunk on its teacher's `data` and measure every student; returns (tables, ensemble, keys)."""
+def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device,
+              progress: Progress) -> tuple[dict, Ensemble, list, float]:
+    """Train one chunk on its teacher's `data` and measure every student; returns (tables, ensemble, keys,
+    seconds the training loop took)."""
     cfg = cfg.for_teacher(chunk.teacher)
     keys = chunk.keys()
     input_dim = data.x_train.shape[-1]
@@ -102,7 +104,11 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
     fit_x, fit_y = data.x_train[:, :n_fit], data.y_train[:, :n_fit]
     label = f"{chunk.method} N={','.join(map(str, chunk.widths))}" + (f" h_T={cfg.data.teacher.widths[0]}" if chunk.teacher else "")
     bar = progress.add(f"{label} ({len(keys)} students)", m.epochs)
+    start = time.perf_counter()
     log = train_ensemble(ens, fit_x, fit_y, trial_index, prep.spec, prep.shuffle, lambda e, loss: progress.update(bar, e + 1, loss))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - start
     per_epoch = log.steps // m.epochs
     metrics = {"train_loss": evaluate(ens, fit_x, fit_y, trial_index, data.task),
                "test_loss": evaluate(ens, data.x_test, data.y_test, trial_index, data.task)}
@@ -178,7 +184,7 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, 
         imp_rows.append(pd.DataFrame({**base, "node": np.arange(w), "importance": scores.numpy(), "normalized": norm.numpy()}))
     tables = {"results": pd.DataFrame(results), "curves": pd.concat(curve_rows, ignore_index=True),
               "importance": pd.concat(imp_rows, ignore_index=True), "layers": pd.DataFrame(layer_rows)}
-    return tables, ens, keys
+    return tables, ens, keys, train_seconds
 
 
 SUMMARY_COLUMNS = ("train_loss", "val_loss", "test_loss", "effective_dim", "critical_point", "path_distance",
@@ -217,11 +223,11 @@ def summarize(cfg: Config, results: pd.DataFrame, curves: pd.DataFrame) -> dict:
 def train_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device, progress: Progress) -> ChunkResult:
     """Train one chunk; its tables and student checkpoints (safetensors bytes) ready to commit."""
     start = time.perf_counter()
-    tables, ens, keys = run_chunk(cfg, chunk, data, device, progress)
+    tables, ens, keys, train_seconds = run_chunk(cfg, chunk, data, device, progress)
     files = {}
     if cfg.save_students:
         for s, (w, t, k) in enumerate(keys):
             meta = {"method": chunk.method, "width": w, "trial": t, "strength": k, "teacher_index": chunk.teacher,
                     "config_digest": cfg.digest(), "data_sha256": data.source_sha256}
             files[f"students/{student_file(chunk.method, w, t, k)}"] = model_bytes(ens.student(s).cpu(), meta)
-    return ChunkResult(chunk.id, tables, files, time.perf_counter() - start)
+    return ChunkResult(chunk.id, tables, files, time.perf_counter() - start, train_seconds)

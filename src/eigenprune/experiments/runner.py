@@ -133,7 +133,7 @@ def run_experiment(
         folder.write("results.parquet", parquet_writer(tables["results"]))
         folder.write_json("summary.json", summarize(cfg, tables["results"], tables["curves"]))
         info = manifest(cfg, device, time.perf_counter() - start, ids, skipped, run)
-        folder.write_json("manifest.json", {**info, "chunk_train_seconds": folder.chunk_seconds(ids)})
+        folder.write_json("manifest.json", {**info, **folder.chunk_seconds(ids)})
         if finish is not None:
             finish(folder)
     return folder.path

@@ -69,7 +69,8 @@ class RunFolderError(ValueError):
 
 @dataclass
 class ChunkResult:
-    """What training one chunk produced, ready to commit: tables, other files (relative path -> bytes), timing.
+    """What training one chunk produced, ready to commit: tables, other files (relative path -> bytes), timing
+    (`seconds`: the whole chunk, from stacking its students to their checkpoints; `train_seconds`: its training loop).
 
     Built where the chunk trains (a worker process or a Ray task, possibly on another machine) and
     committed by the driver, so only the driver ever writes the run folder.
@@ -79,6 +80,7 @@ class ChunkResult:
     tables: dict[str, pd.DataFrame]
     files: dict[str, bytes] = field(default_factory=dict)
     seconds: float = 0.0
+    train_seconds: float = 0.0
 
 
 def parquet_writer(df: pd.DataFrame) -> Callable[[Path], object]:
@@ -332,7 +334,8 @@ class RunFolder(OwnedFolder):
             for rel, data in result.files.items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_bytes(data)
-            (tmp / "timing.json").write_text(json.dumps({"train_seconds": round(result.seconds, 3)}) + "\n")
+            timing = {"seconds": round(result.seconds, 3), "train_seconds": round(result.train_seconds, 3)}
+            (tmp / "timing.json").write_text(json.dumps(timing) + "\n")
             for p in sorted(tmp.rglob("*"), reverse=True):  # files first, then their folders
                 share_mode(p, directory=p.is_dir())
                 fsync(p)
@@ -352,13 +355,19 @@ class RunFolder(OwnedFolder):
         fsync(self.chunks_dir)
         return final
 
-    def chunk_seconds(self, chunk_ids: list[str]) -> dict[str, float]:
-        """Training seconds of each finished chunk, as recorded when it was committed."""
-        out = {}
+    def chunk_seconds(self, chunk_ids: list[str]) -> dict[str, dict[str, float]]:
+        """{"chunk_seconds": the whole of each finished chunk (training and measuring), "chunk_train_seconds": its
+        training loop}, as recorded when it was committed. A chunk committed before the two were kept apart
+        recorded only the whole, under "train_seconds": it is reported as the whole, with no training time."""
+        out: dict[str, dict[str, float]] = {"chunk_seconds": {}, "chunk_train_seconds": {}}
         for cid in chunk_ids:
             p = self.chunks_dir / cid / "timing.json"
             if p.is_file():
-                out[cid] = json.loads(p.read_text())["train_seconds"]
+                timing = json.loads(p.read_text())
+                if "seconds" in timing:
+                    out["chunk_seconds"][cid], out["chunk_train_seconds"][cid] = timing["seconds"], timing["train_seconds"]
+                else:
+                    out["chunk_seconds"][cid] = timing["train_seconds"]
         return out
 
     def merge(self, chunk_ids: list[str]) -> dict[str, pd.DataFrame]:
