@@ -164,3 +164,29 @@ def test_narrow_widths_share_a_chunk_when_their_padding_costs_less_than_a_step()
     assert 3 * 20 * 300 <= STEP_OVERHEAD < 4 * 140 * 300
     apart = [c.id for c in plan_chunks(parse_config(body), overhead=0) if c.method == "spectral"]
     assert apart == ["spectral-w10_20", "spectral-w40_60", "spectral-w200_500", "spectral-w1000"]  # the pack factor alone
+
+
+def test_the_command_exits_quickly_with_its_status_after_its_exit_handlers_and_output(tmp_path):
+    """`eigenprune` (cli.main) leaves with os._exit once the command is done: the exit status is the command's,
+    stdout and stderr are complete, and exit handlers (atexit, weakref.finalize's temporary folders) have run."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import atexit, sys, tempfile, weakref\n"
+        "from pathlib import Path\n"
+        "import eigenprune.cli as cli\n"
+        "work = sys.argv[1]\n"
+        "tmp = tempfile.TemporaryDirectory(dir=work)\n"  # cleaned up by weakref.finalize's exit handler
+        "atexit.register(lambda: Path(work, 'handler-ran').write_text('yes') and sys.stdout.write('bye'))\n"
+        "sys.stdout.write('x' * 100000)\n"  # buffered output, the handler's last of all, must reach the pipe
+        "sys.argv = ['eigenprune', *sys.argv[2:]]\n"
+        "cli.main()\n"
+        "raise AssertionError('main returned')\n")
+    for args, status in ((["--version"], 0), (["run", "--set", "trials=0"], 2), (["prune"], 2)):
+        work = tmp_path / f"w{status}{len(args)}"
+        work.mkdir()
+        done = subprocess.run([sys.executable, str(script), str(work), *args], capture_output=True, text=True)
+        assert done.returncode == status, done.stderr
+        assert done.stdout.startswith("x" * 100000) and done.stdout.endswith("bye") and "main returned" not in done.stderr
+        assert (work / "handler-ran").read_text() == "yes" and [p.name for p in work.iterdir()] == ["handler-ran"]
+    bad = subprocess.run([sys.executable, "-m", "eigenprune", "run", "--set", "trials=0"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and list(tmp_path.glob("runs")) == []

@@ -1,3 +1,3 @@
-from eigenprune.cli import app
+from eigenprune.cli import main
 
-app(prog_name="eigenprune")
+main()
