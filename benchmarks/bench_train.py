@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from eigenprune.batched.ensemble import Ensemble
-from eigenprune.batched.memory import step_flops
+from eigenprune.batched.memory import reuse_freed_memory, step_flops
 from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import make_student
 from eigenprune.core.training import TrainSpec, train_alone
@@ -194,6 +194,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as every process that trains in a run does (experiments.measure.prepare_chunk)
     device = torch.device(args.device)
     for v in [*args.variants, *(args.paper_grid or [])]:
         if (v.startswith("fused") or v.endswith("+graph")) and device.type != "cuda":
