@@ -154,8 +154,8 @@ def test_widths_are_padded_together_only_in_small_steps():
 
 
 def test_narrow_widths_share_a_chunk_when_their_padding_costs_less_than_a_step():
-    """cpu-paper: 3 trials x batch 100 = 300 rows a width; padding 10, 20, 40 to 60 adds (1 x 10 + 2 x 20 + 3 x 20)
-    x 300 activations at most a join, under STEP_OVERHEAD, although 4 x 60 > 1.5 x 130; 200 would add 4 x 140 x 300."""
+    """cpu-paper: 3 trials x batch 100 = 300 rows a width. Joining 20, 40 and 60 adds at most 3 x 20 x 300 activations
+    (the group's size x the width's excess x rows), under STEP_OVERHEAD, although 4 x 60 > 1.5 x 130; 200 would add 4 x 140 x 300."""
     from eigenprune.experiments.grid import STEP_OVERHEAD, plan_chunks
 
     body = {"trials": 3, "student": {"widths": [10, 20, 40, 60, 200, 500, 1000]}, "spectral": {"batch_size": 100}}
