@@ -122,7 +122,8 @@ def grid_floor(config: Path, card: str = "h100-sxm", pack: float = 1.5, node_us:
     cfg = load_config(config, {"save_students": False})
     counted: dict[str, int] = {}
     rows = []
-    for chunk in plan_chunks(cfg, pack, pad_limit=float("inf")):  # the pack factor without PAD_LIMIT (a GPU study; PAD_LIMIT is the CPU's), STEP_OVERHEAD's merges as in a run
+    # the pack factor without PAD_LIMIT (a GPU study; PAD_LIMIT is the CPU's), and STEP_OVERHEAD's merges as in a run
+    for chunk in plan_chunks(cfg, pack, pad_limit=float("inf")):
         if chunk.method not in counted:
             counted[chunk.method] = ops_per_step(cfg, chunk.method, chunk.widths[0])
         rows.append(chunk_floor(cfg, chunk, card, node_us, counted[chunk.method]))
