@@ -190,3 +190,13 @@ def test_the_command_exits_quickly_with_its_status_after_its_exit_handlers_and_o
         assert (work / "handler-ran").read_text() == "yes" and [p.name for p in work.iterdir()] == ["handler-ran"]
     bad = subprocess.run([sys.executable, "-m", "eigenprune", "run", "--set", "trials=0"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and list(tmp_path.glob("runs")) == []
+
+
+def test_the_command_exits_with_an_idle_thread_pool_left_behind(tmp_path):
+    """torch.compile keeps an idle ThreadPoolExecutor; cli.main must stop it as the interpreter would, not wait on it."""
+    script = tmp_path / "pool.py"
+    script.write_text("import sys\nfrom concurrent.futures import ThreadPoolExecutor\nimport eigenprune.cli as cli\n"
+                      "pool = ThreadPoolExecutor(2)\npool.submit(int).result()\n"
+                      "sys.argv = ['eigenprune', '--version']\ncli.main()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("eigenprune "), done.stderr

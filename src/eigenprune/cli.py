@@ -424,10 +424,12 @@ def compare(
 def main() -> None:
     """The `eigenprune` command: `app`, then a quick exit with its exit status.
 
-    Once the command has returned, every exit handler has run (multiprocessing's, `weakref.finalize`'s
-    temporary-folder cleanups, logging's) and the streams are flushed, the process leaves with
-    `os._exit` instead of tearing down its modules one by one: with torch, pandas and matplotlib loaded
-    that teardown took 0.5-1.4 s of every command (measured: docs/benchmarks.md) and writes nothing;
+    Once the command has returned, the interpreter's own first steps of an exit are done (threading's
+    shutdown: `concurrent.futures` stops its idle pools, such as the one torch.compile keeps, and the
+    non-daemon threads are joined), then every exit handler (multiprocessing's, `weakref.finalize`'s
+    temporary-folder cleanups, logging's) and the streams are flushed; then the process leaves with
+    `os._exit` instead of tearing down its modules one by one. That teardown writes nothing and took
+    0.5 s after importing torch alone, 1.1-1.5 s after a quick run (measured: docs/benchmarks.md);
     everything eigenprune writes is closed and fsynced before its command returns. An exception that
     escapes `app` (a bug) leaves the ordinary way, with its traceback.
     """
@@ -436,10 +438,14 @@ def main() -> None:
         code: object = 0
     except SystemExit as done:
         code = done.code
-    for thread in threading.enumerate():  # what the interpreter would wait for before its exit handlers
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
+    try:
+        shutdown = getattr(threading, "_shutdown", None)  # CPython's (3.10-3.13); without it no thread is waited for
+        if shutdown is not None:
+            shutdown()
+        atexit._run_exitfuncs()
+    except KeyboardInterrupt:  # Ctrl-C or a signal while the exit handlers run
+        typer.echo("interrupted", err=True)
+        code = 130
     if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, status 1, as Python does
         print(code, file=sys.stderr)
         code = 1

@@ -58,23 +58,24 @@ STEP_OVERHEAD = 80_000
 """What a training step's fixed cost is worth in first-layer activations (students x batch rows x nodes).
 
 A step costs about 0.16 ms + 1.9 ns per activation on this project's 2-core CPU (docs/benchmarks.md,
-speed round 3), so padding that adds fewer activations than this to a step costs less than the step a
-width would add in a chunk of its own: such a width joins its neighbours whatever the pack factor says
-(cpu-paper's widths 10, 20, 40, 60 train as one chunk)."""
+speed round 3; round 2's ~0.35 ms + ~4 ns at the paper's widest chunks gives the same ratio), so padding
+that adds fewer activations than this to a step costs less than the step a width would add in a chunk
+of its own: such a width joins its neighbours whatever the pack factor says, within `PAD_LIMIT`
+(cpu-paper's widths 10, 20, 40, 60 train as one chunk, and digits.yaml's 64 and 256)."""
 
 
 def pack_widths(widths: Sequence[int], pack_factor: float, floor: int = 0, max_padded: float = float("inf"),
                 cheap: float = 0) -> list[list[int]]:
     """Group sorted distinct widths greedily: a width joins the current group while padding every width of the
-    group to it costs <= pack_factor x the real work and at most `max_padded` nodes in all, or while the padding
-    it adds (the group's size x its excess over the group's widest) is at most `cheap` nodes; widths <= `floor`
-    always share a group (there the per-step overhead dominates)."""
+    group to it makes at most `max_padded` nodes in all and costs <= pack_factor x the real work or adds (the
+    group's size x the width's excess over the group's widest) at most `cheap` nodes; widths <= `floor` always
+    share a group (there the per-step overhead dominates)."""
     buckets: list[list[int]] = []
     for w in sorted(set(widths)):
         group = buckets[-1] if buckets else []
         padded = (len(group) + 1) * w
-        if group and (w <= floor or (padded <= pack_factor * (sum(group) + w) and padded <= max_padded)
-                      or len(group) * (w - group[-1]) <= cheap):
+        if group and (w <= floor or (padded <= max_padded and (padded <= pack_factor * (sum(group) + w)
+                                                               or len(group) * (w - group[-1]) <= cheap))):
             buckets[-1].append(w)
         else:
             buckets.append([w])
