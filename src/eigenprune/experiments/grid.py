@@ -83,9 +83,9 @@ def pack_widths(widths: Sequence[int], pack_factor: float, floor: int = 0, max_p
 
 
 def plan_chunks(cfg: Config, pack_factor: float = 1.5, pad_limit: float = PAD_LIMIT, overhead: float = STEP_OVERHEAD) -> list[Chunk]:
-    """Group widths (`pack_widths`) while the padded size stays <= pack_factor x the real size and a step
-    of the padded chunk holds at most `pad_limit` first-layer activations at the method's batch size, or while
-    the padding adds at most `overhead` activations to a step; one chunk per (teacher, method, bucket of widths)."""
+    """Group widths (`pack_widths`) while a step of the padded chunk holds at most `pad_limit` first-layer
+    activations at the method's batch size and the padded size stays <= pack_factor x the real size or the
+    padding adds at most `overhead` activations to a step; one chunk per (teacher, method, bucket of widths)."""
     trials, strengths = tuple(range(cfg.trials)), tuple(cfg.strengths())
     per_width = len(trials) * len(strengths)
     buckets = {}
