@@ -438,6 +438,9 @@ def main() -> None:
         code: object = 0
     except SystemExit as done:
         code = done.code
+    except KeyboardInterrupt as err:  # Ctrl-C while typer builds the command, before `_OneLineErrors.main` catches it
+        typer.echo("interrupted", err=True)
+        code = 128 + getattr(err, "signum", signal.SIGINT)
     try:
         shutdown = getattr(threading, "_shutdown", None)  # CPython's (3.10-3.13); without it no thread is waited for
         if shutdown is not None:

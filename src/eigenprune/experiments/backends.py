@@ -9,6 +9,7 @@ so the backend does not change the results (up to float rounding from different 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import multiprocessing as mp
 import os
@@ -97,10 +98,15 @@ def run_local(job: Job, chunks: Sequence[Unit], on_done: Callable[[ChunkResult],
 
 
 def _end(procs: list) -> None:
-    """Terminate worker processes still running (SIGTERM, then SIGKILL after 5 s) and reap them."""
+    """Terminate worker processes still running (SIGTERM, then SIGKILL after 5 s) and reap them.
+
+    SIGCONT follows SIGTERM, so that a worker someone stopped (SIGSTOP, Ctrl-Z) receives it now.
+    """
     for proc in procs:
         if proc.is_alive():
             proc.terminate()
+            with contextlib.suppress(ProcessLookupError):  # it ended in between: nothing to wake
+                os.kill(proc.pid, signal.SIGCONT)
     for proc in procs:
         proc.join(5)
         if proc.is_alive():
@@ -117,8 +123,16 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def exit_with_parent(parent: int) -> None:
+    """In a forked child: exit as soon as the parent `parent` is gone (checked twice a second, by a daemon thread).
+
+    Every process eigenprune forks calls this first, so none outlives its driver, even one killed with SIGKILL
+    while the child is blocked (e.g. writing to a pipe no one reads any more).
+    """
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
 def _watch_parent(parent: int) -> None:
-    """Exit this process as soon as its parent `parent` is gone (checked twice a second)."""
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
@@ -140,8 +154,8 @@ def _worker(job: Job, tasks: Any, results: Any, parent: int) -> None:
     """A worker process: train the chunks it takes from `tasks` until it takes None; report through `results`."""
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a forked worker has the driver's handlers: the default ends it
         signal.signal(sig, signal.SIG_DFL)
+    exit_with_parent(parent)
     _fresh_streams()
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     while (chunk := tasks.get()) is not None:
         try:
             result = job(chunk, QueueProgress(results, chunk.id))

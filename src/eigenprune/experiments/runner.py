@@ -11,7 +11,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 
 from eigenprune import __version__
-from eigenprune.experiments.backends import ray_session, require_ray, run_local, run_ray
+from eigenprune.core.io import first_line
+from eigenprune.experiments.backends import BackendError, ray_session, require_ray, run_local, run_ray
 from eigenprune.experiments.config import Config, ConfigError
 from eigenprune.experiments.grid import Chunk, check_same_data, data_shape, make_data, plan_chunks, resolve_device
 from eigenprune.experiments.measure import summarize, train_chunk
@@ -57,6 +58,18 @@ def manifest(cfg: Config, device: torch.device, wall: float, chunk_ids: list[str
     return info
 
 
+@contextlib.contextmanager
+def _memory_errors(chunk: Chunk) -> Iterator[None]:
+    """Running out of memory while a chunk trains, stated in one line (`BackendError`) instead of torch's traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError; the CPU allocator raises a plain one
+        if not isinstance(err, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(err):
+            raise
+        raise BackendError(f"chunk {chunk.id} ran out of memory ({first_line(err)[:200]}); finished chunks are kept: "
+                           "lower max_memory_gb or the number of workers, then rerun the same command to resume") from None
+
+
 def _chunk_job(cfg_data: dict, threads: int, data_sha256: str | None, chunk: Chunk, progress: Progress) -> ChunkResult:
     """Entry point in a worker process or Ray task: rebuild the (seeded, hence identical) data, train one chunk.
 
@@ -66,9 +79,16 @@ def _chunk_job(cfg_data: dict, threads: int, data_sha256: str | None, chunk: Chu
         torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_data)
     device = resolve_device(cfg.device)
-    data = make_data(cfg.for_teacher(chunk.teacher))
-    check_same_data(cfg, data, data_sha256)
-    return train_chunk(cfg, chunk, data.to(device), device, progress)
+    with _memory_errors(chunk):
+        data = make_data(cfg.for_teacher(chunk.teacher))
+        check_same_data(cfg, data, data_sha256)
+        return train_chunk(cfg, chunk, data.to(device), device, progress)
+
+
+def _train_here(cfg: Config, data: dict, device: torch.device, chunk: Chunk, progress: Progress) -> ChunkResult:
+    """Train one chunk in this process, on data already built (`data[teacher]`)."""
+    with _memory_errors(chunk):
+        return train_chunk(cfg, chunk, data[chunk.teacher], device, progress)
 
 
 def run_experiment(
@@ -126,7 +146,7 @@ def run_experiment(
                 for d in data.values():
                     check_same_data(cfg, d, data_sha256)
                 data = {t: d.to(device) for t, d in data.items()}
-                run_local(lambda chunk, p: train_chunk(cfg, chunk, data[chunk.teacher], device, p), todo, folder.commit_chunk, progress)
+                run_local(functools.partial(_train_here, cfg, data, device), todo, folder.commit_chunk, progress)
         ids = skipped + [c.id for c in todo]
         tables = folder.merge(ids)
         tables["results"] = select_strengths(tables["results"])

@@ -67,6 +67,24 @@ class RunFolderError(ValueError):
     """A run folder that cannot be used as asked, stated in one line."""
 
 
+_LOCK_FDS: set[int] = set()
+"""Descriptors of the `.lock` files this process holds. A forked child closes its copies at once (`os.register_at_fork`),
+so that only the process that took a lock holds it, and the OS drops it when that process ends, even if a child lives on."""
+
+
+def _close_inherited_locks() -> None:
+    for fd in _LOCK_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @dataclass
 class ChunkResult:
     """What training one chunk produced, ready to commit: tables, other files (relative path -> bytes), timing
@@ -109,9 +127,22 @@ class OwnedFolder:
         self.kind = kind
         self._marker: dict | None = None
 
+    def entry(self, rel: str | Path) -> Path:
+        """The path of `rel` inside this folder, refused (one line) if it leaves the folder or if it, or a folder on the way
+        to it, is a symbolic link: eigenprune never reads, writes or deletes through a link it finds inside its folders."""
+        if not _inside(str(rel)):
+            raise RunFolderError(f"{rel!r} is not a path inside {self.path}; eigenprune will not use it")
+        p = self.path
+        for part in Path(rel).parts:
+            p = p / part
+            if p.is_symlink():
+                raise RunFolderError(f"{p} is a symbolic link; eigenprune never reads, writes or deletes through a link inside "
+                                     f"its folder {self.path}: remove the link (its target is untouched) or use another folder")
+        return p
+
     def marker(self) -> dict | None:
         """The folder's marker, or None if it has none; `RunFolderError` if it is damaged."""
-        p = self.path / MARKER
+        p = self.entry(MARKER)
         if not p.is_file():
             return None
         try:
@@ -166,7 +197,7 @@ class OwnedFolder:
         if fcntl is None:
             return
         try:
-            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.entry(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as err:
             raise RunFolderError(f"cannot write into {self.path}: {err.strerror or type(err).__name__}") from None
         try:
@@ -175,17 +206,19 @@ class OwnedFolder:
             os.close(fd)
             raise RunFolderError(f"{self.path} is in use by another eigenprune process; wait for it or use another --out") from None
         self._lock_fd = fd
+        _LOCK_FDS.add(fd)
 
     def release(self) -> None:
         """Drop the lock taken by `open` (also dropped when the process ends)."""
         fd = getattr(self, "_lock_fd", None)
         if fd is not None:
+            _LOCK_FDS.discard(fd)
             os.close(fd)
             self._lock_fd = None
 
     def _save_marker(self) -> None:
         text = json.dumps(self._marker, indent=1, sort_keys=True) + "\n"
-        p = self.path / MARKER
+        p = self.entry(MARKER)
         if not p.is_file() or p.read_text() != text:  # an unchanged marker is not rewritten
             atomic_write(p, text)
 
@@ -196,12 +229,12 @@ class OwnedFolder:
         if self._marker["entries"].get(rel) != kind:
             self._marker["entries"][rel] = kind
             self._save_marker()
-        return self.path / rel
+        return self.entry(rel)
 
     def refuse_foreign(self, names: tuple[str, ...]) -> None:
         """Refuse now (one line), not after the work, a folder where a file of the user's holds a name that
         will be written (`names`): eigenprune would not replace it."""
-        theirs = [rel for rel in names if ((self.path / rel).exists() or (self.path / rel).is_symlink()) and not self.owns(rel)]
+        theirs = [rel for rel in names if self.entry(rel).exists() and not self.owns(rel)]  # a link is refused by `entry`
         if theirs:
             raise RunFolderError(f"{self.path / theirs[0]} was not written by eigenprune, and eigenprune would write that name; "
                                  "move it away or use another --out")
@@ -218,7 +251,7 @@ class OwnedFolder:
         parts = Path(rel).parts
         for i in range(1, len(parts)):
             self.mkdir("/".join(parts[:i]))
-        target = self.path / rel
+        target = self.entry(rel)
         if (target.exists() or target.is_symlink()) and not self.owns(rel):
             raise RunFolderError(f"{target} exists and was not written by eigenprune; move it away (eigenprune will not replace it)")
         return atomic_write(self.record(rel), content, durable)
@@ -229,7 +262,7 @@ class OwnedFolder:
 
     def mkdir(self, rel: str) -> Path:
         """A sub-folder eigenprune uses (it may also hold the user's files, which stay)."""
-        p = self.path / rel
+        p = self.entry(rel)
         if p.exists() and not p.is_dir():
             raise RunFolderError(f"{p} exists and is not a folder; eigenprune will not replace it")
         if not self.owns(rel) and not p.exists():
@@ -241,10 +274,12 @@ class OwnedFolder:
     def remove_own(self, keep: tuple[str, ...] = ()) -> None:
         """Delete every entry eigenprune recorded here (but `keep`), deepest first; folders only once empty."""
         entries = self._marker["entries"]
-        for rel in sorted(entries, key=lambda r: (-len(Path(r).parts), r)):
-            if rel in keep:
-                continue
-            p, kind = self.path / rel, entries[rel]
+        paths = {rel: self.entry(rel) for rel in entries if rel not in keep}  # every link refused before anything goes
+        for rel, p in paths.items():
+            if entries[rel] == "tree" and p.is_dir():
+                self._refuse_links_under(p)
+        for rel in sorted(paths, key=lambda r: (-len(Path(r).parts), r)):
+            p, kind = paths[rel], entries[rel]
             if kind == "tree" and p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             elif kind == "dir" and p.is_dir() and not p.is_symlink():
@@ -258,11 +293,18 @@ class OwnedFolder:
             del entries[rel]
         self._save_marker()
 
+    def _refuse_links_under(self, folder: Path) -> None:
+        """Refuse (one line) a folder wholly ours in which something has been replaced by a symbolic link."""
+        for parent, dirs, files in os.walk(folder):
+            for name in dirs + files:
+                if os.path.islink(os.path.join(parent, name)):
+                    self.entry(Path(parent, name).relative_to(self.path))  # raises, naming the link
+
     def remove_temporaries(self) -> None:
         """Delete leftover temporaries of a killed run: only entries named with `core.io.TMP_PREFIX`, in our folders."""
-        folders = [self.path] + [self.path / rel for rel, kind in self._marker["entries"].items() if kind == "dir"]
+        folders = [self.path] + [self.entry(rel) for rel, kind in self._marker["entries"].items() if kind == "dir"]
         for folder in folders:
-            if folder.is_dir() and not folder.is_symlink():
+            if folder.is_dir():
                 for p in folder.iterdir():
                     if is_temp(p):
                         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
@@ -278,13 +320,13 @@ class RunFolder(OwnedFolder):
         """Whether this folder carries a run marker (without raising on anything else)."""
         try:
             marker = self.marker()
+            return marker is not None and marker.get("kind") == "run" and self.entry("config.yaml").is_file()
         except RunFolderError:
             return False
-        return marker is not None and marker.get("kind") == "run" and (self.path / "config.yaml").is_file()
 
     @property
     def chunks_dir(self) -> Path:
-        return self.path / "chunks"
+        return self.entry("chunks")
 
     def prepare(self, cfg: Config, fresh: bool = False, data_digest: str | None = None) -> None:
         """Create the folder, or check that an existing one is ours and was made by the same config on the same
@@ -295,7 +337,7 @@ class RunFolder(OwnedFolder):
         """
         marker = self.check_ours()
         self.refuse_foreign(RUN_OUTPUTS)
-        stored = self.path / "config.yaml"
+        stored = self.entry("config.yaml")
         if marker is not None and stored.exists() and not fresh:
             try:
                 old = Config.model_validate(safe_load(stored.read_text()))
@@ -323,7 +365,7 @@ class RunFolder(OwnedFolder):
 
     def done(self, chunk_id: str) -> bool:
         """Whether chunk `chunk_id` was committed here by eigenprune."""
-        return self.owns(f"chunks/{chunk_id}") and (self.chunks_dir / chunk_id / "results.parquet").exists()
+        return self.owns(f"chunks/{chunk_id}") and self.entry(f"chunks/{chunk_id}/results.parquet").exists()
 
     def commit_chunk(self, result: ChunkResult) -> Path:
         """Write a chunk's tables, files and timing to a temporary folder, flush, and rename it into place."""
@@ -342,9 +384,9 @@ class RunFolder(OwnedFolder):
             share_mode(tmp, directory=True)
             fsync(tmp)
             rel = f"chunks/{result.chunk_id}"
-            final = self.path / rel
-            if final.exists() or final.is_symlink():
-                if not self.owns(rel) or final.is_symlink():
+            final = self.entry(rel)
+            if final.exists():
+                if not self.owns(rel):
                     raise RunFolderError(f"{final} exists and was not written by eigenprune; refusing to replace it")
                 shutil.rmtree(final)  # an unfinished chunk of ours
             self.record(rel, "tree")
@@ -361,7 +403,7 @@ class RunFolder(OwnedFolder):
         recorded only the whole, under "train_seconds": it is reported as the whole, with no training time."""
         out: dict[str, dict[str, float]] = {"chunk_seconds": {}, "chunk_train_seconds": {}}
         for cid in chunk_ids:
-            p = self.chunks_dir / cid / "timing.json"
+            p = self.entry(f"chunks/{cid}/timing.json")
             if p.is_file():
                 timing = json.loads(p.read_text())
                 if "seconds" in timing:
@@ -380,7 +422,7 @@ class RunFolder(OwnedFolder):
         for name in TABLES:  # read everything first: a damaged chunk stops the merge before any file is replaced
             frames = []
             for cid in chunk_ids:
-                p = self.chunks_dir / cid / f"{name}.parquet"
+                p = self.entry(f"chunks/{cid}/{name}.parquet")
                 try:
                     frames.append(pd.read_parquet(p))
                 except Exception as err:  # noqa: BLE001 - any unreadable chunk table is reported the same way
@@ -399,7 +441,7 @@ class RunFolder(OwnedFolder):
     def _need(self, name: str) -> Path:
         if not self.path.is_dir():
             raise RunFolderError(f"run folder not found: {self.path}")
-        p = self.path / name
+        p = self.entry(name)
         if not p.is_file():
             raise RunFolderError(f"{self.path} is incomplete: {name} is missing (rerun `eigenprune run` to finish it)")
         return p

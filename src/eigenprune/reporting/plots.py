@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from eigenprune.experiments.backends import exit_with_parent  # noqa: E402
+
 COLORS = {"spectral": "tab:red", "direct": "tab:blue"}
 
 
@@ -260,7 +262,7 @@ def render(makers: list[Callable[[], object]]) -> list[bytes]:
     ctx = mp.get_context("fork")
     taken = ctx.Value("i", 0)  # the index of the next figure to draw, shared by both processes
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_render_child, args=(makers, taken, send), daemon=True)
+    child = ctx.Process(target=_render_child, args=(makers, taken, send, os.getpid()), daemon=True)
     child.start()
     send.close()
     drawn: dict[int, bytes] = {}
@@ -293,7 +295,8 @@ def _take(taken, n: int):
         yield i
 
 
-def _render_child(makers: list[Callable[[], object]], taken, conn) -> None:
+def _render_child(makers: list[Callable[[], object]], taken, conn, parent: int) -> None:
+    exit_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends this process
     for sig in (signal.SIGTERM, signal.SIGHUP):  # not the CLI's handlers, which this fork inherited
         signal.signal(sig, signal.SIG_DFL)

@@ -108,9 +108,9 @@ def predictors(summary: pd.DataFrame):
 
 def write_figures(folder: OwnedFolder) -> list[Path]:
     """Draw every figure of a finished recovery folder (open for writing) into its figures/; returns the files."""
-    summary = pd.read_parquet(folder.path / "summary.parquet")
-    curves = pd.read_parquet(folder.path / "mean_curves.parquet")
-    cap = pd.read_parquet(folder.path / "capacity_curve.parquet")
+    summary = pd.read_parquet(folder.entry("summary.parquet"))
+    curves = pd.read_parquet(folder.entry("mean_curves.parquet"))
+    cap = pd.read_parquet(folder.entry("capacity_curve.parquet"))
     fixed = summary[summary.setting == "fixed"]
     picks = []
     for h in (20, int(fixed.h_t.max())):  # the paper's teacher width and the widest, at the d closest to 10

@@ -54,7 +54,7 @@ def make_figures(folder: RunFolder, cfg: Config, tables: dict[str, pd.DataFrame]
         items, measure = run_collapse(tables["curves"], res, h_t)
         if len(items) >= 2:
             figs["collapse"] = lambda: plots.collapse(items, measure)
-    comparisons = path_comparisons(folder.path, cfg, res)
+    comparisons = path_comparisons(folder, cfg, res)
     if comparisons:
         figs["paths"] = lambda: plots.paths(comparisons)
     pngs = plots.render(list(figs.values()))
@@ -99,7 +99,7 @@ def _build_report(folder: RunFolder, tables: dict[str, pd.DataFrame] | None = No
     tables = tables or folder.load()
     run_dir = folder.path
     cfg = folder.read_config()
-    manifest = folder.read_json("manifest.json") if (run_dir / "manifest.json").exists() else {}
+    manifest = folder.read_json("manifest.json") if folder.entry("manifest.json").exists() else {}
     summary = folder.read_json("summary.json")
     if not isinstance(summary.get("groups"), list):
         raise RunFolderError(f"{run_dir / 'summary.json'} has no list of groups; rerun `eigenprune run` to rebuild it")

@@ -3,8 +3,6 @@ collapse of one run's curves, teacher comparisons, per-layer and per-teacher vie
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -13,7 +11,7 @@ from eigenprune.experiments.analysis import collapse_measure, fit_exponential, t
 from eigenprune.experiments.builders import make_teacher
 from eigenprune.experiments.config import Config
 from eigenprune.experiments.regpath import RULES
-from eigenprune.experiments.store import STUDENT_KEYS
+from eigenprune.experiments.store import STUDENT_KEYS, OwnedFolder
 from eigenprune.pruning.checkpoint import load_model
 
 
@@ -49,8 +47,8 @@ def run_collapse(curves: pd.DataFrame, results: pd.DataFrame, h_t: int) -> tuple
     return items, collapse_measure([(h, k, d) for _, h, k, d in items])
 
 
-def path_comparisons(run_dir: Path, cfg: Config, results: pd.DataFrame) -> dict[str, dict]:
-    """Teacher comparison of trial 0's largest student of each method, from its checkpoint."""
+def path_comparisons(folder: OwnedFolder, cfg: Config, results: pd.DataFrame) -> dict[str, dict]:
+    """Teacher comparison of trial 0's largest student of each method, from its checkpoint in the run `folder`."""
     t = cfg.data.teacher
     if cfg.data.source != "teacher" or t.kind != "mlp" or len(t.widths) < 2 or "checkpoint" not in results:
         return {}
@@ -59,7 +57,7 @@ def path_comparisons(run_dir: Path, cfg: Config, results: pd.DataFrame) -> dict[
     ok = results[(results.status == "ok") & (results.checkpoint != "")]
     for method, g in ok.groupby("method"):
         row = g.sort_values(["width", "trial"], ascending=[False, True]).iloc[0]
-        path = run_dir / row.checkpoint
+        path = folder.entry(row.checkpoint)
         if path.is_file():
             student, _ = load_model(path)
             if len(linear_layers(student)) >= 3:
