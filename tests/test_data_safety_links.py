@@ -226,3 +226,14 @@ def test_a_chunk_that_runs_out_of_memory_is_one_line_and_keeps_finished_chunks(t
     code, err, _ = _run(["run", tmp_path / "c.yaml", "--out", tmp_path / "r", "--quiet"])
     assert one_line_error(code, err) and f"chunk {calls[1]} ran out of memory" in err and "rerun" in err, err
     assert [p.name for p in (tmp_path / "r" / "chunks").iterdir()] == [calls[0]]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_to_compare_says_interrupted_with_128_plus_its_number(tmp_path, sig):
+    args = [sys.executable, "-m", "eigenprune", "compare", "--out", str(tmp_path / "cmp"), "--quiet", "--set", "train.epochs=100000"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _until(lambda: (tmp_path / "cmp" / "config.yaml").is_file(), 60, "compare's config.yaml", proc)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=20)
+    assert (proc.returncode, err.decode(), out) == (128 + sig, "interrupted\n", b"")

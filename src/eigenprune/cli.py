@@ -70,6 +70,15 @@ class _OneLineErrors(TyperGroup):
             return code
         sys.exit(code if isinstance(code, int) else 0)
 
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; Ctrl-C, SIGTERM or SIGHUP in a command without a message of its own says so, with exit status
+        128 + the signal (typer itself would turn any of them into a silent 130)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(128 + getattr(err, "signum", signal.SIGINT)) from None
+
 
 app = typer.Typer(
     cls=_OneLineErrors, add_completion=False, no_args_is_help=True, help="Spectral training and eigenvalue-ranked pruning.",
