@@ -140,6 +140,6 @@ def check_output(
         if not force:
             raise OutputError(f"{option} {path} already exists; choose another name, or pass --force to replace a file eigenprune wrote")
         if ours is None or path.is_symlink() or not ours(path):
-            raise OutputError(f"{option} {path} exists and is not {kind} that eigenprune wrote; --force replaces only those, "
-                              "never a file of another kind or another program's")
+            raise OutputError(f"{option} {path} exists and is not {kind} that eigenprune wrote; refusing to replace it "
+                              "(eigenprune replaces only its own files of that kind)")
     return path
