@@ -151,9 +151,10 @@ DAMAGE = {
     "empty file": (lambda b: b"", "not a readable safetensors file (Error while deserializing header: header too small)"),
     "cut in the header": (lambda b: b[:40], "not a readable safetensors file"),
     "cut in the data": (lambda b: b[:-16], "not a readable safetensors file"),
-    "garbage bytes": (lambda b: bytes(range(256)) * 4, "not a readable safetensors file"),
-    "text file": (lambda b: b"hello, not a checkpoint\n", "not a readable safetensors file"),
-    "architecture not JSON": (lambda b: edit_safetensors_header(b, _meta("eigenprune", "[{")), "corrupted checkpoint (Expecting"),
+    "garbage bytes": (lambda b: bytes(range(256)) * 4, "not a safetensors file (it does not start with a safetensors header)"),
+    "text file": (lambda b: b"hello, not a checkpoint\n", "not a safetensors file (it starts with text)"),
+    "architecture not JSON": (lambda b: edit_safetensors_header(b, _meta("eigenprune", "[{")),
+                              "corrupted checkpoint ('eigenprune' metadata: Expecting"),
     "architecture not a list": (lambda b: edit_safetensors_header(b, _meta("eigenprune", "{}")), "architecture is not a list of layers"),
     "unknown layer": (lambda b: edit_safetensors_header(b, _meta("eigenprune", '[{"type": "conv"}]')),
                       "unknown layer type in architecture: 'conv'"),
@@ -179,7 +180,7 @@ def test_damaged_checkpoints_are_one_line_errors_and_stay_as_they_were(tmp_path,
 
 def test_foreign_missing_and_folder_checkpoints(tmp_path):
     save_file({"w": __import__("torch").zeros(3)}, str(tmp_path / "plain.safetensors"))
-    for path, message in ((tmp_path / "plain.safetensors", "not an eigenprune checkpoint (metadata format None"),
+    for path, message in ((tmp_path / "plain.safetensors", "a safetensors file without eigenprune's architecture"),
                           (tmp_path / "nope.safetensors", "checkpoint not found"), (tmp_path, "is not a file")):
         with pytest.raises(CheckpointError, match=message.replace("(", r"\(")):
             load_model(path)

@@ -378,7 +378,8 @@ CASES = [
     Case("prune-data-int-x", ["prune", "good.safetensors", "--data", "v.safetensors", "--out", "p.safetensors"],
          "validation x must hold floating-point numbers, got torch.int64",
          setup=(good_model, tensors(x=torch.ones(8, 10, dtype=torch.long), y=torch.randn(8))), show="data file with integer `x`"),
-    Case("prune-checkpoint-is-csv", ["prune", "d.csv", "--keep", "3", "--out", "p.safetensors"], "not a readable safetensors file",
+    Case("prune-checkpoint-is-csv", ["prune", "d.csv", "--keep", "3", "--out", "p.safetensors"],
+         "d.csv: not a safetensors file (it starts with text)",
          {"d.csv": rows()}, show="`prune d.csv`"),
     Case("prune-unpruned-loss-inf", ["prune", "bad.safetensors", "--data", "v.safetensors", "--out", "p.safetensors"],
          "the unpruned model's validation loss is inf", setup=(good_model, lambda d: save_model(

@@ -209,7 +209,7 @@ def test_onnx_round_trip_of_a_pruned_cnn(tmp_path):
     assert export_module_onnx(pruned, x, path, overwrite=True) == path  # ours: may be replaced when asked
     mine = tmp_path / "mine.onnx"
     mine.write_bytes(b"not eigenprune's")
-    with pytest.raises(OutputError, match="not written by eigenprune"):
+    with pytest.raises(OutputError, match="is not an ONNX file that eigenprune wrote; refusing to replace it"):
         export_module_onnx(pruned, x, mine, overwrite=True)
     assert mine.read_bytes() == b"not eigenprune's"
     with pytest.raises(ExportError, match="not finite"):

@@ -357,7 +357,8 @@ def prune(
 
     try:
         target = check_output(out or Path(checkpoint.stem + "-pruned.safetensors"),  # not inside a run folder's chunk
-                              inputs=[checkpoint, *([data] if data is not None else [])], force=force, ours=is_checkpoint)
+                              inputs=[checkpoint, *([data] if data is not None else [])], force=force, ours=is_checkpoint,
+                              kind="an eigenprune checkpoint (safetensors)", suffix=".safetensors")
         spec = parse_keep(keep)
         try:
             chosen = None if layers is None else [int(v) for v in layers.split(",")]
@@ -403,7 +404,7 @@ def export(
     try:
         if not rtol >= 0 or rtol == float("inf"):
             raise ExportError(f"--rtol must be a finite number >= 0, got {rtol}")
-        check_output(onnx, inputs=[model], force=force, ours=is_onnx_export, option="--onnx")
+        check_output(onnx, inputs=[model], force=force, ours=is_onnx_export, option="--onnx", kind="an ONNX file")
         net, _ = load_model(model)
         path, diff = export_onnx(net, onnx, rtol, overwrite=force)
     except _pruning_errors() as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -45,6 +46,98 @@ class SpectralizeReport:
         return "\n".join(lines)
 
 
+OPTIONS = ("train_phi", "train_lam_in", "train_lam_out", "train_bias", "l2_phi", "l2_lam", "l1_lam", "group_lasso")
+"""The keyword options of `spectralize` beside include/exclude: which parts train and the penalty coefficients
+(the other options of a spectral layer do not apply to an exact copy: lam_in = 0, lam_out = 1, phi = -W)."""
+
+_NOT_FOR_A_COPY = {
+    "lam_in_init": "an exact copy has lam_in = 0", "lam_out_init": "an exact copy has lam_out = 1",
+    "generator": "an exact copy takes phi = -W, nothing is drawn", "bias": "the copy has a bias exactly where the layer has one",
+    "dtype": "the copy keeps each layer's dtype; convert the model with .to(dtype) first",
+    "device": "the copy stays on each layer's device; move the model with .to(device) first",
+}
+
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+"""A module's hook dictionaries that a converted copy takes over (the same objects, so handles still remove them)."""
+
+_STATE_DICT_HOOKS = ("_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _check_options(options: dict) -> None:
+    """Refuse (SpectralizeError) a keyword that is not one of `OPTIONS`, a flag that is not a bool, a coefficient that is
+    not a finite number >= 0."""
+    valid = "include, exclude, " + ", ".join(OPTIONS)
+    for key, value in options.items():
+        if key in _NOT_FOR_A_COPY:
+            raise SpectralizeError(f"spectralize does not take {key}: {_NOT_FOR_A_COPY[key]}; valid keywords: {valid}")
+        if key not in OPTIONS:
+            raise SpectralizeError(f"spectralize got an unknown keyword {key!r}; valid keywords: {valid}")
+        if key.startswith("train_") and not isinstance(value, bool):
+            raise SpectralizeError(f"spectralize: {key} must be True or False, got {value!r}")
+        if not key.startswith("train_") and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+            raise SpectralizeError(f"spectralize: {key} must be a finite number >= 0, got {value!r}")
+
+
+def hook_problem(module: nn.Module) -> str | None:
+    """Why `module`'s hooks cannot move to a converted copy of it exactly (None when they can, or it has none).
+
+    Forward (pre-)hooks, backward pre-hooks and full backward hooks see the layer's inputs, outputs and their
+    gradients, which the copy computes exactly: they move. State-dict hooks see the parameters' names, which
+    differ (weight against phi, lam_in, lam_out), and an old-style `register_backward_hook` sees the gradients
+    of the layer's last operation, which differs.
+    """
+    kinds = [name.strip("_").replace("_", " ").removesuffix("s") for name in _STATE_DICT_HOOKS if getattr(module, name, None)]
+    if kinds:
+        return f"it has a {kinds[0]}, which sees parameter names that the converted layer does not have"
+    if module._backward_hooks and not module._is_full_backward_hook:
+        return ("it has a register_backward_hook hook, which sees the gradients of its last operation and those differ "
+                "(register_full_backward_hook moves over)")
+    return None
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    """`new` with `old`'s hooks (the same dictionaries, so a handle's remove() still works) and training mode."""
+    for name in _HOOKS:
+        if hasattr(old, name):
+            setattr(new, name, getattr(old, name))
+    new._is_full_backward_hook = old._is_full_backward_hook
+    return new.train(old.training)
+
+
+def _selectors(value: Iterable | str | type | None, which: str) -> list | None:
+    """include/exclude as a list of name patterns and module types (a bare pattern or type is a list of one)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, type)):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise SpectralizeError(f"{which} must be a list of module name patterns or module types, got {type(value).__name__}") from None
+    for sel in items:
+        if not isinstance(sel, (str, type)):
+            raise SpectralizeError(f"{which} entries must be module name patterns (str) or module types (e.g. nn.Linear), "
+                                   f"got a {type(sel).__name__}")
+    return items
+
+
+def _check_patterns(model: nn.Module, selectors: list | None, which: str) -> None:
+    """Refuse a name pattern in include/exclude that matches no layer, naming the layers there are."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    layers = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, SpectralModule))]
+    for sel in selectors or ():
+        if not isinstance(sel, str) or any(fnmatch.fnmatchcase(n, sel) for n in layers):
+            continue
+        shown = ", ".join(n or "<model>" for n in layers[:8]) + (f", … ({len(layers)} in all)" if len(layers) > 8 else "")
+        other = next((n for n in modules if fnmatch.fnmatchcase(n, sel)), None)
+        hint = (f"; {other} is a {type(modules[other]).__name__}: write {other + '.*'!r} for the layers inside it"
+                if other is not None else "")
+        raise SpectralizeError(f"{which} pattern {sel!r} matches no Linear or Conv layer of {type(model).__name__}{hint}; "
+                               f"its layers are: {shown or 'none'}")
+
+
 def _selected(name: str, module: nn.Module, selectors: Iterable | None) -> bool:
     for sel in selectors or ():
         if isinstance(sel, str) and fnmatch.fnmatchcase(name, sel):
@@ -72,8 +165,12 @@ def plan_spectralize(model: nn.Module, include: Iterable | None = None, exclude:
 
     `include`/`exclude`: module name patterns (fnmatch on qualified names) or module types. With
     `include`, only matching layers convert; `exclude` wins over `include`. Raises SpectralizeError
-    for an uninitialised lazy layer (run one forward pass first).
+    for an uninitialised lazy layer (run one forward pass first) and for a name pattern that matches
+    no Linear or Conv layer (a typo would otherwise convert nothing, or everything, without a word).
     """
+    include, exclude = _selectors(include, "include"), _selectors(exclude, "exclude")
+    _check_patterns(model, include, "include")
+    _check_patterns(model, exclude, "exclude")
     report = SpectralizeReport()
     owners = _shared_parameters(model)
     inside_attention: set[str] = set()
@@ -97,6 +194,11 @@ def plan_spectralize(model: nn.Module, include: Iterable | None = None, exclude:
         elif _selected(name, module, exclude):
             report.left_alone[name] = "matched by exclude"
         elif target is not SpectralLinear and (why := target.unsupported(module)) is not None:
+            report.left_alone[name] = why
+        elif {n for n, _ in module.named_parameters(recurse=False)} != {"weight", *(["bias"] if module.bias is not None else [])}:
+            report.left_alone[name] = ("its weight is not a parameter of its own (computed by weight_norm, spectral_norm "
+                                       "or a parametrization?)")
+        elif (why := hook_problem(module)) is not None:
             report.left_alone[name] = why
         elif any(len(owners[id(p)]) > 1 for p in module.parameters(recurse=False)):
             others = sorted({o for p in module.parameters(recurse=False) for o in owners[id(p)]} - {name})
@@ -122,12 +224,16 @@ def spectralize(model: nn.Module, *, include: Iterable | None = None, exclude: I
     """Replace every `nn.Linear`, `nn.Conv1d`, `nn.Conv2d` inside `model` (in place) by an exact spectral copy; returns `model`.
 
     The outputs are unchanged (lam_in = 0, lam_out = 1, phi = -W). Keyword arguments go to the
-    spectral layers (flags, L2 coefficients). A layer used at several places stays one (shared) layer.
+    spectral layers: `OPTIONS` (flags, penalty coefficients); any other is a SpectralizeError. A layer used
+    at several places stays one (shared) layer. Its forward (pre-)hooks, backward pre-hooks and full
+    backward hooks move to the spectral layer (the same hook objects: their handles still remove them)
+    and it keeps its training mode; a layer with hooks that cannot move exactly is left alone (`hook_problem`).
     Layers it cannot or was told not to convert are left alone and listed in the report it logs at
     INFO level ("eigenprune" logger), with a WARNING for each Linear/Conv layer that stays plain for
     a reason other than include/exclude; `plan_spectralize` returns that report. Passing a bare layer
     returns its spectral copy.
     """
+    _check_options(kwargs)
     report = plan_spectralize(model, include, exclude)
     new_of: dict[int, nn.Module] = {}
     replace: dict[str, nn.Module] = {}
@@ -135,7 +241,8 @@ def spectralize(model: nn.Module, *, include: Iterable | None = None, exclude: I
         old = model.get_submodule(name)
         if id(old) not in new_of:
             spectral = _SPECTRAL_OF[type(old)]
-            new_of[id(old)] = spectral.from_linear(old, **kwargs) if spectral is SpectralLinear else spectral.from_conv(old, **kwargs)
+            new = spectral.from_linear(old, **kwargs) if spectral is SpectralLinear else spectral.from_conv(old, **kwargs)
+            new_of[id(old)] = _carry_hooks(old, new)
         replace[name] = new_of[id(old)]
     log.info("%s", report)
     for name, why in report.left_alone.items():  # a dense or convolutional layer that stays plain is worth a warning
@@ -147,15 +254,21 @@ def spectralize(model: nn.Module, *, include: Iterable | None = None, exclude: I
 def despectralize(model: nn.Module) -> nn.Module:
     """Replace every spectral layer inside `model` (in place) by the `nn.Linear`/`nn.Conv1d`/`nn.Conv2d` it computes; returns `model`.
 
-    A layer used at several places stays one (shared) layer. Passing a bare spectral layer returns its plain copy.
+    A layer used at several places stays one (shared) layer. Its hooks move to the plain layer as in `spectralize`;
+    a layer with hooks that cannot move exactly (`hook_problem`) is a SpectralizeError, and nothing is changed.
+    Passing a bare spectral layer returns its plain copy.
     """
     new_of: dict[int, nn.Module] = {}
     replace: dict[str, nn.Module] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, SpectralModule):
-            if id(module) not in new_of:
-                new_of[id(module)] = module.to_linear() if isinstance(module, SpectralLinear) else module.to_conv()
-            replace[name] = new_of[id(module)]
+    spectral = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, SpectralModule)]
+    for name, module in spectral:
+        if (why := hook_problem(module)) is not None:
+            raise SpectralizeError(f"cannot despectralize {name or '<model>'} ({type(module).__name__}): {why}; remove that hook first")
+    for name, module in spectral:
+        if id(module) not in new_of:
+            plain = module.to_linear() if isinstance(module, SpectralLinear) else module.to_conv()
+            new_of[id(module)] = _carry_hooks(module, plain)
+        replace[name] = new_of[id(module)]
     return _swap(model, replace)
 
 

@@ -113,15 +113,18 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def check_output(
     path: str | Path, *, inputs: Iterable[str | Path] = (), force: bool = False,
-    ours: Callable[[Path], bool] | None = None, option: str = "--out",
+    ours: Callable[[Path], bool] | None = None, option: str = "--out", kind: str = "a file", suffix: str | None = None,
 ) -> Path:
     """Check that `path` may be written as a new output file, before any work is done; returns it.
 
-    Refused with a one-line `OutputError`: a folder; a missing parent or a parent that is not a
-    folder or not writable; the same file as one of `inputs` (an output never replaces its own
-    input); an existing file, unless `force` and `ours(path)` says eigenprune wrote it.
+    Refused with a one-line `OutputError`: a name not ending in `suffix` (when given: the file's format);
+    a folder; a missing parent or a parent that is not a folder or not writable; the same file as one of
+    `inputs` (an output never replaces its own input); an existing file, unless `force` and `ours(path)`
+    says it is `kind` (e.g. "an ONNX file") that eigenprune wrote.
     """
     path = Path(path)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise OutputError(f"{option} {path}: this writes {kind}; give a name ending in {suffix}")
     if any(_same_file(path, Path(i)) for i in inputs):
         raise OutputError(f"{option} {path} is the command's own input; choose another output file")
     if path.is_dir():
@@ -137,5 +140,6 @@ def check_output(
         if not force:
             raise OutputError(f"{option} {path} already exists; choose another name, or pass --force to replace a file eigenprune wrote")
         if ours is None or path.is_symlink() or not ours(path):
-            raise OutputError(f"{option} {path} exists and was not written by eigenprune; refusing to replace it")
+            raise OutputError(f"{option} {path} exists and is not {kind} that eigenprune wrote; refusing to replace it "
+                              "(eigenprune replaces only its own files of that kind)")
     return path

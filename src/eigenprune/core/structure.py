@@ -60,6 +60,13 @@ def _trace_chain(model: nn.Module) -> list[nn.Module]:
     return chain
 
 
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module inside `nn.DataParallel`/`DistributedDataParallel` wrappers (which compute what it computes); else `model`."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
 def as_sequential(model: nn.Module) -> nn.Sequential:
     """`model` as a flat `nn.Sequential` of its linear layers and element-wise activations (layers shared, not copied).
 
@@ -67,8 +74,9 @@ def as_sequential(model: nn.Module) -> nn.Sequential:
     `forward` is a chain x -> f1 -> f2 -> ... of such layers and of element-wise activations (as
     modules, `torch.relu`/`F.relu`-style functions or `.relu()`-style methods), read with torch.fx.
     Raises TypeError, naming the offending operation, for anything else (branches, residuals,
-    normalization layers, several inputs).
+    normalization layers, several inputs). A `DataParallel` wrapper is read as the module inside it.
     """
+    model = unwrap_parallel(model)
     supported = (nn.Linear, SpectralLinear, *ELEMENTWISE)
     if isinstance(model, supported):
         return nn.Sequential(model)

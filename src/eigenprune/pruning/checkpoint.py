@@ -156,19 +156,56 @@ def is_checkpoint(path: str | Path) -> bool:
     return True
 
 
+def not_safetensors(path: Path) -> str | None:
+    """What the file at `path` is instead, if it does not even start like a safetensors file (a u64 header size,
+    then the JSON header's '{'); None if it does (it may still be damaged further on, or shorter than 9 bytes)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] == b"{":
+        return None
+    if head[:1] == b"\x80":
+        return "it starts like a pickle, e.g. of torch.save"
+    if head[:4] == b"PK\x03\x04":
+        return "it is a zip archive, as torch.save writes"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "it starts with text"
+    return "it does not start with a safetensors header"
+
+
 def read_metadata(path: str | Path) -> dict:
-    """The metadata dict of a safetensors file; `CheckpointError` if it is missing or unreadable."""
+    """The metadata dict of an eigenprune checkpoint; `CheckpointError` if the file is not one (saying what it is
+    instead: not safetensors at all, safetensors without eigenprune's architecture, another format) or is unreadable."""
     from safetensors import safe_open
 
     path = input_file(path, "checkpoint", CheckpointError)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        what = not_safetensors(path)
+        if what is None:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
-    if meta.get("format") != FORMAT:
+    if what is not None:
+        raise CheckpointError(f"{path}: not a safetensors file ({what}); eigenprune reads the safetensors checkpoints its "
+                              "save_model writes and never unpickles a file")
+    if meta.get("format") not in (None, FORMAT):
         raise CheckpointError(f"{path}: not an eigenprune checkpoint (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+    if "eigenprune" not in meta:
+        how = ("it has eigenprune's format tag: edited, or written by another tool" if "format" in meta else
+               "written by another tool (e.g. safetensors' save_file), not by eigenprune's save_model")
+        raise CheckpointError(f"{path}: a safetensors file without eigenprune's architecture (no 'eigenprune' metadata); {how}")
     return meta
+
+
+def _json(path: Path, meta: dict, key: str, default: str) -> object:
+    """The JSON value stored under metadata `key`; CheckpointError if it is not JSON or nested too deeply to read."""
+    try:
+        return json.loads(meta.get(key, default))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: corrupted checkpoint ({key!r} metadata: {first_line(err)})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupted checkpoint (its {key!r} metadata is JSON nested too deeply to read; "
+                              "an architecture is a flat list of layers)") from None
 
 
 def load_model(path: str | Path) -> tuple[nn.Sequential, dict]:
@@ -180,10 +217,9 @@ def load_model(path: str | Path) -> tuple[nn.Sequential, dict]:
     meta = read_metadata(path)
     try:
         tensors = load_file(str(path))
-        arch = json.loads(meta["eigenprune"])
-        extra = json.loads(meta.get("extra", "{}"))
-    except (SafetensorError, OSError, ValueError, KeyError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: corrupted checkpoint ({first_line(err)})") from None
+    arch, extra = _json(path, meta, "eigenprune", "[]"), _json(path, meta, "extra", "{}")
     if not isinstance(arch, list) or not all(isinstance(e, dict) for e in arch):
         raise CheckpointError(f"{path}: corrupted checkpoint (architecture is not a list of layers)")
     dtypes = {t.dtype for t in tensors.values()}

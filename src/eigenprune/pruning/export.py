@@ -10,15 +10,17 @@ layers are exported as the plain weight they compute.
 from __future__ import annotations
 
 import copy
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from eigenprune.core.io import atomic_write, check_output
+from eigenprune.core.io import atomic_write, check_output, first_line
 from eigenprune.core.layers import SpectralLinear
-from eigenprune.core.structure import as_sequential, input_tuple
+from eigenprune.core.structure import as_sequential, input_tuple, unwrap_parallel
 
 OPSET = 17
 
@@ -90,33 +92,73 @@ def to_onnx(model: nn.Module, input_name: str = "x", output_name: str = "y"):
     return proto
 
 
+_NUMPY_OF = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+"""The numpy dtype onnxruntime takes for an input the ONNX graph declares with this type."""
+
+
+def check_rtol(rtol: float) -> float:
+    """`rtol` if it is a finite number >= 0; else ExportError (a NaN tolerance would pass or fail everything)."""
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (math.isfinite(rtol) and rtol >= 0):
+        raise ExportError(f"rtol must be a finite number >= 0 (e.g. 1e-4), got {rtol!r}")
+    return float(rtol)
+
+
+def _precision_hint(model: nn.Module, rtol: float) -> str:
+    """Why `rtol` may be out of reach for a model with half-precision parameters ('' otherwise)."""
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if not low:
+        return ""
+    eps = max(torch.finfo(getattr(torch, d)).eps for d in low)
+    return (f" (the model holds {' and '.join(low)} parameters, precise to about {eps:.2g}: an rtol below about {10 * eps:.2g} "
+            "is likely out of reach; pass a larger rtol, or convert the model to float32 first)") if rtol < 10 * eps else ""
+
+
 def check_onnx(onnx_model: bytes | str | Path, model: nn.Module, example_inputs, rtol: float = 1e-4) -> float:
     """Run an ONNX model (serialized bytes or a file) with onnxruntime on `example_inputs` (a tensor or a tuple
-    of tensors) and compare it with `model` in torch, in float32.
+    of tensors) and compare it with `model` in torch, in float32 (integer inputs, e.g. an nn.Embedding's indices,
+    stay integers; each input goes to onnxruntime in the type the ONNX graph declares).
 
     Returns the largest relative difference, max |onnx - torch| / max |torch| per output. `ExportError` if
-    onnxruntime is missing, an output is not finite (NaN or inf), or the difference exceeds `rtol`.
+    onnxruntime is missing, an output is not finite (NaN or inf), or the difference exceeds `rtol` (with a hint
+    when the model's float16/bfloat16 precision cannot meet it).
     """
+    rtol = check_rtol(rtol)
     try:
         import onnxruntime
     except ImportError:
         raise ExportError("checking ONNX needs onnxruntime: pip install 'eigenprune[onnx]'") from None
     inputs = input_tuple(example_inputs, ExportError)
     source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
-    session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
-    got = session.run(None, {i.name: t.detach().cpu().float().numpy() for i, t in zip(session.get_inputs(), inputs)})
-    with torch.no_grad():
-        want = copy.deepcopy(model).float().eval()(*(t.float() for t in inputs))
+    try:
+        session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+        feeds = {}
+        for i, t in zip(session.get_inputs(), inputs):
+            array = t.detach().cpu().float().numpy() if t.dtype == torch.bfloat16 else t.detach().cpu().numpy()  # numpy has no bfloat16
+            feeds[i.name] = array.astype(_NUMPY_OF.get(i.type, array.dtype), copy=False)
+        got = session.run(None, feeds)
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds; all mean "it cannot run this on these inputs"
+        raise ExportError(f"onnxruntime cannot run the ONNX model on example_inputs of shape {[list(t.shape) for t in inputs]}: "
+                          f"{type(err).__name__}: {first_line(err)}") from None
+    try:
+        with torch.no_grad():
+            want = copy.deepcopy(model).float().eval()(*(t.float() if t.is_floating_point() else t for t in inputs))
+    except Exception as err:  # noqa: BLE001 - any failure means these inputs do not fit this model
+        raise ExportError(f"example_inputs of shape {[list(t.shape) for t in inputs]} do not fit {type(model).__name__}: "
+                          f"{type(err).__name__}: {first_line(err)}") from None
     want = [want] if isinstance(want, torch.Tensor) else list(want)
+    if len(got) != len(want):
+        raise ExportError(f"the ONNX model has {len(got)} output(s), the torch model {len(want)}; not writing an ONNX file")
     worst = 0.0
     for g, w in zip(got, want):
-        g, w = torch.from_numpy(g), w.detach().cpu().float()
+        g, w = torch.from_numpy(g).float(), w.detach().cpu().float()
         if not (torch.isfinite(w).all() and torch.isfinite(g).all()):
             raise ExportError("the model's outputs are not finite (NaN or inf) on the check inputs; not writing an ONNX file")
         scale = float(w.abs().max()) if w.numel() else 0.0
         diff = float((g - w).abs().max()) / (scale if scale > 0 else 1.0) if w.numel() else 0.0
         if not diff <= rtol:
-            raise ExportError(f"onnxruntime and torch disagree: max relative difference {diff:.3g} > {rtol:g}; not writing an ONNX file")
+            raise ExportError(f"onnxruntime and torch disagree: max relative difference {diff:.3g} > rtol {rtol:g}"
+                              f"{_precision_hint(model, rtol)}; not writing an ONNX file")
         worst = max(worst, diff)
     return worst
 
@@ -125,7 +167,8 @@ def export_onnx(model: nn.Module, path: str | Path, rtol: float = 1e-4, overwrit
     """Write `model` (any MLP `as_sequential` reads) to `path` as ONNX, only after onnxruntime reproduced it on
     257 seeded random inputs (see `check_onnx`). Returns the path and that max relative difference.
     An existing `path` is refused unless `overwrite` and eigenprune wrote it (`core.io.check_output`)."""
-    path = check_output(path, force=overwrite, ours=is_onnx_export, option="path")
+    rtol = check_rtol(rtol)
+    path = check_output(path, force=overwrite, ours=is_onnx_export, option="path", kind="an ONNX file")
     proto = to_onnx(model)
     blob = proto.SerializeToString()
     n_in = proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value
@@ -152,27 +195,45 @@ def export_module_onnx(
     """Write any `nn.Module` (e.g. one `prune_nodes` pruned) to `path` as ONNX with `torch.onnx.export`; returns the path.
 
     Spectral layers are exported as the plain layers they compute (a copy is despectralized; `model`
-    is not modified). Inputs are named x0, x1, ..., outputs y0, y1, ...; with `dynamic_batch` the first
-    dimension of every input is dynamic. The file is written only after onnxruntime reproduced torch on
-    `example_inputs` within `rtol` (`check_onnx`); else `ExportError` and nothing is left. An existing
-    `path` is refused unless `overwrite` and eigenprune wrote it (`core.io.check_output`).
+    is not modified; a `DataParallel` wrapper is exported as its module). Inputs are named x0, x1, ..., outputs
+    y0, y1, ...: `forward` must return a tensor or a tuple/list of tensors (a dict is refused: its keys would
+    be lost). The ONNX inputs have the example inputs' dtypes (integer indices of an `nn.Embedding` stay
+    int64); with `dynamic_batch` the first dimension of every input is dynamic. The file is written only
+    after onnxruntime reproduced torch on `example_inputs` within `rtol` (`check_onnx`); else `ExportError`
+    and nothing is left. An existing `path` is refused unless `overwrite` and eigenprune wrote it
+    (`core.io.check_output`).
     """
     from eigenprune.core.convert import despectralize
 
     onnx = _onnx()
-    path = check_output(path, force=overwrite, ours=is_onnx_export, option="path")
+    rtol = check_rtol(rtol)
+    path = check_output(path, force=overwrite, ours=is_onnx_export, option="path", kind="an ONNX file")
     inputs = input_tuple(example_inputs, ExportError)
-    plain = despectralize(copy.deepcopy(model)).eval()
+    plain = despectralize(copy.deepcopy(unwrap_parallel(model))).eval()
+    name = type(plain).__name__
     traced = tuple(torch.cat([t, t]) if dynamic_batch and t.dim() and t.shape[0] == 1 else t for t in inputs)
     names = [f"x{i}" for i in range(len(inputs))]
-    with torch.no_grad():
-        outputs = plain(*inputs)
+    try:
+        with torch.no_grad():
+            outputs = plain(*inputs)
+    except Exception as err:  # noqa: BLE001 - any failure means these inputs do not fit this model
+        shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
+        raise ExportError(f"example_inputs ({shapes}) do not fit {name}: {type(err).__name__}: {first_line(err)}") from None
+    if not (isinstance(outputs, torch.Tensor) or (
+            isinstance(outputs, (tuple, list)) and outputs and all(isinstance(o, torch.Tensor) for o in outputs))):
+        kind = f"a {type(outputs).__name__}" + (" holding non-tensors" if isinstance(outputs, (tuple, list)) else "")
+        raise ExportError(f"{name}.forward returns {kind}; export_module_onnx exports a tensor or a tuple of tensors "
+                          "(wrap the model so that forward returns, e.g., a tuple in a fixed order)")
     n_out = 1 if isinstance(outputs, torch.Tensor) else len(outputs)
     dynamic = tuple({0: torch.export.Dim("batch")} if t.dim() else {} for t in traced) if dynamic_batch else None
 
     def write(tmp: Path) -> None:
-        torch.onnx.export(plain, traced, str(tmp), input_names=names, output_names=[f"y{i}" for i in range(n_out)],
-                          dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
+        try:
+            torch.onnx.export(plain, traced, str(tmp), input_names=names, output_names=[f"y{i}" for i in range(n_out)],
+                              dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
+        except Exception as err:  # noqa: BLE001 - the exporter raises many kinds; all mean "torch.onnx cannot export it"
+            message = re.sub(r"\x1b\[[0-9;]*m", "", first_line(err))
+            raise ExportError(f"torch.onnx.export cannot export {name}: {type(err).__name__}: {message}") from None
         proto = onnx.load(str(tmp))
         proto.producer_name = "eigenprune"  # so that `is_onnx_export` knows the file as ours
         onnx.save(proto, str(tmp))

@@ -171,6 +171,9 @@ def _check_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     """One line naming the model and the inputs if `model(*inputs)` fails or has no autograd graph."""
     name = type(model).__name__
     training = model.training
+    calls: dict[str, int] = {}
+    weighted = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.__setitem__(n, calls.get(n, 0) + 1)) for n, m in weighted]
     try:
         with torch.enable_grad():
             out = model.eval()(*inputs)  # eval: a check must not move BatchNorm statistics
@@ -178,6 +181,12 @@ def _check_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         raise PruneError(f"example_inputs of shape {_shapes(inputs)} do not fit {name}: {type(err).__name__}: {first_line(err)}") from None
     finally:
         model.train(training)
+        for handle in handles:
+            handle.remove()
+    shared = [(n, k) for n, k in calls.items() if k > 1]
+    if shared:
+        raise PruneError(f"cannot prune {name}: its layer {shared[0][0]} is called {shared[0][1]} times in one forward pass (a shared "
+                         "layer), and one set of channels cannot fit every place it is used; give each use a layer of its own")
     tensors = [t for t in tp.utils.flatten_as_list(out) if isinstance(t, torch.Tensor)]
     if not tensors or all(t.grad_fn is None for t in tensors):
         raise PruneError(f"cannot trace {name}: its output on example_inputs has no autograd graph "
@@ -233,9 +242,12 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
     """Prunable groups by root layer name; the others go to plan.left_alone with the reason."""
     names = {id(m): n for n, m in model.named_modules()}
     names.update({id(p): n for n, p in model.named_parameters()})
+    attention = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, m in model.named_modules():
         if isinstance(m, _WEIGHTED) and m not in dg.module2node:
-            plan.left_alone[name] = "not reached by the forward pass on example_inputs"
+            inside = next((a[:-1] for a in attention if name.startswith(a)), None)
+            plan.left_alone[name] = (f"MultiheadAttention {inside} reads its weight directly, never calling its forward"
+                                     if inside is not None else "not reached by the forward pass on example_inputs")
     groups = {}
     for group in dg.get_all_groups(root_module_types=ROOT_TYPES):
         root = group[0].dep.target.module
@@ -245,14 +257,16 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
             target = item.dep.target
             mod = target.module
             mname = names.get(id(mod), repr(mod))
+            other = "it is" if mod is root else f"it shares channels with {mname}, which is"
             if isinstance(mod, ops._OutputOp) or (not target.outputs and _is_out(group, item.dep)):
                 why = "its channels are model outputs"
             elif _is_out(group, item.dep) and any(mname == i or mname.startswith(i + ".") for i in ignored):
-                why = f"shares channels with ignored layer {mname}"
+                why = f"{other} in ignored_layers"
             elif isinstance(mod, nn.Conv1d | nn.Conv2d) and mod.groups != 1:
-                why = f"shares channels with grouped convolution {mname} (groups={mod.groups})"
+                why = f"{other} a grouped convolution (groups={mod.groups})"
             elif not (isinstance(mod, _EXACT) or type(mod).__module__ == ops.__name__):
-                why = f"shares channels with {mname} ({type(mod).__name__}), which cannot lose channels exactly"
+                why = (f"{other} a {type(mod).__name__}, which cannot lose channels exactly (exact: Linear, Conv1d, Conv2d, "
+                       "BatchNorm, their spectral forms and parameter-free operations)")
             if why:
                 break
         if why:

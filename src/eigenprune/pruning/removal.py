@@ -103,10 +103,33 @@ def parse_keep(keep: KeepLike) -> KeepSpec:
     raise PruneError(f"{_KEEP_HELP}; got {keep!r}")
 
 
+def _chain(model: nn.Module) -> nn.Sequential:
+    """`as_sequential(model)` for the chain path; PruneError for a model it cannot read, or one that uses a linear layer
+    at two places (pruning one use would prune the other)."""
+    try:
+        chain = as_sequential(model)
+    except TypeError as err:
+        raise PruneError(f"{err}; prune other models with example_inputs (the graph path)") from None
+    seen: dict[int, int] = {}
+    for i, m in enumerate(m for m in chain if isinstance(m, (nn.Linear, SpectralLinear))):
+        if id(m) in seen:
+            name = next((n for n, sub in model.named_modules() if sub is m), "")
+            raise PruneError(f"{type(model).__name__} uses its layer {name or '<model>'} twice in forward (as linear layers "
+                             f"{seen[id(m)]} and {i}); removing nodes of one use would change the other: give each use a layer of its own")
+        seen[id(m)] = i
+    return chain
+
+
 def _plain_copy(model: nn.Module) -> nn.Sequential:
-    """A deep copy of the MLP as a flat `nn.Sequential` whose linear layers are all `nn.Linear`."""
-    chain = copy.deepcopy(as_sequential(model))
-    return despectralize(chain)
+    """A deep copy of the MLP as a flat `nn.Sequential` whose linear layers are all `nn.Linear`; PruneError for a model
+    with forward hooks (the copy is rebuilt from its layers: a hook on the model would be lost, one on a pruned layer
+    would see other widths)."""
+    chain = _chain(model)
+    for name, m in [("the model", model), *((f"its {type(m).__name__} (module {i})", m) for i, m in enumerate(chain))]:
+        if m._forward_pre_hooks or m._forward_hooks:
+            raise PruneError(f"{name} has a forward hook, which pruning a chain MLP would drop or feed other widths; "
+                             "remove it (its handle's remove()) before pruning, and add it back to the pruned model")
+    return despectralize(copy.deepcopy(chain))
 
 
 def _linear_positions(chain: nn.Sequential) -> list[int]:
@@ -206,7 +229,7 @@ def loss_by_kept(
     b' + W' act(b) + sum over the first k nodes (in score order) of W'_j (a_j - act(b_j)).
     x [B, D], y [B]; `budget` bounds the number of floats of one chunk.
     """
-    chain = as_sequential(model)
+    chain = _chain(model)
     pos = _linear_positions(chain)
     check_hidden_layer(layer, len(pos), PruneError)
     lin, nxt = chain[pos[layer]], chain[pos[layer + 1]]
@@ -243,7 +266,7 @@ def ranked_layers(model: nn.Module) -> list[int]:
     `SpectralLinear` with trained eigenvalues or with a sparsity/L2 term on what trains (the method's
     layer of an eigenprune student, every layer of a deep or `spectralize`d one). A model with none
     (plain `nn.Linear` layers, say) gets all its hidden layers."""
-    hidden = linear_layers(as_sequential(model))[:-1]
+    hidden = linear_layers(_chain(model))[:-1]
     ranked = [i for i, m in enumerate(hidden) if isinstance(m, SpectralLinear) and (
         m.lam_out.requires_grad or m.l1_lam > 0 or m.group_lasso > 0 or (m.phi.requires_grad and m.l2_phi > 0))]
     return ranked or list(range(len(hidden)))
@@ -255,6 +278,8 @@ def check_finite(model: nn.Module, *data: torch.Tensor | None, names: tuple[str,
     `data` are tensors (None skipped) named by `names` (default "example_inputs[i]") in the message.
     """
     for name, t in model.state_dict().items():
+        if t.is_meta:
+            raise PruneError(f"the model's {name} is on the meta device (it holds no values): load or initialise the weights first")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise PruneError(f"the model's {name} holds {bad} NaN/inf value(s) (a diverged student?): nothing to prune")
@@ -262,6 +287,8 @@ def check_finite(model: nn.Module, *data: torch.Tensor | None, names: tuple[str,
         label = names[i] if i < len(names) else f"example_inputs[{i}]"
         if t is None:
             continue
+        if t.is_meta:
+            raise PruneError(f"{label} is on the meta device (it holds no values); pruning runs the model on real tensors")
         if t.dim() and t.shape[0] == 0:
             raise PruneError(f"{label} has no rows: pruning needs data to check against")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -310,7 +337,7 @@ def select_nodes(
     budget, so earlier layers may use it up.
     """
     criterion = criterion or _default_scores
-    n_linear = len(linear_layers(as_sequential(model)))
+    n_linear = len(linear_layers(_chain(model)))
     if isinstance(keep, dict):
         if layers is not None:
             raise PruneError("pass either a per-layer keep dict or layers=, not both")
