@@ -161,8 +161,9 @@ def plan(
     measure: Annotated[int, typer.Option(min=0, max=MAX_MEASURE, help="Adam steps to time per chunk for the estimate "
                                                                         f"(0: no timing, at most {MAX_MEASURE})")] = 30,
 ) -> None:
-    """Show what `eigenprune run` would train: chunks, students, steps, memory, and the training time to
-    expect from timing a few steps of each chunk on this machine. Writes nothing."""
+    """Show what `eigenprune run` would train: chunks, students, steps, memory, the cost model's training
+    minutes (what max_chunk_minutes bounds), and the training time to expect from timing a few steps of each
+    chunk on this machine. Writes nothing."""
     from eigenprune.experiments.plan import plan_run
 
     try:
@@ -170,10 +171,13 @@ def plan(
         table, info = plan_run(load_config(config, overrides), measure)
     except USER_ERRORS as err:
         _fail(str(err))
-    formats = {"memory_gb": "{:.2f}".format, "step_ms": "{:.3f}".format, "train_s_estimate": "{:.0f}".format}
+    formats = {"memory_gb": "{:.2f}".format, "model_min": "{:.1f}".format, "step_ms": "{:.3f}".format, "train_s_estimate": "{:.0f}".format}
     typer.echo(table.to_string(index=False, formatters={k: f for k, f in formats.items() if k in table}))
     typer.echo(f"device {info['device']}, {info['workers']} worker(s) x {info['threads_per_worker']} thread(s), "
                f"memory limit {info['memory_limit_gb']:.2f} GB per worker")
+    bound = "no bound: max_chunk_minutes null" if info["max_chunk_minutes"] is None else f"max_chunk_minutes {info['max_chunk_minutes']:g}"
+    typer.echo(f"cost model (model_min, a 2-core CPU's): {len(table)} chunks, the longest {table['model_min'].max():.1f} min "
+               f"({bound}), {info['model_min_total']:.1f} min of chunk time in all")
     if measure:
         typer.echo(f"estimated training: {info['train_s_estimate_wall']:.0f} s wall ({info['train_s_estimate_sequential']:.0f} s "
                    f"of chunk time), from {measure} steps per chunk timed one chunk at a time (workers side by side can be "

@@ -171,6 +171,7 @@ class Config(StrictModel):
     save_students: bool = True
     workers: NonNegativeInt = 0
     max_memory_gb: PositiveFloat | None = None  # None: 80% of the memory available when the run starts
+    max_chunk_minutes: PositiveFloat | None = 10.0  # split chunks by trials to train within this (cost model); None: never
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -228,9 +229,10 @@ class Config(StrictModel):
         return list(self.regularization.multipliers) if self.regularization.mode == "path" else [1.0]
 
     def digest(self) -> str:
-        """A hash of everything that changes results (not the device, CUDA graphs or kernels, the name, the worker count
-        or the memory limit: they change floating-point rounding only)."""
-        payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "compile", "name", "workers", "max_memory_gb"})
+        """A hash of everything that changes results (not the device, CUDA graphs or kernels, the name, the worker count,
+        the memory limit or the chunk time bound: they change floating-point rounding at most)."""
+        payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "compile", "name", "workers", "max_memory_gb",
+                                           "max_chunk_minutes"})
         if self.parity == ParityConfig():  # the defaults: digests (and resumable folders) from before the option stay valid
             del payload["parity"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

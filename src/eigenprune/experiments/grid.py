@@ -24,14 +24,17 @@ from eigenprune.experiments.data import DataError, TrialData, csv_data, digits_d
 
 @dataclass(frozen=True)
 class Chunk:
-    """Students trained together: one teacher, one method, some widths, all trials and L2 strengths."""
+    """Students trained together: one teacher, one method, some widths, all L2 strengths and all trials, or a
+    group of them (`split`: by the chunk time bound or the memory planner; every trial keeps its seeds, data,
+    batch order and padded width, so a split changes only the rounding of a student's arithmetic: see
+    `plan.split_long_chunks`)."""
 
     method: str
     widths: tuple[int, ...]
     trials: tuple[int, ...]
     teacher: int = 0
     strengths: tuple[float, ...] = (1.0,)
-    split: bool = False  # a subset of the trials, split off by the memory planner
+    split: bool = False  # a subset of the trials, split off by the time bound or the memory planner (see plan.py)
 
     @property
     def id(self) -> str:
