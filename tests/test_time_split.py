@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,7 +17,6 @@ from eigenprune.experiments.plan import chunk_seconds, split_long_chunks
 from eigenprune.experiments.runner import run_experiment
 from eigenprune.experiments.store import RunFolder
 
-ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("results", "curves", "importance", "layers")
 KEYS = {"results": ["method", "width", "trial"], "curves": ["method", "width", "trial", "layer", "kept"],
         "importance": ["method", "width", "trial", "node"], "layers": ["method", "width", "trial", "layer"]}
@@ -28,7 +26,7 @@ TINY3 = {**TINY, "trials": 3, "workers": 1}
 
 
 def test_the_paper_grid_is_split_within_the_bound_into_balanced_groups_of_trials():
-    cfg = load_config(ROOT / "configs" / "paper.yaml")
+    cfg = load_config("paper")
     whole = plan_chunks(cfg)
     parts = split_long_chunks(cfg, whole)
     assert max(chunk_seconds(cfg, c) for c in whole) > 50 * 60  # the widest chunk: about an hour by the model
@@ -48,7 +46,7 @@ def test_the_paper_grid_is_split_within_the_bound_into_balanced_groups_of_trials
 def test_the_quick_run_and_unbounded_or_authors_configs_are_not_split():
     quick = parse_config({})
     assert split_long_chunks(quick, plan_chunks(quick)) == plan_chunks(quick)
-    paper = load_config(ROOT / "configs" / "paper.yaml")
+    paper = load_config("paper")
     for change in ({"max_chunk_minutes": None}, {"parity": {"effective_dim": "authors"}}):
         cfg = parse_config({**paper.model_dump(), **change})
         assert split_long_chunks(cfg, plan_chunks(cfg)) == plan_chunks(cfg)

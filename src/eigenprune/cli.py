@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from eigenprune import __version__
 from eigenprune.core.io import OutputError, check_output, first_line
 from eigenprune.experiments.backends import BackendError
-from eigenprune.experiments.config import ConfigError, load_config, safe_load, yaml_problem
+from eigenprune.experiments.config import ConfigError, config_description, load_config, safe_load, shipped_configs, yaml_problem
 from eigenprune.experiments.data import DataError
 from eigenprune.experiments.store import RunFolder, RunFolderError
 from eigenprune.pruning.checkpoint import CheckpointError
@@ -91,6 +91,9 @@ def _main(
     """Spectral training and eigenvalue-ranked pruning of PyTorch models."""
 
 
+CONFIG_HELP = ("a YAML config file, or the name of a config shipped with eigenprune (e.g. paper; `eigenprune config --list`; "
+               "an existing file of that name wins); omit for the embedded quick config")
+
 USER_ERRORS = (ConfigError, RunFolderError, CheckpointError, BackendError, DataError, OutputError)
 
 
@@ -116,7 +119,7 @@ def _overrides(pairs: list[str], **options: object) -> dict:
 
 @app.command()
 def run(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config; omit for the embedded quick config")] = None,
+    config: Annotated[Optional[Path], typer.Argument(help=CONFIG_HELP)] = None,
     out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/<name>)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (overrides the config)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config field, e.g. --set trials=2")] = [],  # noqa: B006
@@ -154,7 +157,7 @@ MAX_MEASURE = 1000
 
 @app.command()
 def plan(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config; omit for the embedded quick config")] = None,
+    config: Annotated[Optional[Path], typer.Argument(help=CONFIG_HELP)] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (overrides the config)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config field, e.g. --set trials=2")] = [],  # noqa: B006
     workers: Annotated[Optional[int], typer.Option(min=0, help="worker processes (0 = one per core)")] = None,
@@ -214,8 +217,19 @@ def collapse(
 
 
 @app.command("config")
-def show_config(config: Annotated[Optional[Path], typer.Argument(help="YAML config to resolve")] = None) -> None:
-    """Print a config with every default filled in (no argument: the embedded quick config)."""
+def show_config(
+    config: Annotated[Optional[Path], typer.Argument(help=CONFIG_HELP)] = None,
+    list_: Annotated[bool, typer.Option("--list", help="list the shipped configs: their names, a line on each")] = False,
+) -> None:
+    """Print a config with every default filled in (no argument: the embedded quick config), or list the shipped ones."""
+    if list_:
+        if config is not None:
+            _fail(f"--list takes no CONFIG (got {config}); `eigenprune config NAME` prints one")
+        names = shipped_configs()
+        width = max(map(len, names))
+        for name, path in names.items():
+            typer.echo(f"{name:<{width}}  {config_description(path)}")
+        return
     try:
         cfg = load_config(config)
     except USER_ERRORS as err:

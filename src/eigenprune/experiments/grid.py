@@ -54,7 +54,7 @@ A small step is bound by its ~50 kernel launches and their Python (~0.35 ms on t
 CPU) and its padding is nearly free; a step beyond a few million activations is bound by memory
 bandwidth (~4 ns per activation element on the paper's widest chunks), where each padded zero costs
 what a real node costs and the widths train faster apart. Measured with `eigenprune plan`
-(docs/benchmarks.md): configs/paper.yaml's estimate 3.1 h -> 2.4 h of training; the quick run and
+(docs/benchmarks.md): paper.yaml's estimate 3.1 h -> 2.4 h of training; the quick run and
 cpu-paper keep their buckets."""
 
 STEP_OVERHEAD = 80_000
