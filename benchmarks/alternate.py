@@ -1,7 +1,7 @@
 """Whole `eigenprune run`s of an earlier commit and of this checkout, alternated, so both see the same machine.
 
     python benchmarks/alternate.py --before 41789cb                        # the quick run, 3 rounds
-    python benchmarks/alternate.py --before 41789cb --config configs/cpu-paper.yaml --rounds 2
+    python benchmarks/alternate.py --before 41789cb --config src/eigenprune/configs/cpu-paper.yaml --rounds 2
 
 A VM's speed can drift by 30% within the hour, so a before/after comparison is only fair when the two
 runs take turns. `--before` is checked out into a temporary git worktree (removed at the end) and run

@@ -13,7 +13,7 @@ of 100 from the same data, same dtype, same number of steps. Variants:
 
     python benchmarks/bench_train.py                      # CPU: manual vs per-model, widths 20/60/200, 10 and 30 students
     python benchmarks/bench_train.py --device cuda --widths 60 500 1500 --trials 30 --variants manual manual+graph fused fused+graph
-    python benchmarks/bench_train.py --device cuda --variants manual --paper-grid fused+graph manual+graph   # + configs/paper.yaml
+    python benchmarks/bench_train.py --device cuda --variants manual --paper-grid fused+graph manual+graph   # + the paper config
 
 "ms/step" is the steady state: the median epoch after the first two (a CUDA graph is captured in
 epoch 1), divided by the steps per epoch. "GFLOP/s" is the arithmetic of a step (`batched.memory.step_flops`:
@@ -137,7 +137,7 @@ def _time_variant(variant: str, students, data, index, epochs: int, per_epoch: i
 
 
 def paper_grid(device: torch.device, variants: list[str], budget_s: float, config: Path | None, record) -> None:
-    """Training wall time and achieved GFLOP/s of every chunk of `config` (configs/paper.yaml; None: the
+    """Training wall time and achieved GFLOP/s of every chunk of `config` (paper.yaml; None: the
     quick run; no analysis) for each variant in turn, in this process; `record(row)` gets each chunk's row
     as soon as it is timed. Nothing starts after `budget_s` seconds (those chunks are recorded as not run)."""
     t0 = time.perf_counter()
@@ -185,9 +185,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10, help="the steps are split into this many epochs")
     ap.add_argument("--variants", nargs="*", choices=VARIANTS, default=["per-model", "manual"], help="none: only --paper-grid")
     ap.add_argument("--paper-grid", nargs="+", choices=VARIANTS[1:],
-                    help="also time configs/paper.yaml's training with these variants, in turn")
-    ap.add_argument("--grid-config", default=str(ROOT / "configs" / "paper.yaml"),
-                    help="the grid --paper-grid times (a config file, or quick: the embedded quick run)")
+                    help="also time the paper config's training with these variants, in turn")
+    ap.add_argument("--grid-config", default="paper",
+                    help="the grid --paper-grid times (a config file, a shipped config's name, or quick: the embedded quick run)")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="paper grid: start no chunk after this many seconds")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", default="benchmarks/results/bench_train.json")

@@ -1,7 +1,7 @@
 """The floor under a grid's training time on a GPU: FLOPs, bytes and kernel launches per step.
 
-    python benchmarks/floor.py                                   # configs/paper.yaml on an H100 SXM
-    python benchmarks/floor.py configs/paper.yaml --card h100-pcie --pack 1.5 --out floor.json
+    python benchmarks/floor.py                                   # the paper config on an H100 SXM
+    python benchmarks/floor.py paper --card h100-pcie --pack 1.5 --out floor.json
 
 Nothing here is timed on a GPU: the counts come from the grid's shapes, the kernel count per step is
 measured by counting the ATen operations one training step dispatches (on this CPU; a CUDA step
@@ -134,7 +134,7 @@ def grid_floor(config: Path, card: str = "h100-sxm", pack: float = 1.5, node_us:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", nargs="?", default=str(ROOT / "configs" / "paper.yaml"))
+    ap.add_argument("config", nargs="?", default="paper", help="a config file or a shipped config's name")
     ap.add_argument("--card", choices=sorted(CARDS), default="h100-sxm")
     ap.add_argument("--pack", type=float, default=1.5, help="plan_chunks pack factor (padding allowed per bucket)")
     ap.add_argument("--node-us", type=float, default=1.0, help="assumed cost of one kernel inside a CUDA graph, microseconds")

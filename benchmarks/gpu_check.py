@@ -3,12 +3,12 @@
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT            # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --smoke --out /tmp/gc       # rehearsal of the script on a CPU
 
-1. the floor of configs/paper.yaml on this card (`floor.py`: counts and datasheet peaks, no timing);
+1. the floor of the paper config (paper.yaml) on this card (`floor.py`: counts and datasheet peaks, no timing);
    with --smoke, a tiny grid stands in for the paper's here and in step 4;
 2. tests/test_cuda.py and tests/test_fused.py on the GPU;
 3. a small grid through `run_experiment` on the CPU and on the device: float64 eager and with CUDA
    graphs (must agree to 1e-6), float32 with the fused kernels, eager and with graphs (to 1e-3);
-4. configs/paper.yaml's whole grid, training only, with fused+graph and then manual+graph, chunk by
+4. the paper config's whole grid, training only, with fused+graph and then manual+graph, chunk by
    chunk until the time budget is spent; each chunk's time next to its floor;
 5. batched throughput (students x steps / s and steady ms per step) for widths 60, 500, 1500 and 30
    students: manual, manual+graph, fused, fused+graph.
@@ -139,7 +139,9 @@ def main() -> None:
 
     from floor import grid_floor
 
-    grid = ROOT / "configs" / "paper.yaml"
+    from eigenprune.experiments.config import SHIPPED_CONFIGS
+
+    grid = SHIPPED_CONFIGS / "paper.yaml"
     if args.smoke:
         grid = out / "smoke-grid.yaml"
         grid.write_text(yaml.safe_dump({"name": "smoke", "trials": 2, "data": {"n_train": 300, "n_test": 100},

@@ -3,7 +3,7 @@
     python scripts/deep_capacity.py CONFIG.yaml --k1 5,10,20 --k2 3,5,10 --out DIR
 
 CONFIG is a run config with `student.deep: true` and one hidden layer after the first (e.g.
-configs/cpu-deep.yaml). The script trains (1) the config's wide spectral students (its first width),
+cpu-deep). The script trains (1) the config's wide spectral students (its first width),
 measuring each layer's critical point n_c and the full test MSE eps, and (2) from scratch, networks
 d -> k1 -> k2 -> sum for every (k1, k2) of the grid, with both layers spectral and with both direct
 (each with the config's L2 on both layers and the same trials' data; both methods train for the

@@ -234,7 +234,7 @@ CASES = [
     Case("prune-atol-inf", [*PRUNE, "--atol", "inf"], "got rtol=0.05, atol=inf", run=True, show="`prune --atol inf`", section="2"),
     Case("prune-layers-empty", [*PRUNE, "--keep", "3", "--layers="], "--layers takes comma-separated hidden layer indices", run=True,
          show="`prune --layers=` (empty)", section="2"),
-    Case("plan-100000-trials", ["plan", "--set", "trials=100000", "--measure", "0"], "chunk spectral-w200 (100000 students)",
+    Case("plan-100000-trials", ["plan", "--set", "trials=100000", "--measure", "0"], "chunk spectral-w200-tr0_229 (230 students)",
          show="`plan --set trials=100000` (answered in milliseconds; before: no answer after 120 s)", section="2"),
     Case("plan-measure-huge", ["plan", "--measure", "1000000"], "Invalid value for '--measure'",
          show="`plan --measure 1000000`", section="2"),

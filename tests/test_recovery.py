@@ -17,7 +17,7 @@ from eigenprune.experiments.capacity import (
     k_star_per_layer,
     k_star_table,
 )
-from eigenprune.experiments.config import ConfigError, parse_config
+from eigenprune.experiments.config import SHIPPED_CONFIGS, ConfigError, parse_config
 from eigenprune.experiments.grid import pack_widths
 from eigenprune.experiments.recovery import (
     RecoveryConfig,
@@ -61,10 +61,10 @@ def test_k_star_per_layer_takes_the_narrowest_width_of_each_layer_over_all_shape
 def test_the_deep_script_refuses_a_shallow_config_and_bad_widths(tmp_path):
     env = {"PYTHONPATH": str(ROOT / "src"), "MPLCONFIGDIR": str(tmp_path / "mpl"), "PATH": "/usr/bin:/bin"}
     script = str(ROOT / "scripts" / "deep_capacity.py")
-    r = subprocess.run([sys.executable, script, str(ROOT / "configs" / "cpu-paper.yaml"), "--k1", "5", "--k2", "5", "--out",
+    r = subprocess.run([sys.executable, script, "cpu-paper", "--k1", "5", "--k2", "5", "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "deep=False" in r.stderr and not (tmp_path / "o").exists()
-    r = subprocess.run([sys.executable, script, str(ROOT / "configs" / "cpu-deep.yaml"), "--k1", "5,x", "--k2", "5", "--out",
+    r = subprocess.run([sys.executable, script, "cpu-deep", "--k1", "5,x", "--k2", "5", "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "--k1 must be comma-separated positive integers, got '5,x'" in r.stderr
 
@@ -181,7 +181,7 @@ def test_collapse_table_is_perfect_for_the_right_scale_and_counts_teachers_left_
 
 
 def test_the_shipped_recovery_config_is_the_documented_grid():
-    cfg = load_recovery_config(ROOT / "configs" / "recovery" / "cpu-recovery.yaml")
+    cfg = load_recovery_config(SHIPPED_CONFIGS / "recovery" / "cpu-recovery.yaml")
     assert (cfg.teacher_widths, cfg.input_dims, cfg.teacher_seeds) == ([5, 10, 20, 50, 100], [5, 10, 20, 40], [1234, 1])
     assert cfg.strengths() == [0.05, 0.2, 1.0, 5.0] and cfg.n_fit() == 3200 and cfg.student_width == 160
 

@@ -18,10 +18,8 @@ from eigenprune.core.convert import spectralize
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.experiments.analysis import collapse_measure, critical_point, fit_exponential, path_products, teacher_comparison
 from eigenprune.experiments.builders import make_teacher
-from eigenprune.experiments.config import load_config, parse_config
+from eigenprune.experiments.config import config_description, load_config, parse_config, shipped_configs
 from eigenprune.experiments.runner import run_experiment
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _transition(n_c, n, scale=1.0, rate=0.3, noise=0.0, seed=0):
@@ -94,14 +92,14 @@ def test_path_products_and_teacher_comparison():
 
 
 def test_shipped_configs_are_valid():
-    names = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
-    assert {"paper.yaml", "hard100.yaml", "linear.yaml", "hidden_manifold.yaml", "cpu-paper.yaml"} <= set(names)
-    paper = load_config(ROOT / "configs" / "paper.yaml")
+    names = shipped_configs()
+    assert {"paper", "hard100", "linear", "hidden_manifold", "cpu-paper"} <= set(names)
+    paper = load_config("paper")
     assert paper.trials == 30 and paper.student.widths == [10, 20, 40, 60, 200, 500, 800, 1000, 1500]
     assert (paper.spectral.lr, paper.spectral.batch_size, paper.spectral.epochs) == (0.005, 300, 2000)
     assert (paper.direct.lr, paper.direct.batch_size, paper.data.n_train) == (0.002, 500, 10000)
-    for name in names:
-        load_config(ROOT / "configs" / name)
+    for name, path in names.items():
+        assert load_config(path).name == name and 0 < len(config_description(path)) <= 100
 
 
 def test_report_rebuilds_from_a_stored_run(tmp_path):

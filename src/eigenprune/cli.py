@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from eigenprune import __version__
 from eigenprune.core.io import OutputError, check_output, first_line
 from eigenprune.experiments.backends import BackendError
-from eigenprune.experiments.config import ConfigError, load_config, safe_load, yaml_problem
+from eigenprune.experiments.config import ConfigError, config_description, load_config, safe_load, shipped_configs, yaml_problem
 from eigenprune.experiments.data import DataError
 from eigenprune.experiments.store import RunFolder, RunFolderError
 from eigenprune.pruning.checkpoint import CheckpointError
@@ -100,6 +100,9 @@ def _main(
     """Spectral training and eigenvalue-ranked pruning of PyTorch models."""
 
 
+CONFIG_HELP = ("a YAML config file, or the name of a config shipped with eigenprune (e.g. paper; `eigenprune config --list`; "
+               "an existing file of that name wins); omit for the embedded quick config")
+
 USER_ERRORS = (ConfigError, RunFolderError, CheckpointError, BackendError, DataError, OutputError)
 
 
@@ -125,7 +128,7 @@ def _overrides(pairs: list[str], **options: object) -> dict:
 
 @app.command()
 def run(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config; omit for the embedded quick config")] = None,
+    config: Annotated[Optional[Path], typer.Argument(help=CONFIG_HELP)] = None,
     out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/<name>)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (overrides the config)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config field, e.g. --set trials=2")] = [],  # noqa: B006
@@ -163,15 +166,16 @@ MAX_MEASURE = 1000
 
 @app.command()
 def plan(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config; omit for the embedded quick config")] = None,
+    config: Annotated[Optional[Path], typer.Argument(help=CONFIG_HELP)] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (overrides the config)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a config field, e.g. --set trials=2")] = [],  # noqa: B006
     workers: Annotated[Optional[int], typer.Option(min=0, help="worker processes (0 = one per core)")] = None,
     measure: Annotated[int, typer.Option(min=0, max=MAX_MEASURE, help="Adam steps to time per chunk for the estimate "
                                                                         f"(0: no timing, at most {MAX_MEASURE})")] = 30,
 ) -> None:
-    """Show what `eigenprune run` would train: chunks, students, steps, memory, and the training time to
-    expect from timing a few steps of each chunk on this machine. Writes nothing."""
+    """Show what `eigenprune run` would train: chunks, students, steps, memory, the cost model's training
+    minutes (what max_chunk_minutes bounds), and the training time to expect from timing a few steps of each
+    chunk on this machine. Writes nothing."""
     from eigenprune.experiments.plan import plan_run
 
     try:
@@ -179,10 +183,13 @@ def plan(
         table, info = plan_run(load_config(config, overrides), measure)
     except USER_ERRORS as err:
         _fail(str(err))
-    formats = {"memory_gb": "{:.2f}".format, "step_ms": "{:.3f}".format, "train_s_estimate": "{:.0f}".format}
+    formats = {"memory_gb": "{:.2f}".format, "model_min": "{:.1f}".format, "step_ms": "{:.3f}".format, "train_s_estimate": "{:.0f}".format}
     typer.echo(table.to_string(index=False, formatters={k: f for k, f in formats.items() if k in table}))
     typer.echo(f"device {info['device']}, {info['workers']} worker(s) x {info['threads_per_worker']} thread(s), "
                f"memory limit {info['memory_limit_gb']:.2f} GB per worker")
+    bound = "no bound: max_chunk_minutes null" if info["max_chunk_minutes"] is None else f"max_chunk_minutes {info['max_chunk_minutes']:g}"
+    typer.echo(f"cost model (model_min, a 2-core CPU's): {len(table)} chunks, the longest {table['model_min'].max():.1f} min "
+               f"({bound}), {info['model_min_total']:.1f} min of chunk time in all")
     if measure:
         typer.echo(f"estimated training: {info['train_s_estimate_wall']:.0f} s wall ({info['train_s_estimate_sequential']:.0f} s "
                    f"of chunk time), from {measure} steps per chunk timed one chunk at a time (workers side by side can be "
@@ -219,8 +226,19 @@ def collapse(
 
 
 @app.command("config")
-def show_config(config: Annotated[Optional[Path], typer.Argument(help="YAML config to resolve")] = None) -> None:
-    """Print a config with every default filled in (no argument: the embedded quick config)."""
+def show_config(
+    config: Annotated[Optional[Path], typer.Argument(help=CONFIG_HELP)] = None,
+    list_: Annotated[bool, typer.Option("--list", help="list the shipped configs: their names, a line on each")] = False,
+) -> None:
+    """Print a config with every default filled in (no argument: the embedded quick config), or list the shipped ones."""
+    if list_:
+        if config is not None:
+            _fail(f"--list takes no CONFIG (got {config}); `eigenprune config NAME` prints one")
+        names = shipped_configs()
+        width = max(map(len, names))
+        for name, path in names.items():
+            typer.echo(f"{name:<{width}}  {config_description(path)}")
+        return
     try:
         cfg = load_config(config)
     except USER_ERRORS as err:

@@ -171,6 +171,7 @@ class Config(StrictModel):
     save_students: bool = True
     workers: NonNegativeInt = 0
     max_memory_gb: PositiveFloat | None = None  # None: 80% of the memory available when the run starts
+    max_chunk_minutes: PositiveFloat | None = 10.0  # split chunks by trials to train within this (cost model); None: never
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -228,9 +229,10 @@ class Config(StrictModel):
         return list(self.regularization.multipliers) if self.regularization.mode == "path" else [1.0]
 
     def digest(self) -> str:
-        """A hash of everything that changes results (not the device, CUDA graphs or kernels, the name, the worker count
-        or the memory limit: they change floating-point rounding only)."""
-        payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "compile", "name", "workers", "max_memory_gb"})
+        """A hash of everything that changes results (not the device, CUDA graphs or kernels, the name, the worker count,
+        the memory limit or the chunk time bound: they change floating-point rounding at most)."""
+        payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "compile", "name", "workers", "max_memory_gb",
+                                           "max_chunk_minutes"})
         if self.parity == ParityConfig():  # the defaults: digests (and resumable folders) from before the option stay valid
             del payload["parity"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -341,6 +343,43 @@ def _resolve_csv_path(data: object, folder: Path) -> object:
     return data
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+"""The run configs that install with eigenprune (package data, src/eigenprune/configs/*.yaml), given by name:
+`eigenprune run paper`. The first line of each file's leading comment is its one-line description."""
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name (the file's stem) -> file of every shipped run config, sorted by name."""
+    return {p.stem: p for p in sorted(SHIPPED_CONFIGS.glob("*.yaml"))}
+
+
+def config_description(path: Path) -> str:
+    """A config file's one-line description: the first line of its leading comment ("" if it has none)."""
+    first = path.read_text(encoding="utf-8").split("\n", 1)[0]
+    return first.removeprefix("#").strip() if first.startswith("#") else ""
+
+
+def resolve_config(config: str | Path | None) -> Path | None:
+    """The file a command's CONFIG argument names: an existing file as given (a file wins over a name), else the
+    shipped config of that name (`shipped_configs`; a folder of that name does not hide it). A bare word that
+    names nothing is a one-line `ConfigError` listing the names; anything else stays a path, for `read_yaml` to
+    report."""
+    if config is None or Path(config).is_file():
+        return None if config is None else Path(config)
+    text, names = str(config), shipped_configs()
+    if text in names:
+        return names[text]
+    path = Path(text)
+    if not path.exists() and "/" not in text and os.sep not in text and path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"unknown config {text!r}: neither a file nor a shipped config ({', '.join(names)}); "
+                          "see `eigenprune config --list`")
+    if not path.exists() and path.stem in names:  # e.g. configs/paper.yaml, from before the configs moved into the package
+        raise ConfigError(f"config file not found: {text}; the shipped configs install with eigenprune and are given by name: "
+                          f"{path.stem}")
+    return path
+
+
 def load_config(path: str | Path | None, overrides: dict | None = None) -> Config:
-    """Load a YAML config (None = the embedded defaults) and apply `overrides` (dotted keys)."""
-    return parse_config(*read_yaml(path, overrides))
+    """Load a YAML config (None = the embedded defaults; a shipped config by name, see `resolve_config`) and
+    apply `overrides` (dotted keys)."""
+    return parse_config(*read_yaml(resolve_config(path), overrides))

@@ -24,14 +24,17 @@ from eigenprune.experiments.data import DataError, TrialData, csv_data, digits_d
 
 @dataclass(frozen=True)
 class Chunk:
-    """Students trained together: one teacher, one method, some widths, all trials and L2 strengths."""
+    """Students trained together: one teacher, one method, some widths, all L2 strengths and all trials, or a
+    group of them (`split`: by the chunk time bound or the memory planner; every trial keeps its seeds, data,
+    batch order and padded width, so a split changes only the rounding of a student's arithmetic: see
+    `plan.split_long_chunks`)."""
 
     method: str
     widths: tuple[int, ...]
     trials: tuple[int, ...]
     teacher: int = 0
     strengths: tuple[float, ...] = (1.0,)
-    split: bool = False  # a subset of the trials, split off by the memory planner
+    split: bool = False  # a subset of the trials, split off by the time bound or the memory planner (see plan.py)
 
     @property
     def id(self) -> str:
@@ -51,7 +54,7 @@ A small step is bound by its ~50 kernel launches and their Python (~0.35 ms on t
 CPU) and its padding is nearly free; a step beyond a few million activations is bound by memory
 bandwidth (~4 ns per activation element on the paper's widest chunks), where each padded zero costs
 what a real node costs and the widths train faster apart. Measured with `eigenprune plan`
-(docs/benchmarks.md): configs/paper.yaml's estimate 3.1 h -> 2.4 h of training; the quick run and
+(docs/benchmarks.md): paper.yaml's estimate 3.1 h -> 2.4 h of training; the quick run and
 cpu-paper keep their buckets."""
 
 STEP_OVERHEAD = 80_000

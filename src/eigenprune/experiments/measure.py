@@ -103,6 +103,7 @@ def run_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device,
     ens, trial_index, n_fit, m = prep.ens, prep.trial_index, prep.n_fit, cfg.method(chunk.method)
     fit_x, fit_y = data.x_train[:, :n_fit], data.y_train[:, :n_fit]
     label = f"{chunk.method} N={','.join(map(str, chunk.widths))}" + (f" h_T={cfg.data.teacher.widths[0]}" if chunk.teacher else "")
+    label += f" trials {chunk.trials[0]}-{chunk.trials[-1]}" if chunk.split else ""
     bar = progress.add(f"{label} ({len(keys)} students)", m.epochs)
     start = time.perf_counter()
     log = train_ensemble(ens, fit_x, fit_y, trial_index, prep.spec, prep.shuffle, lambda e, loss: progress.update(bar, e + 1, loss))

@@ -97,12 +97,56 @@ def chunk_memory(cfg: Config, chunk: Chunk, shape: tuple[int, int, int, int] | N
     return chunk_bytes(n_students, cfg.trials, widths, n_train, n_test, cfg.method(chunk.method).batch_size, size)
 
 
-def chunk_cost(cfg: Config, chunk: Chunk) -> float:
+def chunk_cost(cfg: Config, chunk: Chunk, n_fit: int | None = None) -> float:
     """A relative training cost used to order the work: steps x (a step's fixed cost + its first-layer activations),
-    the cost model of `grid.STEP_OVERHEAD`."""
-    m = cfg.method(chunk.method)
-    steps = m.epochs * -(-cfg.data.n_train // m.batch_size)
-    return steps * (STEP_OVERHEAD + m.batch_size * len(chunk.keys()) * max(chunk.widths))
+    the cost model of `grid.STEP_OVERHEAD`, training on `n_fit` patterns (default: the config's data.n_train)."""
+    batch, steps = adam_steps(cfg, chunk.method, cfg.data.n_train if n_fit is None else n_fit)
+    return steps * (STEP_OVERHEAD + batch * len(chunk.keys()) * max(chunk.widths))
+
+
+ACTIVATION_SECONDS = 4e-9
+"""Seconds per unit of `chunk_cost` (a first-layer activation of a training step): 4 ns, what the paper's widest
+chunks took per activation on this project's 2-core CPU, one thread per worker (docs/benchmarks.md, speed round 2;
+there `STEP_OVERHEAD` x 4 ns = 0.32 ms is the step's fixed cost). Nearly all of a long run's time goes to such
+bandwidth-bound steps; smaller, cache-resident ones took 1.9 ns (round 3), so the model errs long. It bounds chunks
+(`split_long_chunks`) without timing anything; `eigenprune plan --measure` times the machine at hand, and a GPU
+trains the wide chunks many times faster."""
+
+
+def chunk_seconds(cfg: Config, chunk: Chunk, n_fit: int | None = None) -> float:
+    """The cost model's training time of `chunk` in seconds: `chunk_cost` x `ACTIVATION_SECONDS`, training on
+    `n_fit` patterns (default: the teacher config's, less a regularization path's validation part)."""
+    return chunk_cost(cfg, chunk, validation_split(cfg) if n_fit is None else n_fit) * ACTIVATION_SECONDS
+
+
+def split_long_chunks(cfg: Config, chunks: list[Chunk], n_fit: int | None = None) -> list[Chunk]:
+    """Split every chunk whose modelled training (`chunk_seconds`) exceeds `max_chunk_minutes` into the fewest
+    groups of consecutive trials, as equal as can be, that each stay within it (one trial at least), so that an
+    interrupted run loses little, workers stay balanced and a cluster gets enough tasks.
+
+    A part keeps its chunk's widths (and so its padded width) and strengths; every student keeps its initial
+    parameters, data and batch order (all derived per trial), bit for bit. What a split changes is a student's
+    position in the stack, and with it the last bits of some products: x86 BLAS sums a matrix-vector product
+    (the one-output readout) in an order that depends on its operand's memory alignment (tests/test_time_split.py:
+    equal to ~1e-7 after a few steps; like any change of summation order, many steps can amplify it). Not split:
+    with `max_chunk_minutes: null`, and under `parity.effective_dim: authors`, whose normalisation spans all
+    trials of a width in a chunk.
+    """
+    if cfg.max_chunk_minutes is None or cfg.parity.effective_dim == "authors":
+        return list(chunks)
+    bound = 60 * cfg.max_chunk_minutes
+    out = []
+    for c in chunks:
+        n = len(c.trials)
+        size = _most_trials(lambda m, c=c: chunk_seconds(cfg, replace(c, trials=c.trials[:m]), n_fit) <= bound, n) or 1
+        parts = -(-n // size)
+        if parts == 1:
+            out.append(c)
+            continue
+        q, r = divmod(n, parts)  # the first r groups hold one trial more
+        ends = [i * q + min(i, r) for i in range(parts + 1)]
+        out += [replace(c, trials=c.trials[a:b], split=True) for a, b in zip(ends, ends[1:])]
+    return out
 
 
 def adam_steps(cfg: Config, method: str, n_fit: int) -> tuple[int, int]:
@@ -125,29 +169,30 @@ def local_plan(cfg: Config, chunks: list[Chunk], shape: tuple[int, int, int, int
 
 
 def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
-    """What `run_experiment` would train, without writing anything: one row per chunk (after the memory
-    planner) with its students, padded width, Adam steps and memory estimate, and the run's device,
-    workers and memory limit. With `measure_steps`, each chunk also trains at least that many steps
-    (random data of the chunk's shape, on the config's device, with its threads per worker) and the
-    steady time per step is extrapolated to the chunk's training: an estimate that leaves out
-    evaluation and analysis, and the slowdown of workers running side by side.
+    """What `run_experiment` would train, without writing anything: one row per chunk (after the time bound
+    and the memory planner) with its students, padded width, Adam steps, memory estimate and the cost model's
+    training minutes (`chunk_seconds`), and the run's device, workers and memory limit. With `measure_steps`,
+    each chunk also trains at least that many steps (random data of the chunk's shape, on the config's device,
+    with its threads per worker) and the steady time per step is extrapolated to the chunk's training: an
+    estimate that leaves out evaluation and analysis, and the slowdown of workers running side by side.
     """
     shape, _ = data_shape(cfg)
-    chunks = sorted(plan_chunks(cfg), key=lambda c: -chunk_cost(cfg, c))
-    device, workers, threads, chunks, memory = local_plan(cfg, chunks, shape)
     inputs, n_train, _, outputs = shape or (cfg.data.input_dim, cfg.data.n_train, 0, 1)
     n_fit = validation_split(cfg, n_train)
+    chunks = sorted(split_long_chunks(cfg, plan_chunks(cfg), n_fit), key=lambda c: -chunk_cost(cfg, c))
+    device, workers, threads, chunks, memory = local_plan(cfg, chunks, shape)
     rows = []
     for c in chunks:
         batch, steps = adam_steps(cfg, c.method, n_fit)
         row = {"chunk": c.id, "students": len(c.keys()), "padded_width": max(c.widths), "steps": steps,
-               "memory_gb": memory["memory_estimate_bytes"][c.id] / 1e9}
+               "memory_gb": memory["memory_estimate_bytes"][c.id] / 1e9, "model_min": chunk_seconds(cfg, c, n_fit) / 60}
         if measure_steps:
             with _torch_threads(threads):
                 row["step_ms"] = 1e3 * _time_steps(cfg, c, inputs, outputs, n_fit, batch, measure_steps, device)
             row["train_s_estimate"] = row["steps"] * row["step_ms"] / 1e3
         rows.append(row)
-    info = {"device": str(device), "workers": workers, "threads_per_worker": threads, "memory_limit_gb": memory["memory_limit_bytes"] / 1e9}
+    info = {"device": str(device), "workers": workers, "threads_per_worker": threads, "memory_limit_gb": memory["memory_limit_bytes"] / 1e9,
+            "model_min_total": sum(r["model_min"] for r in rows), "max_chunk_minutes": cfg.max_chunk_minutes}
     if measure_steps:  # the workers take the chunks in this order (run_experiment's), each the next free one
         loads = [0.0] * workers
         for r in rows:

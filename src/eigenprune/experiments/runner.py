@@ -23,9 +23,9 @@ from eigenprune import __version__
 from eigenprune.core.io import first_line
 from eigenprune.experiments.backends import BackendError, ray_session, require_ray, run_local, run_ray
 from eigenprune.experiments.config import Config, ConfigError
-from eigenprune.experiments.grid import Chunk, check_same_data, data_shape, make_data, plan_chunks, resolve_device
+from eigenprune.experiments.grid import Chunk, check_same_data, data_shape, make_data, plan_chunks, resolve_device, validation_split
 from eigenprune.experiments.measure import summarize, train_chunk
-from eigenprune.experiments.plan import check_fused, check_memory, chunk_cost, local_plan
+from eigenprune.experiments.plan import check_fused, check_memory, chunk_cost, local_plan, split_long_chunks
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.regpath import select_strengths
 from eigenprune.experiments.store import ChunkResult, RunFolder, parquet_writer
@@ -99,15 +99,18 @@ def run_experiment(
 
     local: on the CPU, chunks run in `cfg.workers` processes (0 = one per core); on CUDA, in this
     process. ray: each chunk is a Ray task (`address` of a cluster, or a private local instance).
-    Finished chunks are committed as they arrive, so an interrupted run resumes where it stopped.
+    Finished chunks are committed as they arrive, so an interrupted run resumes where it stopped; a chunk
+    longer than `cfg.max_chunk_minutes` trains as groups of trials (`plan.split_long_chunks`), each committed.
     `finish(folder)` runs last, while the folder is still locked (the CLI builds the report there).
     """
     if address is not None and backend != "ray":
         raise ConfigError("--address is only used with --backend ray")
     shape, data_sha256 = data_shape(cfg)
-    chunks = plan_chunks(cfg)
     folder = RunFolder(out)
     resumable = not fresh and folder.check_ours() is not None  # prepare() below refuses another config's or data's folder
+    n_fit = validation_split(cfg, shape[1] if shape else None)
+    chunks = [part for c in plan_chunks(cfg)  # a whole chunk an earlier run (another bound) finished is kept whole
+              for part in ([c] if resumable and folder.done(c.id) else split_long_chunks(cfg, [c], n_fit))]
     skipped = [c.id for c in chunks if resumable and folder.done(c.id)]
     todo = sorted((c for c in chunks if c.id not in skipped), key=lambda c: -chunk_cost(cfg, c))
     if backend == "ray":
