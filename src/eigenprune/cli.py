@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from eigenprune import __version__
 from eigenprune.core.io import OutputError, check_output, first_line
 from eigenprune.experiments.backends import BackendError
-from eigenprune.experiments.config import ConfigError, load_config, safe_load, yaml_problem
+from eigenprune.experiments.config import ConfigError, YamlLimitError, load_config, safe_load, yaml_problem
 from eigenprune.experiments.data import DataError
 from eigenprune.experiments.store import RunFolder, RunFolderError
 from eigenprune.pruning.checkpoint import CheckpointError
@@ -109,6 +109,8 @@ def _overrides(pairs: list[str], **options: object) -> dict:
             _fail(f"--set takes KEY=VALUE (e.g. spectral.epochs=100), got {pair!r}")
         try:
             out[key] = safe_load(value)
+        except YamlLimitError as err:
+            _fail(f"--set {key}=...: YAML with {err.problem}")
         except yaml.YAMLError as err:
             _fail(f"--set {pair}: the value is not valid YAML{yaml_problem(err)} (lists look like [20,30])")
     return out | {k: v for k, v in options.items() if v is not None}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -42,6 +43,11 @@ Seed = Annotated[int, Field(ge=0, lt=2**63), NoBool]
 
 MAX_TRIALS = 1_000_000
 """The most trials a config may ask for (the paper uses 30); beyond it even listing them costs seconds and gigabytes."""
+
+
+def repeated(values: list) -> list:
+    """The values that occur more than once in `values`, sorted (in linear time: a list may hold 100,000 widths)."""
+    return sorted(v for v, n in Counter(values).items() if n > 1)
 
 
 class ConfigError(ValueError):
@@ -176,8 +182,7 @@ class Config(StrictModel):
     def _consistent(self) -> Config:
         for field, values in (("methods", self.methods), ("regularization.multipliers", self.regularization.multipliers)):
             if len(set(values)) < len(values):
-                raise ValueError(f"{field} lists {sorted({v for v in values if values.count(v) > 1})} more than once; "
-                                 "list each once")
+                raise ValueError(f"{field} lists {repeated(values)} more than once; list each once")
         d = self.data
         if d.source != "teacher":
             fields = type(d).model_fields
@@ -260,8 +265,64 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_YAML_DEPTH = 32
+"""The deepest nesting of lists and mappings a config may have (eigenprune's own go 4 deep); PyYAML builds
+nested values recursively, so a few hundred levels would end in a RecursionError."""
+
+MAX_YAML_VALUES = 100_000
+"""The most values (scalars, lists, mappings) a config may hold once its aliases are expanded: a list of
+10,000 widths is 10,001; an alias "bomb" (9 levels of 9 aliases, 9^9 values) would take minutes and gigabytes."""
+
+
+class YamlLimitError(yaml.YAMLError):
+    """YAML that parses, but is nested too deep or expands to too many values (see `MAX_YAML_DEPTH`, `MAX_YAML_VALUES`)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+def _check_size(text: str) -> None:
+    """Refuse (`YamlLimitError`) a document nested deeper than `MAX_YAML_DEPTH` or holding more than
+    `MAX_YAML_VALUES` values with aliases expanded, from its event stream (no recursion, no values built):
+    each open list or mapping counts what it holds, an anchored one keeps its count for its aliases."""
+    open_counts: list[int] = []  # values inside each open list/mapping, aliases expanded
+    open_anchors: list[str | None] = []
+    anchored: dict[str, int] = {}
+    total = aliases = 0
+    for event in yaml.parse(text, Loader=_UniqueKeyLoader):  # noqa: S506 (a SafeLoader subclass; parsing builds nothing)
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if len(open_counts) >= MAX_YAML_DEPTH:
+                raise YamlLimitError(f"lists and mappings nested more than {MAX_YAML_DEPTH} deep (at line {event.start_mark.line + 1}); "
+                                     "a config needs a few levels")
+            open_counts.append(1)
+            open_anchors.append(event.anchor)
+            continue
+        if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            size, anchor = open_counts.pop(), open_anchors.pop()
+            if anchor is not None:
+                anchored[anchor] = size
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor is not None:
+                anchored[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            size, aliases = anchored.get(event.anchor, 1), aliases + 1  # an undefined alias: composing reports it
+        else:
+            continue
+        if open_counts:
+            open_counts[-1] += size
+        else:
+            total += size
+        if total + sum(open_counts) > MAX_YAML_VALUES:
+            how = f" once its {aliases} alias(es) are expanded (an alias bomb?)" if aliases else ""
+            raise YamlLimitError(f"more than {MAX_YAML_VALUES:,} values{how}; a config needs far fewer")
+
+
 def safe_load(text: str) -> object:
-    """`yaml.safe_load`, refusing duplicate keys (see `_UniqueKeyLoader`); raises `yaml.YAMLError`."""
+    """`yaml.safe_load`, refusing duplicate keys (see `_UniqueKeyLoader`) and documents nested too deep or
+    too large once aliases are expanded (`YamlLimitError`, checked before anything is built); raises `yaml.YAMLError`."""
+    _check_size(text)
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
@@ -312,6 +373,8 @@ def read_yaml(path: str | Path | None, overrides: dict | None = None, default: s
             raise ConfigError(f"{p}: not a UTF-8 text file (byte {err.start} is {err.object[err.start:err.start + 1]!r})") from None
         except OSError as err:
             raise ConfigError(f"{p}: cannot be read ({err.strerror})") from None
+        except YamlLimitError as err:
+            raise ConfigError(f"{p}: YAML with {err.problem}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: not valid YAML{yaml_problem(err)}") from None
         data = _resolve_csv_path(data, p.parent)
