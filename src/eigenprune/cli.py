@@ -16,7 +16,7 @@ import yaml
 from typer.core import TyperGroup
 
 from eigenprune import __version__
-from eigenprune.core.io import OutputError, check_output, first_line
+from eigenprune.core.io import OutputError, check_output, check_path, first_line
 from eigenprune.experiments.backends import BackendError
 from eigenprune.experiments.config import ConfigError, YamlLimitError, load_config, safe_load, yaml_problem
 from eigenprune.experiments.data import DataError
@@ -100,6 +100,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _out_folder(path: Path) -> Path:
+    """An output folder given with --out (or runs/<name>), refused in one line (`OutputError`) before any work where
+    the file system cannot hold its name or it is a dangling symlink (mkdir would say only "File exists")."""
+    check_path(path, "--out")
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"--out {path} is a symlink to {os.readlink(path)}, which does not exist; eigenprune will not "
+                          "create a folder through a symlink: give the real folder or another --out")
+    return path
+
+
 def _overrides(pairs: list[str], **options: object) -> dict:
     """--set KEY=VALUE pairs as config overrides, plus the command's own options that were given (not None)."""
     out = {}
@@ -140,7 +150,7 @@ def run(
             _fail(f"--backend must be local or ray, got {backend!r}")
         overrides = _overrides(set_, device=device, workers=workers)
         cfg = load_config(config, overrides)
-        path = run_experiment(cfg, out or Path("runs") / cfg.name, fresh=fresh, quiet=quiet, backend=backend, address=address,
+        path = run_experiment(cfg, _out_folder(out or Path("runs") / cfg.name), fresh=fresh, quiet=quiet, backend=backend, address=address,
                               finish=lambda p: build_report(p, quiet=quiet))
     except USER_ERRORS as err:
         _fail(str(err))
@@ -188,7 +198,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by `e
     from eigenprune.reporting.report import build_report
 
     try:
-        path = build_report(run_dir)
+        path = build_report(check_path(run_dir, "run folder", RunFolderError))
     except USER_ERRORS as err:
         _fail(str(err))
     typer.echo(f"wrote {path}")
@@ -203,7 +213,7 @@ def collapse(
     from eigenprune.reporting.collapse import collapse_runs
 
     try:
-        result = collapse_runs(run_dirs, out)
+        result = collapse_runs([check_path(r, "run folder", RunFolderError) for r in run_dirs], _out_folder(out))
     except USER_ERRORS as err:
         _fail(str(err))
     nc = result["by_critical_point"]
@@ -416,7 +426,7 @@ def compare(
 
     try:
         cfg = load_compare_config(config, _overrides(set_))
-        path = run_compare(cfg, out or Path("runs") / cfg.name, quiet=quiet)
+        path = run_compare(cfg, _out_folder(out or Path("runs") / cfg.name), quiet=quiet)
     except _pruning_errors() as err:
         _fail(str(err))
     sys.stdout.write((path / "compare.md").read_text())

@@ -44,6 +44,7 @@ from eigenprune.experiments.config import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    RunName,
     Seed,
     StrictModel,
     parse_config,
@@ -69,7 +70,7 @@ class CompareTrain(StrictModel):
 class CompareConfig(StrictModel):
     """The comparison's settings; the defaults are the CPU-sized run reported in docs/pruning.md."""
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "compare"
+    name: RunName = "compare"
     seed: Seed = 0
     trials: Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool] = 3
     dtype: Literal["float32", "float64"] = "float32"

@@ -41,6 +41,9 @@ Fraction = Annotated[float, Field(gt=0, lt=1), NoBool]
 Seed = Annotated[int, Field(ge=0, lt=2**63), NoBool]
 
 
+RunName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+"""A run's name: its default folder runs/<name> (a file name may have 255 bytes)."""
+
 MAX_TRIALS = 1_000_000
 """The most trials a config may ask for (the paper uses 30); beyond it even listing them costs seconds and gigabytes."""
 
@@ -160,7 +163,7 @@ class ParityConfig(StrictModel):
 
 
 class Config(StrictModel):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "quick"
+    name: RunName = "quick"
     seed: Seed = 0
     trials: Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool] = 3
     dtype: Literal["float32", "float64"] = "float32"

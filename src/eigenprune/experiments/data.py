@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eigenprune.core.io import check_path, special_kind
 from eigenprune.core.layers import glorot_uniform_
 from eigenprune.core.seeds import derive_seed
 from eigenprune.experiments.builders import make_teacher
@@ -185,13 +188,23 @@ def csv_data(path: str, target: str, features: list[str] | None, task: str, tria
     classification), split per trial. Every problem raises `DataError` naming the column."""
     import pandas as pd
 
-    p = Path(path).expanduser()
+    p = check_path(Path(path).expanduser(), "data.csv.path", DataError)
     path = str(p)
-    if p.is_dir():
-        raise DataError(f"data.csv.path: {path} is a folder, not a CSV file")
-    if not p.is_file():
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise DataError(f"data.csv.path: {path} is a symlink to {os.readlink(p)}, which does not exist") from None
         where = f" (looked for {p.resolve()})" if str(p.resolve()) != str(p) else ""
-        raise DataError(f"data.csv.path: file not found: {path}{where}; a relative path in a config file is read from that file's folder")
+        raise DataError(f"data.csv.path: file not found: {path}{where}; a relative path in a config file is read from that "
+                        "file's folder") from None
+    except OSError as err:
+        raise DataError(f"data.csv.path: cannot read {path} ({err.strerror or type(err).__name__})") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"data.csv.path: {path} is a folder, not a CSV file")
+    if not stat.S_ISREG(mode):
+        raise DataError(f"data.csv.path: {path} is not a regular file ({special_kind(p, mode)}); eigenprune reads a CSV "
+                        "only from a regular file")
     try:
         header = _header(path)
         if len(header) > MAX_CSV_COLUMNS:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eigenprune.core.io import check_path
 from eigenprune.core.plans import LayerPlan
 from eigenprune.experiments import seeds
 from eigenprune.experiments.builders import paper_student
@@ -156,6 +157,7 @@ def make_data(cfg: Config) -> TrialData:
     if d.source == "digits":
         return digits_data(cfg.trials, seed, d.test_fraction, getattr(torch, cfg.dtype))
     if d.source == "csv":  # the file's bytes are part of the run's identity: hashed as they are read
+        check_path(d.csv.path, "data.csv.path", DataError)  # before is_file(), which raises on a name too long
         digest = file_sha256(d.csv.path) if Path(d.csv.path).is_file() else None
         data = csv_data(d.csv.path, d.csv.target, d.csv.features, d.csv.task, cfg.trials, seed, d.test_fraction,
                         getattr(torch, cfg.dtype))
