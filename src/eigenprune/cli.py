@@ -16,7 +16,7 @@ import yaml
 from typer.core import TyperGroup
 
 from eigenprune import __version__
-from eigenprune.core.io import OutputError, check_output, check_path, first_line
+from eigenprune.core.io import OutputError, check_output, check_path, first_line, special_kind
 from eigenprune.experiments.backends import BackendError
 from eigenprune.experiments.config import ConfigError, YamlLimitError, load_config, safe_load, yaml_problem
 from eigenprune.experiments.data import DataError
@@ -250,6 +250,11 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     from eigenprune.experiments.grid import make_data, validation_split
     from eigenprune.pruning.removal import PruneError
 
+    if data is not None:
+        check_path(data, "--data", PruneError)
+        if data.exists() and not data.is_dir() and not data.is_file():  # read as a file, it would never end (/dev/zero, a FIFO)
+            raise PruneError(f"--data {data}: not a regular file ({special_kind(data, data.stat().st_mode)}); --data takes the run "
+                             "folder the checkpoint came from or a safetensors file with tensors x and y")
     if data is not None and data.is_file():
         with open(data, "rb") as f:
             head = f.read(9)

@@ -178,6 +178,9 @@ def check_output(
         raise OutputError(f"{option} {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{option} {path}: folder {parent} is not writable")
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"{option} {path} is a symlink to {os.readlink(path)}, which does not exist; eigenprune will not "
+                          "write through a symlink: choose another name")
     if path.exists() or path.is_symlink():
         if not force:
             raise OutputError(f"{option} {path} already exists; choose another name, or pass --force to replace a file eigenprune wrote")
