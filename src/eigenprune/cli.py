@@ -16,9 +16,17 @@ import yaml
 from typer.core import TyperGroup
 
 from eigenprune import __version__
-from eigenprune.core.io import OutputError, check_output, first_line
+from eigenprune.core.io import OutputError, check_output, check_path, first_line, special_kind
 from eigenprune.experiments.backends import BackendError
-from eigenprune.experiments.config import ConfigError, config_description, load_config, safe_load, shipped_configs, yaml_problem
+from eigenprune.experiments.config import (
+    ConfigError,
+    YamlLimitError,
+    config_description,
+    load_config,
+    safe_load,
+    shipped_configs,
+    yaml_problem,
+)
 from eigenprune.experiments.data import DataError
 from eigenprune.experiments.store import RunFolder, RunFolderError
 from eigenprune.pruning.checkpoint import CheckpointError
@@ -112,6 +120,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _out_folder(path: Path) -> Path:
+    """An output folder given with --out (or runs/<name>), refused in one line (`OutputError`) before any work where
+    the file system cannot hold its name or it is a dangling symlink (mkdir would say only "File exists")."""
+    check_path(path, "--out")
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"--out {path} is a symlink to {os.readlink(path)}, which does not exist; eigenprune will not "
+                          "create a folder through a symlink: give the real folder or another --out")
+    return path
+
+
 def _overrides(pairs: list[str], **options: object) -> dict:
     """--set KEY=VALUE pairs as config overrides, plus the command's own options that were given (not None)."""
     out = {}
@@ -121,6 +139,8 @@ def _overrides(pairs: list[str], **options: object) -> dict:
             _fail(f"--set takes KEY=VALUE (e.g. spectral.epochs=100), got {pair!r}")
         try:
             out[key] = safe_load(value)
+        except YamlLimitError as err:
+            _fail(f"--set {key}=...: YAML with {err.problem}")
         except yaml.YAMLError as err:
             _fail(f"--set {pair}: the value is not valid YAML{yaml_problem(err)} (lists look like [20,30])")
     return out | {k: v for k, v in options.items() if v is not None}
@@ -150,7 +170,7 @@ def run(
             _fail(f"--backend must be local or ray, got {backend!r}")
         overrides = _overrides(set_, device=device, workers=workers)
         cfg = load_config(config, overrides)
-        path = run_experiment(cfg, out or Path("runs") / cfg.name, fresh=fresh, quiet=quiet, backend=backend, address=address,
+        path = run_experiment(cfg, _out_folder(out or Path("runs") / cfg.name), fresh=fresh, quiet=quiet, backend=backend, address=address,
                               finish=lambda p: build_report(p, quiet=quiet))
     except USER_ERRORS as err:
         _fail(str(err))
@@ -202,7 +222,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by `e
     from eigenprune.reporting.report import build_report
 
     try:
-        path = build_report(run_dir)
+        path = build_report(check_path(run_dir, "run folder", RunFolderError))
     except USER_ERRORS as err:
         _fail(str(err))
     typer.echo(f"wrote {path}")
@@ -217,7 +237,7 @@ def collapse(
     from eigenprune.reporting.collapse import collapse_runs
 
     try:
-        result = collapse_runs(run_dirs, out)
+        result = collapse_runs([check_path(r, "run folder", RunFolderError) for r in run_dirs], _out_folder(out))
     except USER_ERRORS as err:
         _fail(str(err))
     nc = result["by_critical_point"]
@@ -265,6 +285,11 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     from eigenprune.experiments.grid import make_data, validation_split
     from eigenprune.pruning.removal import PruneError
 
+    if data is not None:
+        check_path(data, "--data", PruneError)
+        if data.exists() and not data.is_dir() and not data.is_file():  # read as a file, it would never end (/dev/zero, a FIFO)
+            raise PruneError(f"--data {data}: not a regular file ({special_kind(data, data.stat().st_mode)}); --data takes the run "
+                             "folder the checkpoint came from or a safetensors file with tensors x and y")
     if data is not None and data.is_file():
         with open(data, "rb") as f:
             head = f.read(9)
@@ -442,7 +467,7 @@ def compare(
 
     try:
         cfg = load_compare_config(config, _overrides(set_))
-        path = run_compare(cfg, out or Path("runs") / cfg.name, quiet=quiet)
+        path = run_compare(cfg, _out_folder(out or Path("runs") / cfg.name), quiet=quiet)
     except _pruning_errors() as err:
         _fail(str(err))
     sys.stdout.write((path / "compare.md").read_text())

@@ -9,6 +9,7 @@ and the temporary is renamed over the target, so a reader sees the old file or t
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -94,14 +95,58 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[Path], objec
     return path
 
 
-def input_file(path: str | Path, missing: str, error: type[Exception]) -> Path:
-    """`path` if it is an existing file; else `error` saying "{missing} not found: path" or that it is not a file."""
+NAME_MAX = 255
+"""The longest file or folder name, in bytes, that Linux file systems (ext4, xfs, btrfs, tmpfs) hold."""
+PATH_MAX = 4096
+"""The longest path, in bytes with its closing NUL, that Linux system calls take."""
+
+
+def _short(text: str, keep: int = 40) -> str:
+    return text if len(text) <= keep else text[:keep] + f"… ({len(text):,} characters)"
+
+
+def check_path(path: str | Path, what: str, error: type[Exception] = OutputError) -> Path:
+    """`path`, unless the file system could not hold it: `error` (one line) for a name of more than `NAME_MAX`
+    bytes or a path of `PATH_MAX` bytes or more once made absolute (as eigenprune stores and resolves paths)."""
     path = Path(path)
-    if not path.exists():
-        raise error(f"{missing} not found: {path}")
-    if not path.is_file():
-        raise error(f"{missing.split()[0]} path {path} is not a file")
+    long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is not None:
+        raise error(f"{what} {_short(str(path))}: the name {_short(long, 20)!r} is {len(os.fsencode(long))} bytes long, "
+                    f"more than the {NAME_MAX} a file or folder name may have")
+    size = len(os.fsencode(os.path.abspath(path)))
+    if size >= PATH_MAX:
+        raise error(f"{what} {_short(str(path))}: the path is {size:,} bytes long as an absolute path, more than the "
+                    f"{PATH_MAX - 1:,} the system allows")
     return path
+
+
+def input_file(path: str | Path, missing: str, error: type[Exception]) -> Path:
+    """`path` if it is an existing regular file; else `error` saying "{missing} not found: path", that it is
+    not a regular file (a folder, a FIFO, a device such as /dev/zero, a dangling symlink), or why it cannot be read."""
+    path = check_path(path, missing, error)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise error(f"{missing.split()[0]} path {path} is a symlink to {os.readlink(path)}, which does not exist") from None
+        raise error(f"{missing} not found: {path}") from None
+    except OSError as err:
+        raise error(f"{missing.split()[0]} path {path} cannot be read ({err.strerror or type(err).__name__})") from None
+    if stat.S_ISDIR(mode):
+        raise error(f"{missing.split()[0]} path {path} is not a file (it is a folder)")
+    if not stat.S_ISREG(mode):
+        raise error(f"{missing.split()[0]} path {path} is not a regular file ({special_kind(path, mode)}); "
+                    "eigenprune reads only regular files")
+    return path
+
+
+def special_kind(path: Path, mode: int) -> str:
+    """What a path that is neither a regular file nor a folder is, for messages: "a FIFO (named pipe)", "a symlink to
+    /dev/zero, a character device", ..."""
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "a special file")
+    return f"a symlink to {os.readlink(path)}, {kind}" if path.is_symlink() else kind
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -122,7 +167,7 @@ def check_output(
     `inputs` (an output never replaces its own input); an existing file, unless `force` and `ours(path)`
     says it is `kind` (e.g. "an ONNX file") that eigenprune wrote.
     """
-    path = Path(path)
+    path = check_path(path, option)
     if suffix is not None and path.suffix.lower() != suffix:
         raise OutputError(f"{option} {path}: this writes {kind}; give a name ending in {suffix}")
     if any(_same_file(path, Path(i)) for i in inputs):
@@ -136,6 +181,9 @@ def check_output(
         raise OutputError(f"{option} {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{option} {path}: folder {parent} is not writable")
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"{option} {path} is a symlink to {os.readlink(path)}, which does not exist; eigenprune will not "
+                          "write through a symlink: choose another name")
     if path.exists() or path.is_symlink():
         if not force:
             raise OutputError(f"{option} {path} already exists; choose another name, or pass --force to replace a file eigenprune wrote")

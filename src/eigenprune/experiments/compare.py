@@ -44,10 +44,12 @@ from eigenprune.experiments.config import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    RunName,
     Seed,
     StrictModel,
     parse_config,
     read_yaml,
+    repeated,
 )
 from eigenprune.experiments.data import TrialData
 from eigenprune.experiments.grid import teacher_set
@@ -68,7 +70,7 @@ class CompareTrain(StrictModel):
 class CompareConfig(StrictModel):
     """The comparison's settings; the defaults are the CPU-sized run reported in docs/pruning.md."""
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "compare"
+    name: RunName = "compare"
     seed: Seed = 0
     trials: Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool] = 3
     dtype: Literal["float32", "float64"] = "float32"
@@ -88,7 +90,7 @@ class CompareConfig(StrictModel):
             raise ValueError(f"compare trains on teacher data only; data.source {self.data.source!r} is not supported")
         for name, values in (("criteria", self.criteria), ("widths", self.widths)):
             if len(set(values)) < len(values):
-                raise ValueError(f"{name} lists {sorted({v for v in values if values.count(v) > 1})} more than once; list each once")
+                raise ValueError(f"{name} lists {repeated(values)} more than once; list each once")
         if self.train.batch_size > self.data.n_train:
             raise ValueError(f"train.batch_size {self.train.batch_size} is larger than the {self.data.n_train} training "
                              f"patterns (data.n_train); use a batch_size of at most {self.data.n_train}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,8 +41,21 @@ Fraction = Annotated[float, Field(gt=0, lt=1), NoBool]
 Seed = Annotated[int, Field(ge=0, lt=2**63), NoBool]
 
 
+RunName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+"""A run's name: its default folder runs/<name> (a file name may have 255 bytes)."""
+
 MAX_TRIALS = 1_000_000
 """The most trials a config may ask for (the paper uses 30); beyond it even listing them costs seconds and gigabytes."""
+
+
+def repeated(values: list) -> list:
+    """The values that occur more than once in `values`, sorted (in linear time: a list may hold 100,000 widths)."""
+    return sorted(v for v, n in Counter(values).items() if n > 1)
+
+
+MAX_GRID = 1000
+"""The most entries of a list that spans the grid (student.widths, regularization.multipliers, teachers): the
+paper trains 10 widths; 1,000 widths make about 2,000 chunks, planned in a tenth of a second."""
 
 
 class ConfigError(ValueError):
@@ -101,7 +115,7 @@ class DirectConfig(MethodConfig):
 
 
 class StudentConfig(StrictModel):
-    widths: Annotated[list[PositiveInt], Field(min_length=1)] = [20, 60, 200]
+    widths: Annotated[list[PositiveInt], Field(min_length=1, max_length=MAX_GRID)] = [20, 60, 200]
     rest: list[PositiveInt] = [10]
     deep: bool = False  # every hidden layer trains with the method and its L2 (else: the paper's dense, unregularized rest)
     head: Literal["sum", "linear"] = "sum"  # sum: the paper's frozen all-ones readout; linear: a trainable dense output layer
@@ -125,7 +139,7 @@ class RegularizationConfig(StrictModel):
     """
 
     mode: Literal["fixed", "path"] = "fixed"
-    multipliers: Annotated[list[PositiveFloat], Field(min_length=1)] = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]
+    multipliers: Annotated[list[PositiveFloat], Field(min_length=1, max_length=MAX_GRID)] = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]
     validation_fraction: Fraction = 0.2
     rule: Literal["best", "1se", "stable"] = "1se"
 
@@ -149,7 +163,7 @@ class ParityConfig(StrictModel):
 
 
 class Config(StrictModel):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "quick"
+    name: RunName = "quick"
     seed: Seed = 0
     trials: Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool] = 3
     dtype: Literal["float32", "float64"] = "float32"
@@ -161,7 +175,8 @@ class Config(StrictModel):
     compile: bool = False  # backprop manual under torch.compile: fewer kernels per step (needs a C++ compiler on a CPU)
     methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
     data: DataConfig = DataConfig()
-    teachers: list[TeacherConfig] = []  # several teachers in one run (each replaces data.teacher); empty = data.teacher
+    # several teachers in one run (each replaces data.teacher); empty = data.teacher
+    teachers: Annotated[list[TeacherConfig], Field(max_length=MAX_GRID)] = []
     regularization: RegularizationConfig = RegularizationConfig()
     student: StudentConfig = StudentConfig()
     spectral: SpectralConfig = SpectralConfig()
@@ -177,8 +192,7 @@ class Config(StrictModel):
     def _consistent(self) -> Config:
         for field, values in (("methods", self.methods), ("regularization.multipliers", self.regularization.multipliers)):
             if len(set(values)) < len(values):
-                raise ValueError(f"{field} lists {sorted({v for v in values if values.count(v) > 1})} more than once; "
-                                 "list each once")
+                raise ValueError(f"{field} lists {repeated(values)} more than once; list each once")
         d = self.data
         if d.source != "teacher":
             fields = type(d).model_fields
@@ -262,8 +276,80 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_YAML_DEPTH = 32
+"""The deepest nesting of lists and mappings a config may have (eigenprune's own go 4 deep); PyYAML builds
+nested values recursively, so a few hundred levels would end in a RecursionError."""
+
+MAX_YAML_VALUES = 100_000
+"""The most values (scalars, lists, mappings) a config may hold once its aliases are expanded: a list of
+10,000 widths is 10,001; an alias "bomb" (9 levels of 9 aliases, 9^9 values) would take minutes and gigabytes."""
+
+
+class YamlLimitError(yaml.YAMLError):
+    """YAML that parses, but is nested too deep or expands to too many values (see `MAX_YAML_DEPTH`, `MAX_YAML_VALUES`)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+def _check_size(text: str) -> None:
+    """Refuse (`YamlLimitError`) a document nested deeper than `MAX_YAML_DEPTH` or holding more than
+    `MAX_YAML_VALUES` values with aliases expanded, from its event stream (no recursion, no values built).
+
+    libyaml's parser where PyYAML has it (10,000 widths: 0.04 s instead of 0.4 s); a document it cannot
+    parse is checked again with PyYAML's own parser, whose error (if any) is the one `safe_load` reports."""
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is not None:
+        try:
+            return _count_values(yaml.parse(text, Loader=fast))
+        except YamlLimitError:
+            raise
+        except yaml.YAMLError:
+            pass
+    _count_values(yaml.parse(text, Loader=yaml.SafeLoader))
+
+
+def _count_values(events) -> None:
+    """`_check_size` on a stream of YAML events: each open list or mapping counts what it holds, an anchored
+    one keeps its count for its aliases."""
+    open_counts: list[int] = []  # values inside each open list/mapping, aliases expanded
+    open_anchors: list[str | None] = []
+    anchored: dict[str, int] = {}
+    total = aliases = 0
+    for event in events:
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if len(open_counts) >= MAX_YAML_DEPTH:
+                raise YamlLimitError(f"lists and mappings nested more than {MAX_YAML_DEPTH} deep (at line {event.start_mark.line + 1}); "
+                                     "a config needs a few levels")
+            open_counts.append(1)
+            open_anchors.append(event.anchor)
+            continue
+        if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            size, anchor = open_counts.pop(), open_anchors.pop()
+            if anchor is not None:
+                anchored[anchor] = size
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor is not None:
+                anchored[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            size, aliases = anchored.get(event.anchor, 1), aliases + 1  # an undefined alias: composing reports it
+        else:
+            continue
+        if open_counts:
+            open_counts[-1] += size
+        else:
+            total += size
+        if total + sum(open_counts) > MAX_YAML_VALUES:
+            how = f" once its {aliases} alias(es) are expanded (an alias bomb?)" if aliases else ""
+            raise YamlLimitError(f"more than {MAX_YAML_VALUES:,} values{how}; a config needs far fewer")
+
+
 def safe_load(text: str) -> object:
-    """`yaml.safe_load`, refusing duplicate keys (see `_UniqueKeyLoader`); raises `yaml.YAMLError`."""
+    """`yaml.safe_load`, refusing duplicate keys (see `_UniqueKeyLoader`) and documents nested too deep or
+    too large once aliases are expanded (`YamlLimitError`, checked before anything is built); raises `yaml.YAMLError`."""
+    _check_size(text)
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
@@ -314,6 +400,8 @@ def read_yaml(path: str | Path | None, overrides: dict | None = None, default: s
             raise ConfigError(f"{p}: not a UTF-8 text file (byte {err.start} is {err.object[err.start:err.start + 1]!r})") from None
         except OSError as err:
             raise ConfigError(f"{p}: cannot be read ({err.strerror})") from None
+        except YamlLimitError as err:
+            raise ConfigError(f"{p}: YAML with {err.problem}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: not valid YAML{yaml_problem(err)}") from None
         data = _resolve_csv_path(data, p.parent)

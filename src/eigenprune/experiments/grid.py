@@ -8,6 +8,7 @@ steps (`PAD_LIMIT`), unless it adds less work than a step's fixed cost (`STEP_OV
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eigenprune.core.io import check_path
 from eigenprune.core.plans import LayerPlan
 from eigenprune.experiments import seeds
 from eigenprune.experiments.builders import paper_student
@@ -36,10 +38,15 @@ class Chunk:
     strengths: tuple[float, ...] = (1.0,)
     split: bool = False  # a subset of the trials, split off by the time bound or the memory planner (see plan.py)
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         name = f"{self.method}-w{'_'.join(map(str, self.widths))}" + (f"-t{self.teacher}" if self.teacher else "")
         return name + (f"-tr{self.trials[0]}_{self.trials[-1]}" if self.split else "")
+
+    @property
+    def size(self) -> int:
+        """The number of students (`len(keys())` without listing them: a million trials are planned in milliseconds)."""
+        return len(self.widths) * len(self.trials) * len(self.strengths)
 
     def keys(self) -> list[tuple[int, int, float]]:
         """(width, trial, strength) of every student, in ensemble order."""
@@ -67,6 +74,11 @@ of its own: such a width joins its neighbours whatever the pack factor says, wit
 (cpu-paper's widths 10, 20, 40, 60 train as one chunk, and digits.yaml's 64 and 256)."""
 
 
+MAX_CHUNKS = 5000
+"""The most chunks a run may have (each trains on its own; the paper's grid has 20): more is a grid no machine
+finishes, and planning them would take seconds."""
+
+
 def pack_widths(widths: Sequence[int], pack_factor: float, floor: int = 0, max_padded: float = float("inf"),
                 cheap: float = 0) -> list[list[int]]:
     """Group sorted distinct widths greedily: a width joins the current group while padding every width of the
@@ -74,14 +86,17 @@ def pack_widths(widths: Sequence[int], pack_factor: float, floor: int = 0, max_p
     group's size x the width's excess over the group's widest) at most `cheap` nodes; widths <= `floor` always
     share a group (there the per-step overhead dominates)."""
     buckets: list[list[int]] = []
+    total = 0  # sum(buckets[-1]), kept as it grows: 10,000 widths in one bucket are packed in milliseconds
     for w in sorted(set(widths)):
         group = buckets[-1] if buckets else []
         padded = (len(group) + 1) * w
-        if group and (w <= floor or (padded <= max_padded and (padded <= pack_factor * (sum(group) + w)
+        if group and (w <= floor or (padded <= max_padded and (padded <= pack_factor * (total + w)
                                                                or len(group) * (w - group[-1]) <= cheap))):
             buckets[-1].append(w)
+            total += w
         else:
             buckets.append([w])
+            total = w
     return buckets
 
 
@@ -95,8 +110,14 @@ def plan_chunks(cfg: Config, pack_factor: float = 1.5, pad_limit: float = PAD_LI
     for method in cfg.methods:
         rows = per_width * cfg.method(method).batch_size  # a step's rows of activations per width
         buckets[method] = pack_widths(cfg.student.widths, pack_factor, max_padded=pad_limit / rows, cheap=overhead / rows)
+    teachers = len(cfg.teacher_list())
+    count = teachers * sum(len(b) for b in buckets.values())
+    if count > MAX_CHUNKS:
+        raise ConfigError(f"the grid makes {count:,} chunks ({teachers} teacher(s) x {len(cfg.methods)} method(s) x "
+                          f"{len(set(cfg.student.widths))} widths, in buckets), more than the {MAX_CHUNKS:,} eigenprune plans; "
+                          "use fewer teachers or widths")
     return [Chunk(method, tuple(b), trials, teacher, strengths)
-            for teacher in range(len(cfg.teacher_list())) for method in cfg.methods for b in buckets[method]]
+            for teacher in range(teachers) for method in cfg.methods for b in buckets[method]]
 
 
 def student_plans(cfg: Config, method: str, width: int, strength: float = 1.0, n_outputs: int = 1) -> list[LayerPlan]:
@@ -139,6 +160,7 @@ def make_data(cfg: Config) -> TrialData:
     if d.source == "digits":
         return digits_data(cfg.trials, seed, d.test_fraction, getattr(torch, cfg.dtype))
     if d.source == "csv":  # the file's bytes are part of the run's identity: hashed as they are read
+        check_path(d.csv.path, "data.csv.path", DataError)  # before is_file(), which raises on a name too long
         digest = file_sha256(d.csv.path) if Path(d.csv.path).is_file() else None
         data = csv_data(d.csv.path, d.csv.target, d.csv.features, d.csv.task, cfg.trials, seed, d.test_fraction,
                         getattr(torch, cfg.dtype))

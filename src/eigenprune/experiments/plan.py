@@ -44,22 +44,25 @@ def check_memory(
     if (teacher := teacher_memory(cfg)) > per_worker:
         raise ConfigError(f"the teacher needs about {gb(teacher)} to label the data, more than the {gb(per_worker)} limit "
                           f"({source}); lower data.teacher.widths (or data.n_train, n_test) or set max_memory_gb")
-    fitted = []
+    fitted, needs = [], {}
     for c in chunks:
         need = chunk_memory(cfg, c, shape)
         if need <= per_worker:
             fitted.append(c)
+            needs[c.id] = need
             continue
         size = _most_trials(lambda m, c=c: chunk_memory(cfg, replace(c, trials=c.trials[:m], split=True), shape) <= per_worker,
                             len(c.trials) - 1)
         if not size:
             raise ConfigError(
-                f"chunk {c.id} ({len(c.keys())} students) needs about {gb(need)}, more than the "
+                f"chunk {c.id} ({c.size} students) needs about {gb(need)}, more than the "
                 f"{gb(per_worker)} limit ({source}); lower trials, widths or n_train, use fewer workers, or set max_memory_gb"
             )
-        fitted += [replace(c, trials=c.trials[i : i + size], split=True) for i in range(0, len(c.trials), size)]
-    need = {c.id: chunk_memory(cfg, c, shape) for c in fitted}
-    return fitted, {"memory_limit_bytes": int(per_worker), "memory_estimate_bytes": need}
+        parts = [replace(c, trials=c.trials[i : i + size], split=True) for i in range(0, len(c.trials), size)]
+        fitted += parts
+        full, last = chunk_memory(cfg, parts[0], shape), chunk_memory(cfg, parts[-1], shape)  # the parts but the last are alike
+        needs.update({p.id: full for p in parts[:-1]} | {parts[-1].id: last})
+    return fitted, {"memory_limit_bytes": int(per_worker), "memory_estimate_bytes": needs}
 
 
 def teacher_memory(cfg: Config) -> int:
@@ -67,7 +70,7 @@ def teacher_memory(cfg: Config) -> int:
     its activations on one trial's training and test inputs."""
     if cfg.data.source != "teacher":
         return 0
-    d, size = cfg.data, torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+    d, size = cfg.data, getattr(torch, cfg.dtype).itemsize
     need = 0
     for t in cfg.teacher_list():
         sizes = [t.latent_dim if t.kind == "hidden_manifold" else d.input_dim, *t.widths, 1]
@@ -92,16 +95,15 @@ def chunk_memory(cfg: Config, chunk: Chunk, shape: tuple[int, int, int, int] | N
     d = cfg.data
     inputs, n_train, n_test, outputs = shape or (d.input_dim, d.n_train, d.n_test, 1)
     widths = [inputs, max(chunk.widths), *cfg.student.rest, outputs]
-    size = torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
-    n_students = len(chunk.widths) * len(chunk.trials) * len(chunk.strengths)
-    return chunk_bytes(n_students, cfg.trials, widths, n_train, n_test, cfg.method(chunk.method).batch_size, size)
+    size = getattr(torch, cfg.dtype).itemsize
+    return chunk_bytes(chunk.size, cfg.trials, widths, n_train, n_test, cfg.method(chunk.method).batch_size, size)
 
 
 def chunk_cost(cfg: Config, chunk: Chunk, n_fit: int | None = None) -> float:
     """A relative training cost used to order the work: steps x (a step's fixed cost + its first-layer activations),
     the cost model of `grid.STEP_OVERHEAD`, training on `n_fit` patterns (default: the config's data.n_train)."""
     batch, steps = adam_steps(cfg, chunk.method, cfg.data.n_train if n_fit is None else n_fit)
-    return steps * (STEP_OVERHEAD + batch * len(chunk.keys()) * max(chunk.widths))
+    return steps * (STEP_OVERHEAD + batch * chunk.size * max(chunk.widths))
 
 
 ACTIVATION_SECONDS = 4e-9
@@ -182,9 +184,10 @@ def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
     chunks = sorted(split_long_chunks(cfg, plan_chunks(cfg), n_fit), key=lambda c: -chunk_cost(cfg, c))
     device, workers, threads, chunks, memory = local_plan(cfg, chunks, shape)
     rows = []
+    steps_of = {m: adam_steps(cfg, m, n_fit) for m in cfg.methods}
     for c in chunks:
-        batch, steps = adam_steps(cfg, c.method, n_fit)
-        row = {"chunk": c.id, "students": len(c.keys()), "padded_width": max(c.widths), "steps": steps,
+        batch, steps = steps_of[c.method]
+        row = {"chunk": c.id, "students": c.size, "padded_width": max(c.widths), "steps": steps,
                "memory_gb": memory["memory_estimate_bytes"][c.id] / 1e9, "model_min": chunk_seconds(cfg, c, n_fit) / 60}
         if measure_steps:
             with _torch_threads(threads):

@@ -58,6 +58,7 @@ from eigenprune.experiments.config import (
     PositiveFloat,
     PositiveInt,
     RegularizationConfig,
+    RunName,
     Seed,
     SpectralConfig,
     StrictModel,
@@ -77,7 +78,7 @@ TABLES = ("students", "curves", "capacity", "signals")
 class RecoveryConfig(StrictModel):
     """The diagram's grid and training (defaults: the CPU-sized diagram of docs/recovery.md)."""
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "recovery"
+    name: RunName = "recovery"
     seed: Seed = 0
     dtype: Literal["float32", "float64"] = "float32"
     teacher_widths: Annotated[list[PositiveInt], Field(min_length=1)] = [5, 10, 20, 50, 100]

@@ -28,7 +28,7 @@ from eigenprune.experiments.measure import summarize, train_chunk
 from eigenprune.experiments.plan import check_fused, check_memory, chunk_cost, local_plan, split_long_chunks
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.regpath import select_strengths
-from eigenprune.experiments.store import ChunkResult, RunFolder, parquet_writer
+from eigenprune.experiments.store import ChunkResult, RunFolder, RunFolderError, parquet_writer
 
 Backend = Literal["local", "ray"]
 
@@ -91,6 +91,23 @@ def _train_here(cfg: Config, data: dict, device: torch.device, chunk: Chunk, pro
         return train_chunk(cfg, chunk, data[chunk.teacher], device, progress)
 
 
+def _committer(folder: RunFolder) -> Callable[[ChunkResult], Path]:
+    """`folder.commit_chunk`, with an OSError (the folder removed, moved or made read-only while the run goes) as one
+    `RunFolderError` line that names the chunk; the chunks committed before stay as they are."""
+    def commit(result: ChunkResult) -> Path:
+        try:
+            return folder.commit_chunk(result)
+        except OSError as err:
+            where = f" ({err.filename})" if err.filename else ""
+            if not folder.path.is_dir():
+                raise RunFolderError(f"cannot commit chunk {result.chunk_id}: the run folder {folder.path} is gone (moved or "
+                                     f"removed while the run was going: {err.strerror or type(err).__name__}{where})") from None
+            raise RunFolderError(f"cannot commit chunk {result.chunk_id} to {folder.path}: {err.strerror or type(err).__name__}{where}; "
+                                 "the chunks committed before are kept: make the folder writable and rerun the same "
+                                 "command to resume") from None
+    return commit
+
+
 def run_experiment(
     cfg: Config, out: str | Path, fresh: bool = False, quiet: bool = False, backend: Backend = "local", address: str | None = None,
     finish: Callable[[RunFolder], object] | None = None,
@@ -136,20 +153,21 @@ def run_experiment(
         folder.prepare(cfg, fresh=fresh, data_digest=data_sha256)
         stack.callback(folder.release)
         torch.manual_seed(cfg.seed)
+        commit = _committer(folder)
         start = time.perf_counter()
         with Progress(quiet=quiet) as progress:
             if backend == "ray":
                 job = functools.partial(_chunk_job, cfg.model_dump(), threads, data_sha256)
-                run_ray(job, todo, folder.commit_chunk, progress, gpus_per_task=1 if device.type == "cuda" else 0)
+                run_ray(job, todo, commit, progress, gpus_per_task=1 if device.type == "cuda" else 0)
             elif workers > 1:
                 job = functools.partial(_chunk_job, cfg.model_dump(), threads, data_sha256)
-                run_local(job, todo, folder.commit_chunk, progress, workers)
+                run_local(job, todo, commit, progress, workers)
             elif todo:
                 data = {t: make_data(cfg.for_teacher(t)) for t in sorted({c.teacher for c in todo})}
                 for d in data.values():
                     check_same_data(cfg, d, data_sha256)
                 data = {t: d.to(device) for t, d in data.items()}
-                run_local(functools.partial(_train_here, cfg, data, device), todo, folder.commit_chunk, progress)
+                run_local(functools.partial(_train_here, cfg, data, device), todo, commit, progress)
         ids = skipped + [c.id for c in todo]
         tables = folder.merge(ids)
         tables["results"] = select_strengths(tables["results"])

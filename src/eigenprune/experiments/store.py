@@ -310,6 +310,23 @@ class OwnedFolder:
                         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
+    def in_use(self) -> bool:
+        """Whether another process holds the folder's lock now (a run still writing it); nothing is created."""
+        if fcntl is None or getattr(self, "_lock_fd", None) is not None:
+            return False
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+
 class RunFolder(OwnedFolder):
     """A run folder for one config."""
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from eigenprune.experiments.analysis import collapse_measure
-from eigenprune.experiments.store import OwnedFolder, RunFolder, RunFolderError
+from eigenprune.experiments.store import OwnedFolder, RunFolderError
 from eigenprune.reporting import plots
-from eigenprune.reporting.tables import mean_curves, teacher_slices, teacher_width
+from eigenprune.reporting.tables import finished_run, mean_curves, teacher_slices, teacher_width
 
 
 def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
@@ -26,7 +26,7 @@ def collapse_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
                                  f"{run_dirs[i]}); give each run once")
     items, by_nc = [], []
     for run in run_dirs:
-        source = RunFolder(run)
+        source = finished_run(run)
         tables = source.load()
         for tcfg, sliced, _ in teacher_slices(source.read_config(), tables):
             h_t = teacher_width(tcfg)

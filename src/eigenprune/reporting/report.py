@@ -15,6 +15,7 @@ from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, RunFolder, Ru
 from eigenprune.reporting import plots
 from eigenprune.reporting.tables import (
     claims,
+    finished_run,
     fits,
     layer_table,
     path_comparisons,
@@ -81,12 +82,7 @@ def build_report(run: str | Path | RunFolder, quiet: bool = True) -> Path:
     """
     if isinstance(run, RunFolder):
         return _build_report(run)
-    folder = RunFolder(run)
-    if not folder.path.is_dir():
-        raise RunFolderError(f"run folder not found: {folder.path}")
-    if folder.marker() is None:
-        raise RunFolderError(f"{folder.path} is not a run folder made by eigenprune (no results of `eigenprune run` there)")
-    folder.check_ours()
+    folder = finished_run(run)
     tables = folder.load()  # read and check before taking the folder
     folder.open()
     try:

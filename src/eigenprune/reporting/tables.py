@@ -3,6 +3,8 @@ collapse of one run's curves, teacher comparisons, per-layer and per-teacher vie
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -11,8 +13,26 @@ from eigenprune.experiments.analysis import collapse_measure, fit_exponential, t
 from eigenprune.experiments.builders import make_teacher
 from eigenprune.experiments.config import Config
 from eigenprune.experiments.regpath import RULES
-from eigenprune.experiments.store import STUDENT_KEYS, OwnedFolder
+from eigenprune.experiments.store import MARKER, STUDENT_KEYS, OwnedFolder, RunFolder, RunFolderError
 from eigenprune.pruning.checkpoint import load_model
+
+
+def finished_run(path: str | Path) -> RunFolder:
+    """The run folder at `path`, refused in one line (`RunFolderError`) before its tables are read where it is
+    missing, not a run folder eigenprune made (an empty folder, a compare folder) or still being written by a run."""
+    folder = RunFolder(path)
+    if not folder.path.is_dir():
+        raise RunFolderError(f"run folder not found: {folder.path}")
+    marker = folder.marker()
+    if marker is None:
+        raise RunFolderError(f"{folder.path} is not a run folder made by eigenprune (it has no {MARKER}): no results of "
+                             "`eigenprune run` there")
+    if marker.get("kind") != "run":
+        raise RunFolderError(f"{folder.path} was made by `eigenprune {marker.get('kind')}`, not `eigenprune run`: it has no run results")
+    if folder.in_use():
+        raise RunFolderError(f"{folder.path} is in use by a running eigenprune (it holds the folder's .lock); wait for the run "
+                             "to finish (it writes its report itself)")
+    return folder
 
 
 def mean_curves(curves: pd.DataFrame, results: pd.DataFrame, method: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
