@@ -18,7 +18,16 @@ from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import make_student
 from eigenprune.experiments.config import Config, ConfigError
 from eigenprune.experiments.data import TrialData
-from eigenprune.experiments.grid import STEP_OVERHEAD, Chunk, data_shape, plan_chunks, resolve_device, student_plans, validation_split
+from eigenprune.experiments.grid import (
+    MAX_CHUNKS,
+    STEP_OVERHEAD,
+    Chunk,
+    data_shape,
+    plan_chunks,
+    resolve_device,
+    student_plans,
+    validation_split,
+)
 from eigenprune.experiments.measure import prepare_chunk
 
 
@@ -137,10 +146,16 @@ def split_long_chunks(cfg: Config, chunks: list[Chunk], n_fit: int | None = None
     if cfg.max_chunk_minutes is None or cfg.parity.effective_dim == "authors":
         return list(chunks)
     bound = 60 * cfg.max_chunk_minutes
+    sizes = [_most_trials(lambda m, c=c: chunk_seconds(cfg, replace(c, trials=c.trials[:m]), n_fit) <= bound, len(c.trials)) or 1
+             for c in chunks]
+    total = sum(-(-len(c.trials) // size) for c, size in zip(chunks, sizes))
+    if total > MAX_CHUNKS:  # refused before the parts are made
+        raise ConfigError(f"max_chunk_minutes {cfg.max_chunk_minutes:g} splits the grid's {sum(c.size for c in chunks)} students into "
+                          f"{total:,} chunks, more than the {MAX_CHUNKS:,} eigenprune plans; lower trials or widths, "
+                          "or raise max_chunk_minutes")
     out = []
-    for c in chunks:
+    for c, size in zip(chunks, sizes):
         n = len(c.trials)
-        size = _most_trials(lambda m, c=c: chunk_seconds(cfg, replace(c, trials=c.trials[:m]), n_fit) <= bound, n) or 1
         parts = -(-n // size)
         if parts == 1:
             out.append(c)
