@@ -59,8 +59,8 @@ TILE_FROM = 2**22
 """With `tile: auto`, the first layer runs tiled (`batched.tiled`) in chunks whose step holds more than this
 many first-layer activations (students x batch rows x padded nodes), on a CPU: where the step is bound by
 memory traffic (see `PAD_LIMIT`). Measured on this project's 2-core CPU (docs/benchmarks.md, speed round 5):
-1.2x faster a step at 30 x 1500 x 300; no gain on the narrow chunks, which keep the eager step (the quick
-run's and cpu-paper's chunks are all below it)."""
+1.13-1.49x faster a step on the wide chunks (30 x 500..1500); no gain on a narrow one (60 x 60 x 300).
+The narrow chunks keep the eager step (the quick run's and cpu-paper's chunks are all below this)."""
 
 
 def chunk_tile(cfg: Config, students: int, width: int, batch: int, device: torch.device, layers) -> int:
