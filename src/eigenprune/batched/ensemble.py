@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from eigenprune.batched import tiled
 from eigenprune.core.layers import Penalty, SpectralLinear, eigen_gap, penalty, spectral_weight
 from eigenprune.core.losses import task_loss_and_grad
 from eigenprune.core.structure import as_sequential
@@ -260,14 +261,24 @@ class ManualStep:
     weights and gaps) is looked up once, here: build a new step after changing
     the ensemble's frozen parameters or which parts train. `fused`: the first layer runs in the Triton
     kernels of `eigenprune.batched.fused` (its activations are never stored; see `fused.check` for when it applies).
+    `tile` (activations, 0: off): the first layer runs tile by tile in `eigenprune.batched.tiled` (its activations
+    exist one cache-sized tile at a time; `tiled.applies` says when it can).
     """
 
-    def __init__(self, ens: Ensemble, task: str, fused: bool = False) -> None:
-        self.ens, self.task, self.fused = ens, task, fused
+    def __init__(self, ens: Ensemble, task: str, fused: bool = False, tile: int = 0) -> None:
+        self.ens, self.task = ens, task
         self.kernels = None
+        if fused and tile:
+            raise ValueError("a step runs its first layer either fused or tiled, not both")
         if fused:  # imported when used: importing triton takes 0.25 s
             from eigenprune.batched import fused as kernels
             self.kernels = kernels
+        elif tile:
+            reason = tiled.applies(ens.layers)
+            if reason is not None:
+                raise ValueError(reason)
+            self.kernels = tiled.Tiled(tile)
+        self.fused = self.kernels is not None  # the first layer's activations are not stored
         self.layers = [_LayerStep(layer) for layer in ens.layers]
         self.params = [p for p in ens.parameters() if p.requires_grad]
 

@@ -40,7 +40,7 @@ class _Epoch:
                  opt: FusedAdam | KerasAdam) -> None:
         self.ens, self.x, self.y, self.trial_index, self.spec, self.opt = ens, x, y, trial_index, spec, opt
         self.manual = spec.backprop in ("manual", "fused")
-        step = ManualStep(ens, spec.task, fused=spec.backprop == "fused") if self.manual else None
+        step = ManualStep(ens, spec.task, fused=spec.backprop == "fused", tile=spec.tile) if self.manual else None
         # the same step, its element-wise kernels fused by inductor (compiled once per shape, on first use)
         self.train_step = torch.compile(step, dynamic=False) if spec.compile else step
         self.autograd_loss = torch.compile(self._loss, dynamic=False) if spec.backprop == "compile" else self._loss

@@ -30,6 +30,7 @@ class TrainSpec:
     backprop: Literal["manual", "fused", "autograd", "compile"] = "manual"
     cuda_graph: bool = False  # on CUDA: capture an epoch once and replay it (see `train_ensemble`)
     compile: bool = False  # the hand-written step under torch.compile (inductor fuses its element-wise kernels)
+    tile: int = 0  # backprop manual: the first layer in tiles of this many activations (`batched.tiled`); 0: off
     optimizer: Literal["adam", "keras_adam"] = "adam"  # torch's fused Adam, or `KerasAdam` (the authors' form)
 
     def __post_init__(self) -> None:
@@ -37,6 +38,8 @@ class TrainSpec:
             raise ValueError("cuda_graph needs backprop='manual' or 'fused' (autograd's backward is not captured)")
         if self.compile and self.backprop != "manual":
             raise ValueError(f"compile applies to backprop='manual', not {self.backprop!r}")
+        if self.tile and self.backprop != "manual":
+            raise ValueError(f"tile applies to backprop='manual', not {self.backprop!r}")
 
 
 class KerasAdam(torch.optim.Optimizer):

@@ -173,6 +173,9 @@ class Config(StrictModel):
     # autograd: the same batched forward differentiated by torch.autograd (slower here; docs/benchmarks.md)
     backprop: Literal["manual", "fused", "autograd", "compile"] = "manual"
     compile: bool = False  # backprop manual under torch.compile: fewer kernels per step (needs a C++ compiler on a CPU)
+    # backprop manual: the first layer in cache-sized tiles of this many activations (batched.tiled; 0: never);
+    # auto: on a CPU, for chunks whose steps hold more than grid.TILE_FROM first-layer activations
+    tile: Literal["auto"] | NonNegativeInt = "auto"
     methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
     data: DataConfig = DataConfig()
     # several teachers in one run (each replaces data.teacher); empty = data.teacher
@@ -215,6 +218,9 @@ class Config(StrictModel):
             raise ValueError(f"backprop: fused runs in float32, not {self.dtype}")
         if self.compile and self.backprop != "manual":
             raise ValueError(f"compile applies to backprop: manual, not {self.backprop}")
+        if self.tile not in ("auto", 0) and (self.backprop != "manual" or self.compile):
+            raise ValueError(f"tile applies to backprop: manual without compile, not {self.backprop}"
+                             + (" with compile" if self.compile else ""))
         if self.backprop in ("autograd", "compile") and self.cuda_graphs:
             raise ValueError("cuda_graphs needs backprop manual or fused (autograd's backward is not captured)")
         return self
@@ -243,9 +249,9 @@ class Config(StrictModel):
         return list(self.regularization.multipliers) if self.regularization.mode == "path" else [1.0]
 
     def digest(self) -> str:
-        """A hash of everything that changes results (not the device, CUDA graphs or kernels, the name, the worker count,
-        the memory limit or the chunk time bound: they change floating-point rounding at most)."""
-        payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "compile", "name", "workers", "max_memory_gb",
+        """A hash of everything that changes results (not the device, CUDA graphs, kernels or tiling, the name, the worker
+        count, the memory limit or the chunk time bound: they change floating-point rounding at most)."""
+        payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "compile", "tile", "name", "workers", "max_memory_gb",
                                            "max_chunk_minutes"})
         if self.parity == ParityConfig():  # the defaults: digests (and resumable folders) from before the option stay valid
             del payload["parity"]

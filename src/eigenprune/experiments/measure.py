@@ -21,7 +21,7 @@ from eigenprune.experiments.analysis import critical_point, effective_dim, norma
 from eigenprune.experiments.builders import make_teacher
 from eigenprune.experiments.config import Config
 from eigenprune.experiments.data import TrialData
-from eigenprune.experiments.grid import Chunk, student_file, student_plans, student_seed, validation_split
+from eigenprune.experiments.grid import Chunk, chunk_tile, student_file, student_plans, student_seed, validation_split
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, ChunkResult
 from eigenprune.pruning.checkpoint import model_bytes
@@ -83,11 +83,14 @@ def prepare_chunk(cfg: Config, chunk: Chunk, data: TrialData, device: torch.devi
     students = [make_student(input_dim, student_plans(cfg, chunk.method, w, k, data.n_outputs), student_seed(cfg, t, w), dtype)
                 for w, t, k in keys]
     m = cfg.method(chunk.method)
+    ens = Ensemble(students).to(device)
+    n_fit = validation_split(cfg, data.x_train.shape[1])
+    tile = chunk_tile(cfg, len(keys), max(chunk.widths), min(m.batch_size, n_fit), device, ens.layers)
     return Prepared(
-        ens=Ensemble(students).to(device), trial_index=torch.tensor([t for _, t, _ in keys], device=device),
+        ens=ens, trial_index=torch.tensor([t for _, t, _ in keys], device=device),
         spec=TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs, task=data.task, backprop=cfg.backprop,
-                       cuda_graph=cfg.cuda_graphs, optimizer=cfg.parity.optimizer, compile=cfg.compile),
-        shuffle=seeds.shuffle_seeds(cfg.seed, cfg.trials), n_fit=validation_split(cfg, data.x_train.shape[1]),
+                       cuda_graph=cfg.cuda_graphs, optimizer=cfg.parity.optimizer, compile=cfg.compile, tile=tile),
+        shuffle=seeds.shuffle_seeds(cfg.seed, cfg.trials), n_fit=n_fit,
     )
 
 
