@@ -8,7 +8,7 @@ import torch_pruning as tp
 from torch import nn
 
 from eigenprune import SpectralLinear, node_importance, prune_nodes, spectralize
-from eigenprune.core.layers import SpectralConv2d, SpectralModule
+from eigenprune.core.layers import SpectralConv2d, SpectralConv3d, SpectralModule
 from eigenprune.pruning.graph import ROOT_TYPES, SPECTRAL_PRUNERS, EigenImportance, mask_graph, prune_graph, select_channels
 from eigenprune.pruning.removal import PruneError
 from real_models import CNN, MODELS, ResMLP, TinyTransformer, _randomize, _settle
@@ -123,6 +123,21 @@ def test_torch_pruning_own_pruner_with_our_importance_keeps_the_same_channels():
                          customized_pruners=SPECTRAL_PRUNERS, root_module_types=ROOT_TYPES).step()
     for i in (0, 2, 4):
         torch.testing.assert_close(chain[i].weight, theirs[i].weight, rtol=0, atol=0)
+
+
+def test_prune_nodes_of_a_conv3d_net_equals_the_masked_one():
+    """A layer type added in one class (SpectralConv3d) goes through the whole graph path: ranked, pruned, exact."""
+    model, x = _spectral("cnn3d")
+    plan = select_channels(model, 3, x)
+    assert set(plan.kept) == {"c1", "c2"} and plan.left_alone == {"head": "its channels are model outputs"}
+    for keep_spectral in (True, False):
+        small = prune_nodes(model, 3, example_inputs=x, keep_spectral=keep_spectral)
+        assert small.c1.out_channels == small.c2.out_channels == 3 and small.bn.num_features == 3
+        assert type(small.c1) is (SpectralConv3d if keep_spectral else nn.Conv3d)
+        torch.testing.assert_close(small(x), mask_graph(model, plan, x)(x), rtol=1e-10, atol=1e-12)
+    scores = node_importance(model.c2)  # the default ranking: node_importance (no BatchNorm after c2)
+    assert plan.kept["c2"].tolist() == sorted(scores.argsort(descending=True)[:3].tolist())
+    assert not torch.allclose(small(x), model(x))
 
 
 def test_torch_pruning_sees_spectral_layers():

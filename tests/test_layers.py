@@ -47,12 +47,13 @@ def test_gradients_match_the_chain_rule():
     torch.testing.assert_close(layer.lam_in.grad, (layer.phi.detach() * g).sum(0))
 
 
-def test_from_and_to_linear_are_exact():
+def test_from_and_to_plain_are_exact_for_a_linear():
     lin = nn.Linear(6, 3)
-    spec = SpectralLinear.from_linear(lin)
+    spec = SpectralLinear.from_plain(lin)
     x = torch.randn(11, 6)
     assert torch.equal(spec(x), lin(x))
-    back = spec.to_linear()
+    back = spec.to_plain()
+    assert type(back) is nn.Linear
     assert torch.equal(back.weight, lin.weight) and torch.equal(back.bias, lin.bias)
 
 

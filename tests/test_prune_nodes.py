@@ -42,7 +42,7 @@ def _random_mlp(seed, spectral, dtype=torch.float64):
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g, dtype=dtype))
             lin.bias.copy_(torch.randn(lin.bias.shape, generator=g, dtype=dtype))
         if spectral:
-            lin = SpectralLinear.from_linear(lin, train_lam_in=True)
+            lin = SpectralLinear.from_plain(lin, train_lam_in=True)
             with torch.no_grad():
                 lin.lam_in.uniform_(-1, 1, generator=g)
                 lin.lam_out.uniform_(-2, 2, generator=g)

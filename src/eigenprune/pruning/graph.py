@@ -32,7 +32,7 @@ from torch_pruning import ops
 
 from eigenprune.core.convert import despectralize
 from eigenprune.core.io import first_line
-from eigenprune.core.layers import SPECTRAL_LAYERS, SpectralModule
+from eigenprune.core.layers import PLAIN_LAYERS, SPECTRAL_LAYERS, SpectralModule, plain_names
 from eigenprune.core.structure import input_tuple
 from eigenprune.pruning.importance import node_importance, normalize
 from eigenprune.pruning.removal import KeepLike, PruneError, check_finite, count_to_keep, parse_keep, top_k_mask
@@ -42,7 +42,7 @@ LayerRef = Union[nn.Module, str]
 
 
 class SpectralPruner(tp.pruner.function.BasePruningFunc):
-    """Torch-Pruning pruner for `SpectralLinear`, `SpectralConv1d`, `SpectralConv2d`.
+    """Torch-Pruning pruner for every spectral layer (`SPECTRAL_LAYERS`).
 
     Output channel o is phi[o], lam_out[o], bias[o]; input channel i is phi[:, i] and lam_in[i].
     Pass `SPECTRAL_PRUNERS` as `customized_pruners` to any Torch-Pruning pruner or DependencyGraph.
@@ -90,7 +90,7 @@ SPECTRAL_PRUNERS: dict[type[nn.Module], tp.pruner.function.BasePruningFunc] = {c
 ROOT_TYPES: tuple[type, ...] = (ops.TORCH_CONV, ops.TORCH_LINEAR, *SPECTRAL_LAYERS)
 """`root_module_types` for Torch-Pruning's pruners: its defaults plus the spectral layers (else they root no group)."""
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, *SPECTRAL_LAYERS)
+_WEIGHTED = (*PLAIN_LAYERS, *SPECTRAL_LAYERS)
 """Layers whose output channels are ranked and whose slices `mask_graph` zeroes."""
 
 _EXACT = (*_WEIGHTED, nn.modules.batchnorm._BatchNorm)
@@ -262,10 +262,10 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
                 why = "its channels are model outputs"
             elif _is_out(group, item.dep) and any(mname == i or mname.startswith(i + ".") for i in ignored):
                 why = f"{other} in ignored_layers"
-            elif isinstance(mod, nn.Conv1d | nn.Conv2d) and mod.groups != 1:
+            elif isinstance(mod, PLAIN_LAYERS) and getattr(mod, "groups", 1) != 1:
                 why = f"{other} a grouped convolution (groups={mod.groups})"
             elif not (isinstance(mod, _EXACT) or type(mod).__module__ == ops.__name__):
-                why = (f"{other} a {type(mod).__name__}, which cannot lose channels exactly (exact: Linear, Conv1d, Conv2d, "
+                why = (f"{other} a {type(mod).__name__}, which cannot lose channels exactly (exact: {plain_names()}, "
                        "BatchNorm, their spectral forms and parameter-free operations)")
             if why:
                 break
