@@ -31,7 +31,8 @@ from eigenprune.core.io import OutputError  # noqa: E402
 from eigenprune.core.layers import SpectralLinear  # noqa: E402
 from eigenprune.core.plans import LayerPlan, make_student  # noqa: E402
 from eigenprune.pruning.checkpoint import CheckpointError, load_model, save_model  # noqa: E402
-from eigenprune.pruning.removal import PruneError, prune_nodes  # noqa: E402
+from eigenprune.pruning.keep import PruneError  # noqa: E402
+from eigenprune.pruning.prune import prune_nodes  # noqa: E402
 
 export = pytest.importorskip("eigenprune.pruning.export")
 pytest.importorskip("onnxruntime")

@@ -10,7 +10,7 @@ from torch import nn
 from eigenprune import SpectralLinear, node_importance, prune_nodes, spectralize
 from eigenprune.core.layers import SpectralConv2d, SpectralConv3d, SpectralModule
 from eigenprune.pruning.graph import ROOT_TYPES, SPECTRAL_PRUNERS, EigenImportance, mask_graph, prune_graph, select_channels
-from eigenprune.pruning.removal import PruneError
+from eigenprune.pruning.keep import PruneError
 from real_models import CNN, MODELS, ResMLP, TinyTransformer, _randomize, _settle
 
 
@@ -180,7 +180,8 @@ def test_bad_input_is_one_line_and_leaves_the_model_alone():
         (dict(keep={"head": 2}), r"^keep names 'head', which is not a prunable layer \(its channels are model outputs\)"),
         (dict(keep="auto"), r"^keep='auto' is for chain MLPs"),
         (dict(keep=2, ignored_layers=["nope"]), r"^ignored_layers entry 'nope' is not a module of CNN"),
-        (dict(keep=2, layers=[0]), r"^with example_inputs, choose layers by name"),
+        (dict(keep=2, layers=[0]), r"^with example_inputs, choose layers by name.*; layers: options of the chain path$"),
+        (dict(keep=2, rtol=0.1, task="regression"), r"; rtol, task: options of the chain path$"),  # once ignored in silence
     ]
     for kwargs, pattern in cases:
         kwargs.setdefault("example_inputs", x)
@@ -189,6 +190,8 @@ def test_bad_input_is_one_line_and_leaves_the_model_alone():
         assert "\n" not in str(err.value)
     with pytest.raises(PruneError, match=r"^keep_spectral: options of the graph path; pass example_inputs"):
         prune_nodes(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), 2, keep_spectral=True)
+    with pytest.raises(PruneError, match=r"^importance, inplace: options of the graph path; pass example_inputs"):
+        prune_nodes(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), 2, importance=EigenImportance(), inplace=False)
     with pytest.raises(PruneError, match=r"^cannot prune through 1 \(Scaled\): Torch-Pruning has no pruner for it"):
         prune_nodes(nn.Sequential(nn.Linear(4, 4), Scaled(), nn.Linear(4, 1)), 2, example_inputs=torch.randn(2, 4))
     with pytest.raises(PruneError, match=r"^cannot trace NoGrad: its output on example_inputs has no autograd graph"):

@@ -13,7 +13,8 @@ from eigenprune.batched.train import evaluate
 from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.losses import task_loss, task_loss_and_grad
 from eigenprune.core.plans import LayerPlan, make_student
-from eigenprune.pruning.removal import mask_nodes, top_k_mask
+from eigenprune.pruning.chain import mask_nodes
+from eigenprune.pruning.keep import top_k_mask
 
 
 def test_import_eigenprune_loads_the_library_alone():

@@ -10,19 +10,11 @@ from eigenprune.core.losses import task_loss
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.core.structure import as_sequential, layer_sizes
 from eigenprune.core.training import TrainSpec, train_alone
+from eigenprune.pruning.chain import loss_by_kept, mask_nodes, remove_nodes, select_nodes
 from eigenprune.pruning.checkpoint import load_model, save_model
 from eigenprune.pruning.importance import node_importance
-from eigenprune.pruning.removal import (
-    KeepSpec,
-    PruneError,
-    loss_by_kept,
-    mask_nodes,
-    parse_keep,
-    prune_nodes,
-    remove_nodes,
-    select_nodes,
-    top_k_mask,
-)
+from eigenprune.pruning.keep import KeepSpec, PruneError, parse_keep, top_k_mask
+from eigenprune.pruning.prune import prune_nodes
 
 
 def _rel(a, b):

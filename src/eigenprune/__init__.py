@@ -10,7 +10,7 @@ from eigenprune.core.layers import SpectralConv1d, SpectralConv2d, SpectralLinea
 from eigenprune.core.plans import make_student
 from eigenprune.core.structure import as_sequential
 from eigenprune.pruning.importance import node_importance
-from eigenprune.pruning.removal import prune_nodes
+from eigenprune.pruning.prune import prune_nodes
 
 __version__ = "0.1.0"
 

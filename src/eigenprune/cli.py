@@ -234,7 +234,7 @@ def show_config(config: Annotated[Optional[Path], typer.Argument(help="YAML conf
 
 def _pruning_errors() -> tuple[type[Exception], ...]:
     from eigenprune.pruning.export import ExportError
-    from eigenprune.pruning.removal import PruneError
+    from eigenprune.pruning.keep import PruneError
 
     return (*USER_ERRORS, PruneError, ExportError)
 
@@ -245,7 +245,7 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     from safetensors.torch import load_file
 
     from eigenprune.experiments.grid import make_data, validation_split
-    from eigenprune.pruning.removal import PruneError
+    from eigenprune.pruning.keep import PruneError
 
     if data is not None and data.is_file():
         with open(data, "rb") as f:
@@ -300,7 +300,7 @@ def _check_validation(model, x, y, task: str):
     import torch
 
     from eigenprune.core.structure import layer_sizes
-    from eigenprune.pruning.removal import PruneError
+    from eigenprune.pruning.keep import PruneError
 
     sizes = layer_sizes(model)
     n_in, n_out = sizes[0], sizes[-1]
@@ -352,8 +352,10 @@ def prune(
 
     from eigenprune.core.losses import task_loss
     from eigenprune.core.structure import as_sequential, layer_sizes, linear_layers
+    from eigenprune.pruning.chain import ranked_layers
     from eigenprune.pruning.checkpoint import is_checkpoint, load_model, save_model
-    from eigenprune.pruning.removal import PruneError, parse_keep, prune_nodes, ranked_layers
+    from eigenprune.pruning.keep import PruneError, parse_keep
+    from eigenprune.pruning.prune import prune_nodes
 
     try:
         target = check_output(out or Path(checkpoint.stem + "-pruned.safetensors"),  # not inside a run folder's chunk
