@@ -327,9 +327,9 @@ def _layer_kind(layer) -> str:
 
     if not isinstance(layer, SpectralLinear):
         return "dense"
-    if layer.lam_out.requires_grad:
+    if layer.role == "spectral":
         return "spectral"
-    return "direct, L2-regularized" if layer.l2_phi > 0 and layer.phi.requires_grad else "dense, unregularized"
+    return f"{layer.role}, regularized" if layer.ranked else "dense, unregularized"
 
 
 @app.command()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -144,6 +144,10 @@ def penalty(layer: SpectralModule, lead: int = 0, total: torch.Tensor | None = N
     return Penalty(layer, lead).value(total)
 
 
+Role = Literal["spectral", "direct", "fixed"]
+"""How a spectral layer trains (the names of `LayerPlan.kind`): see `SpectralModule.role`."""
+
+
 class SpectralModule(nn.Module):
     """What every spectral layer shares: parameters phi, lam_in, lam_out, bias; their flags; the penalty; the exact
     conversion from and to its plain twin.
@@ -198,6 +202,22 @@ class SpectralModule(nn.Module):
         l2_phi * sum(phi^2) + l2_lam * sum(lam^2), plus, when set, l1_lam * sum_i |lam_out_i| and
         group_lasso * sum_i ||w_i|| (all kernel positions of output channel i for a convolution)."""
         return penalty(self)
+
+    @property
+    def role(self) -> Role:
+        """How this layer trains, read from which parameters train (their `requires_grad`, the one record of it):
+        "spectral" when its eigenvalues lam_out train, "direct" when phi (or lam_in) trains with lam_out frozen
+        (an ordinary layer, w = (lam_in - lam_out) * phi), "fixed" when nothing but perhaps the bias trains
+        (the paper's frozen readout). `LayerPlan.kind` builds a layer of each role."""
+        if self.lam_out.requires_grad:
+            return "spectral"
+        return "direct" if self.phi.requires_grad or self.lam_in.requires_grad else "fixed"
+
+    @property
+    def ranked(self) -> bool:
+        """Whether its training ranks its nodes, so that pruning by importance means something: its eigenvalues
+        train, or a sparsity term (l1_lam, group_lasso) or an L2 term on a trained phi is set."""
+        return self.role == "spectral" or self.l1_lam > 0 or self.group_lasso > 0 or (self.phi.requires_grad and self.l2_phi > 0)
 
     @classmethod
     def _shape(cls, layer: nn.Module) -> tuple:

@@ -192,13 +192,12 @@ def _default_scores(model: nn.Module, layer: int, x: torch.Tensor | None = None,
 
 
 def ranked_layers(model: nn.Module) -> list[int]:
-    """The hidden linear layers a training method ranks, the default of `select_nodes`: those that are
-    `SpectralLinear` with trained eigenvalues or with a sparsity/L2 term on what trains (the method's
-    layer of an eigenprune student, every layer of a deep or `spectralize`d one). A model with none
-    (plain `nn.Linear` layers, say) gets all its hidden layers."""
+    """The hidden linear layers a training method ranks, the default of `select_nodes`: the `SpectralLinear`
+    layers whose training ranks their nodes (`SpectralModule.ranked`: trained eigenvalues, or a sparsity/L2
+    term on what trains; the method's layer of an eigenprune student, every layer of a deep or `spectralize`d
+    one). A model with none (plain `nn.Linear` layers, say) gets all its hidden layers."""
     hidden = linear_layers(_chain(model))[:-1]
-    ranked = [i for i, m in enumerate(hidden) if isinstance(m, SpectralLinear) and (
-        m.lam_out.requires_grad or m.l1_lam > 0 or m.group_lasso > 0 or (m.phi.requires_grad and m.l2_phi > 0))]
+    ranked = [i for i, m in enumerate(hidden) if isinstance(m, SpectralLinear) and m.ranked]
     return ranked or list(range(len(hidden)))
 
 
