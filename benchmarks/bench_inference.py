@@ -26,7 +26,8 @@ import torch
 from eigenprune.core.convert import despectralize
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.core.structure import layer_sizes
-from eigenprune.pruning.removal import mask_nodes, prune_nodes, select_nodes
+from eigenprune.pruning.chain import mask_nodes, select_nodes
+from eigenprune.pruning.prune import prune_nodes
 
 
 def median_seconds(model: torch.nn.Module, x: torch.Tensor, min_time: float = 0.3, repeats: int = 15) -> float:

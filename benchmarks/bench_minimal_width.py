@@ -29,7 +29,7 @@ from eigenprune.core.seeds import derive_seed
 from eigenprune.core.structure import layer_sizes
 from eigenprune.core.training import TrainSpec
 from eigenprune.experiments.data import teacher_data
-from eigenprune.pruning.removal import prune_nodes
+from eigenprune.pruning.prune import prune_nodes
 from eigenprune.pruning.search import minimal_width
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from eigenprune import despectralize, spectral_penalty, spectralize
-from eigenprune.pruning.graph import ChannelPlan, EigenImportance, choose_channels, prune_graph, select_channels
+from eigenprune.pruning import ChannelPlan, EigenImportance, choose_channels, prune_graph, select_channels
 
 CRITERIA: dict[str, Callable[[], tp.importance.Importance]] = {
     "eigenprune": EigenImportance,

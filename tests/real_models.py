@@ -59,7 +59,22 @@ class TinyTransformer(nn.Module):
         return self.head(self.encoder(self.embed(x)).mean(1))
 
 
-MODELS = {"cnn": (CNN, (4, 1, 8, 8)), "resmlp": (ResMLP, (5, 6)), "transformer": (TinyTransformer, (3, 8, 8))}
+class CNN3d(nn.Module):
+    """A small volumetric CNN: Conv3d -> BatchNorm3d -> ReLU -> Conv3d -> ReLU -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv3d(2, 6, 3, padding=1)
+        self.bn = nn.BatchNorm3d(6)
+        self.c2 = nn.Conv3d(6, 5, 3)
+        self.head = nn.Linear(5 * 2 * 2 * 2, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c2(torch.relu(self.bn(self.c1(x))))).flatten(1))
+
+
+MODELS = {"cnn": (CNN, (4, 1, 8, 8)), "resmlp": (ResMLP, (5, 6)), "transformer": (TinyTransformer, (3, 8, 8)),
+          "cnn3d": (CNN3d, (3, 2, 4, 4, 4))}
 
 
 def _settle(model, seed=0):

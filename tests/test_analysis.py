@@ -10,7 +10,7 @@ from eigenprune.core.losses import task_loss
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.experiments.analysis import effective_dim
 from eigenprune.pruning.importance import eigenvalue_importance, feature_norm, node_importance, normalize
-from eigenprune.pruning.removal import top_k_mask
+from eigenprune.pruning.keep import top_k_mask
 
 
 def test_eigenvalue_importance_on_hand_made_weights():

@@ -585,7 +585,8 @@ def _nan_model():
 def _api_cases():
     from eigenprune.experiments.config import ConfigError
     from eigenprune.experiments.data import DataError, csv_data
-    from eigenprune.pruning.removal import PruneError, prune_nodes
+    from eigenprune.pruning.keep import PruneError
+    from eigenprune.pruning.prune import prune_nodes
 
     x, y = torch.randn(16, 10), torch.randn(16)
     return {
@@ -625,7 +626,8 @@ def test_python_api_bad_input_raises_one_typed_line(name, tmp_path):
 
 
 def test_python_api_float64_model_with_float32_data_and_default_layers():
-    from eigenprune.pruning.removal import prune_nodes, ranked_layers
+    from eigenprune.pruning.chain import ranked_layers
+    from eigenprune.pruning.prune import prune_nodes
 
     model = _api_model(torch.float64)
     assert ranked_layers(model) == [0] and ranked_layers(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))) == [0]

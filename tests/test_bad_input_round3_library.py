@@ -31,7 +31,8 @@ from eigenprune.core.io import OutputError  # noqa: E402
 from eigenprune.core.layers import SpectralLinear  # noqa: E402
 from eigenprune.core.plans import LayerPlan, make_student  # noqa: E402
 from eigenprune.pruning.checkpoint import CheckpointError, load_model, save_model  # noqa: E402
-from eigenprune.pruning.removal import PruneError, prune_nodes  # noqa: E402
+from eigenprune.pruning.keep import PruneError  # noqa: E402
+from eigenprune.pruning.prune import prune_nodes  # noqa: E402
 
 export = pytest.importorskip("eigenprune.pruning.export")
 pytest.importorskip("onnxruntime")
@@ -240,10 +241,6 @@ CASES = [
     Case("prune-not-a-chain", "`prune_nodes` (chain path) of Linear -> LayerNorm -> Linear (before: TypeError)",
          "cannot read LayerNorm as part of an MLP; supported: Linear, SpectralLinear",
          lambda d: prune_nodes(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)), 2), PruneError),
-    Case("prune-conv3d", "`prune_nodes` of Conv3d -> ReLU -> Conv3d",
-         "0: it is a Conv3d, which cannot lose channels exactly (exact: Linear, Conv1d, Conv2d, BatchNorm",
-         lambda d: prune_nodes(nn.Sequential(nn.Conv3d(2, 4, 3), nn.ReLU(), nn.Conv3d(4, 3, 3)), 2,
-                               example_inputs=torch.randn(1, 2, 6, 6, 6)), PruneError),
     Case("prune-convtranspose", "`prune_nodes` of ConvTranspose2d -> ReLU -> Conv2d",
          "0: it is a ConvTranspose2d, which cannot lose channels exactly",
          lambda d: prune_nodes(nn.Sequential(nn.ConvTranspose2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3)), 2,

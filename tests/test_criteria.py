@@ -12,7 +12,7 @@ from eigenprune.core.training import TrainSpec, train_alone
 from eigenprune.experiments.analysis import critical_point
 from eigenprune.experiments.builders import make_teacher
 from eigenprune.pruning.criteria import CRITERIA, Criterion, get_criterion, register
-from eigenprune.pruning.removal import prune_nodes
+from eigenprune.pruning.prune import prune_nodes
 
 
 def _student(width, criterion="eigenvalue", seed=0, dtype=torch.float64):

@@ -82,7 +82,7 @@ def test_accuracy_curves_match_masked_predictions():
     ti = torch.tensor([0, 0])
     scores = node_importance(ens.layers[0])
     acc = pruning_curves(ens, 0, scores, x, y, ti, "classification", metric="accuracy")
-    from eigenprune.pruning.removal import top_k_mask
+    from eigenprune.pruning.keep import top_k_mask
     for k in (1, 4, 7):
         pred = ens(x[ti], kept={0: top_k_mask(scores, k)}).argmax(-1)
         torch.testing.assert_close(acc[:, k - 1], (pred == y[ti]).float().mean(-1))

@@ -8,9 +8,9 @@ import torch_pruning as tp
 from torch import nn
 
 from eigenprune import SpectralLinear, node_importance, prune_nodes, spectralize
-from eigenprune.core.layers import SpectralConv2d, SpectralModule
+from eigenprune.core.layers import SpectralConv2d, SpectralConv3d, SpectralModule
 from eigenprune.pruning.graph import ROOT_TYPES, SPECTRAL_PRUNERS, EigenImportance, mask_graph, prune_graph, select_channels
-from eigenprune.pruning.removal import PruneError
+from eigenprune.pruning.keep import PruneError
 from real_models import CNN, MODELS, ResMLP, TinyTransformer, _randomize, _settle
 
 
@@ -125,6 +125,21 @@ def test_torch_pruning_own_pruner_with_our_importance_keeps_the_same_channels():
         torch.testing.assert_close(chain[i].weight, theirs[i].weight, rtol=0, atol=0)
 
 
+def test_prune_nodes_of_a_conv3d_net_equals_the_masked_one():
+    """A layer type added in one class (SpectralConv3d) goes through the whole graph path: ranked, pruned, exact."""
+    model, x = _spectral("cnn3d")
+    plan = select_channels(model, 3, x)
+    assert set(plan.kept) == {"c1", "c2"} and plan.left_alone == {"head": "its channels are model outputs"}
+    for keep_spectral in (True, False):
+        small = prune_nodes(model, 3, example_inputs=x, keep_spectral=keep_spectral)
+        assert small.c1.out_channels == small.c2.out_channels == 3 and small.bn.num_features == 3
+        assert type(small.c1) is (SpectralConv3d if keep_spectral else nn.Conv3d)
+        torch.testing.assert_close(small(x), mask_graph(model, plan, x)(x), rtol=1e-10, atol=1e-12)
+    scores = node_importance(model.c2)  # the default ranking: node_importance (no BatchNorm after c2)
+    assert plan.kept["c2"].tolist() == sorted(scores.argsort(descending=True)[:3].tolist())
+    assert not torch.allclose(small(x), model(x))
+
+
 def test_torch_pruning_sees_spectral_layers():
     model, x = _spectral("cnn")
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, customized_pruners=SPECTRAL_PRUNERS)
@@ -165,7 +180,8 @@ def test_bad_input_is_one_line_and_leaves_the_model_alone():
         (dict(keep={"head": 2}), r"^keep names 'head', which is not a prunable layer \(its channels are model outputs\)"),
         (dict(keep="auto"), r"^keep='auto' is for chain MLPs"),
         (dict(keep=2, ignored_layers=["nope"]), r"^ignored_layers entry 'nope' is not a module of CNN"),
-        (dict(keep=2, layers=[0]), r"^with example_inputs, choose layers by name"),
+        (dict(keep=2, layers=[0]), r"^with example_inputs, choose layers by name.*; layers: options of the chain path$"),
+        (dict(keep=2, rtol=0.1, task="regression"), r"; rtol, task: options of the chain path$"),  # once ignored in silence
     ]
     for kwargs, pattern in cases:
         kwargs.setdefault("example_inputs", x)
@@ -174,6 +190,8 @@ def test_bad_input_is_one_line_and_leaves_the_model_alone():
         assert "\n" not in str(err.value)
     with pytest.raises(PruneError, match=r"^keep_spectral: options of the graph path; pass example_inputs"):
         prune_nodes(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), 2, keep_spectral=True)
+    with pytest.raises(PruneError, match=r"^importance, inplace: options of the graph path; pass example_inputs"):
+        prune_nodes(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), 2, importance=EigenImportance(), inplace=False)
     with pytest.raises(PruneError, match=r"^cannot prune through 1 \(Scaled\): Torch-Pruning has no pruner for it"):
         prune_nodes(nn.Sequential(nn.Linear(4, 4), Scaled(), nn.Linear(4, 1)), 2, example_inputs=torch.randn(2, 4))
     with pytest.raises(PruneError, match=r"^cannot trace NoGrad: its output on example_inputs has no autograd graph"):

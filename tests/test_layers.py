@@ -47,12 +47,13 @@ def test_gradients_match_the_chain_rule():
     torch.testing.assert_close(layer.lam_in.grad, (layer.phi.detach() * g).sum(0))
 
 
-def test_from_and_to_linear_are_exact():
+def test_from_and_to_plain_are_exact_for_a_linear():
     lin = nn.Linear(6, 3)
-    spec = SpectralLinear.from_linear(lin)
+    spec = SpectralLinear.from_plain(lin)
     x = torch.randn(11, 6)
     assert torch.equal(spec(x), lin(x))
-    back = spec.to_linear()
+    back = spec.to_plain()
+    assert type(back) is nn.Linear
     assert torch.equal(back.weight, lin.weight) and torch.equal(back.bias, lin.bias)
 
 
@@ -120,3 +121,25 @@ def test_node_importance_is_the_norm_of_the_actual_incoming_weights():
     with torch.no_grad():
         paper.lam_out.copy_(torch.tensor([0.0, 1.0, -2.0]))
     torch.testing.assert_close(node_importance(paper), paper.lam_out.abs() * paper.phi.norm(dim=1), rtol=0, atol=0)
+
+
+def test_a_layers_role_is_read_once_from_what_trains():
+    from eigenprune.core import LayerPlan, SpectralConv2d
+    from eigenprune.core.plans import make_layer
+    from eigenprune.pruning import get_criterion
+
+    g = torch.Generator().manual_seed(0)
+    for kind in ("spectral", "direct", "fixed"):
+        assert make_layer(3, LayerPlan(4, kind), g, torch.float32).role == kind
+    ranked = {name: make_layer(3, get_criterion(name).layer_plan(4), g, torch.float32).ranked
+              for name in ("eigenvalue", "feature_norm", "slimming", "group_lasso")}
+    assert ranked == {"eigenvalue": True, "feature_norm": True, "slimming": True, "group_lasso": True}
+    assert not make_layer(3, LayerPlan(4, "direct", 0.0, 0.0), g, torch.float32).ranked  # the paper's dense `rest`
+    assert not make_layer(3, LayerPlan(4, "fixed", 0.0, 0.0), g, torch.float32).ranked  # the frozen readout
+    layer = spectralize(nn.Linear(3, 4))
+    assert layer.role == "spectral" and layer.ranked
+    layer.lam_out.requires_grad_(False)  # the flags are the record: changing them changes the role
+    assert layer.role == "direct"
+    layer.phi.requires_grad_(False)
+    assert layer.role == "fixed"
+    assert SpectralConv2d(2, 3, 3, train_lam_out=False).role == "direct"

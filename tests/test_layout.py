@@ -1,19 +1,25 @@
 """The library stands apart from the runner, and each piece of math has one home that the others agree with."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import eigenprune
+import eigenprune.core
+import eigenprune.pruning
 from eigenprune.batched.curves import pruning_curves
 from eigenprune.batched.ensemble import Ensemble
 from eigenprune.batched.train import evaluate
 from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.losses import task_loss, task_loss_and_grad
 from eigenprune.core.plans import LayerPlan, make_student
-from eigenprune.pruning.removal import mask_nodes, top_k_mask
+from eigenprune.pruning.chain import mask_nodes
+from eigenprune.pruning.keep import top_k_mask
 
 
 def test_import_eigenprune_loads_the_library_alone():
@@ -26,8 +32,26 @@ def test_import_eigenprune_loads_the_library_alone():
 
 
 def test_the_runner_is_reached_only_on_demand():
-    code = "import sys, eigenprune; eigenprune.make_teacher(3, [4], 0); print('eigenprune.experiments' in sys.modules)"
+    code = ("import sys, eigenprune; from eigenprune.experiments.builders import make_teacher; make_teacher(3, [4], 0); "
+            "print('eigenprune.experiments' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("face", [eigenprune, eigenprune.core, eigenprune.pruning])
+def test_each_face_exports_what_its_all_lists_and_not_the_runner(face):
+    assert face.__all__ == sorted(face.__all__, key=lambda n: (not n.isupper(), not n[0].isupper(), n))  # ruff's order
+    assert all(hasattr(face, name) for name in face.__all__)
+    assert not {"make_teacher", "make_student", "LayerPlan"} & set(eigenprune.__all__)  # the runner's builders stay out
+    assert eigenprune.prune_nodes is eigenprune.pruning.prune_nodes and eigenprune.SpectralConv3d is eigenprune.core.SpectralConv3d
+
+
+def test_the_docs_import_from_the_faces_never_three_levels_deep():
+    root = Path(__file__).parents[1]
+    deep = re.compile(r"^\s*from eigenprune\.\w+\.\w+ import", re.M)
+    found = [f"{p.relative_to(root)}: {m.group(0).strip()}" for p in [root / "README.md", *sorted((root / "docs").glob("*.md")),
+                                                                    *sorted((root / "examples").glob("*.py"))]
+             for m in deep.finditer(p.read_text())]
+    assert found == []
 
 
 @pytest.mark.parametrize("task", ["regression", "classification"])

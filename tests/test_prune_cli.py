@@ -12,8 +12,8 @@ from eigenprune.core.structure import layer_sizes
 from eigenprune.experiments.config import Config
 from eigenprune.experiments.grid import make_data
 from eigenprune.experiments.runner import run_experiment
+from eigenprune.pruning.chain import mask_nodes, select_nodes
 from eigenprune.pruning.checkpoint import CheckpointError, load_model, save_model
-from eigenprune.pruning.removal import mask_nodes, select_nodes
 
 runner = CliRunner()
 

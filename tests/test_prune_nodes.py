@@ -10,19 +10,11 @@ from eigenprune.core.losses import task_loss
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.core.structure import as_sequential, layer_sizes
 from eigenprune.core.training import TrainSpec, train_alone
+from eigenprune.pruning.chain import loss_by_kept, mask_nodes, remove_nodes, select_nodes
 from eigenprune.pruning.checkpoint import load_model, save_model
 from eigenprune.pruning.importance import node_importance
-from eigenprune.pruning.removal import (
-    KeepSpec,
-    PruneError,
-    loss_by_kept,
-    mask_nodes,
-    parse_keep,
-    prune_nodes,
-    remove_nodes,
-    select_nodes,
-    top_k_mask,
-)
+from eigenprune.pruning.keep import KeepSpec, PruneError, parse_keep, top_k_mask
+from eigenprune.pruning.prune import prune_nodes
 
 
 def _rel(a, b):
@@ -42,7 +34,7 @@ def _random_mlp(seed, spectral, dtype=torch.float64):
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g, dtype=dtype))
             lin.bias.copy_(torch.randn(lin.bias.shape, generator=g, dtype=dtype))
         if spectral:
-            lin = SpectralLinear.from_linear(lin, train_lam_in=True)
+            lin = SpectralLinear.from_plain(lin, train_lam_in=True)
             with torch.no_grad():
                 lin.lam_in.uniform_(-1, 1, generator=g)
                 lin.lam_out.uniform_(-2, 2, generator=g)

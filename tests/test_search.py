@@ -6,7 +6,7 @@ from eigenprune.core.losses import task_loss
 from eigenprune.core.structure import layer_sizes
 from eigenprune.core.training import TrainSpec
 from eigenprune.experiments.builders import make_teacher
-from eigenprune.pruning.removal import PruneError
+from eigenprune.pruning.keep import PruneError
 from eigenprune.pruning.search import minimal_width
 
 

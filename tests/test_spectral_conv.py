@@ -8,13 +8,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from eigenprune import SpectralLinear, despectralize, spectral_penalty, spectralize
+from eigenprune import SpectralLinear, despectralize, node_importance, spectral_penalty, spectralize
 from eigenprune.core.convert import SpectralizeError, plan_spectralize
-from eigenprune.core.layers import SpectralConv1d, SpectralConv2d, spectral_weight
-from real_models import CNN, MODELS, TinyTransformer, _randomize, _settle
+from eigenprune.core.layers import (
+    PLAIN_LAYERS,
+    SPECTRAL_LAYERS,
+    SpectralConv1d,
+    SpectralConv2d,
+    SpectralConv3d,
+    spectral_twin,
+    spectral_weight,
+)
+from real_models import CNN, MODELS, CNN3d, TinyTransformer, _randomize, _settle
 
 
-@pytest.mark.parametrize("cls,conv,shape", [(SpectralConv1d, F.conv1d, (3, 4, 11)), (SpectralConv2d, F.conv2d, (3, 4, 7, 6))])
+@pytest.mark.parametrize("cls,conv,shape", [(SpectralConv1d, F.conv1d, (3, 4, 11)), (SpectralConv2d, F.conv2d, (3, 4, 7, 6)),
+                                            (SpectralConv3d, F.conv3d, (2, 4, 5, 6, 4))])
 def test_spectral_conv_outputs_and_gradients_match_autograd_on_the_formula(cls, conv, shape):
     layer = cls(4, 5, 3, stride=2, padding=1, dilation=1, bias=True, train_lam_in=True, dtype=torch.float64)
     _randomize(layer)
@@ -34,16 +43,18 @@ def test_spectral_conv_outputs_and_gradients_match_autograd_on_the_formula(cls, 
 
 
 @pytest.mark.parametrize("plain", [nn.Conv1d(3, 6, 5, padding="same", bias=True),
-                                   nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2), bias=False)])
-def test_from_and_to_conv_are_exact_and_keep_gradients(plain):
-    spec = (SpectralConv1d if isinstance(plain, nn.Conv1d) else SpectralConv2d).from_conv(plain)
+                                   nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2), bias=False),
+                                   nn.Conv3d(3, 6, (3, 1, 2), stride=(1, 2, 1), padding=1, dilation=(2, 1, 1), bias=True)])
+def test_from_and_to_plain_are_exact_and_keep_gradients(plain):
+    spec = spectral_twin(type(plain)).from_plain(plain)
+    assert type(spec).plain is type(plain)
     x = torch.randn(2, 3, *([9] * (spec.kernel_dims)), requires_grad=True)
     out = spec(x)
     assert torch.equal(out, plain(x))
     gx_spec, = torch.autograd.grad(out.sum(), x)
     gx_plain, = torch.autograd.grad(plain(x).sum(), x)
     assert torch.equal(gx_spec, gx_plain)
-    back = spec.to_conv()
+    back = spec.to_plain()
     assert type(back) is type(plain) and torch.equal(back.weight, plain.weight) and torch.equal(back(x), plain(x))
     assert (back.bias is None) == (plain.bias is None)
 
@@ -88,16 +99,16 @@ def test_spectralize_despectralize_round_trip_is_exact(kind):
     x = torch.randn(*shape, requires_grad=True)
     ref = model(x)
     ref_gx, = torch.autograd.grad(ref.sum(), x)
-    plain_types = sum(type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d) for m in model.modules())
+    plain_types = sum(type(m) in PLAIN_LAYERS for m in model.modules())
     spectralize(model)
-    spectral = [m for m in model.modules() if isinstance(m, (SpectralLinear, SpectralConv1d, SpectralConv2d))]
+    spectral = [m for m in model.modules() if isinstance(m, SPECTRAL_LAYERS)]
     assert len(spectral) == plain_types
     out = model(x)
     gx, = torch.autograd.grad(out.sum(), x)
     assert torch.equal(out, ref) and torch.equal(gx, ref_gx)
     assert spectral_penalty(model) > 0
     despectralize(model)
-    assert sum(type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d) for m in model.modules()) == plain_types
+    assert sum(type(m) in PLAIN_LAYERS for m in model.modules()) == plain_types
     assert torch.equal(model(x), ref)
 
 
@@ -112,7 +123,7 @@ def test_the_report_lists_what_is_converted_and_what_is_left_alone(caplog):
     assert "converted 4 layer(s), left 4 alone" in caplog.text and "encoder.norm2" in caplog.text
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["spectralize left encoder.self_attn.out_proj (NonDynamicallyQuantizableLinear) alone: "
-                        "NonDynamicallyQuantizableLinear has no spectral form (Linear, Conv1d, Conv2d have)"]
+                        "NonDynamicallyQuantizableLinear has no spectral form (Linear, Conv1d, Conv2d, Conv3d have)"]
     assert type(model.encoder.self_attn.out_proj) is not SpectralLinear
 
 
@@ -127,12 +138,14 @@ def test_include_and_exclude_select_layers_by_name_or_type():
 
 
 def test_unsupported_convolutions_are_reported_not_converted():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Conv3d(4, 4, 1))
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                          nn.ConvTranspose3d(4, 4, 1), nn.Conv3d(4, 4, 1, groups=4))
     report = plan_spectralize(model)
     assert report.converted == []
     assert report.left_alone == {"0": "groups=2 (only groups=1 is supported)",
                                  "1": "padding_mode='reflect' (only 'zeros' is supported)",
-                                 "2": "Conv3d has no spectral form (Linear, Conv1d, Conv2d have)"}
+                                 "2": "ConvTranspose3d has no spectral form (Linear, Conv1d, Conv2d, Conv3d have)",
+                                 "3": "groups=4 (only groups=1 is supported)"}
 
 
 def test_a_lazy_layer_is_refused_in_one_line():
@@ -184,3 +197,42 @@ def test_state_dict_round_trip_and_torch_compile(tmp_path):
     got = dict(compiled.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(got["_orig_mod." + name].grad, p.grad, rtol=1e-5, atol=1e-6)
+
+
+# --- a layer type is declared once ------------------------------------------------------------------------
+
+
+def test_every_spectral_layer_declares_its_plain_twin_and_functional_once():
+    assert [cls.plain for cls in SPECTRAL_LAYERS] == [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d] == list(PLAIN_LAYERS)
+    assert [cls.functional for cls in SPECTRAL_LAYERS] == [F.linear, F.conv1d, F.conv2d, F.conv3d]
+    for cls in SPECTRAL_LAYERS:
+        assert spectral_twin(cls.plain) is cls
+    assert spectral_twin(nn.ConvTranspose2d) is None and spectral_twin(nn.modules.linear.NonDynamicallyQuantizableLinear) is None
+
+
+def test_a_conv3d_model_spectralizes_and_back_exactly_with_penalty_and_importance():
+    torch.manual_seed(0)
+    model = _settle(CNN3d()).eval()
+    x = torch.randn(3, 2, 4, 4, 4, requires_grad=True)
+    ref = model(x)
+    ref_gx, = torch.autograd.grad(ref.sum(), x)
+    plain_c1 = copy.deepcopy(model.c1)
+    spectralize(model)
+    assert type(model.c1) is type(model.c2) is SpectralConv3d and type(model.head) is SpectralLinear
+    out = model(x)
+    gx, = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(out, ref) and torch.equal(gx, ref_gx)
+    # penalty: the paper's L2 terms over the trained parts (lam_in is frozen by default)
+    want = sum(0.01 * m.phi.square().sum() + 5e-4 * m.lam_out.square().sum() for m in (model.c1, model.c2, model.head))
+    torch.testing.assert_close(spectral_penalty(model), want)
+    # importance: the norm of each output channel's incoming weights (all kernel positions), the plain layer's too
+    want = plain_c1.weight.detach().flatten(1).norm(dim=1)
+    torch.testing.assert_close(node_importance(model.c1), want)
+    torch.testing.assert_close(node_importance(plain_c1), want)
+    with torch.no_grad():
+        model.c1.lam_out.mul_(torch.linspace(0.1, 2, 6))
+    torch.testing.assert_close(node_importance(model.c1), model.c1.lam_out.abs().detach() * model.c1.phi.detach().flatten(1).norm(dim=1))
+    spectral_out = model(x)
+    despectralize(model)
+    assert type(model.c1) is type(model.c2) is nn.Conv3d and type(model.head) is nn.Linear
+    assert torch.equal(model(x), spectral_out)

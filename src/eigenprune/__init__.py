@@ -1,39 +1,43 @@
 """eigenprune: spectral training and eigenvalue-ranked structural pruning.
 
-`import eigenprune` loads the library alone (torch, numpy, safetensors): spectral layers, conversion,
-importance and pruning. The paper's experiment runner lives in `eigenprune.experiments` and is loaded
-only when used (`make_teacher` below loads it on first access).
+`import eigenprune` loads the library alone (torch, numpy, safetensors, torch-pruning): spectral layers, conversion,
+importance, pruning and checkpoints; `eigenprune.core` and `eigenprune.pruning` are its two faces, with more. The
+paper's experiment runner (teachers, students of the paper's shape, the grid) lives in `eigenprune.experiments` and
+is loaded only when imported.
 """
 
-from eigenprune.core.convert import despectralize, plan_spectralize, spectral_penalty, spectralize
-from eigenprune.core.layers import SpectralConv1d, SpectralConv2d, SpectralLinear, spectral_weight
-from eigenprune.core.plans import make_student
-from eigenprune.core.structure import as_sequential
-from eigenprune.pruning.importance import node_importance
-from eigenprune.pruning.removal import prune_nodes
+from eigenprune.core import (
+    SpectralConv1d,
+    SpectralConv2d,
+    SpectralConv3d,
+    SpectralLinear,
+    as_sequential,
+    despectralize,
+    plan_spectralize,
+    spectral_penalty,
+    spectral_weight,
+    spectralize,
+)
+from eigenprune.pruning import EigenImportance, KeepSpec, PruneError, load_model, node_importance, prune_nodes, save_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EigenImportance",
+    "KeepSpec",
+    "PruneError",
     "SpectralConv1d",
     "SpectralConv2d",
+    "SpectralConv3d",
     "SpectralLinear",
     "as_sequential",
     "despectralize",
-    "make_student",
-    "make_teacher",
+    "load_model",
     "node_importance",
     "plan_spectralize",
     "prune_nodes",
+    "save_model",
     "spectral_penalty",
     "spectral_weight",
     "spectralize",
 ]
-
-
-def __getattr__(name: str):
-    if name == "make_teacher":  # the paper's teacher belongs to the experiment runner
-        from eigenprune.experiments.builders import make_teacher
-
-        return make_teacher
-    raise AttributeError(f"module 'eigenprune' has no attribute {name!r}")

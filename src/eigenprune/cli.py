@@ -272,7 +272,7 @@ def show_config(
 
 def _pruning_errors() -> tuple[type[Exception], ...]:
     from eigenprune.pruning.export import ExportError
-    from eigenprune.pruning.removal import PruneError
+    from eigenprune.pruning.keep import PruneError
 
     return (*USER_ERRORS, PruneError, ExportError)
 
@@ -283,7 +283,7 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     from safetensors.torch import load_file
 
     from eigenprune.experiments.grid import make_data, validation_split
-    from eigenprune.pruning.removal import PruneError
+    from eigenprune.pruning.keep import PruneError
 
     if data is not None:
         check_path(data, "--data", PruneError)
@@ -343,7 +343,7 @@ def _check_validation(model, x, y, task: str):
     import torch
 
     from eigenprune.core.structure import layer_sizes
-    from eigenprune.pruning.removal import PruneError
+    from eigenprune.pruning.keep import PruneError
 
     sizes = layer_sizes(model)
     n_in, n_out = sizes[0], sizes[-1]
@@ -370,9 +370,9 @@ def _layer_kind(layer) -> str:
 
     if not isinstance(layer, SpectralLinear):
         return "dense"
-    if layer.lam_out.requires_grad:
+    if layer.role == "spectral":
         return "spectral"
-    return "direct, L2-regularized" if layer.l2_phi > 0 and layer.phi.requires_grad else "dense, unregularized"
+    return f"{layer.role}, regularized" if layer.ranked else "dense, unregularized"
 
 
 @app.command()
@@ -395,8 +395,10 @@ def prune(
 
     from eigenprune.core.losses import task_loss
     from eigenprune.core.structure import as_sequential, layer_sizes, linear_layers
+    from eigenprune.pruning.chain import ranked_layers
     from eigenprune.pruning.checkpoint import is_checkpoint, load_model, save_model
-    from eigenprune.pruning.removal import PruneError, parse_keep, prune_nodes, ranked_layers
+    from eigenprune.pruning.keep import PruneError, parse_keep
+    from eigenprune.pruning.prune import prune_nodes
 
     try:
         target = check_output(out or Path(checkpoint.stem + "-pruned.safetensors"),  # not inside a run folder's chunk

@@ -8,7 +8,8 @@ from eigenprune.batched.ensemble import Ensemble
 from eigenprune.batched.train import evaluate
 from eigenprune.core.losses import Task, task_metric
 from eigenprune.core.structure import check_hidden_layer
-from eigenprune.pruning.removal import CURVE_BUDGET, top_k_mask
+from eigenprune.pruning.chain import CURVE_BUDGET
+from eigenprune.pruning.keep import top_k_mask
 
 
 @torch.no_grad()

@@ -108,7 +108,7 @@ class Ensemble(nn.Module):
 
     Input x is [S, B, input_dim]; output [S, B, n_outputs]. A student with any other module (another
     activation, a normalization) is refused: the batched computation is written for this shape only.
-    "Removing" a hidden node means what setting its eigenvalue to zero means (as in `pruning.removal`):
+    "Removing" a hidden node means what setting its eigenvalue to zero means (as in `pruning.chain`):
     its incoming weights are zero, so it outputs the constant relu(b) (0 without a bias).
     """
 

@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from eigenprune.pruning.removal import CURVE_BUDGET
+from eigenprune.pruning.chain import CURVE_BUDGET
 
 RUNTIME_BYTES = 400 * 2**20
 DEFAULT_FRACTION = 0.8

@@ -1,7 +1,8 @@
 """Converting any model between ordinary and spectral layers, and the penalty to add to its loss.
 
-`spectralize` swaps every `nn.Linear`, `nn.Conv1d` and `nn.Conv2d` of a model for its exact spectral
-copy (the same function: lam_in = 0, lam_out = 1, phi = -W) and `despectralize` swaps them back.
+`spectralize` swaps every layer that has a spectral twin (`core.layers.PLAIN_LAYERS`: `nn.Linear`, `nn.Conv1d`,
+`nn.Conv2d`, `nn.Conv3d`) for its exact spectral copy (the same function: lam_in = 0, lam_out = 1, phi = -W) and
+`despectralize` swaps them back.
 `plan_spectralize` says, without changing anything, what `spectralize` converts and what it leaves
 alone and why; `spectralize` logs that report (logger "eigenprune"), so nothing is skipped silently.
 """
@@ -17,12 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from eigenprune.core.layers import SpectralConv1d, SpectralConv2d, SpectralLinear, SpectralModule
+from eigenprune.core.layers import SpectralModule, plain_names, spectral_twin
 
 log = logging.getLogger("eigenprune")
-
-_SPECTRAL_OF: dict[type[nn.Module], type[SpectralModule]] = {
-    nn.Linear: SpectralLinear, nn.Conv1d: SpectralConv1d, nn.Conv2d: SpectralConv2d}
 
 
 class SpectralizeError(ValueError):
@@ -182,10 +180,10 @@ def plan_spectralize(model: nn.Module, include: Iterable | None = None, exclude:
             inside_attention.add(name + ".")
         if isinstance(module, SpectralModule):
             continue
-        target = _SPECTRAL_OF.get(type(module))
+        target = spectral_twin(type(module))
         if target is None:
             if any(True for _ in module.parameters(recurse=False)) and not isinstance(module, nn.MultiheadAttention):
-                report.left_alone[name] = f"{type(module).__name__} has no spectral form (Linear, Conv1d, Conv2d have)"
+                report.left_alone[name] = f"{type(module).__name__} has no spectral form ({plain_names()} have)"
             continue
         if any(name.startswith(prefix) for prefix in inside_attention):
             report.left_alone[name] = "its MultiheadAttention reads the weight directly, not through the layer's forward"
@@ -193,7 +191,7 @@ def plan_spectralize(model: nn.Module, include: Iterable | None = None, exclude:
             report.left_alone[name] = "not matched by include"
         elif _selected(name, module, exclude):
             report.left_alone[name] = "matched by exclude"
-        elif target is not SpectralLinear and (why := target.unsupported(module)) is not None:
+        elif (why := target.unsupported(module)) is not None:
             report.left_alone[name] = why
         elif {n for n, _ in module.named_parameters(recurse=False)} != {"weight", *(["bias"] if module.bias is not None else [])}:
             report.left_alone[name] = ("its weight is not a parameter of its own (computed by weight_norm, spectral_norm "
@@ -221,7 +219,7 @@ def _swap(model: nn.Module, replace: dict[str, nn.Module]) -> nn.Module:
 
 
 def spectralize(model: nn.Module, *, include: Iterable | None = None, exclude: Iterable | None = None, **kwargs) -> nn.Module:
-    """Replace every `nn.Linear`, `nn.Conv1d`, `nn.Conv2d` inside `model` (in place) by an exact spectral copy; returns `model`.
+    """Replace every layer of a type in `PLAIN_LAYERS` inside `model` (in place) by an exact spectral copy; returns `model`.
 
     The outputs are unchanged (lam_in = 0, lam_out = 1, phi = -W). Keyword arguments go to the
     spectral layers: `OPTIONS` (flags, penalty coefficients); any other is a SpectralizeError. A layer used
@@ -240,9 +238,7 @@ def spectralize(model: nn.Module, *, include: Iterable | None = None, exclude: I
     for name in report.converted:
         old = model.get_submodule(name)
         if id(old) not in new_of:
-            spectral = _SPECTRAL_OF[type(old)]
-            new = spectral.from_linear(old, **kwargs) if spectral is SpectralLinear else spectral.from_conv(old, **kwargs)
-            new_of[id(old)] = _carry_hooks(old, new)
+            new_of[id(old)] = _carry_hooks(old, spectral_twin(type(old)).from_plain(old, **kwargs))
         replace[name] = new_of[id(old)]
     log.info("%s", report)
     for name, why in report.left_alone.items():  # a dense or convolutional layer that stays plain is worth a warning
@@ -252,7 +248,7 @@ def spectralize(model: nn.Module, *, include: Iterable | None = None, exclude: I
 
 
 def despectralize(model: nn.Module) -> nn.Module:
-    """Replace every spectral layer inside `model` (in place) by the `nn.Linear`/`nn.Conv1d`/`nn.Conv2d` it computes; returns `model`.
+    """Replace every spectral layer inside `model` (in place) by the plain layer it computes (`to_plain`); returns `model`.
 
     A layer used at several places stays one (shared) layer. Its hooks move to the plain layer as in `spectralize`;
     a layer with hooks that cannot move exactly (`hook_problem`) is a SpectralizeError, and nothing is changed.
@@ -266,8 +262,7 @@ def despectralize(model: nn.Module) -> nn.Module:
             raise SpectralizeError(f"cannot despectralize {name or '<model>'} ({type(module).__name__}): {why}; remove that hook first")
     for name, module in spectral:
         if id(module) not in new_of:
-            plain = module.to_linear() if isinstance(module, SpectralLinear) else module.to_conv()
-            new_of[id(module)] = _carry_hooks(module, plain)
+            new_of[id(module)] = _carry_hooks(module, module.to_plain())
         replace[name] = new_of[id(module)]
     return _swap(model, replace)
 

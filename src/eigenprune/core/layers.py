@@ -4,13 +4,19 @@ A dense map from n_in to n_out nodes is the off-diagonal block of A = Phi Lambda
 Phi = identity + phi. A convolution is the same map between channels, with one phi entry per kernel
 position: w[o, i, ...] = (lam_in_i - lam_out_o) * phi[o, i, ...]. `spectral_weight` is the one place
 the formula lives and `Penalty` the one place the penalty and its gradient live; the dense layer
-(`SpectralLinear`), the convolutions (`SpectralConv1d`, `SpectralConv2d`) and the batched ensemble all use them.
+(`SpectralLinear`), the convolutions (`SpectralConv1d`, `SpectralConv2d`, `SpectralConv3d`) and the batched ensemble
+all use them.
+
+Each spectral class names its plain twin and the functional that computes it (`plain`, `functional`); `SPECTRAL_LAYERS`
+lists the classes, and everything that maps plain layers to spectral ones (`spectral_twin`, `PLAIN_LAYERS`) is derived
+from it: a new layer type is one class here and its entry in `SPECTRAL_LAYERS`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -138,13 +144,23 @@ def penalty(layer: SpectralModule, lead: int = 0, total: torch.Tensor | None = N
     return Penalty(layer, lead).value(total)
 
 
-class SpectralModule(nn.Module):
-    """What every spectral layer shares: parameters phi, lam_in, lam_out, bias; their flags; the penalty.
+Role = Literal["spectral", "direct", "fixed"]
+"""How a spectral layer trains (the names of `LayerPlan.kind`): see `SpectralModule.role`."""
 
-    Subclasses set `kernel_dims` (0 dense, 1 or 2 convolutional) and define `forward`. Frozen parts
-    stay `nn.Parameter`s with `requires_grad=False` so that state dicts are uniform.
+
+class SpectralModule(nn.Module):
+    """What every spectral layer shares: parameters phi, lam_in, lam_out, bias; their flags; the penalty; the exact
+    conversion from and to its plain twin.
+
+    Subclasses set `plain` (the plain layer type it computes, e.g. `nn.Conv2d`), `functional` (the function that
+    computes it from the input, the weight, the bias and `_functional_args()`, e.g. `F.conv2d`) and `kernel_dims`
+    (0 dense, else the number of kernel dimensions), and `_shape(layer)`: the positional constructor arguments that
+    an instance of this class and of its plain twin share (they use the same attribute names). Frozen parts stay
+    `nn.Parameter`s with `requires_grad=False` so that state dicts are uniform.
     """
 
+    plain: ClassVar[type[nn.Module]]
+    functional: ClassVar[Callable[..., torch.Tensor]]
     kernel_dims: ClassVar[int] = 0
     phi: nn.Parameter
     lam_in: nn.Parameter
@@ -187,44 +203,82 @@ class SpectralModule(nn.Module):
         group_lasso * sum_i ||w_i|| (all kernel positions of output channel i for a convolution)."""
         return penalty(self)
 
-    def _spectral_trains(self) -> bool:
-        return any(p.requires_grad for p in (self.phi, self.lam_in, self.lam_out))
+    @property
+    def role(self) -> Role:
+        """How this layer trains, read from which parameters train (their `requires_grad`, the one record of it):
+        "spectral" when its eigenvalues lam_out train, "direct" when phi (or lam_in) trains with lam_out frozen
+        (an ordinary layer, w = (lam_in - lam_out) * phi), "fixed" when nothing but perhaps the bias trains
+        (the paper's frozen readout). `LayerPlan.kind` builds a layer of each role."""
+        if self.lam_out.requires_grad:
+            return "spectral"
+        return "direct" if self.phi.requires_grad or self.lam_in.requires_grad else "fixed"
 
-    def _as_direct(self, plain: nn.Module) -> nn.Module:
-        """`plain` (a new nn.Linear or nn.ConvNd of this shape) set to exactly this layer's weight and bias; its weight
-        trains if any of phi, lam_in, lam_out did, its bias if this bias did."""
+    @property
+    def ranked(self) -> bool:
+        """Whether its training ranks its nodes, so that pruning by importance means something: its eigenvalues
+        train, or a sparsity term (l1_lam, group_lasso) or an L2 term on a trained phi is set."""
+        return self.role == "spectral" or self.l1_lam > 0 or self.group_lasso > 0 or (self.phi.requires_grad and self.l2_phi > 0)
+
+    @classmethod
+    def _shape(cls, layer: nn.Module) -> tuple:
+        """The positional constructor arguments that `layer` (of this class or its `plain` twin) has."""
+        raise NotImplementedError
+
+    def _functional_args(self) -> tuple:
+        """The arguments of `functional` after the input, the weight and the bias."""
+        return ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.functional(x, self.weight, self.bias, *self._functional_args())
+
+    @classmethod
+    def unsupported(cls, layer: nn.Module) -> str | None:
+        """Why `layer` has no exact spectral copy of this class (None when it has one)."""
+        if type(layer) is not cls.plain:
+            return f"{cls.__name__} converts {cls.plain.__name__}, got {type(layer).__name__}"
+        return None
+
+    @classmethod
+    def from_plain(cls, layer: nn.Module, **kwargs: Any) -> SpectralModule:
+        """An exact spectral copy of `layer` (a `cls.plain`): lam_in = 0, lam_out = 1, phi = -W (the same function).
+
+        Keyword arguments are the spectral options (flags, coefficients); by default a frozen `layer` (weight
+        requires_grad False) gives a frozen copy, and the copy has `layer`'s dtype and device.
+        """
+        if (why := cls.unsupported(layer)) is not None:
+            raise ValueError(f"cannot convert {type(layer).__name__} to {cls.__name__}: {why}")
+        kwargs.setdefault("train_phi", layer.weight.requires_grad)
+        kwargs.setdefault("train_lam_out", layer.weight.requires_grad)
+        if layer.bias is not None:
+            kwargs.setdefault("train_bias", layer.bias.requires_grad)
+        kwargs.setdefault("dtype", layer.weight.dtype)
+        kwargs.setdefault("device", layer.weight.device)
+        new = cls(*cls._shape(layer), bias=layer.bias is not None, **kwargs)
         with torch.no_grad():
-            plain.weight.copy_(self.weight)
+            new.lam_in.zero_()
+            new.lam_out.fill_(1.0)
+            new.phi.copy_(-layer.weight)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        return new
+
+    def to_plain(self) -> nn.Module:
+        """The `plain` layer (e.g. `nn.Linear`) with exactly this layer's weight and bias; its weight trains if any of
+        phi, lam_in, lam_out did, its bias if this bias did."""
+        w = self.weight.detach()
+        plain = self.plain(*self._shape(self), bias=self.bias is not None, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            plain.weight.copy_(w)
             if self.bias is not None:
                 plain.bias.copy_(self.bias)
-        plain.weight.requires_grad_(self._spectral_trains())
+        plain.weight.requires_grad_(any(p.requires_grad for p in (self.phi, self.lam_in, self.lam_out)))
         if self.bias is not None:
             plain.bias.requires_grad_(self.bias.requires_grad)
         return plain
 
-    def _copy_direct(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Set the parameters to the exact spectral form of a direct layer: lam_in = 0, lam_out = 1, phi = -W."""
-        with torch.no_grad():
-            self.lam_in.zero_()
-            self.lam_out.fill_(1.0)
-            self.phi.copy_(-weight)
-            if bias is not None:
-                self.bias.copy_(bias)
-
     def trainable_parts(self) -> list[str]:
         """Names of the parameters that train, from phi, lam_in, lam_out, bias."""
         return [n for n in ("phi", "lam_in", "lam_out", "bias") if getattr(self, n) is not None and getattr(self, n).requires_grad]
-
-
-def _direct_flags(weight: nn.Parameter, bias: nn.Parameter | None, kwargs: dict) -> dict:
-    """Default flags of a spectral copy of a direct layer: a frozen layer gives a frozen copy."""
-    kwargs.setdefault("train_phi", weight.requires_grad)
-    kwargs.setdefault("train_lam_out", weight.requires_grad)
-    if bias is not None:
-        kwargs.setdefault("train_bias", bias.requires_grad)
-    kwargs.setdefault("dtype", weight.dtype)
-    kwargs.setdefault("device", weight.device)
-    return kwargs
 
 
 class SpectralLinear(SpectralModule):
@@ -244,6 +298,9 @@ class SpectralLinear(SpectralModule):
     group_lasso, generator, dtype, device.
     """
 
+    plain = nn.Linear
+    functional = F.linear
+
     def __init__(
         self,
         in_features: int,
@@ -257,25 +314,9 @@ class SpectralLinear(SpectralModule):
         self.out_features = out_features
         self._init_spectral(in_features, out_features, (), **options)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> SpectralLinear:
-        """An exact spectral copy of `linear`: lam_in = 0, lam_out = 1, phi = -W (the same function).
-
-        A frozen `linear` (requires_grad False) gives a frozen copy unless the flags say otherwise.
-        """
-        kwargs = _direct_flags(linear.weight, linear.bias, kwargs)
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)
-        layer._copy_direct(linear.weight, linear.bias)
-        return layer
-
-    def to_linear(self) -> nn.Linear:
-        """An `nn.Linear` with exactly this layer's weight and bias; its weight trains if any of phi, lam_in, lam_out did."""
-        w = self.weight.detach()
-        return self._as_direct(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=w.dtype,
-                                         device=w.device))
+    def _shape(cls, layer: nn.Module) -> tuple:
+        return layer.in_features, layer.out_features
 
     def extra_repr(self) -> str:
         trains = "+".join(self.trainable_parts()) or "nothing"
@@ -291,9 +332,8 @@ class _SpectralConvNd(SpectralModule):
 
     w[o, i, ...] = (lam_in_i - lam_out_o) * phi[o, i, ...]; phi [out, in, *kernel_size]. Same flags,
     defaults and penalty as `SpectralLinear`. Only `groups=1` and zero padding (the `nn.ConvNd` defaults).
+    A subclass sets `kernel_dims`, `plain` and `functional`.
     """
-
-    _conv: ClassVar[type[nn.Module]]
 
     def __init__(
         self,
@@ -320,37 +360,22 @@ class _SpectralConvNd(SpectralModule):
             raise ValueError(f"{name} kernel_size must be {n} positive integers, got {kernel_size!r}")
         self._init_spectral(in_channels, out_channels, self.kernel_size, **options)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = F.conv1d if self.kernel_dims == 1 else F.conv2d
-        return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+    @classmethod
+    def _shape(cls, layer: nn.Module) -> tuple:
+        return layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation
+
+    def _functional_args(self) -> tuple:
+        return self.stride, self.padding, self.dilation
 
     @classmethod
-    def unsupported(cls, conv: nn.Module) -> str | None:
-        """Why `conv` has no exact spectral copy of this class (None when it has one)."""
-        if type(conv) is not cls._conv:
-            return f"{cls.__name__} converts {cls._conv.__name__}, got {type(conv).__name__}"
-        if conv.groups != 1:
-            return f"groups={conv.groups} (only groups=1 is supported)"
-        if conv.padding_mode != "zeros":
-            return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
+    def unsupported(cls, layer: nn.Module) -> str | None:
+        if (why := super().unsupported(layer)) is not None:
+            return why
+        if layer.groups != 1:
+            return f"groups={layer.groups} (only groups=1 is supported)"
+        if layer.padding_mode != "zeros":
+            return f"padding_mode={layer.padding_mode!r} (only 'zeros' is supported)"
         return None
-
-    @classmethod
-    def from_conv(cls, conv: nn.Module, **kwargs):
-        """An exact spectral copy of `conv` (lam_in = 0, lam_out = 1, phi = -W); frozen `conv` gives a frozen copy."""
-        if (why := cls.unsupported(conv)) is not None:
-            raise ValueError(f"cannot convert {type(conv).__name__} to {cls.__name__}: {why}")
-        kwargs = _direct_flags(conv.weight, conv.bias, kwargs)
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    bias=conv.bias is not None, **kwargs)
-        layer._copy_direct(conv.weight, conv.bias)
-        return layer
-
-    def to_conv(self) -> nn.Module:
-        """The `nn.Conv1d`/`nn.Conv2d` with exactly this layer's weight and bias (weight trains if phi or a lam did)."""
-        w = self.weight.detach()
-        return self._as_direct(self._conv(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                                          self.dilation, bias=self.bias is not None, dtype=w.dtype, device=w.device))
 
     def extra_repr(self) -> str:
         trains = "+".join(self.trainable_parts()) or "nothing"
@@ -362,15 +387,40 @@ class SpectralConv1d(_SpectralConvNd):
     """Spectral `nn.Conv1d` (see `_SpectralConvNd`): phi [out, in, k]."""
 
     kernel_dims = 1
-    _conv = nn.Conv1d
+    plain = nn.Conv1d
+    functional = F.conv1d
 
 
 class SpectralConv2d(_SpectralConvNd):
     """Spectral `nn.Conv2d` (see `_SpectralConvNd`): phi [out, in, kh, kw]."""
 
     kernel_dims = 2
-    _conv = nn.Conv2d
+    plain = nn.Conv2d
+    functional = F.conv2d
 
 
-SPECTRAL_LAYERS: tuple[type[SpectralModule], ...] = (SpectralLinear, SpectralConv1d, SpectralConv2d)
-"""Every spectral layer type."""
+class SpectralConv3d(_SpectralConvNd):
+    """Spectral `nn.Conv3d` (see `_SpectralConvNd`): phi [out, in, kd, kh, kw]."""
+
+    kernel_dims = 3
+    plain = nn.Conv3d
+    functional = F.conv3d
+
+
+SPECTRAL_LAYERS: tuple[type[SpectralModule], ...] = (SpectralLinear, SpectralConv1d, SpectralConv2d, SpectralConv3d)
+"""Every spectral layer type: the one list of supported plain -> spectral pairs."""
+
+PLAIN_LAYERS: tuple[type[nn.Module], ...] = tuple(cls.plain for cls in SPECTRAL_LAYERS)
+"""The plain layer types that have a spectral twin (nn.Linear, nn.Conv1d, ...)."""
+
+_TWIN: dict[type[nn.Module], type[SpectralModule]] = {cls.plain: cls for cls in SPECTRAL_LAYERS}
+
+
+def spectral_twin(plain: type[nn.Module]) -> type[SpectralModule] | None:
+    """The spectral class that computes layers of exactly the type `plain` (subclasses excluded), or None."""
+    return _TWIN.get(plain)
+
+
+def plain_names() -> str:
+    """The plain layer types that have a spectral form, by name ("Linear, Conv1d, ..."), for messages."""
+    return ", ".join(cls.__name__ for cls in PLAIN_LAYERS)

@@ -7,25 +7,23 @@ Every student is a plain `nn.Sequential` of `SpectralLinear` layers with ReLU be
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from eigenprune.core.layers import SpectralLinear
-
-LayerKind = Literal["spectral", "direct", "fixed"]
+from eigenprune.core.layers import Role, SpectralLinear
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer of a student: its output width, how it trains, and its regularization coefficients.
+    """One layer of a student: its output width, how it trains (`kind`: the `role` of the layer `make_layer` builds),
+    and its regularization coefficients.
 
     `l1_lam` and `group_lasso` are the pruning baselines' sparsity terms (see `SpectralLinear`).
     """
 
     width: int
-    kind: LayerKind = "spectral"
+    kind: Role = "spectral"
     l2_phi: float = 0.01
     l2_lam: float = 5e-4
     bias: bool = False
@@ -34,7 +32,7 @@ class LayerPlan:
 
 
 def make_layer(n_in: int, plan: LayerPlan, generator: torch.Generator, dtype: torch.dtype) -> SpectralLinear:
-    """A `SpectralLinear` whose trainable parts follow `plan.kind`.
+    """A `SpectralLinear` whose trainable parts follow `plan.kind`, so that its `role` is `plan.kind`.
 
     spectral: phi and lam_out train; direct: phi (and bias) train, lam_out frozen at 1 (w = -phi);
     fixed: nothing trains and w = 1 (the paper's all-ones readout).

@@ -97,9 +97,9 @@ class FusedAdam:
     with its defaults), over one list of parameters of one device and dtype; equal to it bit for bit (tested).
 
     `step_with(grads)` takes the gradients directly, `step()` reads them from `.grad` (the autograd variants).
-    It is not a `torch.optim.Optimizer`: building one of those imports torch._dynamo (about 1.5 s in every
-    worker process), and its `step()` spends more time in Python than in the kernels for the small tensors
-    of the teacher-student runs (36 -> 10 us a step, docs/benchmarks.md). The state is made at construction.
+    It is not a `torch.optim.Optimizer`: building one of those imports torch._dynamo in every worker process, and
+    its `step()` spends more time in Python than in the kernels for the small tensors of the teacher-student runs
+    (measured in docs/benchmarks.md, "Speed round 3"). The state is made at construction.
     """
 
     def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:

@@ -36,7 +36,7 @@ from eigenprune.pruning.importance import feature_norm, node_importance
 
 @runtime_checkable
 class Stacked(Protocol):
-    """Many students as one model (implemented by `eigenprune.batched.Ensemble`): stacked `layers`, each
+    """Many students as one model (implemented by `eigenprune.batched.ensemble.Ensemble`): stacked `layers`, each
     with its students' true `widths`; `hidden(x, l)` the activations after layer l; `head(z, l)` the
     network from layer l's pre-activation to the output."""
 

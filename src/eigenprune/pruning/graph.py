@@ -1,11 +1,11 @@
-"""Pruning any traceable model with Torch-Pruning's DependencyGraph.
+"""The graph path: pruning any traceable model with Torch-Pruning's DependencyGraph.
 
 Torch-Pruning (`torch_pruning`) traces a model on example inputs and groups the channels that must
 go together: a convolution's output channels with the BatchNorm after it, the next layer's input
 channels, both branches of a residual sum. This module registers pruners for the spectral layers
 (`SPECTRAL_PRUNERS`, slicing phi, lam_in and lam_out), ships the eigenvalue criterion as a
 Torch-Pruning `Importance` (`EigenImportance`), and prunes any model with it (`prune_graph`, reached
-through `prune_nodes(model, keep, example_inputs=x)`).
+through `prune_nodes(model, keep, example_inputs=x)`). Layers are named by their module names.
 
 What "removing" a channel means here: the channel is cut out of the network, i.e. every slice of
 its group is removed (its rows in the producing layers, its BatchNorm entries, its columns in the
@@ -13,7 +13,7 @@ consuming layers). `mask_graph` builds the same-size reference with exactly thos
 the pruned model computes what it computes. Groups that cannot be cut out exactly are left alone
 and listed: channels that are model outputs, and channels normalised together with others
 (LayerNorm, GroupNorm), mixed by attention, or read by a layer Torch-Pruning has no pruner for.
-Unlike the chain-MLP path (`remove_nodes`), a removed node's constant output act(b_j) is not folded
+Unlike the chain path (`pruning.chain`), a removed node's constant output act(b_j) is not folded
 into the next layer's bias.
 """
 
@@ -23,7 +23,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Union
 
 import torch
 import torch_pruning as tp
@@ -32,17 +32,17 @@ from torch_pruning import ops
 
 from eigenprune.core.convert import despectralize
 from eigenprune.core.io import first_line
-from eigenprune.core.layers import SPECTRAL_LAYERS, SpectralModule
+from eigenprune.core.layers import PLAIN_LAYERS, SPECTRAL_LAYERS, SpectralModule, plain_names
 from eigenprune.core.structure import input_tuple
 from eigenprune.pruning.importance import node_importance, normalize
-from eigenprune.pruning.removal import KeepLike, PruneError, check_finite, count_to_keep, parse_keep, top_k_mask
+from eigenprune.pruning.keep import KeepLike, PruneError, check_finite, count_to_keep, parse_keep, top_k_mask
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 LayerRef = Union[nn.Module, str]
 
 
 class SpectralPruner(tp.pruner.function.BasePruningFunc):
-    """Torch-Pruning pruner for `SpectralLinear`, `SpectralConv1d`, `SpectralConv2d`.
+    """Torch-Pruning pruner for every spectral layer (`SPECTRAL_LAYERS`).
 
     Output channel o is phi[o], lam_out[o], bias[o]; input channel i is phi[:, i] and lam_in[i].
     Pass `SPECTRAL_PRUNERS` as `customized_pruners` to any Torch-Pruning pruner or DependencyGraph.
@@ -90,7 +90,7 @@ SPECTRAL_PRUNERS: dict[type[nn.Module], tp.pruner.function.BasePruningFunc] = {c
 ROOT_TYPES: tuple[type, ...] = (ops.TORCH_CONV, ops.TORCH_LINEAR, *SPECTRAL_LAYERS)
 """`root_module_types` for Torch-Pruning's pruners: its defaults plus the spectral layers (else they root no group)."""
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, *SPECTRAL_LAYERS)
+_WEIGHTED = (*PLAIN_LAYERS, *SPECTRAL_LAYERS)
 """Layers whose output channels are ranked and whose slices `mask_graph` zeroes."""
 
 _EXACT = (*_WEIGHTED, nn.modules.batchnorm._BatchNorm)
@@ -262,10 +262,10 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
                 why = "its channels are model outputs"
             elif _is_out(group, item.dep) and any(mname == i or mname.startswith(i + ".") for i in ignored):
                 why = f"{other} in ignored_layers"
-            elif isinstance(mod, nn.Conv1d | nn.Conv2d) and mod.groups != 1:
+            elif isinstance(mod, PLAIN_LAYERS) and getattr(mod, "groups", 1) != 1:
                 why = f"{other} a grouped convolution (groups={mod.groups})"
             elif not (isinstance(mod, _EXACT) or type(mod).__module__ == ops.__name__):
-                why = (f"{other} a {type(mod).__name__}, which cannot lose channels exactly (exact: Linear, Conv1d, Conv2d, "
+                why = (f"{other} a {type(mod).__name__}, which cannot lose channels exactly (exact: {plain_names()}, "
                        "BatchNorm, their spectral forms and parameter-free operations)")
             if why:
                 break
@@ -281,9 +281,6 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
                 if isinstance(item.dep.target.module, _WEIGHTED) and _is_out(group, item.dep):
                     plan.members[names[id(item.dep.target.module)]] = rname
     return groups
-
-
-Scope = Literal["layer", "global"]
 
 
 def select_channels(

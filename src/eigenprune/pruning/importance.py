@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from eigenprune.core.layers import PLAIN_LAYERS, plain_names
+
 
 def eigenvalue_importance(phi: torch.Tensor, lam_out: torch.Tensor) -> torch.Tensor:
     """L_i = |lam_out_i| * ||phi_i||_2 (row i of phi holds node i's incoming eigenvector entries);
@@ -31,7 +33,8 @@ def node_importance(layer: nn.Module) -> torch.Tensor:
 
     On a spectral layer with lam_in fixed at 0 it is computed as the paper writes it, |lam_out_i| * ||phi_i||.
     """
-    kernel_dims = getattr(layer, "kernel_dims", 0) if hasattr(layer, "phi") else len(getattr(layer, "kernel_size", ()))
+    plain = isinstance(layer, PLAIN_LAYERS)
+    kernel_dims = layer.weight.dim() - 2 if plain else getattr(layer, "kernel_dims", 0)
 
     def rows(t: torch.Tensor) -> torch.Tensor:  # [..., O, I, *kernel] -> [..., O, I * kernel]
         return t.flatten(t.dim() - 1 - kernel_dims) if kernel_dims else t
@@ -41,9 +44,9 @@ def node_importance(layer: nn.Module) -> torch.Tensor:
             if layer.lam_out.requires_grad and not layer.lam_in.requires_grad and not bool(layer.lam_in.any()):
                 return eigenvalue_importance(rows(layer.phi), layer.lam_out)
             return feature_norm(rows(layer.weight))
-        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        if plain:
             return feature_norm(rows(layer.weight))
-    raise TypeError(f"node_importance needs a spectral layer, nn.Linear, nn.Conv1d or nn.Conv2d, got {type(layer).__name__}")
+    raise TypeError(f"node_importance needs a spectral layer or one of {plain_names()}, got {type(layer).__name__}")
 
 
 def normalize(scores: torch.Tensor) -> torch.Tensor:

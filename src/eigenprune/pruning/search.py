@@ -21,7 +21,8 @@ from torch import nn
 from eigenprune.core.losses import Task, task_loss, task_metric
 from eigenprune.core.structure import check_hidden_layer, layer_sizes
 from eigenprune.core.training import TrainSpec, train_alone
-from eigenprune.pruning.removal import PruneError, ScoreFn, remove_nodes, select_nodes
+from eigenprune.pruning.chain import ScoreFn, remove_nodes, select_nodes
+from eigenprune.pruning.keep import PruneError
 
 if TYPE_CHECKING:
     import pandas as pd

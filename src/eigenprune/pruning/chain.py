@@ -1,9 +1,15 @@
-"""Pruning an MLP by importance: keep specs, masks, the loss for every kept count, and physical removal.
+"""The chain path: exact removal of an MLP's hidden nodes, with bias folding.
 
-`prune_nodes` turns any chain-shaped MLP into a physically smaller one made of plain `nn.Linear`
-layers (with `example_inputs`, any graph Torch-Pruning can trace: see `pruning.graph`). `loss_by_kept`
-is the loss when only the k most important nodes of a layer are kept, for every k (the ensemble's
-version is `batched.curves.pruning_curves`).
+"Removing" hidden node j of linear layer l means what setting its eigenvalue to zero means: its
+incoming weights become 0, so it outputs the constant act(b_j) (act: the element-wise modules
+after layer l, b_j its bias, 0 without one). `mask_nodes` builds exactly that network;
+`remove_nodes` builds the smaller one: row j of layer l and column j of layer l+1 go, and
+W_next[:, j] * act(b_j) is folded into the next layer's bias. Both compute the same function.
+
+Layers are named by their index among the linear layers (0-based; only hidden ones can lose nodes).
+`select_nodes` decides which nodes stay (any criterion, any keep spec, 'auto' from a validation loss),
+`prune_chain` does both steps, and `loss_by_kept` is the loss when only the k most important nodes of a
+layer are kept, for every k (the ensemble's version is `batched.curves.pruning_curves`).
 """
 
 from __future__ import annotations
@@ -12,8 +18,6 @@ import copy
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Union
 
 import torch
 from torch import nn
@@ -22,85 +26,11 @@ from eigenprune.core.convert import despectralize
 from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.losses import Task, task_loss
 from eigenprune.core.structure import as_sequential, check_hidden_layer, linear_layers
-from eigenprune.pruning.importance import node_importance, normalize
+from eigenprune.pruning.importance import node_importance
+from eigenprune.pruning.keep import KeepLike, PruneError, check_finite, count_to_keep, parse_keep, top_k_mask
 
 CURVE_BUDGET = 2**24
 """Floats in one block of a prefix-sum pruning curve (bounds its memory)."""
-
-
-def top_k_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
-    """0/1 mask [..., N] keeping the k highest-scoring nodes of each row (ties broken by index)."""
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    ranks = order.argsort(dim=-1)
-    k = torch.as_tensor(k, device=scores.device)
-    return (ranks < k.unsqueeze(-1) if k.dim() else ranks < k).to(scores.dtype)
-
-
-# --- Physical removal ------------------------------------------------------------------------------
-#
-# "Removing" hidden node j of linear layer l means what setting its eigenvalue to zero means: its
-# incoming weights become 0, so it outputs the constant act(b_j) (act: the element-wise modules
-# after layer l, b_j its bias, 0 without one). `mask_nodes` builds exactly that network;
-# `remove_nodes` builds the smaller one: row j of layer l and column j of layer l+1 go, and
-# W_next[:, j] * act(b_j) is folded into the next layer's bias. Both compute the same function.
-
-
-class PruneError(ValueError):
-    """A pruning request that cannot be carried out, stated in one line."""
-
-
-KeepKind = Literal["count", "fraction", "threshold", "auto"]
-
-
-@dataclass(frozen=True)
-class KeepSpec:
-    """How many nodes of a layer to keep.
-
-    count: the `value` most important; fraction: ceil(value x width), at least 1; threshold: those
-    whose normalised importance (score / max score) exceeds `value` (at least the top one); auto:
-    the smallest count whose validation loss is within tolerance of the unpruned model's.
-    """
-
-    kind: KeepKind
-    value: float = 0.0
-
-
-KeepLike = Union[int, float, str, KeepSpec]
-
-_KEEP_HELP = ("keep must be a count >= 1 (e.g. 25), a fraction in (0, 1] (e.g. 0.1 or '10%'), "
-              "a threshold '>t' on normalised importance with 0 <= t < 1 (e.g. '>0.05'), or 'auto'")
-
-
-def parse_keep(keep: KeepLike) -> KeepSpec:
-    """Read a keep value: int -> count, float -> fraction, or a string '25', '0.1', '10%', '>0.05', 'auto'."""
-    if isinstance(keep, KeepSpec):
-        return keep
-    if isinstance(keep, bool):
-        raise PruneError(f"{_KEEP_HELP}; got {keep!r}")
-    if isinstance(keep, str):
-        text = keep.strip()
-        try:
-            if text == "auto":
-                return KeepSpec("auto")
-            if text.startswith(">"):
-                value = float(text[1:])
-                if 0 <= value < 1:
-                    return KeepSpec("threshold", value)
-            elif text.endswith("%"):
-                return parse_keep(float(text[:-1]) / 100)
-            elif text.isdigit():
-                return parse_keep(int(text))
-            else:
-                return parse_keep(float(text))
-        except ValueError:
-            pass
-    elif isinstance(keep, int):
-        if keep >= 1:
-            return KeepSpec("count", keep)
-    elif isinstance(keep, float):
-        if 0 < keep <= 1:
-            return KeepSpec("fraction", keep)
-    raise PruneError(f"{_KEEP_HELP}; got {keep!r}")
 
 
 def _chain(model: nn.Module) -> nn.Sequential:
@@ -262,61 +192,13 @@ def _default_scores(model: nn.Module, layer: int, x: torch.Tensor | None = None,
 
 
 def ranked_layers(model: nn.Module) -> list[int]:
-    """The hidden linear layers a training method ranks, the default of `select_nodes`: those that are
-    `SpectralLinear` with trained eigenvalues or with a sparsity/L2 term on what trains (the method's
-    layer of an eigenprune student, every layer of a deep or `spectralize`d one). A model with none
-    (plain `nn.Linear` layers, say) gets all its hidden layers."""
+    """The hidden linear layers a training method ranks, the default of `select_nodes`: the `SpectralLinear`
+    layers whose training ranks their nodes (`SpectralModule.ranked`: trained eigenvalues, or a sparsity/L2
+    term on what trains; the method's layer of an eigenprune student, every layer of a deep or `spectralize`d
+    one). A model with none (plain `nn.Linear` layers, say) gets all its hidden layers."""
     hidden = linear_layers(_chain(model))[:-1]
-    ranked = [i for i, m in enumerate(hidden) if isinstance(m, SpectralLinear) and (
-        m.lam_out.requires_grad or m.l1_lam > 0 or m.group_lasso > 0 or (m.phi.requires_grad and m.l2_phi > 0))]
+    ranked = [i for i, m in enumerate(hidden) if isinstance(m, SpectralLinear) and m.ranked]
     return ranked or list(range(len(hidden)))
-
-
-def check_finite(model: nn.Module, *data: torch.Tensor | None, names: tuple[str, ...] = ()) -> None:
-    """Refuse a model or data holding NaN/inf, or data without rows (pruning would write a model of garbage).
-
-    `data` are tensors (None skipped) named by `names` (default "example_inputs[i]") in the message.
-    """
-    for name, t in model.state_dict().items():
-        if t.is_meta:
-            raise PruneError(f"the model's {name} is on the meta device (it holds no values): load or initialise the weights first")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise PruneError(f"the model's {name} holds {bad} NaN/inf value(s) (a diverged student?): nothing to prune")
-    for i, t in enumerate(data):
-        label = names[i] if i < len(names) else f"example_inputs[{i}]"
-        if t is None:
-            continue
-        if t.is_meta:
-            raise PruneError(f"{label} is on the meta device (it holds no values); pruning runs the model on real tensors")
-        if t.dim() and t.shape[0] == 0:
-            raise PruneError(f"{label} has no rows: pruning needs data to check against")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise PruneError(f"{label} holds {int((~torch.isfinite(t)).sum())} NaN/inf value(s)")
-
-
-def count_to_keep(spec: KeepSpec, scores: torch.Tensor, where: str, curve: Callable[[], torch.Tensor] | None = None,
-                  limit: float = float("inf")) -> int:
-    """How many of the nodes (channels) `scores` ranks a keep spec keeps, for the layer named `where`.
-
-    count: the value (at most the width); fraction: ceil(value x width), at least 1; threshold: those above
-    it after normalising by the top score, at least 1; auto: the smallest k such that `curve()` (the loss
-    for every k) stays <= `limit` from k on. Where no curve can be made, auto is refused.
-    """
-    width = scores.numel()
-    if spec.kind == "count":
-        if spec.value > width:
-            raise PruneError(f"keep={int(spec.value)} exceeds the width {width} of {where}; give a count in 1..{width}")
-        return int(spec.value)
-    if spec.kind == "fraction":
-        return max(1, math.ceil(spec.value * width - 1e-9))
-    if spec.kind == "threshold":
-        return max(1, int((normalize(scores) > spec.value).sum()))
-    if curve is None:
-        raise PruneError("keep='auto' is for chain MLPs (call prune_nodes without example_inputs); with example_inputs "
-                         "give a count, a fraction or a threshold '>t'")
-    ok = (curve() <= limit).int().flip(0).cumprod(0).flip(0)  # 1 where this k and every larger k are within the limit
-    return width - int(ok.sum()) + 1 if ok.any() else width
 
 
 def select_nodes(
@@ -391,35 +273,13 @@ def select_nodes(
     return kept
 
 
-def prune_nodes(
+def prune_chain(
     model: nn.Module, keep: KeepLike | dict[int, KeepLike], *, layers: list[int] | None = None,
     criterion: ScoreFn | None = None, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
-    rtol: float = 0.05, atol: float = 0.0, task: Task = "regression", example_inputs=None, **graph_options,
-) -> nn.Module:
-    """A physically smaller copy of `model`: plain `nn.Linear` layers, only the important nodes kept.
-
-    With `example_inputs`, any model Torch-Pruning can trace (convolutions, residual blocks,
-    BatchNorm, transformer MLPs) is pruned by `eigenprune.pruning.graph.prune_graph`: `keep` is then
-    a count, fraction or '>t' per channel group, or a dict {layer name: keep}, and `graph_options`
-    are prune_graph's (importance, global_ranking, ignored_layers, keep_spectral, inplace).
-    Without it, the chain-MLP path below runs.
-
-    `model` is any MLP `as_sequential` can read (spectral or direct layers, `nn.Sequential` or a
-    chain-shaped module of your own). `keep` is a count, a fraction, a threshold '>t' on the
-    normalised importance, 'auto' (needs x_val, y_val), or a dict {layer: keep} for per-layer
-    values; `layers` picks hidden linear layers by index (default: `ranked_layers`, the layers the
-    training method ranks; all hidden layers of a plain model). See `select_nodes` and
-    `remove_nodes`. The result computes exactly what the model with the other nodes' incoming
-    weights zeroed computes.
-    """
-    if example_inputs is not None:
-        from eigenprune.pruning.graph import prune_graph
-
-        if layers is not None or criterion is not None or x_val is not None or y_val is not None:
-            raise PruneError("with example_inputs, choose layers by name in keep={name: value} and the criterion with "
-                             "importance=; layers, criterion, x_val and y_val belong to the chain-MLP path")
-        return prune_graph(model, keep, example_inputs, **graph_options)
-    if graph_options:
-        raise PruneError(f"{', '.join(sorted(graph_options))}: options of the graph path; pass example_inputs to use it")
+    rtol: float = 0.05, atol: float = 0.0, task: Task = "regression",
+) -> nn.Sequential:
+    """`remove_nodes(model, select_nodes(model, keep, ...))`: a physically smaller copy of a chain MLP, a flat
+    `nn.Sequential` of plain `nn.Linear` layers and the model's activations, computing exactly what
+    `mask_nodes` computes (each removed node's constant act(b_j) folded into the next bias)."""
     kept = select_nodes(model, keep, layers=layers, criterion=criterion, x_val=x_val, y_val=y_val, rtol=rtol, atol=atol, task=task)
     return remove_nodes(model, kept)

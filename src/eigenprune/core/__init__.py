@@ -1,0 +1,48 @@
+"""Spectral layers and the math every other layer uses: the layers, converting any model to and from them, the
+penalty, reading a model's structure, losses, training one model, students from layer plans, writing files."""
+
+from eigenprune.core.convert import SpectralizeError, SpectralizeReport, despectralize, plan_spectralize, spectral_penalty, spectralize
+from eigenprune.core.io import OutputError
+from eigenprune.core.layers import (
+    PLAIN_LAYERS,
+    SPECTRAL_LAYERS,
+    SpectralConv1d,
+    SpectralConv2d,
+    SpectralConv3d,
+    SpectralLinear,
+    SpectralModule,
+    spectral_twin,
+    spectral_weight,
+)
+from eigenprune.core.losses import Task, task_loss
+from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.core.structure import as_sequential, layer_sizes, linear_layers
+from eigenprune.core.training import TrainSpec, train_alone
+
+__all__ = [
+    "PLAIN_LAYERS",
+    "SPECTRAL_LAYERS",
+    "LayerPlan",
+    "OutputError",
+    "SpectralConv1d",
+    "SpectralConv2d",
+    "SpectralConv3d",
+    "SpectralLinear",
+    "SpectralModule",
+    "SpectralizeError",
+    "SpectralizeReport",
+    "Task",
+    "TrainSpec",
+    "as_sequential",
+    "despectralize",
+    "layer_sizes",
+    "linear_layers",
+    "make_student",
+    "plan_spectralize",
+    "spectral_penalty",
+    "spectral_twin",
+    "spectral_weight",
+    "spectralize",
+    "task_loss",
+    "train_alone",
+]
