@@ -3,7 +3,7 @@
     python benchmarks/bench_step.py                                          # the paper's wide chunks and a narrow one
     python benchmarks/bench_step.py --shapes spectral:1500:30:300 --variants eager tiled compile --rounds 6 --steps 40
 
-A shape is method:width:students:batch (students of configs/paper.yaml's method, padded to `width`).
+A shape is method:width:students:batch (students of the paper config's method, padded to `width`).
 Variants: eager (the hand-written step, the default), compile (`compile: true`), tiled (the first
 layer in tiles of `batched.tiled.TILE` activations; tiled:N for N), tiled+compile. Each variant of a
 shape is built and warmed up once (compiling where asked: its seconds are reported), then the rounds

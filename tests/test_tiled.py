@@ -101,7 +101,7 @@ def test_a_tiled_step_needs_two_layers_without_a_first_bias():
 
 
 def test_tile_auto_picks_the_wide_cpu_chunks_only():
-    paper = load_config("configs/paper.yaml", {})
+    paper = load_config("paper", {})
     cpu = torch.device("cpu")
     layers = Ensemble([make_student(10, _plans(4, "spectral"), 0)]).layers
     assert chunk_tile(paper, 30, 1500, 300, cpu, layers) == tiled.TILE
@@ -111,7 +111,7 @@ def test_tile_auto_picks_the_wide_cpu_chunks_only():
     assert chunk_tile(parse_config({"compile": True}), 30, 1500, 300, cpu, layers) == 0
     assert chunk_tile(parse_config({"tile": 0}), 30, 1500, 300, cpu, layers) == 0
     assert chunk_tile(parse_config({"tile": 777}), 1, 2, 3, cpu, layers) == 777
-    for name in (None, "configs/cpu-paper.yaml"):  # the quick run's and cpu-paper's chunks keep the eager step
+    for name in (None, "cpu-paper"):  # the quick run's and cpu-paper's chunks keep the eager step
         cfg = load_config(name, {})
         x = torch.randn(cfg.trials, cfg.data.n_train, 10)
         data = TrialData(x, x[..., 0], x[:, :1], x[:, :1, 0], "regression", 1)
