@@ -28,6 +28,7 @@ from eigenprune.core.convert import SpectralizeError  # noqa: E402
 from eigenprune.experiments.backends import child_signals, signals_held  # noqa: E402
 from eigenprune.pruning.checkpoint import CheckpointError, save_model  # noqa: E402
 from eigenprune.pruning.removal import PruneError  # noqa: E402
+from test_bad_input_cases import invoke, stored  # noqa: E402, F401 (stored: a fixture)
 from test_bad_input_round3_cli import _tiny_run  # noqa: E402
 from test_bad_input_round3_library import Case, _check, export, mlp  # noqa: E402
 
@@ -179,3 +180,39 @@ def test_a_run_folder_replaced_mid_run_is_not_written_into(tmp_path, monkeypatch
     moved = tmp_path / "parent" / "moved"
     assert sorted(p.name for p in (moved / "chunks").iterdir()) == [calls[0]]  # the first chunk, whole, where it was
     shutil.rmtree(moved)
+
+
+@pytest.mark.parametrize("change", ["removed", "link"])
+def test_figures_removed_or_replaced_by_a_link_mid_report(change, request, tmp_path, monkeypatch):
+    """Before: a traceback (FileNotFoundError: the report read each PNG back from figures/, which was gone, or was a
+    link: the report would have embedded the user's file of that name). Now the report embeds the bytes it wrote:
+    figures/ removed is made again; figures/ a link is refused in one line, the link's target untouched."""
+    from eigenprune.experiments.store import OwnedFolder
+
+    run = tmp_path / "run"
+    shutil.copytree(request.getfixturevalue("stored"), run)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "losses.png").write_text("MINE")
+    original, written = OwnedFolder.write, []
+
+    def write(self, rel, content, durable=False):
+        path = original(self, rel, content, durable)
+        written.append(rel)
+        if len(written) == 1:  # right after the first figure
+            shutil.rmtree(run / "figures")
+            if change == "link":
+                os.symlink(victim, run / "figures")
+        return path
+
+    monkeypatch.setattr(OwnedFolder, "write", write)
+    result = invoke(["report", str(run)])
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    if change == "removed":
+        assert result.exit_code == 0, result.output
+        assert len(list((run / "figures").glob("*.png"))) == len(written) - 2  # all but the first; report.html, the marker
+    else:
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert "figures is a symbolic link; eigenprune never reads, writes or deletes through a link" in result.stderr
+        assert [p.name for p in victim.iterdir()] == ["losses.png"] and (victim / "losses.png").read_text() == "MINE"
