@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import signal
 import sys
 import threading
@@ -137,6 +138,8 @@ def _overrides(pairs: list[str], **options: object) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             _fail(f"--set takes KEY=VALUE (e.g. spectral.epochs=100), got {pair!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", key):  # a newline in it would cut the error line short
+            _fail(f"--set takes KEY=VALUE with KEY a config field, dotted (e.g. spectral.epochs), got the key {key!r}")
         try:
             out[key] = safe_load(value)
         except YamlLimitError as err:

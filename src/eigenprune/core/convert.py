@@ -158,6 +158,15 @@ def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
+def _check_module(model: object, who: str) -> None:
+    """A SpectralizeError unless `model` is a Python `nn.Module` (a TorchScript module's layers cannot be swapped)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise SpectralizeError(f"{who} takes a Python nn.Module, got a TorchScript module ({type(model).__name__}), whose layers "
+                               f"cannot be replaced: {who} the module before torch.jit.script or trace")
+    if not isinstance(model, nn.Module):
+        raise SpectralizeError(f"{who} takes an nn.Module, got {type(model).__name__}")
+
+
 def plan_spectralize(model: nn.Module, include: Iterable | None = None, exclude: Iterable | None = None) -> SpectralizeReport:
     """What `spectralize(model, include=..., exclude=...)` would convert and leave alone; changes nothing.
 
@@ -166,6 +175,7 @@ def plan_spectralize(model: nn.Module, include: Iterable | None = None, exclude:
     for an uninitialised lazy layer (run one forward pass first) and for a name pattern that matches
     no Linear or Conv layer (a typo would otherwise convert nothing, or everything, without a word).
     """
+    _check_module(model, "spectralize")
     include, exclude = _selectors(include, "include"), _selectors(exclude, "exclude")
     _check_patterns(model, include, "include")
     _check_patterns(model, exclude, "exclude")
@@ -198,6 +208,8 @@ def plan_spectralize(model: nn.Module, include: Iterable | None = None, exclude:
                                        "or a parametrization?)")
         elif (why := hook_problem(module)) is not None:
             report.left_alone[name] = why
+        elif module.weight.numel() == 0:
+            report.left_alone[name] = f"it has no weights (shape {list(module.weight.shape)}: a layer of width 0)"
         elif any(len(owners[id(p)]) > 1 for p in module.parameters(recurse=False)):
             others = sorted({o for p in module.parameters(recurse=False) for o in owners[id(p)]} - {name})
             report.left_alone[name] = f"its parameters are shared with {', '.join(o or '<model>' for o in others)} (tied weights)"
@@ -254,6 +266,7 @@ def despectralize(model: nn.Module) -> nn.Module:
     a layer with hooks that cannot move exactly (`hook_problem`) is a SpectralizeError, and nothing is changed.
     Passing a bare spectral layer returns its plain copy.
     """
+    _check_module(model, "despectralize")
     new_of: dict[int, nn.Module] = {}
     replace: dict[str, nn.Module] = {}
     spectral = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, SpectralModule)]
@@ -269,5 +282,7 @@ def despectralize(model: nn.Module) -> nn.Module:
 
 def spectral_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of `penalty()` over all spectral layers of `model` (add it to the loss); each shared layer counts once."""
+    if not isinstance(model, nn.Module):
+        raise SpectralizeError(f"spectral_penalty takes an nn.Module, got {type(model).__name__}")
     terms = [m.penalty() for m in model.modules() if isinstance(m, SpectralModule)]
     return torch.stack(terms).sum() if terms else torch.zeros(())

@@ -52,7 +52,7 @@ def run_local(job: Job, chunks: Sequence[Unit], on_done: Callable[[ChunkResult],
     2.7 s per spawned interpreter on 2 cores, most of the quick run's start-up). Elsewhere (macOS, where
     fork is unsafe, and Windows) they are spawned, and `job` must be picklable (a module-level function
     or a `functools.partial` of one); it is on Linux too, as a Ray task needs it to be.
-    Worker processes start with SIGINT ignored (Ctrl-C reaches the driver, which ends them), are ended
+    Worker processes ignore SIGINT (Ctrl-C reaches the driver, which ends them; `child_signals`), are ended
     whenever the driver stops early (an error, Ctrl-C, or a signal turned into an exception as the CLI
     does), and exit by themselves within a second when the driver is gone (even after a SIGKILL).
     """
@@ -69,7 +69,7 @@ def run_local(job: Job, chunks: Sequence[Unit], on_done: Callable[[ChunkResult],
         tasks.put(None)
     procs = []
     try:
-        with _sigint_ignored():  # inherited by the workers
+        with signals_held():  # until each worker has its own handlers
             for _ in range(n):
                 proc = ctx.Process(target=_worker, args=(job, tasks, results, os.getpid()), daemon=True)
                 proc.start()
@@ -114,13 +114,32 @@ def _end(procs: list) -> None:
             proc.join()
 
 
+_ENDING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 @contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back while children are started: a child starts with them blocked and takes them
+    once it has its own handlers (`child_signals`), so none can raise the CLI's KeyboardInterrupt in it (multiprocessing
+    would print that traceback); the driver receives any that came meanwhile when the block ends (none is lost)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def child_signals() -> None:
+    """In a child process, first: Ctrl-C ignored (the driver's to handle; it ends its children), SIGTERM and SIGHUP end it
+    (not the CLI's handlers, which a fork inherits); then the signals `signals_held` blocked are taken."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _ENDING)
 
 
 def exit_with_parent(parent: int) -> None:
@@ -152,8 +171,7 @@ def _fresh_streams() -> None:
 
 def _worker(job: Job, tasks: Any, results: Any, parent: int) -> None:
     """A worker process: train the chunks it takes from `tasks` until it takes None; report through `results`."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # a forked worker has the driver's handlers: the default ends it
-        signal.signal(sig, signal.SIG_DFL)
+    child_signals()
     exit_with_parent(parent)
     _fresh_streams()
     while (chunk := tasks.get()) is not None:

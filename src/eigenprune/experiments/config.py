@@ -47,6 +47,9 @@ RunName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0
 MAX_TRIALS = 1_000_000
 """The most trials a config may ask for (the paper uses 30); beyond it even listing them costs seconds and gigabytes."""
 
+MAX_MEMORY_GB = 1_000_000.0
+"""The largest `max_memory_gb` (a petabyte): the limit is counted in bytes as an integer, which 1e308 GB is not."""
+
 
 def repeated(values: list) -> list:
     """The values that occur more than once in `values`, sorted (in linear time: a list may hold 100,000 widths)."""
@@ -188,7 +191,7 @@ class Config(StrictModel):
     parity: ParityConfig = ParityConfig()  # the authors' code's choices, as options
     save_students: bool = True
     workers: NonNegativeInt = 0
-    max_memory_gb: PositiveFloat | None = None  # None: 80% of the memory available when the run starts
+    max_memory_gb: Annotated[PositiveFloat, Field(le=MAX_MEMORY_GB)] | None = None  # None: 80% of the memory available at the start
     max_chunk_minutes: PositiveFloat | None = 10.0  # split chunks by trials to train within this (cost model); None: never
 
     @model_validator(mode="after")

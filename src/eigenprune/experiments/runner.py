@@ -4,6 +4,7 @@ backend, committed to the run folder as they finish, then merged, summarized and
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import importlib.metadata
 import os
@@ -102,10 +103,19 @@ def _committer(folder: RunFolder) -> Callable[[ChunkResult], Path]:
             if not folder.path.is_dir():
                 raise RunFolderError(f"cannot commit chunk {result.chunk_id}: the run folder {folder.path} is gone (moved or "
                                      f"removed while the run was going: {err.strerror or type(err).__name__}{where})") from None
-            raise RunFolderError(f"cannot commit chunk {result.chunk_id} to {folder.path}: {err.strerror or type(err).__name__}{where}; "
-                                 "the chunks committed before are kept: make the folder writable and rerun the same "
-                                 "command to resume") from None
+            raise RunFolderError(f"cannot commit chunk {result.chunk_id} to {folder.path}: {err.strerror or first_line(err)}{where}; "
+                                 f"the chunks committed before are kept: {_remedy(err)} and rerun the same command to resume") from None
     return commit
+
+
+_REMEDY = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (the disk quota is used up)",
+           errno.EFBIG: "raise the file size limit (ulimit -f)", errno.EROFS: "move the folder to a writable file system"}
+
+
+def _remedy(err: OSError) -> str:
+    """What to do before resuming after a failed commit (pyarrow's OSErrors carry the errno only in their text)."""
+    code = err.errno or next((c for c in _REMEDY if f"[errno {c}]" in str(err)), None)
+    return _REMEDY.get(code, "make the folder writable")
 
 
 def run_experiment(

@@ -126,12 +126,14 @@ class OwnedFolder:
         self.path = Path(path)
         self.kind = kind
         self._marker: dict | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the folder `open` locked
 
     def entry(self, rel: str | Path) -> Path:
         """The path of `rel` inside this folder, refused (one line) if it leaves the folder or if it, or a folder on the way
         to it, is a symbolic link: eigenprune never reads, writes or deletes through a link it finds inside its folders."""
         if not _inside(str(rel)):
             raise RunFolderError(f"{rel!r} is not a path inside {self.path}; eigenprune will not use it")
+        self._check_same_folder()
         p = self.path
         for part in Path(rel).parts:
             p = p / part
@@ -139,6 +141,20 @@ class OwnedFolder:
                 raise RunFolderError(f"{p} is a symbolic link; eigenprune never reads, writes or deletes through a link inside "
                                      f"its folder {self.path}: remove the link (its target is untouched) or use another folder")
         return p
+
+    def _check_same_folder(self) -> None:
+        """Once opened, refuse (one line) to go on in another folder put at this path (the one eigenprune opened moved away
+        or removed, and a folder made in its place): eigenprune would write into, and record in its marker, a folder it
+        did not make. A folder that is simply gone is left to the OSError of whatever uses it next."""
+        if self._identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise RunFolderError(f"{self.path} was replaced by another folder while eigenprune was working in it (the one it "
+                                 "opened was moved or removed); eigenprune will not write into a folder it did not make")
 
     def marker(self) -> dict | None:
         """The folder's marker, or None if it has none; `RunFolderError` if it is damaged."""
@@ -189,6 +205,8 @@ class OwnedFolder:
         if not self.path.exists():
             _make_dir(self.path, parents=True)
         self._lock()
+        here = os.stat(self.path)
+        self._identity = (here.st_dev, here.st_ino)
         self._marker = self.marker() or {"format": MARKER_FORMAT, "kind": self.kind, "entries": {}}  # re-read under the lock
         self.record(".lock")
 

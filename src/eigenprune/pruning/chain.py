@@ -110,7 +110,7 @@ def mask_nodes(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Sequential
         drop = torch.ones(lin.out_features, dtype=torch.bool)
         drop[idx] = False
         lin.weight[drop] = 0
-    return chain
+    return chain.train(model.training)
 
 
 @torch.no_grad()
@@ -120,7 +120,7 @@ def remove_nodes(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Sequenti
     Returns a flat `nn.Sequential` of `nn.Linear` layers and the model's activations. Each removed
     node's constant output act(b_j) is folded into the next layer's bias (a bias is added to the
     next layer only if that constant is nonzero), so the result equals `mask_nodes(model, kept)`.
-    Layers keep their `requires_grad` flags; `model` is not modified.
+    Layers keep their `requires_grad` flags and the result `model`'s training mode; `model` is not modified.
     """
     chain = _plain_copy(model)
     pos = _linear_positions(chain)
@@ -144,7 +144,7 @@ def remove_nodes(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Sequenti
             after.bias.copy_(fold + (nxt.bias if nxt.bias is not None else 0))
         chain[pos[layer]] = _with_grad_flags(small, lin)
         chain[pos[layer + 1]] = _with_grad_flags(after, nxt)
-    return chain
+    return chain.train(model.training)  # the new layers would be in training mode whatever the model's
 
 
 @torch.no_grad()

@@ -143,8 +143,13 @@ def _sorted_header(blob: bytes) -> bytes:
 
 
 def save_model(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
-    """Write `model` to `path` (safetensors, atomically) with its architecture and `extra` metadata."""
-    return atomic_write(path, model_bytes(model, extra))
+    """Write `model` to `path` (safetensors, atomically) with its architecture and `extra` metadata.
+    CheckpointError for a model that is not an MLP of the layers `architecture` knows."""
+    try:
+        blob = model_bytes(model, extra)
+    except TypeError as err:  # as_sequential and architecture say in one line what they cannot read
+        raise CheckpointError(f"save_model writes MLPs only: {err}") from None
+    return atomic_write(path, blob)
 
 
 def is_checkpoint(path: str | Path) -> bool:

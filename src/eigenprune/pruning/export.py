@@ -114,6 +114,15 @@ def _precision_hint(model: nn.Module, rtol: float) -> str:
             "is likely out of reach; pass a larger rtol, or convert the model to float32 first)") if rtol < 10 * eps else ""
 
 
+def _with_rows(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`inputs`, unless one of them has no rows (then nothing would be compared, and any file would pass)."""
+    for i, t in enumerate(inputs):
+        if t.dim() and t.shape[0] == 0:
+            raise ExportError(f"example_inputs[{i}] has no rows (shape {list(t.shape)}): the ONNX file is checked against "
+                              "torch on these inputs; give at least one")
+    return inputs
+
+
 def check_onnx(onnx_model: bytes | str | Path, model: nn.Module, example_inputs, rtol: float = 1e-4) -> float:
     """Run an ONNX model (serialized bytes or a file) with onnxruntime on `example_inputs` (a tensor or a tuple
     of tensors) and compare it with `model` in torch, in float32 (integer inputs, e.g. an nn.Embedding's indices,
@@ -128,7 +137,7 @@ def check_onnx(onnx_model: bytes | str | Path, model: nn.Module, example_inputs,
         import onnxruntime
     except ImportError:
         raise ExportError("checking ONNX needs onnxruntime: pip install 'eigenprune[onnx]'") from None
-    inputs = input_tuple(example_inputs, ExportError)
+    inputs = _with_rows(input_tuple(example_inputs, ExportError))
     source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
     try:
         session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
@@ -208,7 +217,7 @@ def export_module_onnx(
     onnx = _onnx()
     rtol = check_rtol(rtol)
     path = check_output(path, force=overwrite, ours=is_onnx_export, option="path", kind="an ONNX file")
-    inputs = input_tuple(example_inputs, ExportError)
+    inputs = _with_rows(input_tuple(example_inputs, ExportError))
     plain = despectralize(copy.deepcopy(unwrap_parallel(model))).eval()
     name = type(plain).__name__
     traced = tuple(torch.cat([t, t]) if dynamic_batch and t.dim() and t.shape[0] == 1 else t for t in inputs)

@@ -295,6 +295,10 @@ def select_channels(
     the plan (`plan.scores`), so `choose_channels(plan, other_keep)` re-decides without re-scoring.
     `keep` and `global_ranking`: see `choose_channels`.
     """
+    scripted = next((n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        raise PruneError(f"cannot prune {type(model).__name__}: {scripted or 'the model'} is a TorchScript module (torch.jit.script "
+                         "or trace), which Torch-Pruning can neither trace nor cut; prune the Python module, then script it")
     work = copy.deepcopy(model)
     for p, q in zip(model.parameters(), work.parameters()):  # gradient-based importances (Taylor) read .grad
         if p.grad is not None:

@@ -117,6 +117,8 @@ def check_finite(model: nn.Module, *data: torch.Tensor | None, names: tuple[str,
     for name, t in model.state_dict().items():
         if t.is_meta:
             raise PruneError(f"the model's {name} is on the meta device (it holds no values): load or initialise the weights first")
+        if t.dim() and t.numel() == 0:
+            raise PruneError(f"the model's {name} is empty (shape {list(t.shape)}: a layer of width 0): nothing to prune")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise PruneError(f"the model's {name} holds {bad} NaN/inf value(s) (a diverged student?): nothing to prune")

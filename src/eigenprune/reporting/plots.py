@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from eigenprune.experiments.backends import exit_with_parent  # noqa: E402
+from eigenprune.experiments.backends import child_signals, exit_with_parent, signals_held  # noqa: E402
 
 COLORS = {"spectral": "tab:red", "direct": "tab:blue"}
 
@@ -263,7 +262,8 @@ def render(makers: list[Callable[[], object]]) -> list[bytes]:
     taken = ctx.Value("i", 0)  # the index of the next figure to draw, shared by both processes
     recv, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_render_child, args=(makers, taken, send, os.getpid()), daemon=True)
-    child.start()
+    with signals_held():  # until the child has its own handlers
+        child.start()
     send.close()
     drawn: dict[int, bytes] = {}
     try:
@@ -296,10 +296,8 @@ def _take(taken, n: int):
 
 
 def _render_child(makers: list[Callable[[], object]], taken, conn, parent: int) -> None:
+    child_signals()  # Ctrl-C is the parent's to handle; SIGTERM ends this process
     exit_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends this process
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # not the CLI's handlers, which this fork inherited
-        signal.signal(sig, signal.SIG_DFL)
     try:
         conn.send(("ok", {i: png(makers[i]()) for i in _take(taken, len(makers))}))
     except Exception as err:  # noqa: BLE001 - sent to the parent, which raises it

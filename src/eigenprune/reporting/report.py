@@ -37,8 +37,9 @@ FIGURES = {
 }
 
 
-def make_figures(folder: RunFolder, cfg: Config, tables: dict[str, pd.DataFrame], suffix: str = "") -> list[tuple[Path, str]]:
-    """Write one teacher's figures as PNG under figures/; returns (path, caption) pairs."""
+def make_figures(folder: RunFolder, cfg: Config, tables: dict[str, pd.DataFrame], suffix: str = "") -> list[tuple[bytes, str]]:
+    """Write one teacher's figures as PNG under figures/; returns (PNG bytes, caption) pairs (the report embeds the bytes
+    it wrote, never reading figures/ back: it may have been removed, or replaced by a link, meanwhile)."""
     res, h_t = tables["results"], teacher_width(cfg)
     figs = {  # what draws each figure; `plots.render` draws them, two at a time where it can
         "importance_histograms": lambda: plots.importance_histograms(tables["importance"], res),
@@ -59,15 +60,17 @@ def make_figures(folder: RunFolder, cfg: Config, tables: dict[str, pd.DataFrame]
     if comparisons:
         figs["paths"] = lambda: plots.paths(comparisons)
     pngs = plots.render(list(figs.values()))
-    return [(folder.write(f"figures/{name + suffix}.png", data), FIGURES[name]) for name, data in zip(figs, pngs)]
+    for name, data in zip(figs, pngs):
+        folder.write(f"figures/{name + suffix}.png", data)
+    return [(data, FIGURES[name]) for name, data in zip(figs, pngs)]
 
 
 def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, classes="t")
 
 
-def _img(path: Path, caption: str) -> str:
-    return (f"<figure><img src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
+def _img(data: bytes, caption: str) -> str:
+    return (f"<figure><img src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
@@ -109,7 +112,9 @@ def _build_report(folder: RunFolder, tables: dict[str, pd.DataFrame] | None = No
     sections = []
     if cfg.regularization.mode == "path":
         fig = plots.regularization_path(tables["results"], path_table(tables["results"]), cfg)
-        figure = _img(plots.save(fig, folder, "figures/regularization_path.png"), REGPATH_CAPTION)
+        data = plots.png(fig)
+        folder.write("figures/regularization_path.png", data)
+        figure = _img(data, REGPATH_CAPTION)
         sections.append("<h2>Regularization path</h2>" + figure + _table(path_selection_table(cfg, tables["results"])))
     for tcfg, sliced, suffix in teacher_slices(cfg, tables):
         h_t = teacher_width(tcfg)
