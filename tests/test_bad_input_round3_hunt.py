@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from eigenprune import despectralize, prune_nodes, spectral_penalty, spectralize  # noqa: E402
 from eigenprune.core.convert import SpectralizeError  # noqa: E402
 from eigenprune.experiments.backends import child_signals, signals_held  # noqa: E402
+from eigenprune.pruning import PruneError  # noqa: E402
 from eigenprune.pruning.checkpoint import CheckpointError, save_model  # noqa: E402
-from eigenprune.pruning.removal import PruneError  # noqa: E402
 from test_bad_input_cases import invoke, stored  # noqa: E402, F401 (stored: a fixture)
 from test_bad_input_round3_cli import _tiny_run  # noqa: E402
 from test_bad_input_round3_library import Case, _check, export, mlp  # noqa: E402

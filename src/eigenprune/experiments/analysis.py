@@ -102,6 +102,14 @@ def curve_spread(curves: list[tuple[np.ndarray, np.ndarray]], grid: np.ndarray) 
     return float((stack[:, ok].std(0)[pos] / mean[pos]).mean())
 
 
+def scaled_to_max(delta: np.ndarray) -> np.ndarray:
+    """delta / max(delta), the collapse's vertical rescaling, in float64; a curve whose maximum is not positive
+    (pruning never raised the loss) stays as it is instead of being divided by zero."""
+    delta = np.asarray(delta, dtype=np.float64)
+    top = float(np.max(delta)) if delta.size else 0.0
+    return delta / top if top > 0 else delta
+
+
 def collapse_measure(curves: list[tuple[int, np.ndarray, np.ndarray]], points: int = 50) -> dict[str, float]:
     """How well pruning curves collapse after the paper's rescaling.
 
@@ -113,7 +121,7 @@ def collapse_measure(curves: list[tuple[int, np.ndarray, np.ndarray]], points: i
     h_min = min(h for h, _, _ in curves)
     before = curve_spread([(k - h, d) for h, k, d in curves], np.linspace(-h_min + 1, 0, points))
     after = curve_spread(
-        [(k / h - 1, d / max(float(np.max(d)), 1e-300)) for h, k, d in curves], np.linspace(-1 + 1 / h_min, 0, points)
+        [(k / h - 1, scaled_to_max(d)) for h, k, d in curves], np.linspace(-1 + 1 / h_min, 0, points)
     )
     return {"spread_before": before, "spread_after": after, "ratio": after / before if before > 0 else float("nan")}
 

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from eigenprune.experiments.analysis import scaled_to_max  # noqa: E402
 from eigenprune.experiments.backends import child_signals, exit_with_parent, signals_held  # noqa: E402
 
 COLORS = {"spectral": "tab:red", "direct": "tab:blue"}
@@ -47,8 +48,9 @@ def importance_histograms(importance: pd.DataFrame, results: pd.DataFrame, width
         for j, w in enumerate(widths):
             ax = axes[i][j]
             vals = imp[(imp.method == method) & (imp.width == w)].normalized
-            ax.hist(vals, bins=np.linspace(0, 1, 41), color=COLORS[method], alpha=0.8)
-            ax.set_yscale("log")
+            counts, _, _ = ax.hist(vals, bins=np.linspace(0, 1, 41), color=COLORS[method], alpha=0.8)
+            if counts.any():  # no student of this width trained: an empty panel, not a log scale of nothing
+                ax.set_yscale("log")
             ax.set_title(f"{method}, N={w}", fontsize=9)
             ax.set_xlabel("L / max L" if method == "spectral" else "M / max M", fontsize=8)
     fig.suptitle("Node importance (pooled over trials)")
@@ -130,7 +132,7 @@ def collapse(curves: list[tuple[str, int, np.ndarray, np.ndarray]], measure: dic
     for j, (label, h, kept, delta) in enumerate(curves):
         color = cmap(j / max(len(curves) - 1, 1) * 0.85)
         axes[0].plot(kept - h, delta, color=color, label=label)
-        axes[1].plot(kept / h - 1, delta / max(float(np.max(delta)), 1e-300), color=color, label=label)
+        axes[1].plot(kept / h - 1, scaled_to_max(delta), color=color, label=label)
     axes[0].set_xlim(-max(h for _, h, _, _ in curves), 2 * max(h for _, h, _, _ in curves))
     axes[0].set_xlabel(rf"$n_\lambda - {scale}$")
     axes[0].set_ylabel(r"$\Delta$MSE")

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from eigenprune.experiments.analysis import scaled_to_max
 from eigenprune.experiments.store import OwnedFolder
 from eigenprune.reporting.plots import save
 
@@ -77,7 +78,7 @@ def collapse(mean_curves: pd.DataFrame, summary: pd.DataFrame, setting: str = "f
                 continue
             c = mean_curves[(mean_curves.teacher == r.teacher) & (mean_curves.setting == setting)]
             d = np.clip(c.delta.to_numpy(), 0, None)
-            ax.plot(c.kept / r[scale] - 1, d / max(d.max(), 1e-300), color=cmap(hs.index(r.h_t) / max(len(hs) - 1, 1)), lw=0.8, alpha=0.7)
+            ax.plot(c.kept / r[scale] - 1, scaled_to_max(d), color=cmap(hs.index(r.h_t) / max(len(hs) - 1, 1)), lw=0.8, alpha=0.7)
         ax.set_xlim(-1, 1)
         ax.set_xlabel(f"kept / {name} - 1")
         ax.set_title(f"rescaled by {name}", fontsize=10)
