@@ -400,7 +400,8 @@ def machine() -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI form: tiny models and data, 1 seed, strengths 0 and 2")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1 (default 5; 1 with --quick)")
+    parser.add_argument("--seeds", type=int, default=None, help="how many seeds (default 5; 1 with --quick)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+n-1 (default 0): split a run in parts")
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ", ".join(prune_zoo.models(True)))
     parser.add_argument("--strengths", default=None, help="indices into each sweep, e.g. 0,2 (default all 3; 0,2 with --quick)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes over (model, seed) (default 1)")
@@ -421,7 +422,8 @@ def main(argv=None) -> dict:
     global GRID, FT_EPOCHS
     if args.quick:
         GRID, FT_EPOCHS = QUICK_GRID, 1
-    tasks = [(n, s, args.quick, idx) for n in names for s in range(seeds)]
+    seed_list = list(range(args.first_seed, args.first_seed + seeds))
+    tasks = [(n, s, args.quick, idx) for n in names for s in seed_list]
     info = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     start = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -445,7 +447,7 @@ def main(argv=None) -> dict:
             keep(run_one(*t))
     parts.sort(key=lambda p: (names.index(p["model"]), p["seed"]))
     result = {
-        **info, "seconds": time.perf_counter() - start, "quick": args.quick, "seeds": list(range(seeds)), "jobs": args.jobs,
+        **info, "seconds": time.perf_counter() - start, "quick": args.quick, "seeds": seed_list, "jobs": args.jobs,
         "grid": GRID, "tolerance_points": TOLERANCE, "epochs": {n: prune_zoo.models(args.quick)[n][2] for n in names},
         "lr": LR, "batch": BATCH, "finetune": {"epochs": FT_EPOCHS, "lr": FT_LR},
         "strengths": {k: [v[i] for i in idx] for k, v in STRENGTHS.items()},
