@@ -1,164 +1,472 @@
-"""Spectral training + eigenprune's criterion against direct training + Torch-Pruning's criteria, on three real models.
+"""A pruning benchmark that cannot flatter us: spectral training against Torch-Pruning's criteria and sparsity training.
 
-    nice -n 10 python benchmarks/bench_real_models.py [--seeds 1] [--tiny] [--out benchmarks/results/real_models.json]
+    nice -n 5 python benchmarks/bench_real_models.py --quick            # CI smoke form: tiny models, 1 seed, 2 strengths
+    nice -n 5 python benchmarks/bench_real_models.py --jobs 2           # full form: 6 models, 5 seeds, 3 strengths
+    python benchmarks/bench_real_models.py --models cnn-bn,mlp --seeds 2 --strengths 0,2 --out x.json   # a part
 
-Models (from examples/): a residual CNN on scikit-learn's 8x8 digits, a residual MLP on a CSV table
-(make_classification, 4 classes), a 2-layer transformer encoder on the digits (rows as tokens). Each is
-trained twice from the same initialisation: spectral (lam_out trains) and direct (lam_out frozen at 1),
-both with the same L2 penalty. Pairs compared: spectral + eigenprune (EigenImportance), and on the direct
-model eigenprune, Torch-Pruning 1.6's MagnitudeImportance p=1 and p=2 and TaylorImportance (its defaults).
+Six models (benchmarks/prune_zoo.py): a VGG-style CNN with and without BatchNorm, a ResNet-style CNN, a
+MobileNetV2-style net (inverted residuals, depthwise convolutions), a transformer encoder whose feed-forward layers are
+pruned, an MLP. Data ship with scikit-learn: the 8x8 digits (1,797 images) for the CNNs, make_classification (4,000 rows,
+8 classes) for the transformer and the MLP; one fixed 60/20/20 train/validation/test split.
 
-Every criterion keeps the same fraction f of each prunable channel group (Torch-Pruning's local pruning;
-the same groups for all). Reported per pair: the fewest channels kept, over the grid of f, such that the
-test accuracy at this f and at every larger f is at most 1 point below the unpruned model's, without
-fine-tuning and with a short fine-tuning (FINETUNE_EPOCHS of Adam at FINETUNE_LR) after pruning; parameter
-counts; CPU latency (one thread, median of 30) at batch 1 and 256 of the unpruned model and of the model
-pruned at the with-fine-tuning f. The table gives means over seeds, with each seed's count in brackets.
+Trainings (same optimizer, epochs, batches and initialisation for all; Adam, cross-entropy):
+  standard      no sparsity term: the common target, and the model the post-training criteria prune
+  spectral      ours: `spectralize(model, l2_phi=0.01*m, l2_lam=5e-4*m)` + `spectral_penalty` in the loss
+  group-norm    Torch-Pruning's GroupNormPruner: `pruner.regularize(model)` after every backward
+  growing-reg   Torch-Pruning's GrowingRegPruner: `regularize` after every backward, `update_reg()` after every epoch
+  slimming      Torch-Pruning's BNScalePruner (L1 on BatchNorm scales), models with BatchNorm only
+Each sparsity training gets a sweep of STRENGTHS (3 values, 10x apart); the strength is chosen per seed on the
+VALIDATION split (smallest kept parameter fraction within 1 point of the standard model's validation accuracy, ties
+to the higher unpruned validation accuracy), and only the chosen model is measured on the test split.
+
+Pipelines (training + ranking): standard + TP L1 / L2 magnitude, Taylor, LAMP; slimming + BNScaleImportance (L1
+magnitude on groups without BatchNorm, e.g. the CNN's dense layer, which Torch-Pruning's slimming would not prune);
+group-norm and growing-reg + GroupMagnitudeImportance(p=2) (their own); spectral + eigenprune's EigenImportance
+(the default measure of ours) and, as a diagnostic, spectral + TP L1 magnitude on the same spectral model.
+
+Pruning: one layer per channel group is named in each model's PRUNE; at kept fraction f every pipeline keeps exactly
+k = max(1, round(f * width)) channels of every group (computed here, not by either library's rounding), the k with the
+highest scores, removed with Torch-Pruning's DependencyGraph; the benchmark asserts equal parameter counts across
+pipelines at every f. Ours is cross-checked against `eigenprune.prune_nodes(model, {layer: k}, example_inputs=x)`
+on the spectral model (same outputs), where prune_nodes can prune every group (it leaves depthwise groups alone).
+
+Measure: over the fraction GRID, scanned from 1 down, the smallest kept parameter fraction (parameters of the pruned
+model / of the unpruned one) whose test accuracy is at least the STANDARD unpruned model's minus 1 point, at this f
+and every larger f: without fine-tuning, and with FT_EPOCHS of Adam (plain cross-entropy, no sparsity term) after
+pruning. With fine-tuning, the scan starts below the without-fine-tuning answer (a model already within the target
+counts as within it). A pipeline whose unpruned model misses the target counts 1.0 ("fail") without fine-tuning.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
 
-import cnn_digits  # noqa: E402
-import resmlp_table  # noqa: E402
-import transformer_digits  # noqa: E402
-from _common import accuracy, build, count_parameters, latency_ms, prune, score, table, train  # noqa: E402
+import prune_zoo  # noqa: E402
 
-GRID = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.01]
-"""Kept fractions, scanned from the largest down."""
-FINETUNE_EPOCHS = 2
-FINETUNE_LR = 1e-3
-PAIRS = [("spectral", "eigenprune"), ("direct", "eigenprune"), ("direct", "tp-magnitude-l1"), ("direct", "tp-magnitude-l2"),
-         ("direct", "tp-taylor")]
+from eigenprune import despectralize, prune_nodes, spectral_penalty, spectralize  # noqa: E402
+
+try:  # where the graph criterion lives today; the pruning package is being restructured
+    from eigenprune.pruning.graph import EigenImportance
+except ImportError:  # pragma: no cover
+    from eigenprune.pruning import EigenImportance
+
+GRID = [1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.07, 0.05]
+"""Kept fraction of every pruned group, scanned from the largest down (--quick: QUICK_GRID)."""
+QUICK_GRID = [1.0, 0.5, 0.2]
+TOLERANCE = 1.0
+"""Points of test accuracy below the standard unpruned model's that still count as 'within'."""
+LR, BATCH = 2e-3, 64
+FT_EPOCHS, FT_LR = 2, 1e-3
+STRENGTHS = {
+    "spectral": [0.1, 0.3, 1.0],  # multiplier on the default penalty (l2_phi 0.01, l2_lam 5e-4)
+    "group-norm": [1e-4, 1e-3, 1e-2],  # GroupNormPruner reg (its default 1e-4)
+    "growing-reg": [1e-4, 1e-3, 1e-2],  # GrowingRegPruner reg; delta_reg = reg / 4 per epoch
+    "slimming": [1e-4, 1e-3, 1e-2],  # BNScalePruner reg (L1 on BatchNorm weights; its default 1e-5)
+}
+PIPELINES = [  # (name, training, importance)
+    ("standard + tp-l1", "standard", "tp-l1"),
+    ("standard + tp-l2", "standard", "tp-l2"),
+    ("standard + tp-taylor", "standard", "tp-taylor"),
+    ("standard + tp-lamp", "standard", "tp-lamp"),
+    ("slimming + bn-scale", "slimming", "tp-bn-scale"),
+    ("group-norm + group-l2", "group-norm", "tp-group-l2"),
+    ("growing-reg + group-l2", "growing-reg", "tp-group-l2"),
+    ("spectral + eigenprune (ours)", "spectral", "eigenprune"),
+    ("spectral + tp-l1 (diagnostic)", "spectral", "tp-l1"),
+]
 
 
-def _models(tiny: bool, folder: Path) -> dict:
-    limit = 300 if tiny else None
+def importance(name: str):
     return {
-        "cnn-digits": (cnn_digits.DigitsCNN, cnn_digits.load(limit=limit), 2 if tiny else 25),
-        "resmlp-csv": (resmlp_table.ResidualMLP, resmlp_table.load(resmlp_table.write_csv(folder, 400 if tiny else 4000)),
-                       2 if tiny else 30),
-        "transformer-digits": (transformer_digits.RowTransformer, transformer_digits.load(limit=limit), 2 if tiny else 30),
-    }
+        "tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
+        "tp-l2": lambda: tp.importance.MagnitudeImportance(p=2),
+        "tp-taylor": lambda: tp.importance.TaylorImportance(),
+        "tp-lamp": lambda: tp.importance.LAMPImportance(p=2),
+        "tp-bn-scale": lambda: tp.importance.BNScaleImportance(),
+        "tp-group-l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "eigenprune": EigenImportance,
+    }[name]()
 
 
-def _smallest(model, criterion, data, full, finetune: int, seed: int) -> dict:
-    """Scan GRID downwards; the last f whose accuracy (after `finetune` epochs) is within 1 point, and what it keeps."""
-    x_train, y_train, x_test, y_test = data
-    scored = score(model, criterion, x_train, y_train)
-    best = None
-    for f in GRID:
-        pruned, kept, width = prune(model, scored, f, x_train, y_train)
-        if finetune and kept < width:  # f = 1 is the unpruned model: nothing to fine-tune
-            train(pruned, x_train, y_train, finetune, lr=FINETUNE_LR, seed=seed + 1)
-        acc = accuracy(pruned, x_test, y_test)
-        if acc < full - 1.0:
+# ---------------------------------------------------------------- graph helpers
+
+
+def _graph(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
+    return tp.DependencyGraph().build_dependency(model, example_inputs=x[:2])
+
+
+def _group(dg: tp.DependencyGraph, layer: nn.Module, idxs: list[int]):
+    return dg.get_pruning_group(layer, dg.get_pruner_of_module(layer).prune_out_channels, idxs)
+
+
+def widths(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Output width of each PRUNE layer."""
+    dg = _graph(model, x)
+    mods = dict(model.named_modules())
+    return {r: dg.get_pruner_of_module(mods[r]).get_out_channels(mods[r]) for r in model.PRUNE}
+
+
+def ignored_for(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
+    """Layers Torch-Pruning's sparsity pruners must leave alone: every Linear/Conv whose output channels are in no
+    PRUNE group, and attention (so they regularize exactly the groups everyone prunes)."""
+    dg = _graph(model, x)
+    mods = dict(model.named_modules())
+    members = set()
+    for r in model.PRUNE:
+        w = dg.get_pruner_of_module(mods[r]).get_out_channels(mods[r])
+        group = _group(dg, mods[r], list(range(w)))
+        for item in group:
+            if dg.is_out_channel_pruning_fn(item.dep.handler):
+                members.add(id(item.dep.target.module))
+    out = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and id(m) not in members]
+    return out + [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def scores(model: nn.Module, criterion: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per PRUNE layer, the score of each of its group's channels (on a copy; Taylor from the training loss on x, y)."""
+    work = copy.deepcopy(model).eval()
+    if criterion == "tp-taylor":
+        work.zero_grad()
+        F.cross_entropy(work(x), y).backward()
+    dg = _graph(work, x)
+    mods = dict(work.named_modules())
+    imp = importance(criterion)
+    out = {}
+    for r in work.PRUNE:
+        w = dg.get_pruner_of_module(mods[r]).get_out_channels(mods[r])
+        group = _group(dg, mods[r], list(range(w)))
+        s = imp(group)
+        if s is None and criterion == "tp-bn-scale":  # a group without BatchNorm (a dense layer): L1 magnitude instead
+            s = importance("tp-l1")(group)
+        out[r] = s.detach().double().flatten()
+    return out
+
+
+def counts(width: dict[str, int], f: float) -> dict[str, int]:
+    return {r: max(1, int(round(f * w))) for r, w in width.items()}
+
+
+def prune(model: nn.Module, score: dict[str, torch.Tensor], keep: dict[str, int], x: torch.Tensor) -> nn.Module:
+    """A copy of `model` keeping the keep[r] highest-scored channels of each group (ties: lower index)."""
+    work = copy.deepcopy(model).eval()
+    dg = _graph(work, x)
+    mods = dict(work.named_modules())
+    for r, k in keep.items():
+        order = torch.sort(score[r], descending=True, stable=True).indices
+        drop = sorted(order[k:].tolist())
+        if drop:
+            _group(dg, mods[r], drop).prune()
+    return work.eval()
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- training
+
+
+def train(model: nn.Module, data, epochs: int, seed: int, *, lr: float = LR, penalty=None, pruner=None,
+          growing: bool = False) -> nn.Module:
+    """Adam on cross-entropy (+ `penalty(model)`); a Torch-Pruning sparsity `pruner` regularizes after every backward."""
+    x, y = data
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x), generator=g).split(BATCH):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if penalty is not None:
+                loss = loss + penalty(model)
+            opt.zero_grad()
+            loss.backward()
+            if pruner is not None:
+                pruner.regularize(model)
+            opt.step()
+        if growing:
+            pruner.update_reg()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data) -> float:
+    x, y = data
+    return 100.0 * float((model.eval()(x).argmax(1) == y).float().mean())
+
+
+def trained(builder, kind: str, strength, splits, epochs: int, seed: int) -> nn.Module:
+    """A model trained by `kind` at `strength`, as plain layers (spectral ones converted back, exactly)."""
+    train_data = splits[0]
+    torch.manual_seed(seed)
+    model = builder()
+    x = train_data[0]
+    if kind == "standard":
+        return train(model, train_data, epochs, seed)
+    if kind == "spectral":
+        model = spectralize(model, l2_phi=0.01 * strength, l2_lam=5e-4 * strength)
+        return train(model, train_data, epochs, seed, penalty=spectral_penalty)
+    ignored = ignored_for(model, x)
+    common = dict(ignored_layers=ignored, pruning_ratio=0.5)
+    if kind == "group-norm":
+        pruner = tp.pruner.GroupNormPruner(model, x[:2], importance("tp-group-l2"), reg=strength, **common)
+    elif kind == "growing-reg":
+        pruner = tp.pruner.GrowingRegPruner(model, x[:2], importance("tp-group-l2"), reg=strength, delta_reg=strength / 4,
+                                            **common)
+    elif kind == "slimming":
+        pruner = tp.pruner.BNScalePruner(model, x[:2], importance("tp-bn-scale"), reg=strength, **common)
+    else:
+        raise ValueError(kind)
+    return train(model, train_data, epochs, seed, pruner=pruner, growing=kind == "growing-reg")
+
+
+# ---------------------------------------------------------------- the measure
+
+
+def scan(model, score, width, data, target, x_ex, *, start: int = 0, finetune=None, params_at=None):
+    """Walk GRID from index `start` down; return (last index within target or None, its accuracy, {f: accuracy},
+    {f: parameters}).
+
+    `finetune(pruned)` is applied to every pruned model (f < 1) before it is evaluated. `params_at[f]` records (and
+    checks) the parameter count of the pruned model at every f: equal for every pipeline.
+    """
+    best, best_acc, seen, sizes = None, None, {}, {}
+    for i in range(start, len(GRID)):
+        f = GRID[i]
+        pruned = prune(model, score, counts(width, f), x_ex)
+        p = sizes[f] = n_params(pruned)
+        if params_at is not None:
+            if params_at.setdefault(f, p) != p:
+                raise AssertionError(f"unequal sizes at f={f}: {p} parameters, another pipeline {params_at[f]}")
+        if finetune is not None and f < 1.0:
+            finetune(pruned)
+        acc = accuracy(pruned, data)
+        seen[f] = acc
+        if acc < target:
             break
-        best = {"fraction": f, "kept": kept, "width": width, "accuracy": acc, "params": count_parameters(pruned), "model": pruned}
-    return best
+        best, best_acc = i, acc
+    return best, best_acc, seen, sizes
 
 
-def run(tiny: bool, seeds: int) -> dict:
-    import tempfile
+def check_prune_nodes(spectral_model, plain, score, width, x, f: float = 0.5) -> dict:
+    """Ours through the library: prune_nodes on the spectral model with the same counts must give our pruned model.
 
-    torch.set_num_threads(1)  # small layers: threads cost more than they give
-    results = []
-    with tempfile.TemporaryDirectory() as folder:
-        models = _models(tiny, Path(folder))
-    for name, (builder, data, epochs) in models.items():
-        x_train, y_train, x_test, y_test = data
-        for seed in range(seeds):
-            trained = {t: train(build(builder, t, seed), x_train, y_train, epochs, seed=seed) for t in ("spectral", "direct")}
-            for training, criterion in PAIRS:
-                start = time.perf_counter()
-                model = trained[training]
-                full = accuracy(model, x_test, y_test)
-                no_ft = _smallest(model, criterion, data, full, 0, seed)
-                ft = _smallest(model, criterion, data, full, FINETUNE_EPOCHS, seed)
-                row = {"model": name, "seed": seed, "training": training, "criterion": criterion, "full_accuracy": full,
-                       "width": no_ft["width"] if no_ft else None, "params_full": count_parameters(model)}
-                for tag, found in (("no_ft", no_ft), ("ft", ft)):
-                    row[f"kept_{tag}"] = found["kept"] if found else None
-                    row[f"accuracy_{tag}"] = found["accuracy"] if found else None
-                    row[f"params_{tag}"] = found["params"] if found else None
-                for batch in (1, 256):
-                    x = x_test.repeat(batch // len(x_test) + 1, *[1] * (x_test.dim() - 1))[:batch]
-                    row[f"latency_full_b{batch}_ms"] = latency_ms(model, x, reps=30)
-                    row[f"latency_ft_b{batch}_ms"] = latency_ms(ft["model"], x, reps=30) if ft else None
-                row["seconds"] = time.perf_counter() - start
-                results.append(row)
-                print(f"{name} seed {seed} {training:8s} {criterion:16s} full {full:5.1f}  kept (no ft) {row['kept_no_ft']}  "
-                      f"kept (ft) {row['kept_ft']} of {row['width']}  [{row['seconds']:.0f} s]", flush=True)
-    return {"rows": results, "grid": GRID, "finetune_epochs": FINETUNE_EPOCHS, "finetune_lr": FINETUNE_LR, "seeds": seeds,
-            "tiny": tiny}
+    Groups prune_nodes leaves alone (e.g. a depthwise convolution's) are kept whole on both sides and listed.
+    """
+    keep = counts(width, f)
+    alone = {}
+    for r in keep:
+        try:
+            prune_nodes(spectral_model, {r: keep[r]}, example_inputs=x[:2])
+        except Exception as err:  # noqa: BLE001 - recorded: a group prune_nodes refuses
+            alone[r] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    keep_lib = {r: k for r, k in keep.items() if r not in alone}
+    if not keep_lib:
+        return {"fraction": f, "ok": None, "left_alone": alone}
+    mine = prune(plain, score, {r: (keep[r] if r in keep_lib else width[r]) for r in keep}, x)
+    lib = prune_nodes(spectral_model, keep_lib, example_inputs=x[:2])
+    with torch.no_grad():
+        diff = float((lib.eval()(x) - mine(x)).abs().max())
+    return {"fraction": f, "ok": diff < 1e-4 and n_params(lib) == n_params(mine), "max_abs_diff": diff,
+            "params_prune_nodes": n_params(lib), "params_bench": n_params(mine), "left_alone": alone}
+
+
+def run_one(name: str, seed: int, quick: bool, strength_idx: list[int]) -> dict:
+    """Every pipeline on one model and seed."""
+    global GRID, FT_EPOCHS
+    torch.set_num_threads(1)
+    if quick:  # a smoke test: 3 fractions, 1 epoch of fine-tuning (set here too: --jobs workers import afresh)
+        GRID, FT_EPOCHS = QUICK_GRID, 1
+    builder, load, epochs, has_bn = prune_zoo.models(quick)[name]
+    splits = load()
+    train_data, val, test = splits
+    x, y = train_data
+    start = time.perf_counter()
+    base = trained(builder, "standard", None, splits, epochs, seed)
+    width = widths(base, x)
+    full_params = n_params(base)
+    std_val, std_test = accuracy(base, val), accuracy(base, test)
+    params_at: dict[float, int] = {}
+    ft = lambda m: train(m, train_data, FT_EPOCHS, seed + 1, lr=FT_LR)  # noqa: E731
+
+    models = {"standard": {"model": base, "strength": None, "sweep": None}}
+    kinds = ["spectral", "group-norm", "growing-reg"] + (["slimming"] if has_bn else [])
+    own = {t: c for _, t, c in PIPELINES if t != "standard" and c != "tp-l1"}
+    for kind in kinds:
+        sweep = []
+        for s in [STRENGTHS[kind][i] for i in strength_idx]:
+            m = trained(builder, kind, s, splits, epochs, seed)
+            plain = despectralize(copy.deepcopy(m)) if kind == "spectral" else m
+            best, _, seen, _ = scan(plain, scores(plain, own[kind], x, y), width, val, std_val - TOLERANCE, x,
+                                 params_at=params_at)
+            frac = 1.0 if best is None else params_at[GRID[best]] / full_params
+            sweep.append({"strength": s, "val_accuracy": seen[1.0], "val_fraction": frac, "val_within": best is not None,
+                          "model": m, "plain": plain})
+        chosen = min(sweep, key=lambda r: (r["val_fraction"], -r["val_accuracy"]))
+        models[kind] = {"model": chosen["model"], "plain": chosen["plain"], "strength": chosen["strength"],
+                        "sweep": [{k: v for k, v in r.items() if k not in ("model", "plain")} for r in sweep]}
+
+    rows = []
+    for pipeline, kind, crit in PIPELINES:
+        if kind not in models:
+            continue
+        entry = models[kind]
+        plain = entry.get("plain", entry["model"])
+        sc = scores(plain, crit, x, y)
+        target = std_test - TOLERANCE
+        best, acc0, seen0, size0 = scan(plain, sc, width, test, target, x, params_at=params_at)
+        row = {"model": name, "seed": seed, "pipeline": pipeline, "training": kind, "criterion": crit,
+               "strength": entry["strength"], "sweep": entry["sweep"], "unpruned_test_accuracy": accuracy(plain, test),
+               "standard_test_accuracy": std_test, "target": target, "params_full": full_params}
+        row["fraction_no_ft"] = 1.0 if best is None else params_at[GRID[best]] / full_params
+        row["within_no_ft"] = best is not None
+        row["accuracy_no_ft"] = acc0
+        first = 1 if best is None else best + 1
+        best_ft, acc1, seen1, size1 = None, None, {}, {}
+        if first < len(GRID):
+            best_ft, acc1, seen1, size1 = scan(plain, sc, width, test, target, x, start=first, finetune=ft, params_at=params_at)
+        if best_ft is None:
+            best_ft, acc1 = best, acc0
+        row["fraction_ft"] = 1.0 if best_ft is None else params_at[GRID[best_ft]] / full_params
+        row["within_ft"] = best_ft is not None
+        row["accuracy_ft"] = acc1
+        row["params_by_fraction"] = {str(f): p for f, p in {**size0, **size1}.items()}  # every pruned model it measured
+        row["accuracy_by_fraction"] = {"no_ft": {str(f): a for f, a in seen0.items()}, "ft": {str(f): a for f, a in seen1.items()}}
+        if crit == "eigenprune":
+            row["prune_nodes_check"] = check_prune_nodes(entry["model"], plain, sc, width, x)
+        rows.append(row)
+    seconds = time.perf_counter() - start
+    print(f"{name} seed {seed}: {seconds:.0f} s", flush=True)
+    return {"rows": rows, "params_at": {str(f): p for f, p in sorted(params_at.items(), reverse=True)}, "widths": width,
+            "params_full": full_params, "seconds": seconds, "model": name, "seed": seed}
+
+
+def _run_task(task: tuple) -> dict:
+    return run_one(*task)
+
+
+# ---------------------------------------------------------------- report
 
 
 def markdown(result: dict) -> str:
-    """One row per model and pair: means over seeds (per-seed values in brackets for the kept counts)."""
     groups: dict[tuple, list[dict]] = {}
     for r in result["rows"]:
-        groups.setdefault((r["model"], r["training"], r["criterion"]), []).append(r)
+        groups.setdefault((r["model"], r["pipeline"]), []).append(r)
 
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
+    def cell(rs, tag):
+        vals = [r[f"fraction_{tag}"] for r in rs]
+        fails = [not r[f"within_{tag}"] for r in rs]
+        per = ", ".join("fail" if bad else f"{v:.3f}" for v, bad in zip(vals, fails))
+        return f"{sum(vals) / len(vals):.3f}{'†' if any(fails) else ''} [{per}]"
 
-    def kept(rs, tag):
-        values = [r[f"kept_{tag}"] for r in rs]
-        m = mean(values)
-        return f"{m:.1f} [{', '.join('-' if v is None else str(v) for v in values)}]" if m is not None else "-"
-
-    rows = []
-    for (model, training, criterion), rs in groups.items():
-        def ms(key, rs=rs):
-            m = mean([r[key] for r in rs])
-            return "-" if m is None else f"{m:.2f}"
-
-        rows.append({
-            "model": model, "training + criterion": f"{training} + {criterion}", "full acc %": mean([r["full_accuracy"] for r in rs]),
-            "of": rs[0]["width"], "kept, no FT": kept(rs, "no_ft"), "kept, FT": kept(rs, "ft"),
-            "params full -> FT": f"{rs[0]['params_full']} -> {mean([r['params_ft'] for r in rs]) or 0:.0f}",
-            "ms b1 full -> FT": f"{ms('latency_full_b1_ms')} -> {ms('latency_ft_b1_ms')}",
-            "ms b256 full -> FT": f"{ms('latency_full_b256_ms')} -> {ms('latency_ft_b256_ms')}",
-        })
-    return table(rows, list(rows[0]))
+    lines = ["| model | pipeline | strength | unpruned acc % | kept params, no FT | kept params, FT |", "|---|---|---|---|---|---|"]
+    for (model, pipeline), rs in groups.items():
+        strength = ", ".join("-" if r["strength"] is None else f"{r['strength']:g}" for r in rs)
+        acc = sum(r["unpruned_test_accuracy"] for r in rs) / len(rs)
+        lines.append(f"| {model} | {pipeline} | {strength} | {acc:.1f} | {cell(rs, 'no_ft')} | {cell(rs, 'ft')} |")
+    return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=1, help="training seeds per model (default 1)")
-    parser.add_argument("--tiny", action="store_true", help="tiny data and epochs: a smoke run")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_models.json")
-    args = parser.parse_args()
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    start = time.perf_counter()
-    result = run(args.tiny, args.seeds)
-    result.update({
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": time.perf_counter() - start,
-    })
+def machine() -> dict:
+    model = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), model)
+    except (OSError, subprocess.SubprocessError):
+        pass
     from importlib.metadata import version
 
-    result["machine"]["torch_pruning"] = version("torch-pruning")  # the module's __version__ says 1.6.0 in 1.6.1
-    print(markdown(result))
+    return {"cpu": model, "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "torch_pruning": version("torch-pruning"), "threads_per_job": 1,
+            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI form: tiny models and data, 1 seed, strengths 0 and 2")
+    parser.add_argument("--seeds", type=int, default=None, help="how many seeds (default 5; 1 with --quick)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+n-1 (default 0): split a run in parts")
+    parser.add_argument("--models", default=None, help="comma-separated subset of " + ", ".join(prune_zoo.models(True)))
+    parser.add_argument("--strengths", default=None, help="indices into each sweep, e.g. 0,2 (default all 3; 0,2 with --quick)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel processes over (model, seed) (default 1)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "real_models.json")
+    args = parser.parse_args(argv)
+    names = list(prune_zoo.models(args.quick))
+    if args.models:
+        unknown = [m for m in args.models.split(",") if m not in names]
+        if unknown:
+            parser.error(f"unknown model(s) {unknown}; known: {names}")
+        names = args.models.split(",")
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
+    if seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {seeds}")
+    idx = [int(i) for i in args.strengths.split(",")] if args.strengths else ([0, 2] if args.quick else [0, 1, 2])
+    if not idx or any(not 0 <= i < 3 for i in idx):
+        parser.error("--strengths takes indices 0, 1, 2")
+    global GRID, FT_EPOCHS
+    if args.quick:
+        GRID, FT_EPOCHS = QUICK_GRID, 1
+    seed_list = list(range(args.first_seed, args.first_seed + seeds))
+    tasks = [(n, s, args.quick, idx) for n in names for s in seed_list]
+    info = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    start = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out} ({result['seconds']:.0f} s)")
+    partial = args.out.with_suffix(".partial.jsonl")  # each (model, seed) as it finishes: a killed run keeps its parts
+    partial.write_text("")
+    parts = []
+
+    def keep(part):
+        parts.append(part)
+        with partial.open("a") as fh:
+            fh.write(json.dumps(part) + "\n")
+
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            for part in pool.imap_unordered(_run_task, tasks):
+                keep(part)
+    else:
+        for t in tasks:
+            keep(run_one(*t))
+    parts.sort(key=lambda p: (names.index(p["model"]), p["seed"]))
+    result = {
+        **info, "seconds": time.perf_counter() - start, "quick": args.quick, "seeds": seed_list, "jobs": args.jobs,
+        "grid": GRID, "tolerance_points": TOLERANCE, "epochs": {n: prune_zoo.models(args.quick)[n][2] for n in names},
+        "lr": LR, "batch": BATCH, "finetune": {"epochs": FT_EPOCHS, "lr": FT_LR},
+        "strengths": {k: [v[i] for i in idx] for k, v in STRENGTHS.items()},
+        "models": {p["model"]: {"params_full": p["params_full"], "widths": p["widths"], "params_at": p["params_at"]}
+                   for p in parts},
+        "per_run_seconds": {f"{p['model']}/{p['seed']}": p["seconds"] for p in parts},
+        "rows": [r for p in parts for r in p["rows"]],
+    }
+    for p in parts:  # equal sizes across seeds too
+        ref = result["models"][p["model"]]["params_at"]
+        assert all(ref.get(f, v) == v for f, v in p["params_at"].items()), f"unequal sizes across seeds of {p['model']}"
+    table = markdown(result)
+    print(table)
+    print(f"machine: {info['machine']['cpu']} ({info['machine']['cpus']} cores), {info['date']}, seeds {result['seeds']}, "
+          f"{result['seconds']:.0f} s")
+    args.out.write_text(json.dumps({**result, "table": table}, indent=1))
+    partial.unlink()
+    print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":

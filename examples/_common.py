@@ -1,4 +1,4 @@
-"""What the three examples and benchmarks/bench_real_models.py share: training, accuracy, pruning with a criterion, tables.
+"""What the three examples share: training, accuracy, pruning with a criterion, tables.
 
 "spectral" training: `spectralize(model)` (lam_out trains, the paper's L2 penalty); "direct" training: the same layers
 with lam_out frozen at 1 (an ordinary network, w = -phi, with the same L2 penalty on its weights). Pruning goes through

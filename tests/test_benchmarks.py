@@ -49,19 +49,42 @@ def test_floor_counts_flops_and_orders_the_designs(tmp_path):
     assert first["mb_per_step_unfused"] < first["mb_per_step_eager"]
 
 
-def test_real_models_benchmark_runs_in_tiny_form(tmp_path):
+def test_real_models_benchmark_quick_form(tmp_path):
+    """The --quick form of benchmarks/bench_real_models.py: every model and pipeline, the table, equal sizes."""
     pytest.importorskip("sklearn")
     out = tmp_path / "real.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_real_models.py"), "--tiny", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_real_models.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    pairs = {(r["model"], r["training"], r["criterion"]) for r in result["rows"]}
-    assert len(pairs) == 15 and ("cnn-digits", "spectral", "eigenprune") in pairs and ("resmlp-csv", "direct", "tp-taylor") in pairs
+    models = {"cnn-bn", "cnn-plain", "resnet", "mobilenet", "transformer-ff", "mlp"}
+    assert set(result["models"]) == models and result["seeds"] == [0] and result["quick"]
+    assert result["machine"]["cpu"] and result["date"]
+    pipelines = {(r["model"], r["pipeline"]) for r in result["rows"]}
+    assert len(pipelines) == len(result["rows"]) == 3 * 9 + 3 * 8  # slimming only where there is BatchNorm (3 models)
+    for name in ("standard + tp-l1", "standard + tp-taylor", "standard + tp-lamp", "group-norm + group-l2",
+                 "growing-reg + group-l2", "spectral + eigenprune (ours)", "spectral + tp-l1 (diagnostic)"):
+        assert all((m, name) in pipelines for m in models)
+    assert ("cnn-bn", "slimming + bn-scale") in pipelines and ("mlp", "slimming + bn-scale") not in pipelines
     for r in result["rows"]:
-        assert r["params_ft"] is None or r["params_ft"] <= r["params_full"]
-        assert r["latency_full_b1_ms"] > 0 and r["latency_full_b256_ms"] > 0
-    assert "| cnn-digits | spectral + eigenprune |" in proc.stdout
+        assert 0 < r["fraction_no_ft"] <= 1 and 0 < r["fraction_ft"] <= r["fraction_no_ft"]
+        assert 0 <= r["unpruned_test_accuracy"] <= 100 and r["target"] == r["standard_test_accuracy"] - 1.0
+        if r["training"] != "standard":
+            assert len(r["sweep"]) == 2 and r["strength"] in {s["strength"] for s in r["sweep"]}
+    # every pipeline's pruned model at a kept fraction has exactly the parameter count of every other's
+    for name, info in result["models"].items():
+        sizes = {f: {p} for f, p in info["params_at"].items()}
+        for r in (r for r in result["rows"] if r["model"] == name):
+            for f, p in r["params_by_fraction"].items():
+                sizes.setdefault(f, set()).add(p)
+        assert sizes["1.0"] == {info["params_full"]}
+        assert all(len(v) == 1 for v in sizes.values()), (name, sizes)
+        assert len(sizes) >= 2  # at least one pruned size was compared
+    # ours went through the library: prune_nodes gives the same model (on the groups it prunes)
+    checks = {r["model"]: r["prune_nodes_check"] for r in result["rows"] if r["criterion"] == "eigenprune"}
+    assert all(c["ok"] for c in checks.values()), checks
+    assert set(checks["mobilenet"]["left_alone"]) == {"ir1.expand", "ir2.expand", "ir3.expand"}  # depthwise groups
+    assert "| cnn-bn | spectral + eigenprune (ours) |" in proc.stdout
 
 
 def test_alternate_runs_both_versions_in_turn(tmp_path):
