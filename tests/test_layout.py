@@ -108,3 +108,17 @@ def test_removing_a_node_means_one_thing_everywhere_even_with_biases():
                 want = task_loss(reference(x[s]), y[s], "regression")
             torch.testing.assert_close(masked[s], want, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(curves[:, 0], curves[:, -1])  # removing nodes changed something: the test can fail
+
+
+def test_every_error_class_of_eigenprune_has_the_one_base():
+    """One base (`EigenpruneError`), caught in one place by the command line: every error class the package defines has it."""
+    import importlib
+    import inspect
+
+    from eigenprune import EigenpruneError
+
+    root = Path(eigenprune.__file__).parent
+    names = [".".join(p.relative_to(root.parent).with_suffix("").parts) for p in root.rglob("*.py") if p.name != "__main__.py"]
+    errors = {f"{m}.{name}": cls for m in names for name, cls in vars(importlib.import_module(m)).items()
+              if inspect.isclass(cls) and issubclass(cls, Exception) and cls.__module__ == m and "yaml" not in str(cls.__mro__)}
+    assert len(errors) >= 10 and [n for n, c in errors.items() if not issubclass(c, EigenpruneError)] == []

@@ -7,6 +7,7 @@ is loaded only when imported.
 """
 
 from eigenprune.core import (
+    EigenpruneError,
     SpectralConv1d,
     SpectralConv2d,
     SpectralConv3d,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EigenImportance",
+    "EigenpruneError",
     "KeepSpec",
     "PruneError",
     "SpectralConv1d",

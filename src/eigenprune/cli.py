@@ -17,10 +17,9 @@ import yaml
 from typer.core import TyperGroup
 
 from eigenprune import __version__
+from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import OutputError, check_output, check_path, first_line, special_kind
-from eigenprune.experiments.backends import BackendError
 from eigenprune.experiments.config import (
-    ConfigError,
     YamlLimitError,
     config_description,
     load_config,
@@ -28,9 +27,7 @@ from eigenprune.experiments.config import (
     shipped_configs,
     yaml_problem,
 )
-from eigenprune.experiments.data import DataError
 from eigenprune.experiments.store import RunFolder, RunFolderError
-from eigenprune.pruning.checkpoint import CheckpointError
 
 try:
     from typer import TyperException as _UsageError  # newer typer parses arguments without click
@@ -80,10 +77,13 @@ class _OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
-        """Run the command; Ctrl-C, SIGTERM or SIGHUP in a command without a message of its own says so, with exit status
+        """Run the command. The one place eigenprune's own errors (`EigenpruneError`) become one `error:` line and exit
+        status 2; Ctrl-C, SIGTERM or SIGHUP in a command without a message of its own says so, with exit status
         128 + the signal (typer itself would turn any of them into a silent 130)."""
         try:
             return super().invoke(ctx)
+        except EigenpruneError as err:
+            _fail(str(err))
         except KeyboardInterrupt as err:
             typer.echo("interrupted", err=True)
             raise typer.Exit(128 + getattr(err, "signum", signal.SIGINT)) from None
@@ -111,9 +111,6 @@ def _main(
 
 CONFIG_HELP = ("a YAML config file, or the name of a config shipped with eigenprune (e.g. paper; `eigenprune config --list`; "
                "an existing file of that name wins); omit for the embedded quick config")
-
-USER_ERRORS = (ConfigError, RunFolderError, CheckpointError, BackendError, DataError, OutputError)
-
 
 def _fail(message: str) -> None:
     """One `error:` line (the first line of `message`: an error re-raised from a Ray task carries its remote traceback), exit 2."""
@@ -168,15 +165,13 @@ def run(
     from eigenprune.experiments.runner import run_experiment
     from eigenprune.reporting.report import build_report
 
+    if backend not in ("local", "ray"):
+        _fail(f"--backend must be local or ray, got {backend!r}")
+    overrides = _overrides(set_, device=device, workers=workers)
+    cfg = load_config(config, overrides)
     try:
-        if backend not in ("local", "ray"):
-            _fail(f"--backend must be local or ray, got {backend!r}")
-        overrides = _overrides(set_, device=device, workers=workers)
-        cfg = load_config(config, overrides)
-        path = run_experiment(cfg, _out_folder(out or Path("runs") / cfg.name), fresh=fresh, quiet=quiet, backend=backend, address=address,
-                              finish=lambda p: build_report(p, quiet=quiet))
-    except USER_ERRORS as err:
-        _fail(str(err))
+        path = run_experiment(cfg, _out_folder(out or Path("runs") / cfg.name), fresh=fresh, quiet=quiet, backend=backend,
+                              address=address, finish=lambda p: build_report(p, quiet=quiet))
     except KeyboardInterrupt as err:
         typer.echo("interrupted: finished chunks are kept; rerun the same command to resume", err=True)
         raise typer.Exit(128 + getattr(err, "signum", signal.SIGINT)) from None
@@ -201,11 +196,8 @@ def plan(
     chunk on this machine. Writes nothing."""
     from eigenprune.experiments.plan import plan_run
 
-    try:
-        overrides = _overrides(set_, device=device, workers=workers)
-        table, info = plan_run(load_config(config, overrides), measure)
-    except USER_ERRORS as err:
-        _fail(str(err))
+    overrides = _overrides(set_, device=device, workers=workers)
+    table, info = plan_run(load_config(config, overrides), measure)
     formats = {"memory_gb": "{:.2f}".format, "model_min": "{:.1f}".format, "step_ms": "{:.3f}".format, "train_s_estimate": "{:.0f}".format}
     typer.echo(table.to_string(index=False, formatters={k: f for k, f in formats.items() if k in table}))
     typer.echo(f"device {info['device']}, {info['workers']} worker(s) x {info['threads_per_worker']} thread(s), "
@@ -224,10 +216,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder made by `e
     """Rebuild the figures and report.html of a run folder from its stored results (no training)."""
     from eigenprune.reporting.report import build_report
 
-    try:
-        path = build_report(check_path(run_dir, "run folder", RunFolderError))
-    except USER_ERRORS as err:
-        _fail(str(err))
+    path = build_report(check_path(run_dir, "run folder", RunFolderError))
     typer.echo(f"wrote {path}")
 
 
@@ -239,10 +228,7 @@ def collapse(
     """Rescale the spectral pruning curves of several runs (delta/max vs n/h_T - 1) and measure their collapse."""
     from eigenprune.reporting.collapse import collapse_runs
 
-    try:
-        result = collapse_runs([check_path(r, "run folder", RunFolderError) for r in run_dirs], _out_folder(out))
-    except USER_ERRORS as err:
-        _fail(str(err))
+    result = collapse_runs([check_path(r, "run folder", RunFolderError) for r in run_dirs], _out_folder(out))
     nc = result["by_critical_point"]
     typer.echo(f"rescaled by h_T: spread before {result['spread_before']:.3f}, after {result['spread_after']:.3f} "
                f"(ratio {result['ratio']:.2f}); by n_c: after {nc['spread_after']:.3f} (ratio {nc['ratio']:.2f}); wrote {out}")
@@ -262,22 +248,12 @@ def show_config(
         for name, path in names.items():
             typer.echo(f"{name:<{width}}  {config_description(path)}")
         return
-    try:
-        cfg = load_config(config)
-    except USER_ERRORS as err:
-        _fail(str(err))
+    cfg = load_config(config)
     sys.stdout.write(cfg.to_yaml())
 
 
 
 # --- Pruning as a product: prune, export, compare ---------------------------------------------------
-
-
-def _pruning_errors() -> tuple[type[Exception], ...]:
-    from eigenprune.pruning.export import ExportError
-    from eigenprune.pruning.keep import PruneError
-
-    return (*USER_ERRORS, PruneError, ExportError)
 
 
 def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
@@ -403,28 +379,25 @@ def prune(
     from eigenprune.pruning.keep import PruneError, parse_keep
     from eigenprune.pruning.prune import prune_nodes
 
+    target = check_output(out or Path(checkpoint.stem + "-pruned.safetensors"),  # not inside a run folder's chunk
+                          inputs=[checkpoint, *([data] if data is not None else [])], force=force, ours=is_checkpoint,
+                          kind="an eigenprune checkpoint (safetensors)", suffix=".safetensors")
+    spec = parse_keep(keep)
     try:
-        target = check_output(out or Path(checkpoint.stem + "-pruned.safetensors"),  # not inside a run folder's chunk
-                              inputs=[checkpoint, *([data] if data is not None else [])], force=force, ours=is_checkpoint,
-                              kind="an eigenprune checkpoint (safetensors)", suffix=".safetensors")
-        spec = parse_keep(keep)
-        try:
-            chosen = None if layers is None else [int(v) for v in layers.split(",")]
-        except ValueError:
-            raise PruneError(f"--layers takes comma-separated hidden layer indices (e.g. 0 or 0,1), got {layers!r}") from None
-        if data is not None and spec.kind != "auto":
-            raise PruneError(f"--data is only used with --keep auto (got --keep {keep})")
-        model, extra = load_model(checkpoint)
-        x = y = None
-        task = "regression"
-        if spec.kind == "auto":
-            x, y, task = _validation_data(checkpoint, data, extra)
-            x, y = _check_validation(model, x, y, task)
-        chosen = ranked_layers(model) if chosen is None else chosen
-        small = prune_nodes(model, spec, layers=chosen, x_val=x, y_val=y, rtol=rtol, atol=atol, task=task)
-        save_model(small, target, {**extra, "pruned_from": str(checkpoint), "keep": keep, "sizes": layer_sizes(small)})
-    except _pruning_errors() as err:
-        _fail(str(err))
+        chosen = None if layers is None else [int(v) for v in layers.split(",")]
+    except ValueError:
+        raise PruneError(f"--layers takes comma-separated hidden layer indices (e.g. 0 or 0,1), got {layers!r}") from None
+    if data is not None and spec.kind != "auto":
+        raise PruneError(f"--data is only used with --keep auto (got --keep {keep})")
+    model, extra = load_model(checkpoint)
+    x = y = None
+    task = "regression"
+    if spec.kind == "auto":
+        x, y, task = _validation_data(checkpoint, data, extra)
+        x, y = _check_validation(model, x, y, task)
+    chosen = ranked_layers(model) if chosen is None else chosen
+    small = prune_nodes(model, spec, layers=chosen, x_val=x, y_val=y, rtol=rtol, atol=atol, task=task)
+    save_model(small, target, {**extra, "pruned_from": str(checkpoint), "keep": keep, "sizes": layer_sizes(small)})
     before, after = layer_sizes(model), layer_sizes(small)
     hidden = linear_layers(as_sequential(model))[:-1]
     how = "; ".join(f"layer {i} ({_layer_kind(m)}): " + (f"{before[i + 1]} → {after[i + 1]} nodes" if i in chosen else
@@ -449,14 +422,11 @@ def export(
     from eigenprune.pruning.checkpoint import load_model
     from eigenprune.pruning.export import ExportError, export_onnx, is_onnx_export
 
-    try:
-        if not rtol >= 0 or rtol == float("inf"):
-            raise ExportError(f"--rtol must be a finite number >= 0, got {rtol}")
-        check_output(onnx, inputs=[model], force=force, ours=is_onnx_export, option="--onnx", kind="an ONNX file")
-        net, _ = load_model(model)
-        path, diff = export_onnx(net, onnx, rtol, overwrite=force)
-    except _pruning_errors() as err:
-        _fail(str(err))
+    if not rtol >= 0 or rtol == float("inf"):
+        raise ExportError(f"--rtol must be a finite number >= 0, got {rtol}")
+    check_output(onnx, inputs=[model], force=force, ours=is_onnx_export, option="--onnx", kind="an ONNX file")
+    net, _ = load_model(model)
+    path, diff = export_onnx(net, onnx, rtol, overwrite=force)
     typer.echo(f"wrote {path} (onnxruntime vs torch on 257 random inputs: max relative difference {diff:.2g})")
 
 
@@ -470,11 +440,8 @@ def compare(
     """Train students with every importance criterion and tabulate recovered width, loss and ΔMSE (parquet + markdown)."""
     from eigenprune.experiments.compare import load_compare_config, run_compare
 
-    try:
-        cfg = load_compare_config(config, _overrides(set_))
-        path = run_compare(cfg, _out_folder(out or Path("runs") / cfg.name), quiet=quiet)
-    except _pruning_errors() as err:
-        _fail(str(err))
+    cfg = load_compare_config(config, _overrides(set_))
+    path = run_compare(cfg, _out_folder(out or Path("runs") / cfg.name), quiet=quiet)
     sys.stdout.write((path / "compare.md").read_text())
     typer.echo(f"tables in {path}")
 

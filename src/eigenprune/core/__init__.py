@@ -2,6 +2,7 @@
 penalty, reading a model's structure, losses, training one model, students from layer plans, writing files."""
 
 from eigenprune.core.convert import SpectralizeError, SpectralizeReport, despectralize, plan_spectralize, spectral_penalty, spectralize
+from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import OutputError
 from eigenprune.core.layers import (
     PLAIN_LAYERS,
@@ -22,6 +23,7 @@ from eigenprune.core.training import TrainSpec, train_alone
 __all__ = [
     "PLAIN_LAYERS",
     "SPECTRAL_LAYERS",
+    "EigenpruneError",
     "LayerPlan",
     "OutputError",
     "SpectralConv1d",

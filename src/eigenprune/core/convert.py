@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.layers import SpectralModule, plain_names, spectral_twin
 
 log = logging.getLogger("eigenprune")
 
 
-class SpectralizeError(ValueError):
+class SpectralizeError(EigenpruneError, ValueError):
     """A model that `spectralize` cannot convert, stated in one line."""
 
 

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from eigenprune.core.errors import EigenpruneError
+
 TMP_PREFIX = ".eigenprune-tmp-"
 """Name prefix of every temporary file or folder eigenprune creates; nothing else is ever cleaned up."""
 
@@ -24,7 +26,7 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-class OutputError(ValueError):
+class OutputError(EigenpruneError, ValueError):
     """An output path that cannot or must not be written, stated in one line."""
 
 

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Protocol
 
+from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import first_line
 from eigenprune.experiments.progress import Progress, QueueProgress
 from eigenprune.experiments.store import ChunkResult
@@ -41,7 +42,7 @@ class Unit(Protocol):
 Job = Callable[[Any, Any], ChunkResult]
 
 
-class BackendError(RuntimeError):
+class BackendError(EigenpruneError, RuntimeError):
     """A backend that cannot run as asked (Ray missing, cluster unreachable), stated in one line."""
 
 

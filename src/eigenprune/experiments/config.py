@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import input_file
 
 
@@ -61,7 +62,7 @@ MAX_GRID = 1000
 paper trains 10 widths; 1,000 widths make about 2,000 chunks, planned in a tenth of a second."""
 
 
-class ConfigError(ValueError):
+class ConfigError(EigenpruneError, ValueError):
     """A configuration problem, stated in one line."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import check_path, special_kind
 from eigenprune.core.layers import glorot_uniform_
 from eigenprune.core.seeds import derive_seed
@@ -96,7 +97,7 @@ def teacher_data(
     return TrialData(x[:, :n_train], y[:, :n_train], x[:, n_train:], y[:, n_train:], target_scale=scale)
 
 
-class DataError(ValueError):
+class DataError(EigenpruneError, ValueError):
     """A data set that cannot be used as configured, stated in one line."""
 
 

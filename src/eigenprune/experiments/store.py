@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import atomic_write, fsync, is_temp, share_mode, temp_path
 from eigenprune.experiments.config import Config, safe_load
 
@@ -63,7 +64,7 @@ def _inside(rel: object) -> bool:
     return isinstance(rel, str) and bool(rel) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
 
 
-class RunFolderError(ValueError):
+class RunFolderError(EigenpruneError, ValueError):
     """A run folder that cannot be used as asked, stated in one line."""
 
 

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
+from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import atomic_write, first_line, input_file
 from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.structure import as_sequential
@@ -30,7 +31,7 @@ ACTIVATIONS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
 """Saved activation modules: type name -> (class, constructor arguments stored with it)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EigenpruneError, ValueError):
     """A checkpoint that cannot be read, stated in one line."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import atomic_write, check_output, first_line
 from eigenprune.core.layers import SpectralLinear
 from eigenprune.core.structure import as_sequential, input_tuple, unwrap_parallel
@@ -25,7 +26,7 @@ from eigenprune.core.structure import as_sequential, input_tuple, unwrap_paralle
 OPSET = 17
 
 
-class ExportError(ValueError):
+class ExportError(EigenpruneError, ValueError):
     """A model or environment that cannot produce an ONNX file, stated in one line."""
 
 

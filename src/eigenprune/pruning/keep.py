@@ -15,10 +15,11 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
+from eigenprune.core.errors import EigenpruneError
 from eigenprune.pruning.importance import normalize
 
 
-class PruneError(ValueError):
+class PruneError(EigenpruneError, ValueError):
     """A pruning request that cannot be carried out, stated in one line."""
 
 
