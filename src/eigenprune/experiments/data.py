@@ -203,7 +203,8 @@ MAX_CSV_COLUMNS = 10_000
 def csv_data(path: str, target: str, features: list[str] | None, task: str, trials: int, seed: int, test_fraction: float,
              dtype: torch.dtype = torch.float32) -> TrialData:
     """A user's CSV: numeric feature columns and a target column (numbers for regression, labels for
-    classification), split per trial. Every problem raises `DataError` naming the column."""
+    classification), split per trial. Every problem raises `DataError` naming the column. (Longer than 60 lines:
+    one check after another, in the order a user meets them; split, they would only pass the frame around.)"""
     import pandas as pd
 
     p = check_path(Path(path).expanduser(), "data.csv.path", DataError)

@@ -116,6 +116,19 @@ def _committer(folder: RunFolder) -> Callable[[ChunkResult], Path]:
     return commit
 
 
+def _ray_plan(cfg: Config, chunks: list[Chunk], spec: DataSpec):
+    """`plan.local_plan`'s answer for the Ray backend: (device, workers, threads per task, the chunks after the
+    memory planner, the memory figures); each task resolves and checks its own device."""
+    require_ray()
+    device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
+    if cfg.backprop == "fused":
+        check_fused(cfg, None, spec)  # the students; each task checks its own device
+    memory: dict = {}
+    if device.type == "cpu" or cfg.max_memory_gb:
+        chunks, memory = check_memory(cfg, chunks, 1, torch.device("cpu"), spec)
+    return device, cfg.workers, 1, chunks, memory
+
+
 def run_experiment(
     cfg: Config, out: str | Path, fresh: bool = False, quiet: bool = False, backend: Backend = "local", address: str | None = None,
     finish: Callable[[RunFolder], object] | None = None,
@@ -138,18 +151,7 @@ def run_experiment(
               for part in ([c] if resumable and folder.done(c.id) else split_long_chunks(cfg, [c], spec.n_fit))]
     skipped = [c.id for c in chunks if resumable and folder.done(c.id)]
     todo = sorted((c for c in chunks if c.id not in skipped), key=lambda c: -chunk_cost(cfg, c))
-    if backend == "ray":
-        require_ray()
-        device = torch.device(cfg.device if cfg.device != "auto" else "cpu")  # resolved inside each task
-        workers, threads = cfg.workers, 1
-        if cfg.backprop == "fused":
-            check_fused(cfg, None, spec)  # the students; each task checks its own device
-        if device.type == "cpu" or cfg.max_memory_gb:
-            todo, memory = check_memory(cfg, todo, 1, torch.device("cpu"), spec)
-        else:
-            memory = {}
-    else:
-        device, workers, threads, todo, memory = local_plan(cfg, todo, spec)
+    device, workers, threads, todo, memory = (_ray_plan(cfg, todo, spec) if backend == "ray" else local_plan(cfg, todo, spec))
     split_done = [c.id for c in todo if c.split and resumable and folder.done(c.id)]  # resuming a split chunk
     skipped += split_done
     todo = [c for c in todo if c.id not in split_done]
