@@ -43,8 +43,11 @@ from eigenprune.batched.memory import reuse_freed_memory, step_flops
 from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import make_student
 from eigenprune.core.training import TrainSpec, train_alone
+from eigenprune.experiments.builders import student_plans
 from eigenprune.experiments.config import load_config
-from eigenprune.experiments.grid import make_data, plan_chunks, student_plans, student_seed
+from eigenprune.experiments.data import make_data
+from eigenprune.experiments.experiment_seeds import student_seed
+from eigenprune.experiments.grid import plan_chunks
 from eigenprune.experiments.measure import prepare_chunk
 from eigenprune.experiments.plan import adam_steps
 
@@ -85,7 +88,7 @@ def bench(width: int, trials: int, steps: int, epochs: int, device: torch.device
     steps = per_epoch * epochs
     cfg = load_config(None, {"trials": trials, "data": {"n_train": 100 * per_epoch, "n_test": 10}, "save_students": False})
     data = make_data(cfg).to(device)
-    students = [make_student(10, student_plans(cfg, "spectral", width), student_seed(cfg, t, width)).to(device) for t in range(trials)]
+    students = [make_student(10, student_plans(cfg, "spectral", width), student_seed(cfg.seed, t, width)).to(device) for t in range(trials)]
     index = torch.arange(trials, device=device)
     base = None
     for variant in variants:

@@ -44,8 +44,9 @@ from eigenprune.batched.memory import step_flops
 from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import make_student
 from eigenprune.core.training import TrainSpec
+from eigenprune.experiments.builders import student_plans
 from eigenprune.experiments.config import load_config
-from eigenprune.experiments.grid import plan_chunks, student_plans, validation_split
+from eigenprune.experiments.grid import plan_chunks
 from eigenprune.experiments.plan import adam_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def chunk_floor(cfg, chunk, card: str, node_us: float, kernels: int) -> dict:
     keys = chunk.keys()
     s, n_pad = len(keys), max(chunk.widths)
     d, rest = cfg.data.input_dim, [*cfg.student.rest, 1]
-    p = validation_split(cfg)
+    p = cfg.regularization.n_fit(cfg.data.n_train)
     b, steps = adam_steps(cfg, chunk.method, p)
 
     def flops(n: int) -> int:  # per student and pattern: forward, weight gradients, hidden gradients

@@ -25,7 +25,8 @@ CASES = [
 CHILD = """
 import json, sys, torch
 from eigenprune.experiments.config import parse_config
-from eigenprune.experiments.grid import make_data, plan_chunks
+from eigenprune.experiments.data import make_data
+from eigenprune.experiments.grid import plan_chunks
 from eigenprune.experiments.measure import train_chunk
 from eigenprune.experiments.plan import chunk_memory
 from eigenprune.experiments.progress import Progress

@@ -27,10 +27,13 @@ import torch
 
 from eigenprune.core.plans import LayerPlan
 from eigenprune.experiments.builders import paper_student
-from eigenprune.experiments.capacity import Students, capacity_curve, k_star_per_layer, test_losses, train_students
+from eigenprune.experiments.capacity import capacity_curve, k_star_per_layer
 from eigenprune.experiments.config import ConfigError, load_config
-from eigenprune.experiments.grid import Chunk, make_data, student_seed
-from eigenprune.experiments.measure import prepare_chunk, run_chunk
+from eigenprune.experiments.data import make_data
+from eigenprune.experiments.experiment_seeds import student_seed
+from eigenprune.experiments.grid import Chunk
+from eigenprune.experiments.group import measure_group
+from eigenprune.experiments.measure import chunk_group, run_chunk
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.recovery import prepare_out
 from eigenprune.experiments.store import RunFolderError, json_safe, parquet_writer
@@ -72,21 +75,21 @@ def main() -> int:
     width = cfg.student.widths[0]
     chunk = Chunk("spectral", (width,), tuple(range(cfg.trials)))
     with Progress(quiet=True) as progress:
-        tables, _, _ = run_chunk(cfg, chunk, data, device, progress)
+        tables = run_chunk(cfg, chunk, data, device, progress).tables
     lay = tables["layers"]
     res = tables["results"]
     print(f"wide students trained ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    prep = prepare_chunk(cfg, chunk, data, device)  # the training spec and shuffle seeds of the run
-    dtype = getattr(torch, cfg.dtype)
+    wide = chunk_group(cfg, chunk, data, torch.device("cpu"))  # the training spec and shuffle seeds of the run
     rows = []
     for method in ("spectral", "direct"):
         m = cfg.method(method)
         keys = [(k1, k2, t) for k1 in k1s for k2 in k2s for t in range(cfg.trials)]
         plans = [paper_student(LayerPlan(k1, method, m.l2_phi, m.l2_lam), [k2], deep=True) for k1, k2, _ in keys]
-        group = Students(plans, [student_seed(cfg, t, k1 * 1000 + k2) for k1, k2, t in keys], [t for _, _, t in keys])
-        spec = replace(prep.spec, lr=m.lr, batch_size=m.batch_size)  # both methods get the spectral students' steps
-        ens, index, failed = train_students(group, data.x_train, data.y_train, spec, prep.shuffle, data.x_train.shape[-1], dtype)
-        loss = test_losses(ens, data.x_test, data.y_test, index, failed)
+        spec = replace(wide.spec, lr=m.lr, batch_size=m.batch_size)  # both methods get the spectral students' steps
+        group = replace(wide, plans=plans, seeds=[student_seed(cfg.seed, t, k1 * 1000 + k2) for k1, k2, t in keys],
+                        trials=[t for _, _, t in keys], spec=spec)
+        result = measure_group(group, data, data.x_train.shape[1], device)
+        loss = np.where(result.failures.mask(), np.nan, result.metrics["test_loss"].double().numpy())
         rows += [{"method": method, "k1": k1, "k2": k2, "trial": t, "test_loss": v} for (k1, k2, t), v in zip(keys, loss)]
         print(f"{method} shapes trained ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     runs = pd.DataFrame(rows)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from eigenprune.core.training import TrainSpec
-from eigenprune.experiments.grid import make_data, validation_split
+from eigenprune.experiments.data import make_data
 from eigenprune.experiments.store import RunFolder
 from eigenprune.pruning.checkpoint import load_model
 from eigenprune.pruning.search import minimal_width
@@ -39,7 +39,7 @@ def main() -> None:
     for ti, group in results[results.status == "ok"].groupby("teacher_index"):
         tcfg = cfg.for_teacher(int(ti))
         data = make_data(tcfg)
-        n_fit = validation_split(tcfg, data.x_train.shape[1])
+        n_fit = tcfg.regularization.n_fit(data.x_train.shape[1])
         for _, r in group.iterrows():
             model, _ = load_model(folder.path / r.checkpoint)
             t = int(r.trial)

@@ -114,7 +114,8 @@ def test_memory_estimate_is_within_a_factor_of_two_of_the_measured_peak():
     child = """
 import json, sys, torch
 from eigenprune.experiments.config import parse_config
-from eigenprune.experiments.grid import make_data, plan_chunks
+from eigenprune.experiments.data import make_data
+from eigenprune.experiments.grid import plan_chunks
 from eigenprune.experiments.measure import train_chunk
 from eigenprune.experiments.progress import Progress
 torch.set_num_threads(1)

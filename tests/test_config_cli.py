@@ -130,7 +130,7 @@ def test_plan_lists_the_chunks_with_memory_and_a_timed_estimate_and_writes_nothi
 def test_backprop_autograd_is_a_config_option_that_trains_like_the_hand_written_step(tmp_path):
     from eigenprune.experiments.runner import run_experiment
 
-    with pytest.raises(ConfigError, match="cuda_graphs needs backprop manual or fused"):
+    with pytest.raises(ConfigError, match="backprop autograd, cuda_graphs true, compile false: cuda_graph needs backprop='manual'"):
         parse_config({"backprop": "autograd", "cuda_graphs": True})
     body = {**TINY, "workers": 1, "dtype": "float64"}
     manual = run_experiment(parse_config(body), tmp_path / "manual", quiet=True)

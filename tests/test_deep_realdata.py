@@ -13,9 +13,9 @@ from eigenprune.batched.ensemble import Ensemble
 from eigenprune.batched.train import evaluate
 from eigenprune.cli import app
 from eigenprune.core.plans import LayerPlan, make_student
+from eigenprune.experiments.builders import student_plans
 from eigenprune.experiments.config import parse_config
 from eigenprune.experiments.data import DataError, csv_data
-from eigenprune.experiments.grid import student_plans
 from eigenprune.experiments.runner import run_experiment
 from eigenprune.pruning.importance import node_importance
 from eigenprune.reporting.report import build_report

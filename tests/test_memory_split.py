@@ -8,6 +8,7 @@ import torch
 
 from conftest import TINY
 from eigenprune.experiments.config import parse_config
+from eigenprune.experiments.data import DataSpec, data_spec
 from eigenprune.experiments.grid import plan_chunks
 from eigenprune.experiments.plan import check_memory, chunk_memory
 from eigenprune.experiments.runner import run_experiment
@@ -47,7 +48,10 @@ def test_a_split_run_equals_an_unsplit_one_and_resumes(tmp_path):
 def test_the_estimate_uses_the_real_data_shape():
     cfg = parse_config({"data": {"source": "digits"}, "student": {"head": "linear", "rest": []}})
     chunk = plan_chunks(cfg)[0]
-    default = chunk_memory(cfg, chunk)  # the teacher defaults: 10 inputs, 8,000 + 4,000 patterns
-    digits = chunk_memory(cfg, chunk, (64, 1347, 450, 10))
-    wide = chunk_memory(cfg, chunk, (5000, 1347, 450, 10))
+    default = chunk_memory(cfg, chunk, DataSpec("regression", 10, 1, 8000, 8000, 4000))  # the teacher defaults
+    digits = chunk_memory(cfg, chunk, DataSpec("classification", 64, 10, 1347, 1347, 450))
+    wide = chunk_memory(cfg, chunk, DataSpec("classification", 5000, 10, 1347, 1347, 450))
     assert digits < default < wide
+    real = data_spec(cfg)  # without a spec: the config's data, here digits' real shape
+    assert (real.task, real.inputs, real.outputs, real.n_train + real.n_test) == ("classification", 64, 10, 1797)
+    assert chunk_memory(cfg, chunk) == chunk_memory(cfg, chunk, real)

@@ -13,9 +13,8 @@ from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.core.training import FusedAdam, KerasAdam, TrainSpec, adam, train_alone
 from eigenprune.experiments.analysis import effective_dim, normalized_importance
-from eigenprune.experiments.builders import make_teacher
+from eigenprune.experiments.builders import make_teacher, student_plans
 from eigenprune.experiments.config import Config, parse_config
-from eigenprune.experiments.grid import student_plans
 from eigenprune.experiments.runner import run_experiment
 
 

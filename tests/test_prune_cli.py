@@ -10,7 +10,7 @@ from eigenprune.cli import app
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.core.structure import layer_sizes
 from eigenprune.experiments.config import Config
-from eigenprune.experiments.grid import make_data
+from eigenprune.experiments.data import make_data
 from eigenprune.experiments.runner import run_experiment
 from eigenprune.pruning.chain import mask_nodes, select_nodes
 from eigenprune.pruning.checkpoint import CheckpointError, load_model, save_model
@@ -172,7 +172,6 @@ def test_export_refuses_what_onnx_cannot_express(tmp_path):
 
 def test_prune_auto_uses_the_checkpoints_teacher_and_held_out_validation_part(tmp_path):
     """A regularization-path run with two teachers: auto must use teacher 1's held-out validation patterns."""
-    from eigenprune.experiments.grid import validation_split
 
     cfg = Config.model_validate({
         **TINY, "name": "path", "workers": 1, "trials": 1, "methods": ["spectral"], "student": {"widths": [8]},
@@ -189,7 +188,7 @@ def test_prune_auto_uses_the_checkpoints_teacher_and_held_out_validation_part(tm
     for teacher in (0, 1):
         c = cfg.for_teacher(teacher)
         data = make_data(c)
-        n_fit = validation_split(c, data.x_train.shape[1])
+        n_fit = c.regularization.n_fit(data.x_train.shape[1])
         assert n_fit < data.x_train.shape[1]
         with torch.no_grad():
             want[teacher] = float(((model(data.x_train[0, n_fit:]).squeeze(-1) - data.y_train[0, n_fit:]) ** 2).mean())

@@ -183,7 +183,8 @@ def test_collapse_table_is_perfect_for_the_right_scale_and_counts_teachers_left_
 def test_the_shipped_recovery_config_is_the_documented_grid():
     cfg = load_recovery_config(SHIPPED_CONFIGS / "recovery" / "cpu-recovery.yaml")
     assert (cfg.teacher_widths, cfg.input_dims, cfg.teacher_seeds) == ([5, 10, 20, 50, 100], [5, 10, 20, 40], [1234, 1])
-    assert cfg.strengths() == [0.05, 0.2, 1.0, 5.0] and cfg.n_fit() == 3200 and cfg.student_width == 160
+    assert cfg.regularization.strengths() == [0.05, 0.2, 1.0, 5.0] and cfg.student_width == 160
+    assert cfg.regularization.n_fit(cfg.n_train) == 3200
 
 
 def test_config_checks():

@@ -7,7 +7,6 @@ import torch
 
 from conftest import TINY
 from eigenprune.experiments.config import ConfigError, parse_config
-from eigenprune.experiments.grid import validation_split
 from eigenprune.experiments.regpath import best_rule, one_se_rule, select_strengths, stable_rule
 from eigenprune.experiments.runner import run_experiment
 from eigenprune.pruning.checkpoint import load_model
@@ -54,8 +53,8 @@ def test_select_strengths_flags_every_trial_of_the_choice():
 def test_validation_split_errors_name_the_value():
     cfg = parse_config({"data": {"n_train": 3}, "regularization": {"mode": "path", "validation_fraction": 0.1}})
     with pytest.raises(ConfigError, match="validation_fraction 0.1 leaves no training or no validation"):
-        validation_split(cfg)
-    assert validation_split(parse_config({"data": {"n_train": 100}, "regularization": {"mode": "path"}})) == 80
+        cfg.regularization.n_fit(cfg.data.n_train)
+    assert parse_config({"regularization": {"mode": "path"}}).regularization.n_fit(100) == 80
 
 
 def _cfg(**over):

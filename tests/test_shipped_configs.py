@@ -23,7 +23,7 @@ def test_the_shipped_configs_live_in_the_package_only():
     assert list(shipped_configs()) == NAMES
     assert SHIPPED_CONFIGS == ROOT / "src" / "eigenprune" / "configs"
     assert not (ROOT / "configs").exists()  # one copy of each file in the repository
-    assert (SHIPPED_CONFIGS / "recovery" / "cpu-recovery.yaml").is_file()  # scripts/recovery.py's, not a run config
+    assert (SHIPPED_CONFIGS / "recovery" / "cpu-recovery.yaml").is_file()  # eigenprune recovery's, not a run config
 
 
 def test_config_list_names_every_shipped_config_with_its_description():

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import TINY
-from eigenprune.experiments import seeds
+from eigenprune.experiments import experiment_seeds
 from eigenprune.experiments.config import load_config, parse_config
-from eigenprune.experiments.grid import Chunk, make_data, plan_chunks
+from eigenprune.experiments.data import make_data
+from eigenprune.experiments.grid import Chunk, plan_chunks
 from eigenprune.experiments.measure import prepare_chunk
 from eigenprune.experiments.plan import chunk_seconds, split_long_chunks
 from eigenprune.experiments.runner import run_experiment
@@ -74,7 +75,7 @@ def test_a_split_part_starts_every_student_exactly_as_the_whole_chunk_does():
     data = make_data(cfg)
     whole = plan_chunks(cfg)[0]
     full = prepare_chunk(cfg, whole, data, torch.device("cpu"))
-    assert full.shuffle == seeds.shuffle_seeds(cfg.seed, cfg.trials)  # batch order: one seed per trial, whatever the chunk
+    assert full.shuffle == experiment_seeds.shuffle_seeds(cfg.seed, cfg.trials)  # batch order: one seed per trial, whatever the chunk
     for part in split_long_chunks(cfg.model_copy(update={"max_chunk_minutes": 1e-9}), [whole]):
         prep = prepare_chunk(cfg, part, data, torch.device("cpu"))
         assert prep.shuffle == full.shuffle and prep.n_fit == full.n_fit

@@ -261,7 +261,7 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from eigenprune.experiments.grid import make_data, validation_split
+    from eigenprune.experiments.data import make_data
     from eigenprune.pruning.keep import PruneError
 
     if data is not None:
@@ -311,7 +311,7 @@ def _validation_data(checkpoint: Path, data: Optional[Path], extra: dict):
         raise PruneError(f"{checkpoint} was trained on data with sha256 {str(extra['data_sha256'])[:12]}, but "
                          f"{cfg.data.csv.path} now has sha256 {str(trial_data.source_sha256)[:12]}: the file changed; "
                          "pass --data FILE.safetensors with the validation data to use")
-    n_fit = validation_split(cfg, trial_data.x_train.shape[1])
+    n_fit = cfg.regularization.n_fit(trial_data.x_train.shape[1])
     if n_fit < trial_data.x_train.shape[1]:  # the run held out a validation part of the training set: use it
         return trial_data.x_train[trial, n_fit:], trial_data.y_train[trial, n_fit:], trial_data.task
     return trial_data.x_test[trial], trial_data.y_test[trial], trial_data.task
@@ -444,6 +444,41 @@ def compare(
     path = run_compare(cfg, _out_folder(out or Path("runs") / cfg.name), quiet=quiet)
     sys.stdout.write((path / "compare.md").read_text())
     typer.echo(f"tables in {path}")
+
+
+@app.command()
+def recovery(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML recovery config (the documented grid: recovery/cpu-recovery.yaml "
+                                                     "in the package); omit for the defaults")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output folder (default runs/<name>): new, empty or an earlier recovery's")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a field, e.g. --set trials=1")] = [],  # noqa: B006
+    report: Annotated[Optional[Path], typer.Option("--report", help="only (re)draw the figures of a finished recovery folder")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress lines")] = False,
+) -> None:
+    """The recovery diagram: does the spectral student find the teacher? Trains wide students and capacity networks over a
+    grid of teachers; writes tables and figures (docs/recovery.md). Exit status 1 (tables written) if a network diverged."""
+    from eigenprune.experiments.recovery import load_recovery_config, open_finished, prepare_out, recover
+    from eigenprune.reporting.recovery import write_figures
+
+    if report is not None:
+        if config is not None or out is not None or set_:
+            _fail("--report DIR only redraws the figures of DIR; give it without CONFIG, --out or --set")
+        folder = open_finished(report)
+        write_figures(folder)
+        folder.release()
+        return
+    cfg = load_recovery_config(config, _overrides(set_))
+    folder = prepare_out(_out_folder(out or Path("runs") / cfg.name))
+    try:
+        derived, failed = recover(cfg, folder, log=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
+        write_figures(folder)
+    finally:
+        folder.release()
+    typer.echo(derived["collapse"].to_string(index=False))
+    typer.echo(f"tables and figures in {folder.path}")
+    if failed:
+        typer.echo(f"error: {failed} networks diverged (NaN/inf loss); they are left out of the tables' summaries", err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:

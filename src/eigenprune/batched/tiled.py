@@ -32,7 +32,7 @@ def applies(layers) -> str | None:
     (ReLU between the two) and no bias."""
     if len(layers) < 2:
         return "a tiled first layer needs at least two layers (it feeds the second tile by tile)"
-    if layers[0].bias is not None:
+    if layers[0].bias is not None and layers[0].bias is not False:  # a bias tensor, or a `LayerPlan` with bias=True
         return "a tiled first layer needs a first layer without bias"
     return None
 

@@ -13,17 +13,10 @@ compared with, since a teacher's size is only defined up to how well a narrower 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-
-from eigenprune.batched.ensemble import Ensemble
-from eigenprune.batched.train import evaluate, train_ensemble
-from eigenprune.core.plans import LayerPlan, make_student
-from eigenprune.core.training import TrainSpec
 
 
 def k_star(widths: Sequence[float], mse: Sequence[float], eps: float) -> float:
@@ -77,32 +70,3 @@ def k_star_table(curve: pd.DataFrame, eps: pd.DataFrame, keys: Sequence[str] = (
                 rows.append({**dict(zip(keys, kv)), "method": method, "stat": stat, "factor": f, "eps": f * e,
                              "k_star": k_star(g.width.to_numpy(), g[stat].to_numpy(), f * e)})
     return pd.DataFrame(rows)
-
-
-@dataclass(frozen=True)
-class Students:
-    """Networks trained together as one ensemble: their layer plans, init seeds, and the data trial each uses."""
-
-    plans: list[list[LayerPlan]]
-    seeds: list[int]
-    trials: list[int]
-
-
-def train_students(
-    group: Students, x_train: torch.Tensor, y_train: torch.Tensor, spec: TrainSpec, shuffle_seeds: list[int],
-    input_dim: int, dtype: torch.dtype, on_epoch: Callable[[int, float], None] | None = None,
-) -> tuple[Ensemble, torch.Tensor, torch.Tensor]:
-    """Train every network of `group` (padded into one `Ensemble`) on its trial's data (x [T, P, D],
-    y [T, P]); returns the trained ensemble, each network's trial index, and which ones failed (loss
-    NaN/inf at some step: the trainer froze them, and their results must not count)."""
-    ens = Ensemble([make_student(input_dim, p, s, dtype) for p, s in zip(group.plans, group.seeds)])
-    trial_index = torch.tensor(group.trials)
-    log = train_ensemble(ens, x_train, y_train, trial_index, spec, shuffle_seeds, on_epoch)
-    return ens, trial_index, log.failed_step >= 0
-
-
-def test_losses(ens: Ensemble, x_test: torch.Tensor, y_test: torch.Tensor, trial_index: torch.Tensor,
-                failed: torch.Tensor) -> np.ndarray:
-    """Test MSE of every network of a trained ensemble [S]; NaN for the failed ones."""
-    loss = evaluate(ens, x_test, y_test, trial_index, "regression").double().numpy()
-    return np.where(failed.numpy(), np.nan, loss)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
@@ -28,38 +28,32 @@ import torch
 import yaml
 from pydantic import Field, model_validator
 
-from eigenprune.batched.curves import pruning_curves
-from eigenprune.batched.ensemble import Ensemble
-from eigenprune.batched.train import evaluate, train_ensemble
-from eigenprune.core.plans import LayerPlan, make_student
-from eigenprune.core.training import TrainSpec
-from eigenprune.experiments.analysis import critical_point, effective_dim
+from eigenprune.core.plans import LayerPlan
+from eigenprune.experiments.analysis import critical_point
 from eigenprune.experiments.builders import paper_student
 from eigenprune.experiments.config import (
-    MAX_TRIALS,
     DataConfig,
     Float,
-    NoBool,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     RunName,
-    Seed,
-    StrictModel,
+    Schedule,
+    Settings,
     parse_config,
     read_yaml,
     repeated,
 )
-from eigenprune.experiments.data import TrialData
-from eigenprune.experiments.grid import teacher_set
+from eigenprune.experiments.data import TrialData, teacher_set
+from eigenprune.experiments.experiment_seeds import data_seed, shuffle_seeds, student_seed
+from eigenprune.experiments.group import StudentGroup, measure_group
 from eigenprune.experiments.progress import Progress
-from eigenprune.experiments.seeds import data_seed, shuffle_seeds, student_seed
 from eigenprune.experiments.store import OwnedFolder, parquet_writer
 from eigenprune.pruning.criteria import CRITERIA, Criterion, get_criterion
 
 
-class CompareTrain(StrictModel):
+class CompareTrain(Schedule):
     """The one optimizer schedule every criterion's students train with (Adam, mini-batches)."""
 
     lr: PositiveFloat = 0.005
@@ -67,13 +61,10 @@ class CompareTrain(StrictModel):
     epochs: PositiveInt = 500
 
 
-class CompareConfig(StrictModel):
+class CompareConfig(Settings):
     """The comparison's settings; the defaults are the CPU-sized run reported in docs/pruning.md."""
 
     name: RunName = "compare"
-    seed: Seed = 0
-    trials: Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool] = 3
-    dtype: Literal["float32", "float64"] = "float32"
     data: DataConfig = DataConfig(n_train=4000, n_test=2000)
     widths: Annotated[list[PositiveInt], Field(min_length=1)] = [40, 100, 200]
     rest: list[PositiveInt] = [10]
@@ -154,40 +145,37 @@ def markdown_table(summary: pd.DataFrame, cfg: CompareConfig) -> str:
 
 def _run_group(cfg: CompareConfig, kind: str, group: list[LayerPlan], plans: dict[LayerPlan, list[str]],
                criteria: dict[str, Criterion], data: TrialData, progress: Progress) -> tuple[list[dict], list[pd.DataFrame]]:
-    """Train the students of plans with the same trainable parts as one ensemble; score and prune them per criterion."""
-    dtype, h_t = getattr(torch, cfg.dtype), cfg.data.teacher.widths[0]
-    spec = TrainSpec(cfg.train.lr, cfg.train.batch_size, cfg.train.epochs)
-    shuffle = shuffle_seeds(cfg.seed, cfg.trials)
+    """Train the students of plans with the same trainable parts as one ensemble (`measure_group`); score and
+    prune them per criterion."""
+    h_t = cfg.data.teacher.widths[0]
     keys = [(plan, w, trial) for plan in group for w in cfg.widths for trial in range(cfg.trials)]
-    students = [make_student(cfg.data.input_dim, paper_student(replace(plan, width=w), list(cfg.rest)),
-                             student_seed(cfg.seed, trial, w), dtype)
-                for plan, w, trial in keys]
-    ens = Ensemble(students)
-    ti = torch.tensor([trial for _, _, trial in keys])
     names = [n for plan in group for n in plans[plan]]
-    bar = progress.add(f"{kind}: {', '.join(names)} ({len(keys)} students)", spec.epochs)
-    log = train_ensemble(ens, data.x_train, data.y_train, ti, spec, shuffle, lambda e, loss: progress.update(bar, e + 1, loss))
-    test_loss = evaluate(ens, data.x_test, data.y_test, ti, spec.task)
+    students = StudentGroup(
+        plans=[paper_student(replace(plan, width=w), list(cfg.rest)) for plan, w, _ in keys],
+        seeds=[student_seed(cfg.seed, trial, w) for _, w, trial in keys], trials=[trial for _, _, trial in keys],
+        spec=cfg.train.train_spec(), shuffle=shuffle_seeds(cfg.seed, cfg.trials), dtype=getattr(torch, cfg.dtype),
+        label=f"{kind}: {', '.join(names)} ({len(keys)} students)")
+    x, y = data.x_train, data.y_train
+    scorers = {name: lambda ens, layer, ti, c=criteria[name]: c(ens, layer, x[ti], y[ti]) for name in names}
+    result = measure_group(students, data, x.shape[1], torch.device("cpu"), scorers=scorers, threshold=cfg.threshold,
+                           progress=progress)
     rows, curve_rows = [], []
     for plan in group:
         for name in plans[plan]:
-            scores = criteria[name](ens, 0, data.x_train[ti], data.y_train[ti])
-            eff = effective_dim(scores, cfg.threshold, ens.layers[0].widths)
-            curves = pruning_curves(ens, 0, scores, data.x_test, data.y_test, ti, spec.task)
+            stats = result.stats[name][0]
             for s, (p, w, trial) in enumerate(keys):
                 if p != plan:
                     continue
                 kept = np.arange(1, w + 1)
-                delta = (curves[s, :w] - curves[s, w - 1]).numpy()
+                delta = (stats.curves[s, :w] - stats.curves[s, w - 1]).numpy()
                 rows.append({
-                    "criterion": name, "width": w, "trial": trial, "test_loss": float(test_loss[s]),
-                    "effective_dim": int(eff[s]), "critical_point": critical_point(kept, delta, cfg.critical_tol),
-                    "delta_at_teacher": float(delta[h_t - 1]) if w >= h_t else float("nan"),
-                    "status": "failed" if int(log.failed_step[s]) >= 0 else "ok",
+                    "criterion": name, "width": w, "trial": trial, "test_loss": float(result.metrics["test_loss"][s]),
+                    "effective_dim": int(stats.effective_dim[s]), "critical_point": critical_point(kept, delta, cfg.critical_tol),
+                    "delta_at_teacher": float(delta[h_t - 1]) if w >= h_t else float("nan"), **result.failures.record(s),
                     "plan": f"{plan.kind} l2_phi={plan.l2_phi} l2_lam={plan.l2_lam} l1_lam={plan.l1_lam} group_lasso={plan.group_lasso}",
                 })
                 curve_rows.append(pd.DataFrame({"criterion": name, "width": w, "trial": trial, "kept": kept,
-                                                "test_loss": curves[s, :w].numpy(), "delta_loss": delta}))
+                                                "test_loss": stats.curves[s, :w].numpy(), "delta_loss": delta}))
     return rows, curve_rows
 
 

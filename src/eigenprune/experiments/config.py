@@ -22,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import input_file
+from eigenprune.core.training import TrainSpec
 
 
 def _not_bool(value: Any) -> Any:
@@ -32,7 +33,6 @@ def _not_bool(value: Any) -> Any:
 
 
 NoBool = BeforeValidator(_not_bool)
-Int = Annotated[int, NoBool]
 Float = Annotated[float, Field(allow_inf_nan=False), NoBool]
 PositiveInt = Annotated[int, Field(gt=0), NoBool]
 NonNegativeInt = Annotated[int, Field(ge=0), NoBool]
@@ -42,6 +42,8 @@ Fraction = Annotated[float, Field(gt=0, lt=1), NoBool]
 Seed = Annotated[int, Field(ge=0, lt=2**63), NoBool]
 
 
+Dtype = Literal["float32", "float64"]
+
 RunName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 """A run's name: its default folder runs/<name> (a file name may have 255 bytes)."""
 
@@ -50,6 +52,7 @@ MAX_TRIALS = 1_000_000
 
 MAX_MEMORY_GB = 1_000_000.0
 """The largest `max_memory_gb` (a petabyte): the limit is counted in bytes as an integer, which 1e308 GB is not."""
+Trials = Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool]
 
 
 def repeated(values: list) -> list:
@@ -68,6 +71,29 @@ class ConfigError(EigenpruneError, ValueError):
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Settings(StrictModel):
+    """What every experiment (`run`, `compare`, `recovery`) is set by: its name (the default folder runs/<name>),
+    the seed every other seed derives from (see `experiment_seeds`), the trials and the dtype."""
+
+    name: RunName = "quick"
+    seed: Seed = 0
+    trials: Trials = 3
+    dtype: Dtype = "float32"
+
+
+class Schedule(StrictModel):
+    """How a group of students trains: Adam's learning rate, the batch size and the number of epochs."""
+
+    lr: PositiveFloat
+    batch_size: PositiveInt
+    epochs: PositiveInt
+
+    def train_spec(self, task: str = "regression", **options: object) -> TrainSpec:
+        """The `TrainSpec` of this schedule (the one place one is built from a config); `options` are
+        TrainSpec's run-wide fields (backprop, cuda_graph, compile, optimizer)."""
+        return TrainSpec(lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, task=task, **options)
 
 
 class TeacherConfig(StrictModel):
@@ -98,10 +124,7 @@ class DataConfig(StrictModel):
     teacher: TeacherConfig = TeacherConfig()
 
 
-class MethodConfig(StrictModel):
-    lr: PositiveFloat
-    batch_size: PositiveInt
-    epochs: PositiveInt
+class MethodConfig(Schedule):
     l2_phi: NonNegativeFloat = 0.01
     l2_lam: NonNegativeFloat = 5e-4
 
@@ -147,6 +170,21 @@ class RegularizationConfig(StrictModel):
     validation_fraction: Fraction = 0.2
     rule: Literal["best", "1se", "stable"] = "1se"
 
+    def strengths(self) -> list[float]:
+        """The L2 multipliers trained: `multipliers` on a path, else [1.0]."""
+        return list(self.multipliers) if self.mode == "path" else [1.0]
+
+    def n_fit(self, n_train: int) -> int:
+        """Training patterns actually trained on, out of `n_train` (on a path the rest is held out as the
+        validation set that chooses the strength); ConfigError where that leaves no training or no validation part."""
+        if self.mode != "path":
+            return n_train
+        n_fit = n_train - round(n_train * self.validation_fraction)
+        if n_fit < 1 or n_fit == n_train:
+            raise ConfigError(f"regularization.validation_fraction {self.validation_fraction} leaves no training or no "
+                              f"validation patterns out of {n_train} training patterns")
+        return n_fit
+
 
 class ParityConfig(StrictModel):
     """Options that reproduce the authors' Keras code where it differs from ours (docs/reproduction.md,
@@ -166,11 +204,9 @@ class ParityConfig(StrictModel):
     l2_float32: bool = False
 
 
-class Config(StrictModel):
-    name: RunName = "quick"
-    seed: Seed = 0
-    trials: Annotated[int, Field(gt=0, le=MAX_TRIALS), NoBool] = 3
-    dtype: Literal["float32", "float64"] = "float32"
+class Config(Settings):
+    """`eigenprune run`'s settings (the defaults: the quick run)."""
+
     device: str = "cpu"
     cuda_graphs: bool = False  # on CUDA, capture each training epoch once in a CUDA graph and replay it
     # manual: the hand-written batched step; fused: its first layer in Triton kernels (CUDA, float32);
@@ -220,13 +256,14 @@ class Config(StrictModel):
             raise ValueError("teachers are only used with data.source: teacher")
         if self.backprop == "fused" and self.dtype != "float32":
             raise ValueError(f"backprop: fused runs in float32, not {self.dtype}")
-        if self.compile and self.backprop != "manual":
-            raise ValueError(f"compile applies to backprop: manual, not {self.backprop}")
+        try:  # the step options' rules live once, in TrainSpec
+            self.train_spec(self.methods[0], "regression")
+        except ValueError as err:
+            raise ValueError(f"backprop {self.backprop}, cuda_graphs {str(self.cuda_graphs).lower()}, compile "
+                             f"{str(self.compile).lower()}: {err}") from None
         if self.tile not in ("auto", 0) and (self.backprop != "manual" or self.compile):
             raise ValueError(f"tile applies to backprop: manual without compile, not {self.backprop}"
                              + (" with compile" if self.compile else ""))
-        if self.backprop in ("autograd", "compile") and self.cuda_graphs:
-            raise ValueError("cuda_graphs needs backprop manual or fused (autograd's backward is not captured)")
         return self
 
     @field_validator("device")
@@ -248,9 +285,10 @@ class Config(StrictModel):
         teacher = self.teacher_list()[index]
         return self.model_copy(update={"data": self.data.model_copy(update={"teacher": teacher})})
 
-    def strengths(self) -> list[float]:
-        """L2 multipliers trained in this run ([1.0] unless regularization.mode is path)."""
-        return list(self.regularization.multipliers) if self.regularization.mode == "path" else [1.0]
+    def train_spec(self, method: str, task: str) -> TrainSpec:
+        """How `method`'s students train in this run: its schedule with the run-wide step options."""
+        return self.method(method).train_spec(task, backprop=self.backprop, cuda_graph=self.cuda_graphs,
+                                              optimizer=self.parity.optimizer, compile=self.compile)
 
     def digest(self) -> str:
         """A hash of everything that changes results (not the device, CUDA graphs, kernels or tiling, the name, the worker
@@ -307,7 +345,7 @@ def _check_size(text: str) -> None:
     """Refuse (`YamlLimitError`) a document nested deeper than `MAX_YAML_DEPTH` or holding more than
     `MAX_YAML_VALUES` values with aliases expanded, from its event stream (no recursion, no values built).
 
-    libyaml's parser where PyYAML has it (10,000 widths: 0.04 s instead of 0.4 s); a document it cannot
+    libyaml's parser where PyYAML has it (ten times faster, docs/reliability.md); a document it cannot
     parse is checked again with PyYAML's own parser, whose error (if any) is the one `safe_load` reports."""
     fast = getattr(yaml, "CSafeLoader", None)
     if fast is not None:

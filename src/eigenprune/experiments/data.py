@@ -26,7 +26,9 @@ from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import check_path, special_kind
 from eigenprune.core.layers import glorot_uniform_
 from eigenprune.core.seeds import derive_seed
+from eigenprune.experiments import experiment_seeds
 from eigenprune.experiments.builders import make_teacher
+from eigenprune.experiments.config import Config, ConfigError, DataConfig
 
 
 @dataclass
@@ -47,6 +49,22 @@ class TrialData:
         return replace(self, **moved)
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What a run's data is, known before anything trains or is written: the task, the input and output
+    sizes, the training patterns per trial (`n_train`, of which the first `n_fit` are trained on and the rest
+    validate a regularization path), the test patterns, and the sha256 of the user's file the data came from
+    (None: made from seeds alone). Made once (`data_spec`) and passed as one value."""
+
+    task: str
+    inputs: int
+    outputs: int
+    n_train: int
+    n_fit: int
+    n_test: int
+    digest: str | None = None
+
+
 def file_sha256(path: str | Path) -> str:
     """The sha256 of a file's bytes (part of a run's identity when the run trains on that file)."""
     digest = hashlib.sha256()
@@ -57,7 +75,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def teacher_function(kind: str, input_dim: int, widths: list[int], seed: int, latent_dim: int, dtype: torch.dtype):
-    """(make_inputs(n, generator), label(x_or_latent)) for a teacher kind."""
+    """(draw(n, generator), label(u), embed(u) or None) for a teacher kind: `draw` makes n inputs (or latent
+    vectors u), `label` their targets, `embed` maps latent vectors to inputs (None: u are the inputs)."""
     if kind == "mlp":
         net = make_teacher(input_dim, widths, seed, dtype)
         return (lambda n, g: torch.randn(n, input_dim, generator=g, dtype=dtype)), (lambda x: net(x).squeeze(-1)), None
@@ -104,8 +123,7 @@ class DataError(EigenpruneError, ValueError):
 MAX_TARGET = 1e6
 """The largest |target| a regression on real data accepts. Targets are not standardized (losses are in the
 target's units), and a student that starts with outputs near 1 and moves by Adam's learning rate per step
-cannot reach such values: on a 400-row CSV with y = s·(a + b²), 100 epochs, the test MSE over the target's
-variance was 0.11-0.12 at s = 100, 0.12-0.82 at s = 1e4 and 0.74-1.5 at s = 1e6 (worse than predicting the mean)."""
+cannot reach such values (measured: docs/reliability.md, "Regression targets beyond ±1e6")."""
 
 
 def _split_trials(x: np.ndarray, y: np.ndarray, trials: int, seed: int, test_fraction: float, task: str,
@@ -186,7 +204,8 @@ MAX_CSV_COLUMNS = 10_000
 def csv_data(path: str, target: str, features: list[str] | None, task: str, trials: int, seed: int, test_fraction: float,
              dtype: torch.dtype = torch.float32) -> TrialData:
     """A user's CSV: numeric feature columns and a target column (numbers for regression, labels for
-    classification), split per trial. Every problem raises `DataError` naming the column."""
+    classification), split per trial. Every problem raises `DataError` naming the column. (Longer than 60 lines:
+    one check after another, in the order a user meets them; split, they would only pass the frame around.)"""
     import pandas as pd
 
     p = check_path(Path(path).expanduser(), "data.csv.path", DataError)
@@ -242,7 +261,7 @@ def csv_data(path: str, target: str, features: list[str] | None, task: str, tria
             raise DataError(f"data.csv.path: {path} has only the target column {target!r}; it needs feature columns too")
     if len(df) == 0:
         raise DataError(f"data.csv.path: {path} has a header but no data rows")
-    kinds = df.dtypes[features]  # whole-table checks first: a per-column loop took minutes on 100,000 columns
+    kinds = df.dtypes[features]  # whole-table checks first: a per-column loop is slow on many columns
     numeric = [pd.api.types.is_numeric_dtype(k) and not pd.api.types.is_bool_dtype(k) for k in kinds]
     if not all(numeric):
         c = features[numeric.index(False)]
@@ -288,3 +307,53 @@ def csv_data(path: str, target: str, features: list[str] | None, task: str, tria
                             "at least 2 classes")
     return _split_trials(x, labels, trials, seed, test_fraction, task, dtype,
                          [str(c) for c in features], what=str(path))
+
+
+def make_data(cfg: Config) -> TrialData:
+    """The trials' train/test sets of a run: teacher data, or a per-trial split of digits or a CSV file."""
+    d = cfg.data
+    seed = experiment_seeds.data_seed(cfg.seed, d.seed)
+    if d.source == "digits":
+        return digits_data(cfg.trials, seed, d.test_fraction, getattr(torch, cfg.dtype))
+    if d.source == "csv":  # the file's bytes are part of the run's identity: hashed as they are read
+        check_path(d.csv.path, "data.csv.path", DataError)  # before is_file(), which raises on a name too long
+        digest = file_sha256(d.csv.path) if Path(d.csv.path).is_file() else None
+        data = csv_data(d.csv.path, d.csv.target, d.csv.features, d.csv.task, cfg.trials, seed, d.test_fraction,
+                        getattr(torch, cfg.dtype))
+        return replace(data, source_sha256=digest)
+    return teacher_set(d, seed, cfg.trials, getattr(torch, cfg.dtype))
+
+
+def teacher_set(d: DataConfig, seed: int, trials: int, dtype: torch.dtype) -> TrialData:
+    """Teacher-labelled train/test sets of `trials` trials for a data config (see `teacher_data`)."""
+    t = d.teacher
+    return teacher_data(t.kind, d.input_dim, list(t.widths), t.seed, seed, trials, d.n_train, d.n_test, t.latent_dim,
+                        d.standardize_targets, dtype)
+
+
+def data_spec(cfg: Config, data: TrialData | None = None) -> DataSpec:
+    """The `DataSpec` of a run's data: teacher data's from the config; real data's from `data` (made here when
+    None, so that bad data fails before a run folder exists). ConfigError where a method's batch is larger than
+    the patterns it trains on."""
+    if cfg.data.source == "teacher":
+        d = cfg.data
+        task, inputs, outputs, n_train, n_test, digest = "regression", d.input_dim, 1, d.n_train, d.n_test, None
+    else:
+        data = make_data(cfg) if data is None else data
+        task, inputs, outputs, digest = data.task, data.x_train.shape[-1], data.n_outputs, data.source_sha256
+        n_train, n_test = data.x_train.shape[1], data.x_test.shape[1]
+    n_fit = cfg.regularization.n_fit(n_train)
+    for method in cfg.methods:
+        batch = cfg.method(method).batch_size
+        if batch > n_fit:
+            held = f" ({n_train - n_fit} of the {n_train} are held out for validation)" if n_fit < n_train else ""
+            raise ConfigError(f"{method}.batch_size {batch} is larger than the {n_fit} training patterns{held}; "
+                              f"use a batch_size of at most {n_fit}")
+    return DataSpec(task, inputs, outputs, n_train, n_fit, n_test, digest)
+
+
+def check_same_data(cfg: Config, data: TrialData, spec: DataSpec) -> None:
+    """Refuse (`DataError`) data whose source file is no longer the one the run started on (`spec.digest`)."""
+    if data.source_sha256 != spec.digest:
+        raise DataError(f"{cfg.data.csv.path} changed while the run was going (sha256 {str(spec.digest)[:12]} at the start, "
+                        f"{str(data.source_sha256)[:12]} now); finished chunks are kept, rerun once the file is final")

@@ -16,37 +16,38 @@ from eigenprune.batched.ensemble import Ensemble
 from eigenprune.batched.memory import DEFAULT_FRACTION, available_bytes, chunk_bytes, gb
 from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import make_student
+from eigenprune.experiments.builders import student_plans
 from eigenprune.experiments.config import Config, ConfigError
-from eigenprune.experiments.data import TrialData
-from eigenprune.experiments.grid import (
-    MAX_CHUNKS,
-    STEP_OVERHEAD,
-    Chunk,
-    data_shape,
-    plan_chunks,
-    resolve_device,
-    student_plans,
-    validation_split,
-)
+from eigenprune.experiments.data import DataSpec, TrialData, data_spec
+from eigenprune.experiments.grid import MAX_CHUNKS, STEP_OVERHEAD, Chunk, plan_chunks
 from eigenprune.experiments.measure import prepare_chunk
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device a config names ("auto": CUDA where available); ConfigError for CUDA without a CUDA device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
 def check_memory(
-    cfg: Config, chunks: list[Chunk], workers: int, device: torch.device, shape: tuple[int, int, int, int] | None = None,
+    cfg: Config, chunks: list[Chunk], workers: int, device: torch.device, spec: DataSpec | None = None,
 ) -> tuple[list[Chunk], dict]:
     """Fit the chunks into memory before anything runs: split a chunk that is too large into groups of
     trials that fit, and refuse (ConfigError) one that does not fit even with a single trial.
 
     The limit is `max_memory_gb`, or DEFAULT_FRACTION of the memory available now (free GPU memory on
-    CUDA), shared by the `workers` chunks that run at once. `shape` = (inputs, training patterns, test
-    patterns, outputs) of real data (default: the teacher config's). Returns the chunks to run and the
-    figures for the manifest.
+    CUDA), shared by the `workers` chunks that run at once, for data of `spec` (default: the config's,
+    `data.data_spec`). Returns the chunks to run and the figures for the manifest.
     """
     if cfg.max_memory_gb is not None:
         limit, source = cfg.max_memory_gb * 1e9, f"max_memory_gb {cfg.max_memory_gb:g}"
     else:
         free = available_bytes(device)
         limit, source = DEFAULT_FRACTION * free, f"{DEFAULT_FRACTION:.0%} of the {gb(free)} available on {device.type}"
+    spec = spec or data_spec(cfg)
     per_worker = limit / max(workers, 1)
     if workers > 1:
         source += f", shared by {workers} workers"
@@ -55,12 +56,12 @@ def check_memory(
                           f"({source}); lower data.teacher.widths (or data.n_train, n_test) or set max_memory_gb")
     fitted, needs = [], {}
     for c in chunks:
-        need = chunk_memory(cfg, c, shape)
+        need = chunk_memory(cfg, c, spec)
         if need <= per_worker:
             fitted.append(c)
             needs[c.id] = need
             continue
-        size = _most_trials(lambda m, c=c: chunk_memory(cfg, replace(c, trials=c.trials[:m], split=True), shape) <= per_worker,
+        size = _most_trials(lambda m, c=c: chunk_memory(cfg, replace(c, trials=c.trials[:m], split=True), spec) <= per_worker,
                             len(c.trials) - 1)
         if not size:
             raise ConfigError(
@@ -69,7 +70,7 @@ def check_memory(
             )
         parts = [replace(c, trials=c.trials[i : i + size], split=True) for i in range(0, len(c.trials), size)]
         fitted += parts
-        full, last = chunk_memory(cfg, parts[0], shape), chunk_memory(cfg, parts[-1], shape)  # the parts but the last are alike
+        full, last = chunk_memory(cfg, parts[0], spec), chunk_memory(cfg, parts[-1], spec)  # the parts but the last are alike
         needs.update({p.id: full for p in parts[:-1]} | {parts[-1].id: last})
     return fitted, {"memory_limit_bytes": int(per_worker), "memory_estimate_bytes": needs}
 
@@ -98,14 +99,13 @@ def _most_trials(fits: Callable[[int], bool], most: int) -> int:
     return low
 
 
-def chunk_memory(cfg: Config, chunk: Chunk, shape: tuple[int, int, int, int] | None = None) -> int:
-    """Estimated peak bytes of training and measuring one chunk (see `memory.chunk_bytes`);
-    `shape` = (inputs, training patterns, test patterns, outputs), default: the teacher config's."""
-    d = cfg.data
-    inputs, n_train, n_test, outputs = shape or (d.input_dim, d.n_train, d.n_test, 1)
-    widths = [inputs, max(chunk.widths), *cfg.student.rest, outputs]
+def chunk_memory(cfg: Config, chunk: Chunk, spec: DataSpec | None = None) -> int:
+    """Estimated peak bytes of training and measuring one chunk (see `memory.chunk_bytes`) on data of `spec`
+    (default: the config's, `data.data_spec`)."""
+    spec = spec or data_spec(cfg)
+    widths = [spec.inputs, max(chunk.widths), *cfg.student.rest, spec.outputs]
     size = getattr(torch, cfg.dtype).itemsize
-    return chunk_bytes(chunk.size, cfg.trials, widths, n_train, n_test, cfg.method(chunk.method).batch_size, size)
+    return chunk_bytes(chunk.size, cfg.trials, widths, spec.n_train, spec.n_test, cfg.method(chunk.method).batch_size, size)
 
 
 def chunk_cost(cfg: Config, chunk: Chunk, n_fit: int | None = None) -> float:
@@ -127,7 +127,7 @@ trains the wide chunks many times faster."""
 def chunk_seconds(cfg: Config, chunk: Chunk, n_fit: int | None = None) -> float:
     """The cost model's training time of `chunk` in seconds: `chunk_cost` x `ACTIVATION_SECONDS`, training on
     `n_fit` patterns (default: the teacher config's, less a regularization path's validation part)."""
-    return chunk_cost(cfg, chunk, validation_split(cfg) if n_fit is None else n_fit) * ACTIVATION_SECONDS
+    return chunk_cost(cfg, chunk, cfg.regularization.n_fit(cfg.data.n_train) if n_fit is None else n_fit) * ACTIVATION_SECONDS
 
 
 def split_long_chunks(cfg: Config, chunks: list[Chunk], n_fit: int | None = None) -> list[Chunk]:
@@ -173,15 +173,15 @@ def adam_steps(cfg: Config, method: str, n_fit: int) -> tuple[int, int]:
     return batch, m.epochs * -(-n_fit // batch)
 
 
-def local_plan(cfg: Config, chunks: list[Chunk], shape: tuple[int, int, int, int] | None):
+def local_plan(cfg: Config, chunks: list[Chunk], spec: DataSpec):
     """Where and how the local backend runs `chunks`: (device, worker processes, torch threads per
     worker, the chunks after the memory planner, the memory figures). Raises ConfigError first."""
     device = resolve_device(cfg.device)
     if cfg.backprop == "fused":
-        check_fused(cfg, device, shape)
+        check_fused(cfg, device, spec)
     workers = min(cfg.workers or os.cpu_count() or 1, len(chunks)) if device.type == "cpu" else 1
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-    chunks, memory = check_memory(cfg, chunks, workers, device, shape)
+    chunks, memory = check_memory(cfg, chunks, workers, device, spec)
     return device, workers, threads, chunks, memory
 
 
@@ -193,11 +193,10 @@ def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
     with its threads per worker) and the steady time per step is extrapolated to the chunk's training: an
     estimate that leaves out evaluation and analysis, and the slowdown of workers running side by side.
     """
-    shape, _ = data_shape(cfg)
-    inputs, n_train, _, outputs = shape or (cfg.data.input_dim, cfg.data.n_train, 0, 1)
-    n_fit = validation_split(cfg, n_train)
+    spec = data_spec(cfg)
+    n_fit = spec.n_fit
     chunks = sorted(split_long_chunks(cfg, plan_chunks(cfg), n_fit), key=lambda c: -chunk_cost(cfg, c))
-    device, workers, threads, chunks, memory = local_plan(cfg, chunks, shape)
+    device, workers, threads, chunks, memory = local_plan(cfg, chunks, spec)
     rows = []
     steps_of = {m: adam_steps(cfg, m, n_fit) for m in cfg.methods}
     for c in chunks:
@@ -206,7 +205,7 @@ def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
                "memory_gb": memory["memory_estimate_bytes"][c.id] / 1e9, "model_min": chunk_seconds(cfg, c, n_fit) / 60}
         if measure_steps:
             with _torch_threads(threads):
-                row["step_ms"] = 1e3 * _time_steps(cfg, c, inputs, outputs, n_fit, batch, measure_steps, device)
+                row["step_ms"] = 1e3 * _time_steps(cfg, c, spec, batch, measure_steps, device)
             row["train_s_estimate"] = row["steps"] * row["step_ms"] / 1e3
         rows.append(row)
     info = {"device": str(device), "workers": workers, "threads_per_worker": threads, "memory_limit_gb": memory["memory_limit_bytes"] / 1e9,
@@ -229,20 +228,19 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _time_steps(cfg: Config, chunk: Chunk, inputs: int, outputs: int, n_fit: int, batch: int, steps: int,
-                device: torch.device) -> float:
-    """Seconds per Adam step of `chunk` on random data of its shape (at most its `n_fit` training
+def _time_steps(cfg: Config, chunk: Chunk, spec: DataSpec, batch: int, steps: int, device: torch.device) -> float:
+    """Seconds per Adam step of `chunk` on random data of `spec`'s shape (at most its `n_fit` training
     patterns): at least `steps` steps are timed, after two epochs that are not (the first pays one-off
     costs, the second captures a CUDA graph where the config asks for one)."""
-    per_epoch = min(max(1, -(-steps // 2)), -(-n_fit // batch))
+    per_epoch = min(max(1, -(-steps // 2)), -(-spec.n_fit // batch))
     timed = max(2, -(-steps // per_epoch))
     gen = torch.Generator().manual_seed(0)
     dtype = getattr(torch, cfg.dtype)
-    x = torch.randn(cfg.trials, min(per_epoch * batch, n_fit), inputs, generator=gen, dtype=dtype)
-    classify = cfg.data.source == "digits" or (cfg.data.source == "csv" and cfg.data.csv.task == "classification")
-    y = (torch.randint(0, outputs, x.shape[:2], generator=gen) if classify
+    x = torch.randn(cfg.trials, min(per_epoch * batch, spec.n_fit), spec.inputs, generator=gen, dtype=dtype)
+    classify = spec.task == "classification"
+    y = (torch.randint(0, spec.outputs, x.shape[:2], generator=gen) if classify
          else torch.randn(x.shape[:2], generator=gen, dtype=dtype))
-    data = TrialData(x, y, x[:, :1], y[:, :1], "classification" if classify else "regression", outputs).to(device)
+    data = TrialData(x, y, x[:, :1], y[:, :1], spec.task, spec.outputs).to(device)
     prep = prepare_chunk(cfg, chunk, data, device)
     stamps: list[float] = []
 
@@ -254,9 +252,10 @@ def _time_steps(cfg: Config, chunk: Chunk, inputs: int, outputs: int, n_fit: int
     return (stamps[-1] - stamps[1]) / (timed * log.steps // (2 + timed))
 
 
-def check_fused(cfg: Config, device: torch.device | None, shape: tuple[int, int, int, int] | None = None) -> None:
+def check_fused(cfg: Config, device: torch.device | None, spec: DataSpec | None = None) -> None:
     """Refuse `backprop: fused` before anything is written where its kernels cannot run these students."""
-    input_dim, n_outputs = (shape[0], shape[3]) if shape else (cfg.data.input_dim, 1)
+    spec = spec or data_spec(cfg)
+    input_dim, n_outputs = spec.inputs, spec.outputs
     method, width = cfg.methods[0], max(cfg.student.widths)
     from eigenprune.batched import fused  # imported when used: importing triton takes 0.25 s
 

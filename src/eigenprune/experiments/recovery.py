@@ -13,10 +13,12 @@ For every teacher d -> h_T -> rest -> sum (first-layer widths h_T x input dims d
     (the tolerance n_c is read at).
 The tables (one row per student, per network of the capacity curves, per teacher node, per
 teacher-and-setting) go to an output folder; `summarize`, `explain` and `collapse_table` turn them
-into the diagram's numbers. Entry point: `python scripts/recovery.py CONFIG --out DIR` (with figures).
+into the diagram's numbers. Entry point: `eigenprune recovery CONFIG --out DIR` (with figures).
 
 Teachers of one input dimension train together: their trials are stacked on the data axis, so all
-wide students of that dimension form one ensemble, and the capacity networks a few more.
+wide students of that dimension form one ensemble (`group.measure_group`), and the capacity networks a
+few more. Seeds come from `experiment_seeds`, as in `eigenprune run`: trial t of every teacher of one
+input dimension has the same inputs and batch order, and students of one (trial, width) start alike.
 """
 
 from __future__ import annotations
@@ -37,50 +39,39 @@ from pydantic import Field, model_validator
 from scipy.stats import spearmanr
 
 from eigenprune import __version__
-from eigenprune.batched.curves import pruning_curves
-from eigenprune.batched.train import evaluate
 from eigenprune.core.plans import LayerPlan
-from eigenprune.core.seeds import derive_seed
-from eigenprune.core.training import TrainSpec
-from eigenprune.experiments.analysis import collapse_measure, critical_point, effective_dim
+from eigenprune.experiments.analysis import collapse_measure, critical_point
 from eigenprune.experiments.builders import make_teacher, paper_student
-from eigenprune.experiments.capacity import (
-    Students,
-    capacity_curve,
-    capacity_widths,
-    k_star_table,
-    test_losses,
-    train_students,
-)
+from eigenprune.experiments.capacity import capacity_curve, capacity_widths, k_star_table
 from eigenprune.experiments.config import (
-    ConfigError,
     DirectConfig,
     PositiveFloat,
     PositiveInt,
     RegularizationConfig,
     RunName,
     Seed,
+    Settings,
     SpectralConfig,
-    StrictModel,
+    Trials,
     parse_config,
     read_yaml,
 )
-from eigenprune.experiments.data import teacher_data
+from eigenprune.experiments.data import TrialData, teacher_data
+from eigenprune.experiments.experiment_seeds import data_seed, shuffle_seeds, student_seed
 from eigenprune.experiments.grid import pack_widths
+from eigenprune.experiments.group import GroupResult, StudentGroup, eigenvalue_scores, measure_group
 from eigenprune.experiments.regpath import select_strengths
-from eigenprune.experiments.store import OwnedFolder, parquet_writer
-from eigenprune.pruning.importance import node_importance
+from eigenprune.experiments.store import OwnedFolder, RunFolderError, parquet_writer
 
 TEACHER_KEYS = ["teacher", "h_t", "input_dim", "teacher_seed"]
 TABLES = ("students", "curves", "capacity", "signals")
 
 
-class RecoveryConfig(StrictModel):
+class RecoveryConfig(Settings):
     """The diagram's grid and training (defaults: the CPU-sized diagram of docs/recovery.md)."""
 
     name: RunName = "recovery"
-    seed: Seed = 0
-    dtype: Literal["float32", "float64"] = "float32"
+    trials: Trials = 2  # wide students per teacher and strength; also the capacity curve's seeds per width
     teacher_widths: Annotated[list[PositiveInt], Field(min_length=1)] = [5, 10, 20, 50, 100]
     input_dims: Annotated[list[PositiveInt], Field(min_length=1)] = [5, 10, 20, 40]
     teacher_seeds: Annotated[list[Seed], Field(min_length=1)] = [1234, 1]
@@ -88,7 +79,6 @@ class RecoveryConfig(StrictModel):
     standardize_targets: bool = True  # every teacher's targets to unit variance: one L2 strength means the same everywhere
     n_train: PositiveInt = 4000
     n_test: PositiveInt = 2000
-    trials: PositiveInt = 2  # wide students per teacher and strength; also the capacity curve's seeds per width
     student_width: PositiveInt = 160
     spectral: SpectralConfig = SpectralConfig(epochs=300)
     direct: DirectConfig = DirectConfig(epochs=300)
@@ -110,33 +100,20 @@ class RecoveryConfig(StrictModel):
             raise ValueError(f"track_band must be (low < 1, high > 1), got {self.track_band}")
         return self
 
-    def strengths(self) -> list[float]:
-        return list(self.regularization.multipliers) if self.regularization.mode == "path" else [1.0]
 
-    def n_fit(self) -> int:
-        """Training patterns trained on (on a path the rest of n_train validates the strength)."""
-        if self.regularization.mode != "path":
-            return self.n_train
-        n_fit = self.n_train - round(self.n_train * self.regularization.validation_fraction)
-        if n_fit < 1 or n_fit == self.n_train:
-            raise ConfigError(f"regularization.validation_fraction {self.regularization.validation_fraction} leaves no "
-                              f"training or no validation patterns out of n_train {self.n_train}")
-        return n_fit
+def load_recovery_config(path: str | Path | None, overrides: dict | None = None) -> RecoveryConfig:
+    """A `RecoveryConfig` from YAML (None = the defaults) plus dotted-key `overrides`; every problem is one `ConfigError` line."""
+    return parse_config(*read_yaml(path, overrides, "default recovery config"), model=RecoveryConfig)
 
 
-def load_recovery_config(path: str | Path) -> RecoveryConfig:
-    """Read and validate a recovery YAML file; every problem is one `ConfigError` line."""
-    return parse_config(*read_yaml(path), model=RecoveryConfig)
-
-
-def _plans(cfg: RecoveryConfig, method: str, width: int, strength: float) -> list[LayerPlan]:
+def _group(cfg: RecoveryConfig, method: str, keys: list[tuple[int, int, int, float]], label: str) -> StudentGroup:
+    """Students of `method` for `keys` = (data row, trial, width, L2 strength), on data rows stacked per teacher."""
     m = getattr(cfg, method)
-    return paper_student(LayerPlan(width, method, m.l2_phi * strength, m.l2_lam * strength), list(cfg.teacher_rest))
-
-
-def _spec(cfg: RecoveryConfig, method: str) -> TrainSpec:
-    m = getattr(cfg, method)
-    return TrainSpec(lr=m.lr, batch_size=m.batch_size, epochs=m.epochs)
+    return StudentGroup(
+        plans=[paper_student(LayerPlan(w, method, m.l2_phi * k, m.l2_lam * k), list(cfg.teacher_rest)) for _, _, w, k in keys],
+        seeds=[student_seed(cfg.seed, t, w) for _, t, w, _ in keys], trials=[row for row, _, _, _ in keys],
+        spec=m.train_spec(), shuffle=shuffle_seeds(cfg.seed, cfg.trials) * len(cfg.teacher_widths) * len(cfg.teacher_seeds),
+        dtype=getattr(torch, cfg.dtype), label=label)
 
 
 @torch.no_grad()
@@ -154,70 +131,80 @@ def node_removal_mse(teacher: torch.nn.Sequential, x: torch.Tensor) -> np.ndarra
 
 def run_recovery(cfg: RecoveryConfig, log: Callable[[str], None] = print) -> dict[str, pd.DataFrame]:
     """Train everything of the diagram; returns the raw tables (see the module docstring)."""
-    dtype = getattr(torch, cfg.dtype)
-    n_fit, strengths, width = cfg.n_fit(), cfg.strengths(), cfg.student_width
     teachers = [(h, d, s) for d in cfg.input_dims for h in cfg.teacher_widths for s in cfg.teacher_seeds]
     out: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
     start = time.perf_counter()
     for d in cfg.input_dims:
         ids = [i for i, (_, dd, _) in enumerate(teachers) if dd == d]
-        xs_tr, ys_tr, xs_te, ys_te = [], [], [], []
-        for i in ids:
-            h, _, ts = teachers[i]
-            data = teacher_data("mlp", d, [h, *cfg.teacher_rest], ts, derive_seed("recovery-data", cfg.seed, h, d, ts), cfg.trials,
-                                cfg.n_train, cfg.n_test, standardize=cfg.standardize_targets, dtype=dtype)
-            xs_tr.append(data.x_train)
-            ys_tr.append(data.y_train)
-            xs_te.append(data.x_test)
-            ys_te.append(data.y_test)
-            removal = node_removal_mse(make_teacher(d, [h, *cfg.teacher_rest], ts, dtype), data.x_test[0]) / data.target_scale**2
-            out["signals"].append(pd.DataFrame({"teacher": i, "node": np.arange(h), "removal_mse": removal}))
-        x_tr, y_tr, x_te, y_te = torch.cat(xs_tr), torch.cat(ys_tr), torch.cat(xs_te), torch.cat(ys_te)
-        fit_x, fit_y = x_tr[:, :n_fit], y_tr[:, :n_fit]
+        data = _stacked_data(cfg, teachers, ids, out["signals"])
         slot = {i: j * cfg.trials for j, i in enumerate(ids)}  # teacher i, trial t -> data row slot[i] + t
-        shuffle = [derive_seed("recovery-shuffle", cfg.seed, row) for row in range(x_tr.shape[0])]
-
-        # the wide spectral students of every teacher of this d, trial and strength
-        keys = [(i, t, k) for i in ids for t in range(cfg.trials) for k in strengths]
-        group = Students([_plans(cfg, "spectral", width, k) for _, _, k in keys],
-                         [derive_seed("recovery-student", cfg.seed, d, t, width) for _, t, _ in keys],
-                         [slot[i] + t for i, t, _ in keys])
-        ens, index, failed = train_students(group, fit_x, fit_y, _spec(cfg, "spectral"), shuffle, d, dtype)
-        test = test_losses(ens, x_te, y_te, index, failed)
-        val = (evaluate(ens, x_tr[:, n_fit:], y_tr[:, n_fit:], index, "regression").double().numpy()
-               if n_fit < cfg.n_train else np.full(len(keys), np.nan))
-        scores = node_importance(ens.layers[0])
-        eff = effective_dim(scores, cfg.threshold, ens.layers[0].widths).numpy()
-        curves = pruning_curves(ens, 0, scores, x_te, y_te, index, "regression").double().numpy()
-        kept = np.arange(1, width + 1)
-        for s, (i, t, k) in enumerate(keys):
-            full = curves[s, -1]
-            ok = not bool(failed[s])
-            n_c = critical_point(kept, curves[s] - full, cfg.critical_rel_tol * full) if ok else -1
-            out["students"].append(pd.DataFrame([{
-                "teacher": i, "trial": t, "strength": k, "test_loss": test[s], "val_loss": val[s],
-                "effective_dim": int(eff[s]) if ok else -1, "critical_point": n_c, "status": "ok" if ok else "failed"}]))
-            out["curves"].append(pd.DataFrame({"teacher": i, "trial": t, "strength": k, "kept": kept, "test_loss": curves[s]}))
-        log(f"d={d}: {len(keys)} wide students trained ({time.perf_counter() - start:.0f} s)")
-
-        # capacity curves: narrow networks from scratch, per method, in buckets of similar widths
-        grids = {i: capacity_widths(teachers[i][0], cfg.capacity_fractions) for i in ids}
+        students, curves = _wide_students(cfg, data, ids, slot)
+        out["students"].append(students)
+        out["curves"].append(curves)
+        log(f"d={d}: {len(students)} wide students trained ({time.perf_counter() - start:.0f} s)")
         for method in cfg.capacity_methods:
-            for bucket in pack_widths([w for g in grids.values() for w in g], pack_factor=2.0, floor=10):
-                ckeys = [(i, w, t) for i in ids for w in grids[i] if w in bucket for t in range(cfg.trials)]
-                group = Students([_plans(cfg, method, w, 1.0) for _, w, _ in ckeys],
-                                 [derive_seed("recovery-capacity", cfg.seed, d, t, w) for _, w, t in ckeys],
-                                 [slot[i] + t for i, _, t in ckeys])
-                ens, index, failed = train_students(group, fit_x, fit_y, _spec(cfg, method), shuffle, d, dtype)
-                loss = test_losses(ens, x_te, y_te, index, failed)
-                out["capacity"].append(pd.DataFrame({"teacher": [i for i, _, _ in ckeys], "method": method,
-                                                     "width": [w for _, w, _ in ckeys], "trial": [t for _, _, t in ckeys],
-                                                     "test_loss": loss}))
+            out["capacity"] += _capacity_networks(cfg, data, {i: teachers[i][0] for i in ids}, slot, method)
             log(f"d={d}: {method} capacity networks trained ({time.perf_counter() - start:.0f} s)")
     frame = pd.DataFrame(teachers, columns=["h_t", "input_dim", "teacher_seed"]).rename_axis("teacher").reset_index()
     tables = {name: pd.concat(parts, ignore_index=True).merge(frame, on="teacher") for name, parts in out.items()}
     tables["teachers"] = frame
     return tables
+
+
+def _stacked_data(cfg: RecoveryConfig, teachers: list[tuple[int, int, int]], ids: list[int], signals: list[pd.DataFrame]) -> TrialData:
+    """The trials of teachers `ids` (one input dimension) stacked on the trial axis; appends each teacher's
+    per-node signal (`node_removal_mse`, in units of its target variance) to `signals`."""
+    dtype, parts = getattr(torch, cfg.dtype), []
+    for i in ids:
+        h, d, ts = teachers[i]
+        data = teacher_data("mlp", d, [h, *cfg.teacher_rest], ts, data_seed(cfg.seed, 0), cfg.trials, cfg.n_train, cfg.n_test,
+                            standardize=cfg.standardize_targets, dtype=dtype)
+        parts.append(data)
+        removal = node_removal_mse(make_teacher(d, [h, *cfg.teacher_rest], ts, dtype), data.x_test[0]) / data.target_scale**2
+        signals.append(pd.DataFrame({"teacher": i, "node": np.arange(h), "removal_mse": removal}))
+    return TrialData(*(torch.cat([getattr(p, k) for p in parts]) for k in ("x_train", "y_train", "x_test", "y_test")))
+
+
+def _test_losses(result: GroupResult) -> np.ndarray:
+    """[S] test MSE of every network of a measured group; NaN for the failed ones (they never count)."""
+    return np.where(result.failures.mask(), np.nan, result.metrics["test_loss"].double().numpy())
+
+
+def _wide_students(cfg: RecoveryConfig, data: TrialData, ids: list[int], slot: dict[int, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The wide spectral students of every teacher `ids`, trial and strength: one row each (test and validation
+    loss, effective dimension, critical point, failure record), and their pruning curves."""
+    width = cfg.student_width
+    keys = [(i, t, k) for i in ids for t in range(cfg.trials) for k in cfg.regularization.strengths()]
+    group = _group(cfg, "spectral", [(slot[i] + t, t, width, k) for i, t, k in keys], "wide students")
+    result = measure_group(group, data, cfg.regularization.n_fit(cfg.n_train), torch.device("cpu"),
+                           scorers={"eigenvalue": eigenvalue_scores}, threshold=cfg.threshold)
+    stats = result.stats["eigenvalue"][0]
+    test, val, curves = _test_losses(result), result.metrics["val_loss"].double().numpy(), stats.curves.double().numpy()
+    kept = np.arange(1, width + 1)
+    rows, frames = [], []
+    for s, (i, t, k) in enumerate(keys):
+        ok = not result.failures.failed(s)
+        full = curves[s, -1]
+        n_c = critical_point(kept, curves[s] - full, cfg.critical_rel_tol * full) if ok else -1
+        rows.append({"teacher": i, "trial": t, "strength": k, "test_loss": test[s], "val_loss": val[s],
+                     "effective_dim": int(stats.effective_dim[s]) if ok else -1, "critical_point": n_c, **result.failures.record(s)})
+        frames.append(pd.DataFrame({"teacher": i, "trial": t, "strength": k, "kept": kept, "test_loss": curves[s]}))
+    return pd.DataFrame(rows), pd.concat(frames, ignore_index=True)
+
+
+def _capacity_networks(cfg: RecoveryConfig, data: TrialData, h_t: dict[int, int], slot: dict[int, int], method: str) -> list[pd.DataFrame]:
+    """The capacity curves' narrow networks of `method`, trained from scratch at widths round(f x h_T) of every
+    teacher in `h_t` (teacher -> h_T), in buckets of similar widths: one row per network with its test loss."""
+    grids = {i: capacity_widths(h, cfg.capacity_fractions) for i, h in h_t.items()}
+    out = []
+    for bucket in pack_widths([w for g in grids.values() for w in g], pack_factor=2.0, floor=10):
+        keys = [(i, w, t) for i in grids for w in grids[i] if w in bucket for t in range(cfg.trials)]
+        group = _group(cfg, method, [(slot[i] + t, t, w, 1.0) for i, w, t in keys], f"{method} capacity networks")
+        result = measure_group(group, data, cfg.regularization.n_fit(cfg.n_train), torch.device("cpu"))
+        failures = pd.DataFrame([result.failures.record(s) for s in range(len(keys))])
+        out.append(pd.concat([pd.DataFrame({"teacher": [i for i, _, _ in keys], "method": method, "width": [w for _, w, _ in keys],
+                                            "trial": [t for _, _, t in keys], "test_loss": _test_losses(result)}), failures], axis=1))
+    return out
 
 
 def readings(students: pd.DataFrame, rule: str, mode: str) -> pd.DataFrame:
@@ -349,3 +336,27 @@ def prepare_out(out: str | Path) -> OwnedFolder:
     folder = OwnedFolder(out, "recovery")
     folder.open(create=True)
     return folder
+
+
+def open_finished(path: str | Path) -> OwnedFolder:
+    """A finished recovery folder, open for (re)drawing its figures; RunFolderError (one line) for anything else."""
+    if not (Path(path) / "summary.parquet").is_file():
+        raise RunFolderError(f"{path} holds no recovery tables (summary.parquet); give a finished recovery folder")
+    folder = OwnedFolder(path, "recovery")
+    folder.open()
+    return folder
+
+
+def recover(cfg: RecoveryConfig, folder: OwnedFolder, log: Callable[[str], None] = print) -> tuple[dict[str, pd.DataFrame], int]:
+    """Train the diagram (`run_recovery`, with `cfg.threads` torch threads), analyse it and write every table into
+    `folder`; returns the derived tables and how many networks diverged (left out of the summaries)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
+    try:
+        start = time.perf_counter()
+        tables = run_recovery(cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+    derived = analyse(tables, cfg)
+    write_folder(folder, cfg, tables, derived, time.perf_counter() - start)
+    return derived, int((tables["students"].status != "ok").sum() + (tables["capacity"].status != "ok").sum())

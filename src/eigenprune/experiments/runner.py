@@ -24,9 +24,10 @@ from eigenprune import __version__
 from eigenprune.core.io import first_line
 from eigenprune.experiments.backends import BackendError, ray_session, require_ray, run_local, run_ray
 from eigenprune.experiments.config import Config, ConfigError
-from eigenprune.experiments.grid import Chunk, check_same_data, data_shape, make_data, plan_chunks, resolve_device, validation_split
+from eigenprune.experiments.data import DataSpec, TrialData, check_same_data, data_spec, make_data
+from eigenprune.experiments.grid import Chunk, plan_chunks
 from eigenprune.experiments.measure import summarize, train_chunk
-from eigenprune.experiments.plan import check_fused, check_memory, chunk_cost, local_plan, split_long_chunks
+from eigenprune.experiments.plan import check_fused, check_memory, chunk_cost, local_plan, resolve_device, split_long_chunks
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.regpath import select_strengths
 from eigenprune.experiments.store import ChunkResult, RunFolder, RunFolderError, parquet_writer
@@ -71,10 +72,10 @@ def _memory_errors(chunk: Chunk) -> Iterator[None]:
                            "lower max_memory_gb or the number of workers, then rerun the same command to resume") from None
 
 
-def _chunk_job(cfg_data: dict, threads: int, data_sha256: str | None, chunk: Chunk, progress: Progress) -> ChunkResult:
+def _chunk_job(cfg_data: dict, threads: int, spec: DataSpec, chunk: Chunk, progress: Progress) -> ChunkResult:
     """Entry point in a worker process or Ray task: rebuild the (seeded, hence identical) data, train one chunk.
 
-    Data read from a user's file must have the bytes the driver saw (`data_sha256`), or the chunk is refused.
+    Data read from a user's file must have the bytes the driver saw (`spec.digest`), or the chunk is refused.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -82,8 +83,15 @@ def _chunk_job(cfg_data: dict, threads: int, data_sha256: str | None, chunk: Chu
     device = resolve_device(cfg.device)
     with _memory_errors(chunk):
         data = make_data(cfg.for_teacher(chunk.teacher))
-        check_same_data(cfg, data, data_sha256)
+        check_same_data(cfg, data, spec)
         return train_chunk(cfg, chunk, data.to(device), device, progress)
+
+
+def _teachers_data(cfg: Config, chunks: list[Chunk], real: TrialData | None) -> dict[int, TrialData]:
+    """The data of every teacher `chunks` train on: real data as the driver read it (one teacher), or teacher data."""
+    if real is not None:
+        return {0: real}
+    return {t: make_data(cfg.for_teacher(t)) for t in sorted({c.teacher for c in chunks})}
 
 
 def _train_here(cfg: Config, data: dict, device: torch.device, chunk: Chunk, progress: Progress) -> ChunkResult:
@@ -116,6 +124,17 @@ def _remedy(err: OSError) -> str:
     """What to do before resuming after a failed commit (pyarrow's OSErrors carry the errno only in their text)."""
     code = err.errno or next((c for c in _REMEDY if f"[errno {c}]" in str(err)), None)
     return _REMEDY.get(code, "make the folder writable")
+def _ray_plan(cfg: Config, chunks: list[Chunk], spec: DataSpec):
+    """`plan.local_plan`'s answer for the Ray backend: (device, workers, threads per task, the chunks after the
+    memory planner, the memory figures); each task resolves and checks its own device."""
+    require_ray()
+    device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
+    if cfg.backprop == "fused":
+        check_fused(cfg, None, spec)  # the students; each task checks its own device
+    memory: dict = {}
+    if device.type == "cpu" or cfg.max_memory_gb:
+        chunks, memory = check_memory(cfg, chunks, 1, torch.device("cpu"), spec)
+    return device, cfg.workers, 1, chunks, memory
 
 
 def run_experiment(
@@ -132,26 +151,15 @@ def run_experiment(
     """
     if address is not None and backend != "ray":
         raise ConfigError("--address is only used with --backend ray")
-    shape, data_sha256 = data_shape(cfg)
+    real = make_data(cfg) if cfg.data.source != "teacher" else None  # bad data fails before a run folder exists
+    spec = data_spec(cfg, real)
     folder = RunFolder(out)
     resumable = not fresh and folder.check_ours() is not None  # prepare() below refuses another config's or data's folder
-    n_fit = validation_split(cfg, shape[1] if shape else None)
     chunks = [part for c in plan_chunks(cfg)  # a whole chunk an earlier run (another bound) finished is kept whole
-              for part in ([c] if resumable and folder.done(c.id) else split_long_chunks(cfg, [c], n_fit))]
+              for part in ([c] if resumable and folder.done(c.id) else split_long_chunks(cfg, [c], spec.n_fit))]
     skipped = [c.id for c in chunks if resumable and folder.done(c.id)]
     todo = sorted((c for c in chunks if c.id not in skipped), key=lambda c: -chunk_cost(cfg, c))
-    if backend == "ray":
-        require_ray()
-        device = torch.device(cfg.device if cfg.device != "auto" else "cpu")  # resolved inside each task
-        workers, threads = cfg.workers, 1
-        if cfg.backprop == "fused":
-            check_fused(cfg, None, shape)  # the students; each task checks its own device
-        if device.type == "cpu" or cfg.max_memory_gb:
-            todo, memory = check_memory(cfg, todo, 1, torch.device("cpu"), shape)
-        else:
-            memory = {}
-    else:
-        device, workers, threads, todo, memory = local_plan(cfg, todo, shape)
+    device, workers, threads, todo, memory = (_ray_plan(cfg, todo, spec) if backend == "ray" else local_plan(cfg, todo, spec))
     split_done = [c.id for c in todo if c.split and resumable and folder.done(c.id)]  # resuming a split chunk
     skipped += split_done
     todo = [c for c in todo if c.id not in split_done]
@@ -160,24 +168,21 @@ def run_experiment(
     with contextlib.ExitStack() as stack:
         if backend == "ray":
             stack.enter_context(ray_session(address, cfg.workers or None))  # before anything is written
-        folder.prepare(cfg, fresh=fresh, data_digest=data_sha256)
+        folder.prepare(cfg, fresh=fresh, data_digest=spec.digest)
         stack.callback(folder.release)
         torch.manual_seed(cfg.seed)
         commit = _committer(folder)
         start = time.perf_counter()
         with Progress(quiet=quiet) as progress:
             if backend == "ray":
-                job = functools.partial(_chunk_job, cfg.model_dump(), threads, data_sha256)
+                job = functools.partial(_chunk_job, cfg.model_dump(), threads, spec)
                 run_ray(job, todo, commit, progress, gpus_per_task=1 if device.type == "cuda" else 0)
             elif workers > 1:
-                job = functools.partial(_chunk_job, cfg.model_dump(), threads, data_sha256)
+                job = functools.partial(_chunk_job, cfg.model_dump(), threads, spec)
                 run_local(job, todo, commit, progress, workers)
             elif todo:
-                data = {t: make_data(cfg.for_teacher(t)) for t in sorted({c.teacher for c in todo})}
-                for d in data.values():
-                    check_same_data(cfg, d, data_sha256)
-                data = {t: d.to(device) for t, d in data.items()}
-                run_local(functools.partial(_train_here, cfg, data, device), todo, commit, progress)
+                data = _teachers_data(cfg, todo, real)
+                run_local(functools.partial(_train_here, cfg, {t: d.to(device) for t, d in data.items()}, device), todo, commit, progress)
         ids = skipped + [c.id for c in todo]
         tables = folder.merge(ids)
         tables["results"] = select_strengths(tables["results"])

@@ -147,7 +147,7 @@ table.t,table.c{{border-collapse:collapse;font-size:13px}} td,th{{padding:3px 8p
 figure{{margin:1.5em 0}} img{{max-width:100%}} pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}</style></head><body>
 <h1>eigenprune run “{html.escape(cfg.name)}”</h1>
 <p>Students N ∈ {list(cfg.student.widths)}; methods {', '.join(cfg.methods)}; {cfg.trials} trials; {len(cfg.teacher_list())} teacher(s);
-L2 {cfg.regularization.mode}{' × ' + str(cfg.strengths()) if cfg.regularization.mode == 'path' else ''};
+L2 {cfg.regularization.mode}{' × ' + str(cfg.regularization.strengths()) if cfg.regularization.mode == 'path' else ''};
 wall time {manifest.get('wall_seconds', '?')} s.</p>
 <p>Machine: {html.escape(machine)}</p>
 {''.join(sections)}

@@ -1,7 +1,8 @@
-"""Every seed of an experiment, derived in one place from the config's `seed` (see `core.seeds.derive_seed`).
+"""Every seed of an experiment, derived in one place from the config's `seed` with `core.seeds.derive_seed`
+(the hash; this module names what each seed is for).
 
-`eigenprune run` and `eigenprune compare` use the same functions, so the same seed gives the same data,
-initial parameters and batch order in both.
+`eigenprune run`, `compare` and `recovery` use the same functions, so the same seed gives the same data,
+initial parameters and batch order in all three.
 """
 
 from __future__ import annotations
