@@ -109,6 +109,9 @@ def train_ensemble(
     With `spec.cuda_graph` on a CUDA device, epoch 0 runs eagerly (it warms up Adam's state) and
     epoch 1 is captured once in a CUDA graph that every later epoch replays: one launch per epoch
     instead of ~60 per step. The arithmetic is the same kernels in the same order.
+
+    (Longer than 60 lines: the eager epochs, the graph's capture and its replays share one loop and one
+    failure bookkeeping; split apart, each would need the other's state passed back and forth.)
     """
     params = [p for p in ens.parameters() if p.requires_grad]
     graph = spec.cuda_graph and x.device.type == "cuda"

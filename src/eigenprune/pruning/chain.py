@@ -217,6 +217,8 @@ def select_nodes(
     loss stays within loss_full + atol + rtol * loss_full (loss_full: the unpruned model's). Layers
     are decided in order, each on the model with the earlier ones already pruned, against that one
     budget, so earlier layers may use it up.
+
+    (Longer than 60 lines: the checks of every option come first, in one place, before any layer is scored.)
     """
     criterion = criterion or _default_scores
     n_linear = len(linear_layers(_chain(model)))

@@ -95,6 +95,8 @@ def build_report(run: str | Path | RunFolder, quiet: bool = True) -> Path:
 
 
 def _build_report(folder: RunFolder, tables: dict[str, pd.DataFrame] | None = None) -> Path:
+    """Write the figures and report.html of an open run folder. (Longer than 60 lines: the page is assembled in
+    reading order, one section after another, and reads best as one piece of HTML.)"""
     tables = tables or folder.load()
     run_dir = folder.path
     cfg = folder.read_config()
