@@ -237,3 +237,15 @@ def test_a_signal_to_compare_says_interrupted_with_128_plus_its_number(tmp_path,
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=20)
     assert (proc.returncode, err.decode(), out) == (128 + sig, "interrupted\n", b"")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_the_command_loads_says_interrupted(sig):
+    """The console script's entry point (eigenprune_entry) catches a signal while torch and the CLI load (before: a
+    KeyboardInterrupt traceback for Ctrl-C, a silent end for SIGTERM and SIGHUP)."""
+    code = "import sys, eigenprune_entry; sys.argv = ['eigenprune', 'config']; eigenprune_entry.main()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.4)  # importing torch alone takes longer
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err.decode(), out) == (128 + sig, "interrupted\n", b"")
