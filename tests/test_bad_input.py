@@ -79,7 +79,7 @@ def test_bad_configs_are_one_line_and_create_nothing(tmp_path, text, message):
     (["run", "--set", "student.x=1"], "student.x: unknown key (got 1)"),
     (["run", "--set", "bogus=1"], "bogus: unknown key (got 1)"),
     (["run", "--device", "tpu"], "device: must be cpu, cuda, cuda:N or auto (got 'tpu')"),
-    (["run", "."], "config path . is not a file"),
+    (["run", "."], "config path . is a folder, not a file"),
     (["report"], "Missing argument"),
     (["nosuch"], "No such command 'nosuch'"),
 ])
@@ -183,7 +183,7 @@ def test_damaged_checkpoints_are_one_line_errors_and_stay_as_they_were(tmp_path,
 def test_foreign_missing_and_folder_checkpoints(tmp_path):
     save_file({"w": __import__("torch").zeros(3)}, str(tmp_path / "plain.safetensors"))
     for path, message in ((tmp_path / "plain.safetensors", "a safetensors file without eigenprune's architecture"),
-                          (tmp_path / "nope.safetensors", "checkpoint not found"), (tmp_path, "is not a file")):
+                          (tmp_path / "nope.safetensors", "checkpoint not found"), (tmp_path, "is a folder, not a file")):
         with pytest.raises(CheckpointError, match=message.replace("(", r"\(")):
             load_model(path)
 

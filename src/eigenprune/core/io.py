@@ -122,23 +122,26 @@ def check_path(path: str | Path, what: str, error: type[Exception] = OutputError
     return path
 
 
-def input_file(path: str | Path, missing: str, error: type[Exception]) -> Path:
-    """`path` if it is an existing regular file; else `error` saying "{missing} not found: path", that it is
-    not a regular file (a folder, a FIFO, a device such as /dev/zero, a dangling symlink), or why it cannot be read."""
-    path = check_path(path, missing, error)
+def input_file(path: str | Path, missing: str, error: type[Exception], *, label: str | None = None, what: str = "file",
+               hint: str = "") -> Path:
+    """`path` if it is an existing regular file; else `error` saying "{missing} not found: path{hint}", that it is
+    not a regular file (a folder, a FIFO, a device such as /dev/zero, a dangling symlink), or why it cannot be read.
+    `label` opens the other messages (default: the first word of `missing` and "path"); `what` names the file a
+    folder is not."""
+    label = label or f"{missing.split()[0]} path"
+    path = check_path(path, label.rstrip(":"), error)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         if path.is_symlink():
-            raise error(f"{missing.split()[0]} path {path} is a symlink to {os.readlink(path)}, which does not exist") from None
-        raise error(f"{missing} not found: {path}") from None
+            raise error(f"{label} {path} is a symlink to {os.readlink(path)}, which does not exist") from None
+        raise error(f"{missing} not found: {path}{hint}") from None
     except OSError as err:
-        raise error(f"{missing.split()[0]} path {path} cannot be read ({err.strerror or type(err).__name__})") from None
+        raise error(f"{label} {path} cannot be read ({err.strerror or type(err).__name__})") from None
     if stat.S_ISDIR(mode):
-        raise error(f"{missing.split()[0]} path {path} is not a file (it is a folder)")
+        raise error(f"{label} {path} is a folder, not a {what}")
     if not stat.S_ISREG(mode):
-        raise error(f"{missing.split()[0]} path {path} is not a regular file ({special_kind(path, mode)}); "
-                    "eigenprune reads only regular files")
+        raise error(f"{label} {path} is not a regular file ({special_kind(path, mode)}); eigenprune reads only regular files")
     return path
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import stat
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 
 from eigenprune.core.errors import EigenpruneError
-from eigenprune.core.io import check_path, special_kind
+from eigenprune.core.io import check_path, input_file
 from eigenprune.core.layers import glorot_uniform_
 from eigenprune.core.seeds import derive_seed
 from eigenprune.experiments import experiment_seeds
@@ -209,22 +207,10 @@ def csv_data(path: str, target: str, features: list[str] | None, task: str, tria
     import pandas as pd
 
     p = check_path(Path(path).expanduser(), "data.csv.path", DataError)
+    where = f" (looked for {p.resolve()})" if str(p.resolve()) != str(p) else ""
+    p = input_file(p, "data.csv.path: file", DataError, label="data.csv.path:", what="CSV file",
+                   hint=f"{where}; a relative path in a config file is read from that file's folder")
     path = str(p)
-    try:
-        mode = os.stat(p).st_mode
-    except FileNotFoundError:
-        if p.is_symlink():
-            raise DataError(f"data.csv.path: {path} is a symlink to {os.readlink(p)}, which does not exist") from None
-        where = f" (looked for {p.resolve()})" if str(p.resolve()) != str(p) else ""
-        raise DataError(f"data.csv.path: file not found: {path}{where}; a relative path in a config file is read from that "
-                        "file's folder") from None
-    except OSError as err:
-        raise DataError(f"data.csv.path: cannot read {path} ({err.strerror or type(err).__name__})") from None
-    if stat.S_ISDIR(mode):
-        raise DataError(f"data.csv.path: {path} is a folder, not a CSV file")
-    if not stat.S_ISREG(mode):
-        raise DataError(f"data.csv.path: {path} is not a regular file ({special_kind(p, mode)}); eigenprune reads a CSV "
-                        "only from a regular file")
     try:
         header = _header(path)
         if len(header) > MAX_CSV_COLUMNS:
