@@ -544,23 +544,33 @@ def test_the_stored_failed_student_is_really_a_failed_run_student(stored):
 
 # --- the docs table -------------------------------------------------------------------------------------
 
-def _table() -> str:
-    """Markdown rows (input | message) of every case, as the program answers now."""
+def case_messages(cases, check, cleanup=None):
+    """(case, message) for every case as the program answers now, each case checked by `check(case, folder,
+    stored_run, monkeypatch)` in a fresh folder beside one stored run; the folder shows as …, the home folder as ~,
+    and | is escaped for a markdown table. `cleanup()` runs after each case. What the docs tables are made of."""
     import _pytest.monkeypatch
 
-    lines = []
     with tempfile.TemporaryDirectory() as tmp:
         stored_run = run_experiment(parse_config(STORED), Path(tmp) / "stored" / "run", quiet=True)
-        for i, case in enumerate(CASES):
+        for i, case in enumerate(cases):
             d = Path(tmp) / f"case{i}"
             d.mkdir()
             mp = _pytest.monkeypatch.MonkeyPatch()
             try:
-                message = _check(case, d, stored_run, mp).replace(str(d), "…").replace(str(Path.home()), "~").replace("|", "\\|")
+                message = check(case, d, stored_run, mp).replace(str(d), "…").replace(str(Path.home()), "~").replace("|", "\\|")
             finally:
                 mp.undo()
-            shown = (case.show or "`eigenprune " + " ".join(case.args) + "`").replace("|", "\\|")
-            lines.append(f"| {case.section} | {shown} | `{message}` |")
+                if cleanup is not None:
+                    cleanup()
+            yield case, message
+
+
+def _table() -> str:
+    """Markdown rows (input | message) of every case, as the program answers now."""
+    lines = []
+    for case, message in case_messages(CASES, _check):
+        shown = (case.show or "`eigenprune " + " ".join(case.args) + "`").replace("|", "\\|")
+        lines.append(f"| {case.section} | {shown} | `{message}` |")
     return "\n".join(lines)
 
 

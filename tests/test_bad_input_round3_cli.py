@@ -13,7 +13,6 @@ import fcntl
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +22,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from eigenprune.experiments.config import load_config, parse_config  # noqa: E402
 from eigenprune.experiments.plan import plan_run  # noqa: E402
-from eigenprune.experiments.runner import run_experiment  # noqa: E402
-from test_bad_input_cases import STORED, Case, _check, csv_config, invoke, stored  # noqa: E402, F401 (stored: a fixture)
+from test_bad_input_cases import STORED, Case, _check, case_messages, csv_config, invoke, stored  # noqa: E402, F401 (stored: a fixture)
 
 SECONDS = 20
 """A generous bound on each case's answer, there only to catch a hang (before: minutes or never)."""
@@ -35,6 +33,11 @@ RUN_CSV = ["run", "c.yaml", "--out", "out", "--quiet"]
 LONG_NAME = "a" * 256
 LONG_PATH = "/".join(["b" * 200] * 22)  # 4,421 characters
 _HELD: list[int] = []  # lock file descriptors a case holds while it runs (closed after it)
+
+
+def _close_held() -> None:
+    while _HELD:
+        os.close(_HELD.pop())
 
 
 def identical_rows(n: int = 40) -> str:
@@ -168,8 +171,7 @@ def test_round3_bad_input_is_one_line_exit_2_within_seconds(case, request, tmp_p
     try:
         _check(case, tmp_path, run, monkeypatch)
     finally:
-        while _HELD:
-            os.close(_HELD.pop())
+        _close_held()
     assert time.perf_counter() - start < SECONDS
 
 
@@ -263,23 +265,9 @@ def test_run_folder_read_only_after_the_first_chunk_keeps_the_first(tmp_path, mo
 # --- the docs table -------------------------------------------------------------------------------------
 
 def _table() -> str:
-    import _pytest.monkeypatch
-
-    lines = []
-    with tempfile.TemporaryDirectory() as tmp:
-        stored_run = run_experiment(parse_config(STORED), Path(tmp) / "stored" / "run", quiet=True)
-        for i, case in enumerate(CASES):
-            d = Path(tmp) / f"case{i}"
-            d.mkdir()
-            mp = _pytest.monkeypatch.MonkeyPatch()
-            try:
-                message = _check(case, d, stored_run, mp).replace(str(d), "…").replace("|", "\\|")
-            finally:
-                mp.undo()
-                while _HELD:
-                    os.close(_HELD.pop())
-            lines.append(f"| {case.show.replace('|', chr(92) + '|')} | `{message}` |")
-    return "\n".join(lines)
+    """Markdown rows (case | message) of every case, as the program answers now."""
+    rows = case_messages(CASES, _check, _close_held)
+    return "\n".join(f"| {case.show.replace('|', chr(92) + '|')} | `{message}` |" for case, message in rows)
 
 
 if __name__ == "__main__":
