@@ -10,24 +10,20 @@ import sys
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-class _Interrupted(BaseException):
-    """A signal while the package loads."""
-
-
 def _interrupted(signum: int, frame: object) -> None:
-    raise _Interrupted(signum)
+    """End at once: nothing is written or started while the package loads. Raising an exception here instead would
+    surface inside whatever C extension is initialising (numpy's, under torch's import) and come out as that
+    module's ImportError traceback."""
+    sys.stderr.write("interrupted\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def main() -> None:
     """Load eigenprune's command line with the three signals caught, then run it with its own handlers."""
     for sig in _SIGNALS:
         signal.signal(sig, _interrupted)
-    try:
-        from eigenprune import cli
-    except _Interrupted as err:
-        sys.stderr.write("interrupted\n")
-        sys.stderr.flush()
-        os._exit(128 + err.args[0])
+    from eigenprune import cli
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again, which cli.main handles
     for sig in _SIGNALS[1:]:
         signal.signal(sig, cli._raise_interrupted)  # until the command sets them again: the same exception
