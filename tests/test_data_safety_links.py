@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -176,9 +177,12 @@ def test_a_sigkill_of_the_driver_leaves_no_process_and_no_lock(tmp_path, phase):
     finally:
         for p in _alive(seen):
             os.kill(p, signal.SIGKILL)
+    committed = sorted(p.name for p in (run / "chunks").iterdir() if p.name[0] != ".") if (run / "chunks").is_dir() else []
     code, err, _ = _run(["run", cfg, "--out", run, "--quiet", "--workers", "1"])  # the lock went with the driver
     assert code == 0, err
     assert (run / "report.html").is_file()
+    # the kill lost only the chunks in flight: every chunk committed before it is resumed, not retrained
+    assert set(committed) <= set(json.loads((run / "manifest.json").read_text())["chunks_resumed"])
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc")
