@@ -1,6 +1,10 @@
 """`shrink`: one call from a model and its data to the smallest model within a tolerance; and `fit`, the trainer under it."""
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +207,16 @@ def test_fit_stops_on_a_non_finite_loss_before_it_changes_the_model():
     changed = [k for k, v in model.state_dict().items() if not torch.equal(start[k], v)]
     assert changed  # the first batch trained; the NaN batch did not step: every parameter is finite
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_digits_example_runs_in_tiny_form():
+    pytest.importorskip("sklearn")
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(examples.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(examples / "shrink_digits.py"), "--tiny"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| training | strength | kept | params") and {"reference", "spectral", "standard"} <= {
+        r.split(" | ")[0][2:] for r in table[1:]}
+    assert "shrink: strength 0.1, kept 0.5" in done.stderr and "test accuracy: chosen" in done.stdout
