@@ -36,8 +36,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = DigitsCNN()
     start = time.perf_counter()
-    result = shrink(model, train, val, tolerance=0.01, strengths=(0.1, 0.3, 1.0, "standard"), seed=args.seed,
-                    training=TrainSpec(lr=2e-3, batch_size=64, epochs=5 if args.tiny else 15),
+    strengths = (0.1, 1.0, "standard") if args.tiny else (0.1, 0.3, 1.0, "standard")
+    result = shrink(model, train, val, tolerance=0.01, strengths=strengths, seed=args.seed,
+                    training=TrainSpec(lr=5e-3 if args.tiny else 2e-3, batch_size=64, epochs=5 if args.tiny else 15),
                     fractions=(0.5, 0.25, 0.1) if args.tiny else (0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.07, 0.05),
                     progress=True)
     seconds = time.perf_counter() - start

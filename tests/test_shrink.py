@@ -145,6 +145,8 @@ def _bad(name):
         "no strengths": ({"strengths": []}, "strengths must be a non-empty list"),
         "bad strength": ({"strengths": [-1.0]}, "a strength must be a finite number >= 0, a dict of spectralize options or 'standard', "
                          "got -1.0"),
+        "unknown option": ({"strengths": [{"l2_phi": 0.01, "l2_lamda": 1e-3}]}, "a strength's spectralize options must be among "
+                           "train_phi, train_lam_in, train_lam_out, train_bias, l2_phi, l2_lam, l1_lam, group_lasso; got l2_lamda"),
         "bad fraction": ({"fractions": [1.5]}, "fractions must be a non-empty list of floats in (0, 1) (kept shares), got [1.5]"),
         "empty data": ({"train": (x[:0], y[:0])}, "the training data is empty"),
         "unequal lengths": ({"train": (x, y[:10])}, "the training data has 64 inputs but 10 targets"),
@@ -161,9 +163,10 @@ def _bad(name):
     return cases[name]
 
 
-@pytest.mark.parametrize("case", ["negative tolerance", "nan tolerance", "tolerance in points", "task", "reference in percent",
-                                  "no strengths", "bad strength", "bad fraction", "empty data", "unequal lengths", "wrong width",
-                                  "float labels", "label out of range", "one tensor", "progress", "nan input", "nan validation"])
+@pytest.mark.parametrize("case", [
+    "negative tolerance", "nan tolerance", "tolerance in points", "task", "reference in percent", "no strengths", "bad strength",
+    "unknown option", "bad fraction", "empty data", "unequal lengths", "wrong width", "float labels", "label out of range",
+    "one tensor", "progress", "nan input", "nan validation"])
 def test_bad_input_is_one_line_naming_the_value(case):
     """Each case changes one argument of a valid call; NaN validation inputs give a finite accuracy (argmax of NaN logits)
     but a NaN loss, which stops it."""

@@ -21,7 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from eigenprune.core.convert import despectralize, spectral_penalty, spectralize
+from eigenprune.core.convert import OPTIONS, despectralize, spectral_penalty, spectralize
 from eigenprune.core.io import first_line
 from eigenprune.core.losses import Task
 from eigenprune.core.training import Data, TrainingError, TrainSpec, data_batches, evaluate, fit
@@ -172,6 +172,8 @@ def _check_args(tolerance: float, task: str, reference: object, strengths: Seque
     if isinstance(strengths, (str, dict)) or not len(strengths):
         raise PruneError(f"strengths must be a non-empty list (numbers, dicts of spectralize options, 'standard'), got {strengths!r}")
     for s in strengths:
+        if isinstance(s, dict) and (unknown := sorted(set(s) - set(OPTIONS))):
+            raise PruneError(f"a strength's spectralize options must be among {', '.join(OPTIONS)}; got {', '.join(map(str, unknown))}")
         if not (s == "standard" or isinstance(s, dict) or (isinstance(s, (int, float)) and not isinstance(s, bool)
                                                            and math.isfinite(s) and s >= 0)):
             raise PruneError(f"a strength must be a finite number >= 0, a dict of spectralize options or 'standard', got {s!r}")
@@ -270,12 +272,12 @@ def _scan(trained: nn.Module, strength: Strength, run: _Run, fractions: list[flo
     return rows, best
 
 
-def _choose(found: list[tuple], rows: list[dict], run: _Run, model: nn.Module, standard: nn.Module | None,
+def _choose(found: tuple | None, rows: list[dict], run: _Run, model: nn.Module, standard: nn.Module | None,
             reference: float | str, ref: float, tolerance: float) -> tuple:
-    """(strength, trained model, (kept, chosen model, plan, value)) of the candidate with the fewest parameters (ties:
-    the better metric, then the earlier point); without one, the reference model when there is one (it is within)."""
-    if found:
-        return min(found, key=lambda c: c[:3])[3:]
+    """(strength, trained model, (kept, chosen model, plan, value)) of the best candidate found; without one, the
+    reference model when there is one (it is within by definition), else a PruneError naming the closest."""
+    if found is not None:
+        return found[3:]
     if standard is not None:
         return "standard", standard, (1.0, copy.deepcopy(standard).eval(), None, ref)
     if reference == "as-given":
@@ -323,13 +325,14 @@ def shrink(
                _reporter(progress))
     ref, standard, rows = _reference(model, run, reference)
     run.target = ref - tolerance if task == "classification" else ref * (1 + tolerance)
-    found = []
+    found = None  # the best so far: (parameters, -accuracy or loss, index on the path, strength, trained model, scan's best)
     for i, strength in enumerate(strengths):
         trained = _trained(model, strength, run, standard)
         tried, best = _scan(trained, strength, run, fractions)
         rows += tried
         if best is not None:
-            found.append((n_params(best[1]), -best[3] if task == "classification" else best[3], i, strength, trained, best))
+            candidate = (n_params(best[1]), -best[3] if task == "classification" else best[3], i, strength, trained, best)
+            found = candidate if found is None or candidate[:3] < found[:3] else found
     strength, trained, (kept, chosen, plan, value) = _choose(found, rows, run, model, standard, reference, ref, tolerance)
     result = ShrinkResult(chosen, kept, n_params(chosen), n_params(model), "accuracy" if task == "classification" else "loss",
                           value, ref, run.target, strength, trained, plan, rows, standard)
