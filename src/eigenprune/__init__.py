@@ -19,7 +19,17 @@ from eigenprune.core import (
     spectral_weight,
     spectralize,
 )
-from eigenprune.pruning import EigenImportance, KeepSpec, PruneError, load_model, node_importance, prune_nodes, save_model
+from eigenprune.pruning import (
+    EigenImportance,
+    KeepSpec,
+    PruneError,
+    ShrinkResult,
+    load_model,
+    node_importance,
+    prune_nodes,
+    save_model,
+    shrink,
+)
 
 __version__ = "0.1.0"
 
@@ -28,6 +38,7 @@ __all__ = [
     "EigenpruneError",
     "KeepSpec",
     "PruneError",
+    "ShrinkResult",
     "SpectralConv1d",
     "SpectralConv2d",
     "SpectralConv3d",
@@ -39,6 +50,7 @@ __all__ = [
     "plan_spectralize",
     "prune_nodes",
     "save_model",
+    "shrink",
     "spectral_penalty",
     "spectral_weight",
     "spectralize",

@@ -18,7 +18,7 @@ from eigenprune.core.layers import (
 from eigenprune.core.losses import Task, task_loss
 from eigenprune.core.plans import LayerPlan, make_student
 from eigenprune.core.structure import as_sequential, layer_sizes, linear_layers
-from eigenprune.core.training import TrainSpec, train_alone
+from eigenprune.core.training import TrainingError, TrainSpec, evaluate, fit, train_alone
 
 __all__ = [
     "PLAIN_LAYERS",
@@ -35,8 +35,11 @@ __all__ = [
     "SpectralizeReport",
     "Task",
     "TrainSpec",
+    "TrainingError",
     "as_sequential",
     "despectralize",
+    "evaluate",
+    "fit",
     "layer_sizes",
     "linear_layers",
     "make_student",

@@ -1,20 +1,31 @@
-"""Training one ordinary PyTorch model: Adam on shuffled mini-batches of the task loss plus the spectral penalty.
+"""Training one ordinary PyTorch model: Adam on shuffled mini-batches of the task loss plus a penalty (`fit`).
 
-`train_alone` is also the oracle the batched trainer (`eigenprune.batched.train`) is tested against:
-both draw every epoch's shuffle from a `torch.Generator` seeded by the same seed.
+`train_alone` (the task loss plus the spectral penalty, data as tensors) is `fit` with a `TrainSpec`; it is the
+oracle the batched trainer (`eigenprune.batched.train`) is tested against: both draw every epoch's shuffle from a
+`torch.Generator` seeded by the same seed. `evaluate` measures a model's loss (and accuracy) on a data set.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from eigenprune.core.convert import spectral_penalty
-from eigenprune.core.losses import Task, task_loss
+from eigenprune.core.errors import EigenpruneError
+from eigenprune.core.losses import Task, task_loss, task_metric
+
+Data = Union[tuple[torch.Tensor, torch.Tensor], Iterable]
+"""Training or validation data: a pair of tensors (x [P, ...], y [P, ...]) or an iterable of (x, y) batches (a DataLoader)."""
+
+
+class TrainingError(EigenpruneError, ValueError):
+    """Training that cannot go on (a non-finite loss) or data it cannot use, stated in one line."""
 
 
 @dataclass(frozen=True)
@@ -149,18 +160,121 @@ def batches(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-def train_alone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec, shuffle_seed: int) -> nn.Module:
-    """Train one ordinary PyTorch model with the same loop (x [P, D], y [P]); the batched path's oracle."""
+def _check_pair(data: tuple, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
+        raise TrainingError(f"{name} must be a pair of tensors (x, y) or a DataLoader of (x, y) batches, got a "
+                            f"{type(data).__name__} of {len(data)} item(s)")
+    x, y = data
+    if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+        raise TrainingError(f"{name} is empty" if x.shape[0] == 0 else
+                            f"{name} has {x.shape[0]} inputs but {y.shape[0]} targets (shapes {list(x.shape)}, {list(y.shape)})")
+    return x, y
+
+
+def data_batches(data: Data, name: str = "data", batch_size: int = 1024,
+                 generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (x, y) batches of `data`: a pair of tensors in `batch_size` slices (shuffled by `generator` when given, as
+    `train_alone` always did: one permutation of the whole set, then slices), or the batches of a DataLoader (or of
+    any iterable of pairs, e.g. a list of batches) as it gives them (its own order and size). TrainingError for empty
+    data, unequal lengths or a batch that is no pair."""
+    if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):  # tensors, not a list of batches
+        x, y = _check_pair(tuple(data), name)
+        n = x.shape[0]
+        if generator is not None:
+            perm = torch.randperm(n, generator=generator).to(x.device)
+            x, y = x[perm], y[perm]
+        for b in batches(n, batch_size):
+            yield x[b], y[b]
+        return
+    if isinstance(data, torch.Tensor) or not hasattr(data, "__iter__"):
+        what = "one tensor" if isinstance(data, torch.Tensor) else f"a {type(data).__name__}"
+        raise TrainingError(f"{name} must be a pair of tensors (x, y) or a DataLoader of (x, y) batches, got {what}")
+    count = 0
+    for batch in data:
+        if not isinstance(batch, (tuple, list)):
+            raise TrainingError(f"each batch of {name} must be a pair (x, y), got a {type(batch).__name__}")
+        count += 1
+        yield _check_pair(tuple(batch), f"a batch of {name}")
+    if count == 0:
+        raise TrainingError(f"{name} is empty: its DataLoader gave no batch")
+
+
+def fit(
+    model: nn.Module, data: Data, *, epochs: int, lr: float, batch_size: int = 64, seed: int = 0,
+    task: Task = "classification", penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_backward: Callable[[nn.Module], object] | None = None, after_epoch: Callable[[int, float], object] | None = None,
+    optimizer: Literal["adam", "keras_adam"] = "adam",
+) -> nn.Module:
+    """Train `model` in place (every parameter that requires grad) and return it, in the training mode it came in.
+
+    Adam (`adam`: torch's fused kernel, or `KerasAdam`) on the mean task loss (`task_loss`: cross-entropy of the
+    logits for classification, mean squared error for regression) plus `penalty(model)` (e.g. `spectral_penalty`).
+    Tensors are reshuffled every epoch from a generator seeded by `seed` and cut into `batch_size` batches; a
+    DataLoader is iterated as it is (its own order and batch size; `seed` and `batch_size` do not apply). Batches
+    move to the model's device. `after_backward(model)` runs between backward and the step (Torch-Pruning's
+    `pruner.regularize`); `after_epoch(epoch, mean_loss)` after each epoch (e.g. `lambda e, loss: pruner.update_reg()`).
+    A non-finite loss stops training with a TrainingError (before that step changes the model).
+    """
+    if not (isinstance(epochs, int) and epochs >= 0 and isinstance(batch_size, int) and batch_size >= 1 and lr > 0):
+        raise TrainingError(f"fit needs epochs >= 0, batch_size >= 1 (ints) and lr > 0, got epochs={epochs!r}, "
+                            f"batch_size={batch_size!r}, lr={lr!r}")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = adam(params, spec.lr, kind=spec.optimizer)
-    gen = torch.Generator().manual_seed(int(shuffle_seed))
-    n = x.shape[0]
-    for _ in range(spec.epochs):
-        perm = torch.randperm(n, generator=gen).to(x.device)
-        xs, ys = x[perm], y[perm]
-        for b in batches(n, spec.batch_size):
-            loss = task_loss(model(xs[b]), ys[b], spec.task) + spectral_penalty(model)
-            opt.zero_grad()  # set to None (both optimizers)
-            loss.backward()
-            opt.step()
+    if not params:
+        raise TrainingError(f"{type(model).__name__} has no parameter that requires grad: nothing to train")
+    device = params[0].device
+    opt = adam(params, lr, kind=optimizer)
+    gen = torch.Generator().manual_seed(int(seed))
+    training = model.training
+    model.train()
+    try:
+        for epoch in range(epochs):
+            total, steps = 0.0, 0
+            for xb, yb in data_batches(data, "the training data", batch_size, gen):
+                xb, yb = xb.to(device), yb.to(device)
+                loss = task_loss(model(xb), yb, task)
+                loss = loss.mean() if loss.dim() else loss  # a regression with several outputs: one mean over all
+                if penalty is not None:
+                    loss = loss + penalty(model)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(f"the training loss is {value} at epoch {epoch + 1}, batch {steps + 1} (lr {lr:g}): "
+                                        "training diverged, or the data hold NaN/inf; try a smaller lr or penalty")
+                opt.zero_grad()  # set to None (both optimizers)
+                loss.backward()
+                if after_backward is not None:
+                    after_backward(model)
+                opt.step()
+                total, steps = total + value, steps + 1
+            if after_epoch is not None:
+                after_epoch(epoch, total / steps)
+    finally:
+        model.train(training)
     return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data, task: Task = "classification", batch_size: int = 1024) -> dict[str, float]:
+    """{"loss": mean task loss, "accuracy": share of correct argmax predictions (classification only)} of `model` on
+    `data` (tensors or a DataLoader), in eval mode (the model's own mode is restored)."""
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums, n = {"loss": 0.0, "accuracy": 0.0}, 0
+    try:
+        for xb, yb in data_batches(data, "the evaluation data", batch_size):
+            xb, yb = xb.to(device), yb.to(device)
+            out = model(xb)
+            sums["loss"] += float(task_loss(out, yb, task).mean()) * len(xb)
+            if task == "classification":
+                sums["accuracy"] += float(task_metric(out, yb, task, "accuracy")) * len(xb)
+            n += len(xb)
+    finally:
+        model.train(training)
+    return {k: v / n for k, v in sums.items() if task == "classification" or k == "loss"}
+
+
+def train_alone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec, shuffle_seed: int) -> nn.Module:
+    """Train one ordinary PyTorch model with `spec` (x [P, D], y [P]; task loss + `spectral_penalty`): the batched
+    path's oracle, and `fit` underneath."""
+    return fit(model, (x, y), epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=shuffle_seed, task=spec.task,
+               penalty=spectral_penalty, optimizer=spec.optimizer)

@@ -1,6 +1,6 @@
 """What to keep, and removing the rest: node importance and criteria, one pruning entry (`prune_nodes`) above two
 paths (`chain`: exact removal from an MLP with bias folding; `graph`: any model Torch-Pruning can trace), the
-minimal-width search, checkpoints and ONNX export.
+minimal-width search, the one-call `shrink` (train, prune, fine-tune, measure), checkpoints and ONNX export.
 
 `keep` counts what STAYS (keep=0.3 keeps 30%); Torch-Pruning's `pruning_ratio` and `torch.nn.utils.prune`'s `amount`
 count what goes.
@@ -24,6 +24,7 @@ from eigenprune.pruning.importance import node_importance
 from eigenprune.pruning.keep import KeepSpec, PruneError, parse_keep
 from eigenprune.pruning.prune import prune_nodes
 from eigenprune.pruning.search import SearchResult, minimal_width
+from eigenprune.pruning.shrink import ShrinkResult, shrink
 
 __all__ = [
     "CRITERIA",
@@ -37,6 +38,7 @@ __all__ = [
     "KeepSpec",
     "PruneError",
     "SearchResult",
+    "ShrinkResult",
     "choose_channels",
     "export_module_onnx",
     "export_onnx",
@@ -57,4 +59,5 @@ __all__ = [
     "save_model",
     "select_channels",
     "select_nodes",
+    "shrink",
 ]
