@@ -6,6 +6,7 @@ from eigenprune.core.losses import task_loss
 from eigenprune.core.structure import layer_sizes
 from eigenprune.core.training import TrainSpec
 from eigenprune.experiments.builders import make_teacher
+from eigenprune.pruning import search
 from eigenprune.pruning.keep import PruneError
 from eigenprune.pruning.search import minimal_width
 
@@ -74,3 +75,17 @@ def test_search_by_accuracy_keeps_the_class_defining_nodes():
     with torch.no_grad():
         full = (model(x[1000:]).argmax(-1) == y[1000:]).float().mean()
         assert (result.model(x[1000:]).argmax(-1) == y[1000:]).float().mean() >= full - 0.01
+
+
+def test_search_fine_tunes_on_its_own_task_whatever_the_finetune_spec_says(monkeypatch):
+    """`task` governs fine-tuning too (before: `finetune.task`, default regression, squared error on the logits)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 3, generator=g)
+    y = x.argmax(-1)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 3))
+    seen = []
+    original = search.train_alone
+    monkeypatch.setattr(search, "train_alone", lambda m, xs, ys, spec, seed: (seen.append(spec.task), original(m, xs, ys, spec, seed))[1])
+    minimal_width(model, x[:400], y[:400], x[400:], y[400:], task="classification", accuracy_tol=0.05,
+                  finetune=TrainSpec(lr=1e-3, batch_size=100, epochs=1))
+    assert seen and set(seen) == {"classification"}

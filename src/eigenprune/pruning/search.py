@@ -12,7 +12,7 @@ few single-node steps near the end.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,7 +64,8 @@ def minimal_width(
     (default: `node_importance`; on the already pruned, plain network that is the norm of each
     node's incoming weights, which equals the eigenvalue score |lam_i| ||phi_i|| when lam_in = 0).
     Fine-tuning trains every parameter that requires grad with `finetune` (Adam, task loss, no
-    penalty: the pruned network is made of plain `nn.Linear` layers). x_* [P, D], y_* [P].
+    penalty: the pruned network is made of plain `nn.Linear` layers) on `task`'s loss (`finetune.task` is
+    ignored: the search and its fine-tuning optimise one loss). x_* [P, D], y_* [P].
     With `accuracy_tol` (classification), a step is accepted instead while the test accuracy stays
     within `accuracy_tol` of the unpruned model's (e.g. 0.01 = one point).
     """
@@ -82,6 +83,7 @@ def minimal_width(
     if accuracy_tol is not None and task != "classification":
         raise PruneError(f"accuracy_tol needs task classification, got {task}")
     floor = None if accuracy_tol is None else _accuracy(current, x_test, y_test) - accuracy_tol
+    finetune = replace(finetune, task=task)
     n = sizes[layer + 1]
     step = max(1, int(shrink * n))
     rows = []
