@@ -7,6 +7,7 @@ norms and attention is pruned too, runs, exports to ONNX and is as small as Torc
 """
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -60,6 +61,20 @@ class HeadlessAttention(Attention):
 
     def split(self, t):
         return t.reshape(t.shape[0], t.shape[1], self.h, -1).transpose(1, 2)
+
+
+class FusedAttention(nn.Module):
+    """timm-style: one qkv projection, split with reshape + unbind."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.num_heads, self.scale = heads, (d // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        h = (q @ k.transpose(-2, -1) * self.scale).softmax(-1) @ v
+        return self.proj(h.transpose(1, 2).flatten(2))
 
 
 class SwiGLU(nn.Module):
@@ -239,6 +254,20 @@ def test_attention_of_unknown_heads_or_sdpa_is_left_alone_with_the_reason():
     plan = select_channels(sdpa, 0.5, x, exact=False)
     assert "attn.v" in plan.kept and plan.inexact["attn.v"] == "scaled_dot_product_attention" and plan.blocks["attn.v"] == 4
     assert prune_graph(sdpa, plan, x).attn.q.out_features == 8
+
+
+def test_a_fused_qkv_projection_is_cut_by_whole_positions_of_its_twelve_head_slices():
+    torch.manual_seed(0)
+    model, x = ViT(attention=FusedAttention).double().eval(), torch.randn(2, 5, 6, dtype=torch.float64)
+    for keep, width in ((0.5, 24), (0.25, 12), (3, 12)):  # q, k, v x 4 heads = 12 slices of 4, each keeping the same positions
+        plan = select_channels(model, keep, x)
+        assert plan.blocks["attn.qkv"] == 12 and len(plan.kept["attn.qkv"]) == width
+        pruned = prune_graph(model, plan, x)
+        assert pruned.attn.qkv.out_features == width and pruned.attn.proj.in_features == width // 3
+        torch.testing.assert_close(pruned(x), mask_graph(model, plan, x)(x), rtol=1e-10, atol=1e-12)
+    bad = dataclasses.replace(plan, kept={"attn.qkv": torch.arange(12)})  # q's first 12: Torch-Pruning would cut all 48
+    with pytest.raises(PruneError, match="cutting 36 channels of attn.qkv would cut 48: Torch-Pruning ties its channels"):
+        prune_graph(model, bad, x)
 
 
 def test_rmsnorm_style_modules_are_recognised():

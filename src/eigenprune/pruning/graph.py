@@ -155,7 +155,7 @@ def _blocks(modules: dict[str, nn.Module], names: dict[int, str], group, exact: 
     """(blocks, why not): into how many equal blocks the group's channels are split (attention heads, GroupNorm
     groups; each block must keep the same positions), or why the group cannot be cut: heads of unknown count, or
     (when `exact`) F.scaled_dot_product_attention, whose default scale 1/sqrt(head width) changes with the cut."""
-    counts, heads, matmul, mha = set(), set(), None, False
+    counts, heads, matmul, mha, stacked = set(), set(), None, False, 1
     for item in group:
         mod = item.dep.target.module
         if isinstance(mod, nn.MultiheadAttention):  # its products (traced inside it) are head-split by its own num_heads
@@ -170,6 +170,8 @@ def _blocks(modules: dict[str, nn.Module], names: dict[int, str], group, exact: 
             matmul = str(mod._grad_fn)
         elif isinstance(mod, ops._ElementWiseOp) and str(mod._grad_fn) in _MATMULS:
             matmul = str(mod._grad_fn)
+        elif isinstance(mod, ops._UnbindOp) and mod.offsets:  # a fused qkv projection: q, k, v stacked, each split in heads
+            stacked = max(stacked, len(mod.offsets) - 1)
         elif isinstance(mod, _WEIGHTED) and _is_out(group, item.dep):
             parent = modules.get(names[id(mod)].rpartition(".")[0])
             n = getattr(parent, "num_heads", None)
@@ -179,7 +181,7 @@ def _blocks(modules: dict[str, nn.Module], names: dict[int, str], group, exact: 
         if not heads:
             return 1, ("its channels meet other channels in a matrix product (attention) and the number of heads is unknown: "
                        "give the module holding its projections an int attribute num_heads")
-        counts |= heads
+        counts |= {h * stacked for h in heads}
     blocks = math.lcm(*counts) if counts else 1
     if len(group[0].idxs) % blocks:
         return 1, f"its {len(group[0].idxs)} channels are split into {sorted(counts)} heads or groups, which no cut keeps equal"
@@ -519,6 +521,10 @@ def _apply(model: nn.Module, plan: ChannelPlan, inputs: tuple[torch.Tensor, ...]
         if not drop:
             continue
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, drop)
+        cut = {int(i) for item in group if item.dep.target.module is root and _is_out(group, item.dep) for i in item.idxs}
+        if len(cut) != len(drop):  # Torch-Pruning ties some of the root's channels to others of its own (a fused qkv)
+            raise PruneError(f"cutting {len(drop)} channels of {name} would cut {len(cut)}: Torch-Pruning ties its channels "
+                             "among themselves in a way the plan does not follow; pass it in ignored_layers")
         if mask:
             for item in group:
                 if isinstance(item.dep.target.module, _EXACT):
