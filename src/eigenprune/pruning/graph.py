@@ -12,7 +12,11 @@ its group is removed (its rows in the producing layers, its BatchNorm entries, i
 consuming layers). `mask_graph` builds the same-size reference with exactly those slices zeroed;
 the pruned model computes what it computes. Groups that cannot be cut out exactly are left alone
 and listed: channels that are model outputs, and channels normalised together with others
-(LayerNorm, GroupNorm), mixed by attention, or read by a layer Torch-Pruning has no pruner for.
+(LayerNorm, GroupNorm, RMSNorm), mixed by nn.MultiheadAttention, split into attention heads of
+unknown count, or read by a layer Torch-Pruning has no pruner for. With `exact=False` the groups
+through norms and nn.MultiheadAttention are pruned too (the network without those channels, each
+norm recomputed over the kept ones: not the masked model, so `mask_graph` refuses such a plan).
+Channels split into heads or norm groups are chosen head-consistently (each block keeps the same positions).
 Unlike the chain path (`pruning.chain`), a removed node's constant output act(b_j) is not folded
 into the next layer's bias.
 """
@@ -87,6 +91,38 @@ SPECTRAL_PRUNER = SpectralPruner()
 SPECTRAL_PRUNERS: dict[type[nn.Module], tp.pruner.function.BasePruningFunc] = {cls: SPECTRAL_PRUNER for cls in SPECTRAL_LAYERS}
 """`customized_pruners` for Torch-Pruning: {spectral layer type: pruner}."""
 
+
+class RMSNormPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning pruner for RMSNorm-style modules (`is_rmsnorm`): channel c is weight[c] (and bias[c])."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = SpectralPruner._keep(layer.weight.shape[0], idxs)
+        for name in ("weight", "bias"):
+            if getattr(layer, name, None) is not None:
+                SpectralPruner._set(layer, name, getattr(layer, name).data[keep])
+        if isinstance(getattr(layer, "normalized_shape", None), tuple):  # torch.nn.RMSNorm
+            layer.normalized_shape = (*layer.normalized_shape[:-1], len(keep))
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[0]
+
+    get_in_channels = get_out_channels
+
+
+RMSNORM_PRUNER = RMSNormPruner()
+
+
+def is_rmsnorm(m: nn.Module) -> bool:
+    """An RMSNorm-style module: its class name ends in RMSNorm (torch.nn.RMSNorm, HF LlamaRMSNorm, your own)
+    and its parameters of its own are a 1-D `weight` (and optionally a 1-D `bias`), one entry per channel."""
+    own = dict(m.named_parameters(recurse=False))
+    return (type(m).__name__.lower().endswith("rmsnorm") and isinstance(own.get("weight"), torch.Tensor)
+            and set(own) <= {"weight", "bias"} and all(p.dim() == 1 and p.shape == own["weight"].shape for p in own.values()))
+
+
 ROOT_TYPES: tuple[type, ...] = (ops.TORCH_CONV, ops.TORCH_LINEAR, *SPECTRAL_LAYERS)
 """`root_module_types` for Torch-Pruning's pruners: its defaults plus the spectral layers (else they root no group)."""
 
@@ -97,8 +133,59 @@ _EXACT = (*_WEIGHTED, nn.modules.batchnorm._BatchNorm)
 """Layer types whose channels can be cut out exactly (the pruned model equals the masked one)."""
 
 
+_MATMULS = ("BmmBackward0", "BaddbmmBackward0")
+"""Torch-Pruning ops that contract channels with channels (q @ k^T, attn @ v of 3-D or 4-D tensors): channels there
+are split into heads. (MmBackward0 is left out: Torch-Pruning shows a bias-free Linear's own product as one.)"""
+
+
 def _is_out(group, dep) -> bool:
     return group._DG.is_out_channel_pruning_fn(dep.handler)
+
+
+def _inexact_kind(mod: nn.Module) -> str | None:
+    """What `exact=False` lets a group pass through (a norm or attention), else None."""
+    if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)) or is_rmsnorm(mod):
+        return type(mod).__name__
+    if isinstance(mod, ops._ElementWiseOp) and "ScaledDotProduct" in str(mod._grad_fn):
+        return "scaled_dot_product_attention"
+    return None
+
+
+def _blocks(modules: dict[str, nn.Module], names: dict[int, str], group, exact: bool) -> tuple[int, str | None]:
+    """(blocks, why not): into how many equal blocks the group's channels are split (attention heads, GroupNorm
+    groups; each block must keep the same positions), or why the group cannot be cut: heads of unknown count, or
+    (when `exact`) F.scaled_dot_product_attention, whose default scale 1/sqrt(head width) changes with the cut."""
+    counts, heads, matmul, mha, stacked = set(), set(), None, False, 1
+    for item in group:
+        mod = item.dep.target.module
+        if isinstance(mod, nn.MultiheadAttention):  # its products (traced inside it) are head-split by its own num_heads
+            counts.add(mod.num_heads)
+            mha = True
+        elif isinstance(mod, nn.GroupNorm):
+            counts.add(mod.num_groups)
+        elif isinstance(mod, ops._ElementWiseOp) and "ScaledDotProduct" in str(mod._grad_fn):
+            if exact:
+                return 1, ("its channels pass through scaled_dot_product_attention, whose scale 1/sqrt(head width) "
+                           "changes when they are cut (exact=False prunes them)")
+            matmul = str(mod._grad_fn)
+        elif isinstance(mod, ops._ElementWiseOp) and str(mod._grad_fn) in _MATMULS:
+            matmul = str(mod._grad_fn)
+        elif isinstance(mod, ops._UnbindOp) and mod.offsets:  # a fused qkv projection: q, k, v stacked, each split in heads
+            stacked = max(stacked, len(mod.offsets) - 1)
+        elif isinstance(mod, _WEIGHTED) and _is_out(group, item.dep):
+            parent = modules.get(names[id(mod)].rpartition(".")[0])
+            n = getattr(parent, "num_heads", None)
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                heads.add(n)
+    if matmul is not None and not mha:  # the producers' heads split these channels (they meet in q @ k^T or attn @ v)
+        if not heads:
+            return 1, ("its channels meet other channels in a matrix product (attention) and the number of heads is unknown: "
+                       "give the module holding its projections an int attribute num_heads")
+        counts |= {h * stacked for h in heads}
+    blocks = math.lcm(*counts) if counts else 1
+    if len(group[0].idxs) % blocks:
+        return 1, f"its {len(group[0].idxs)} channels are split into {sorted(counts)} heads or groups, which no cut keeps equal"
+    return blocks, None
 
 
 class EigenImportance(tp.importance.Importance):
@@ -148,7 +235,10 @@ class ChannelPlan:
     `kept`: root layer name -> sorted kept output-channel indices; `widths`: root layer name -> its
     width; `members`: every layer producing a group's channels (e.g. both convolutions of a residual
     sum) -> the group's root layer name; `left_alone`: name -> why its channels are not pruned;
-    `scores`: root layer name -> the importance of each of its channels.
+    `scores`: root layer name -> the importance of each of its channels; `blocks`: root layer name ->
+    into how many equal blocks its channels are split (attention heads, GroupNorm groups), each of
+    which keeps the same positions (absent: 1); `inexact`: root layer name -> the norms and attention
+    its group passes through (only with exact=False: cutting it is not masking it).
     """
 
     kept: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -156,9 +246,12 @@ class ChannelPlan:
     members: dict[str, str] = field(default_factory=dict)
     left_alone: dict[str, str] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    blocks: dict[str, int] = field(default_factory=dict)
+    inexact: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"{name}: keep {len(idx)} of {self.widths[name]}" for name, idx in self.kept.items()]
+        lines = [f"{name}: keep {len(idx)} of {self.widths[name]}" + (f" (not exact: through {self.inexact[name]})"
+                 if name in self.inexact else "") for name, idx in self.kept.items()]
         lines += [f"{name}: left alone ({why})" for name, why in self.left_alone.items()]
         return "\n".join(lines)
 
@@ -223,36 +316,41 @@ def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], ignored: set[str]
     """The dependency graph of `model`; refuses modules no pruner handles unless under `ignored` (None: no check)."""
     _check_forward(model, inputs)
     dg = tp.DependencyGraph()
-    for cls, pruner in SPECTRAL_PRUNERS.items():
+    customized = {**SPECTRAL_PRUNERS, **{type(m): RMSNORM_PRUNER for m in model.modules() if is_rmsnorm(m)}}
+    for cls, pruner in customized.items():
         dg.register_customized_layer(cls, pruner)
     bad = [] if ignored is None else [
         (n, m) for n, m in _unsupported_modules(model, dg) if not any(n == i or n.startswith(i + ".") for i in ignored)]
     if bad:
         name, m = bad[0]
         raise PruneError(f"cannot prune through {name} ({type(m).__name__}): Torch-Pruning has no pruner for it; supported: "
-                         "Linear, Conv, BatchNorm, LayerNorm, MultiheadAttention, spectral layers and parameter-free operations; "
+                         "Linear, Conv, BatchNorm, LayerNorm, RMSNorm, MultiheadAttention, spectral layers and parameter-free operations; "
                          "pass it in ignored_layers to leave its channels alone")
     try:
-        return dg.build_dependency(model, example_inputs=inputs, customized_pruners=SPECTRAL_PRUNERS, verbose=False)
+        return dg.build_dependency(model, example_inputs=inputs, customized_pruners=customized, verbose=False)
     except Exception as err:  # noqa: BLE001 - Torch-Pruning raises many kinds; all mean "cannot trace"
         raise PruneError(f"Torch-Pruning could not trace {type(model).__name__}: {type(err).__name__}: {err}") from None
 
 
-def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: ChannelPlan) -> dict[str, object]:
-    """Prunable groups by root layer name; the others go to plan.left_alone with the reason."""
-    names = {id(m): n for n, m in model.named_modules()}
+def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: ChannelPlan, exact: bool = True) -> dict[str, object]:
+    """Prunable groups by root layer name; the others go to plan.left_alone with the reason.
+
+    With `exact=False`, groups through norms and nn.MultiheadAttention are prunable too (listed in plan.inexact)."""
+    modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
     names.update({id(p): n for n, p in model.named_parameters()})
-    attention = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    attention = [n + "." for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
     for name, m in model.named_modules():
         if isinstance(m, _WEIGHTED) and m not in dg.module2node:
             inside = next((a[:-1] for a in attention if name.startswith(a)), None)
-            plan.left_alone[name] = (f"MultiheadAttention {inside} reads its weight directly, never calling its forward"
-                                     if inside is not None else "not reached by the forward pass on example_inputs")
+            plan.left_alone[name] = ("not reached by the forward pass on example_inputs" if inside is None else
+                                     f"MultiheadAttention {inside} reads its weight directly, never calling its forward" +
+                                     ("" if exact else "; cut with its embed_dim when that group is pruned"))
     groups = {}
     for group in dg.get_all_groups(root_module_types=ROOT_TYPES):
         root = group[0].dep.target.module
         rname = names[id(root)]
-        why = None
+        why, through = None, []
         for item in group:
             target = item.dep.target
             mod = target.module
@@ -264,11 +362,14 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
                 why = f"{other} in ignored_layers"
             elif isinstance(mod, PLAIN_LAYERS) and getattr(mod, "groups", 1) != 1:
                 why = f"{other} a grouped convolution (groups={mod.groups})"
+            elif not exact and _inexact_kind(mod):
+                through.append(_inexact_kind(mod) + ("" if isinstance(mod, ops._ElementWiseOp) else f" {mname}"))
             elif not (isinstance(mod, _EXACT) or type(mod).__module__ == ops.__name__):
                 why = (f"{other} a {type(mod).__name__}, which cannot lose channels exactly (exact: {plain_names()}, "
                        "BatchNorm, their spectral forms and parameter-free operations)")
             if why:
                 break
+        blocks, why = (1, why) if why else _blocks(modules, names, group, exact)
         if why:
             plan.left_alone[rname] = why
             for item in group:
@@ -277,6 +378,10 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
         else:
             groups[rname] = group
             plan.widths[rname] = len(group[0].idxs)
+            if blocks > 1:
+                plan.blocks[rname] = blocks
+            if through:
+                plan.inexact[rname] = ", ".join(dict.fromkeys(through))
             for item in group:
                 if isinstance(item.dep.target.module, _WEIGHTED) and _is_out(group, item.dep):
                     plan.members[names[id(item.dep.target.module)]] = rname
@@ -286,15 +391,21 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
 def select_channels(
     model: nn.Module, keep: KeepLike | dict[str, KeepLike], example_inputs: Inputs, *,
     importance: tp.importance.Importance | None = None, global_ranking: bool = False,
-    ignored_layers: Sequence[LayerRef] | None = None,
+    ignored_layers: Sequence[LayerRef] | None = None, exact: bool = True,
 ) -> ChannelPlan:
     """Which output channels of each prunable group to keep (`model` is not modified).
 
     `importance`: any Torch-Pruning `Importance` (default `EigenImportance`; gradient-based ones such as
     `TaylorImportance` read the gradients already in `model`'s parameters). The scores are kept in
     the plan (`plan.scores`), so `choose_channels(plan, other_keep)` re-decides without re-scoring.
-    `keep` and `global_ranking`: see `choose_channels`.
+    `keep` and `global_ranking`: see `choose_channels`. `exact` (default True): only groups whose
+    pruned model equals `mask_graph`'s; False also prunes groups through LayerNorm, GroupNorm,
+    RMSNorm-style modules and nn.MultiheadAttention (the network without those channels, each norm
+    recomputed over the kept ones; listed in `plan.inexact`). Channels split into attention heads or
+    GroupNorm groups score by position (the norm over the blocks) so every block keeps the same positions.
     """
+    if not isinstance(exact, bool):
+        raise PruneError(f"exact must be True or False, got {exact!r}")
     scripted = next((n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
     if scripted is not None:
         raise PruneError(f"cannot prune {type(model).__name__}: {scripted or 'the model'} is a TorchScript module (torch.jit.script "
@@ -309,7 +420,7 @@ def select_channels(
     ignored = _resolve(work, ignored_layers, names_of_original)
     dg = _build(work, inputs, ignored)
     plan = ChannelPlan()
-    groups = _groups(work, dg, ignored, plan)
+    groups = _groups(work, dg, ignored, plan, exact)
     if not groups:
         raise PruneError(f"{type(model).__name__} has no channels that can be pruned: " +
                          "; ".join(f"{n}: {w}" for n, w in plan.left_alone.items()))
@@ -318,7 +429,9 @@ def select_channels(
         s = importance(group)
         if s is None:
             raise PruneError(f"the importance {type(importance).__name__} gives no scores for the group of {name}")
-        plan.scores[name] = s.detach().flatten().double().cpu()
+        s = s.detach().flatten().double().cpu()
+        blocks = plan.blocks.get(name, 1)  # one score per position, the norm over the blocks (heads) that share it
+        plan.scores[name] = s.view(blocks, -1).norm(dim=0).repeat(blocks) if blocks > 1 else s
     return choose_channels(plan, keep, global_ranking=global_ranking)
 
 
@@ -332,7 +445,8 @@ def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, 
     keeps at least its top channel).
     """
     scores = plan.scores
-    new = ChannelPlan(widths=dict(plan.widths), members=dict(plan.members), left_alone=dict(plan.left_alone), scores=scores)
+    new = ChannelPlan(widths=dict(plan.widths), members=dict(plan.members), left_alone=dict(plan.left_alone), scores=scores,
+                      blocks=dict(plan.blocks), inexact=dict(plan.inexact))
     if isinstance(keep, dict):
         if global_ranking:
             raise PruneError("global_ranking ranks all groups together: give one keep value, not a per-layer dict")
@@ -360,13 +474,20 @@ def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, 
         start = 0
         for name in specs:
             n = scores[name].numel()
-            new.kept[name] = chosen[start : start + n].nonzero().flatten()
+            new.kept[name] = _whole_positions(chosen[start : start + n], new.blocks.get(name, 1))
             start += n
         return new
     for name, spec in specs.items():
         k = count_to_keep(spec, scores[name], name)
-        new.kept[name] = top_k_mask(scores[name], k).nonzero().flatten()
+        new.kept[name] = _whole_positions(top_k_mask(scores[name], k).bool(), new.blocks.get(name, 1))
     return new
+
+
+def _whole_positions(chosen: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Kept indices: the chosen channels, rounded up so that each of `blocks` equal blocks keeps the same positions."""
+    if blocks > 1:
+        chosen = chosen.view(blocks, -1).any(dim=0).repeat(blocks)
+    return chosen.nonzero().flatten()
 
 
 @torch.no_grad()
@@ -400,6 +521,10 @@ def _apply(model: nn.Module, plan: ChannelPlan, inputs: tuple[torch.Tensor, ...]
         if not drop:
             continue
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, drop)
+        cut = {int(i) for item in group if item.dep.target.module is root and _is_out(group, item.dep) for i in item.idxs}
+        if len(cut) != len(drop):  # Torch-Pruning ties some of the root's channels to others of its own (a fused qkv)
+            raise PruneError(f"cutting {len(drop)} channels of {name} would cut {len(cut)}: Torch-Pruning ties its channels "
+                             "among themselves in a way the plan does not follow; pass it in ignored_layers")
         if mask:
             for item in group:
                 if isinstance(item.dep.target.module, _EXACT):
@@ -411,7 +536,15 @@ def _apply(model: nn.Module, plan: ChannelPlan, inputs: tuple[torch.Tensor, ...]
 
 
 def mask_graph(model: nn.Module, plan: ChannelPlan, example_inputs: Inputs) -> nn.Module:
-    """A same-size copy of `model` with every slice that `prune_graph` would remove set to zero (the reference)."""
+    """A same-size copy of `model` with every slice that `prune_graph` would remove set to zero (the reference).
+
+    Refuses a plan that cuts a group through a norm or attention (`select_channels(..., exact=False)`): the
+    pruned model recomputes those over the kept channels, which no same-size zeroed model computes."""
+    cut = [n for n in plan.inexact if n in plan.kept and len(plan.kept[n]) < plan.widths[n]]
+    if cut:
+        raise PruneError(f"mask_graph has no masked model for this plan: it cuts {cut[0]}'s channels through {plan.inexact[cut[0]]} "
+                         "(exact=False), where the pruned model normalises or attends over the kept channels only; "
+                         "a plan from select_channels(..., exact=True) has a masked reference")
     work = copy.deepcopy(model)
     return _apply(work, plan, input_tuple(example_inputs, PruneError), mask=True)
 
@@ -420,16 +553,20 @@ def prune_graph(
     model: nn.Module, keep: KeepLike | dict[str, KeepLike] | ChannelPlan, example_inputs: Inputs, *,
     importance: tp.importance.Importance | None = None, global_ranking: bool = False,
     ignored_layers: Sequence[LayerRef] | None = None, keep_spectral: bool = False, inplace: bool = False,
+    exact: bool = True,
 ) -> nn.Module:
     """A physically smaller `model` with only the important channels of each prunable group.
 
     `keep` and the options as in `select_channels` (or a `ChannelPlan` it returned). Spectral layers
     are sliced by `SPECTRAL_PRUNERS`; with `keep_spectral` they stay spectral (train on after pruning),
     otherwise the result has plain `nn.Linear`/`nn.Conv*` layers. `model` is left unchanged unless
-    `inplace`. The result computes what `mask_graph(model, plan, example_inputs)` computes.
+    `inplace`. The result computes what `mask_graph(model, plan, example_inputs)` computes, except with
+    `exact=False` (see `select_channels`): then the groups in `plan.inexact` are cut out of the network and
+    their norms and attention recomputed over the kept channels, which is NOT the masked model.
     """
     plan = keep if isinstance(keep, ChannelPlan) else select_channels(
-        model, keep, example_inputs, importance=importance, global_ranking=global_ranking, ignored_layers=ignored_layers)
+        model, keep, example_inputs, importance=importance, global_ranking=global_ranking, ignored_layers=ignored_layers,
+        exact=exact)
     work = model if inplace else copy.deepcopy(model)
     _apply(work, plan, input_tuple(example_inputs, PruneError), mask=False)
     return work if keep_spectral else despectralize(work)
