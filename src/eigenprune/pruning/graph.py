@@ -428,8 +428,9 @@ def _zero(layer: nn.Module, idxs: list[int], out: bool) -> None:
             layer.phi[idxs] = 0
         else:
             size, rows = layer.lam_in.shape[0] // layer.groups, layer.phi.shape[0] // layer.groups
-            for i in idxs:
-                layer.phi[i // size * rows : (i // size + 1) * rows, i % size] = 0
+            cut = torch.zeros(layer.groups, size, dtype=torch.bool, device=layer.phi.device)
+            cut.view(-1)[idxs] = True  # [group, j]
+            layer.phi[cut.repeat_interleave(rows, dim=0)] = 0
     elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
         if layer.affine:
             layer.weight[idxs] = 0
