@@ -5,11 +5,15 @@ from eigenprune.core.convert import SpectralizeError, SpectralizeReport, despect
 from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import OutputError
 from eigenprune.core.layers import (
+    DEPTHWISE_LAYERS,
     PLAIN_LAYERS,
     SPECTRAL_LAYERS,
     SpectralConv1d,
     SpectralConv2d,
     SpectralConv3d,
+    SpectralDepthwiseConv1d,
+    SpectralDepthwiseConv2d,
+    SpectralDepthwiseConv3d,
     SpectralLinear,
     SpectralModule,
     spectral_twin,
@@ -21,6 +25,7 @@ from eigenprune.core.structure import as_sequential, layer_sizes, linear_layers
 from eigenprune.core.training import TrainingError, TrainSpec, evaluate, fit, train_alone
 
 __all__ = [
+    "DEPTHWISE_LAYERS",
     "PLAIN_LAYERS",
     "SPECTRAL_LAYERS",
     "EigenpruneError",
@@ -29,6 +34,9 @@ __all__ = [
     "SpectralConv1d",
     "SpectralConv2d",
     "SpectralConv3d",
+    "SpectralDepthwiseConv1d",
+    "SpectralDepthwiseConv2d",
+    "SpectralDepthwiseConv3d",
     "SpectralLinear",
     "SpectralModule",
     "SpectralizeError",

@@ -1,8 +1,8 @@
 """Converting any model between ordinary and spectral layers, and the penalty to add to its loss.
 
 `spectralize` swaps every layer that has a spectral twin (`core.layers.PLAIN_LAYERS`: `nn.Linear`, `nn.Conv1d`,
-`nn.Conv2d`, `nn.Conv3d`) for its exact spectral copy (the same function: lam_in = 0, lam_out = 1, phi = -W) and
-`despectralize` swaps them back.
+`nn.Conv2d`, `nn.Conv3d`, grouped and depthwise ones included) for its exact spectral copy (the same function:
+lam_in = 0, lam_out = 1, phi = -W) and `despectralize` swaps them back.
 `plan_spectralize` says, without changing anything, what `spectralize` converts and what it leaves
 alone and why; `spectralize` logs that report (logger "eigenprune"), so nothing is skipped silently.
 """

@@ -2,14 +2,16 @@
 
 A dense map from n_in to n_out nodes is the off-diagonal block of A = Phi Lambda Phi^-1 with
 Phi = identity + phi. A convolution is the same map between channels, with one phi entry per kernel
-position: w[o, i, ...] = (lam_in_i - lam_out_o) * phi[o, i, ...]. `spectral_weight` is the one place
+position: w[o, i, ...] = (lam_in_i - lam_out_o) * phi[o, i, ...]; a grouped one connects each output only to its
+group's inputs (one lam_out per output channel, one lam_in per input channel). `spectral_weight` is the one place
 the formula lives and `Penalty` the one place the penalty and its gradient live; the dense layer
 (`SpectralLinear`), the convolutions (`SpectralConv1d`, `SpectralConv2d`, `SpectralConv3d`) and the batched ensemble
 all use them.
 
 Each spectral class names its plain twin and the functional that computes it (`plain`, `functional`); `SPECTRAL_LAYERS`
 lists the classes, and everything that maps plain layers to spectral ones (`spectral_twin`, `PLAIN_LAYERS`) is derived
-from it: a new layer type is one class here and its entry in `SPECTRAL_LAYERS`.
+from it: a new layer type is one class here and its entry in `SPECTRAL_LAYERS`. A depthwise convolution is made as a
+subclass of its convolution (`DEPTHWISE_LAYERS`), a type of its own for Torch-Pruning.
 """
 
 from __future__ import annotations
@@ -23,21 +25,32 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def eigen_gap(lam_in: torch.Tensor, lam_out: torch.Tensor, kernel_dims: int = 0) -> torch.Tensor:
-    """lam_in_i - lam_out_o, shaped [..., n_out, n_in, 1...] (`kernel_dims` ones) to multiply phi: d w / d phi."""
+def eigen_gap(lam_in: torch.Tensor, lam_out: torch.Tensor, kernel_dims: int = 0, groups: int = 1) -> torch.Tensor:
+    """lam_in_i - lam_out_o, shaped [..., n_out, n_in, 1...] (`kernel_dims` ones) to multiply phi: d w / d phi.
+
+    With `groups` > 1 (a grouped convolution, phi [..., n_out, n_in / groups, *kernel]) output o belongs to group
+    g = o // (n_out / groups) and sees only its group's inputs: entry [o, j] is lam_in[g * n_in / groups + j] - lam_out_o.
+    """
     tail = (1,) * kernel_dims
+    if groups != 1:
+        per_out = lam_in.reshape(*lam_in.shape[:-1], groups, lam_in.shape[-1] // groups)
+        per_out = per_out.repeat_interleave(lam_out.shape[-1] // groups, dim=-2)  # [..., n_out, n_in / groups]
+        return per_out.reshape(*per_out.shape, *tail) - lam_out.reshape(*lam_out.shape, 1, *tail)
     lam_in = lam_in.reshape(*lam_in.shape[:-1], 1, lam_in.shape[-1], *tail)
     lam_out = lam_out.reshape(*lam_out.shape[:-1], lam_out.shape[-1], 1, *tail)
     return lam_in - lam_out
 
 
-def spectral_weight(phi: torch.Tensor, lam_in: torch.Tensor, lam_out: torch.Tensor, kernel_dims: int = 0) -> torch.Tensor:
+def spectral_weight(phi: torch.Tensor, lam_in: torch.Tensor, lam_out: torch.Tensor, kernel_dims: int = 0,
+                    groups: int = 1) -> torch.Tensor:
     """Direct-space weight w[..., o, i, k...] = (lam_in_i - lam_out_o) * phi[..., o, i, k...].
 
     Shapes: phi [..., n_out, n_in, *kernel] with `kernel_dims` trailing kernel dimensions (0 for a dense
-    layer), lam_in [..., n_in], lam_out [..., n_out]; leading dims broadcast.
+    layer), lam_in [..., n_in], lam_out [..., n_out]; leading dims broadcast. A grouped convolution (`groups` > 1)
+    has phi [..., n_out, n_in / groups, *kernel] and w[o, j] = (lam_in[g * n_in / groups + j] - lam_out_o) * phi[o, j]
+    with g = o // (n_out / groups), its output's group (see `eigen_gap`).
     """
-    return eigen_gap(lam_in, lam_out, kernel_dims) * phi
+    return eigen_gap(lam_in, lam_out, kernel_dims, groups) * phi
 
 
 def glorot_uniform_(tensor: torch.Tensor, generator: torch.Generator | None = None, kernel_dims: int = 0) -> torch.Tensor:
@@ -162,6 +175,7 @@ class SpectralModule(nn.Module):
     plain: ClassVar[type[nn.Module]]
     functional: ClassVar[Callable[..., torch.Tensor]]
     kernel_dims: ClassVar[int] = 0
+    groups: int = 1
     phi: nn.Parameter
     lam_in: nn.Parameter
     lam_out: nn.Parameter
@@ -175,13 +189,14 @@ class SpectralModule(nn.Module):
     ) -> None:
         """The parameters and coefficients; its keyword arguments are every spectral layer's options (the paper's
         defaults: lam_in = 0 frozen, lam_out = 1 trainable, phi Glorot uniform from `generator`, no bias,
-        L2 0.01 on phi and 5e-4 on lam, no sparsity terms)."""
+        L2 0.01 on phi and 5e-4 on lam, no sparsity terms). A grouped convolution (`self.groups` > 1, set before) has phi
+        [n_out, n_in / groups, *kernel] and still one lam_in per input channel."""
         kw = {"dtype": dtype or torch.get_default_dtype(), "device": device}
         self.l2_phi = float(l2_phi)
         self.l2_lam = float(l2_lam)
         self.l1_lam = float(l1_lam)
         self.group_lasso = float(group_lasso)
-        phi = glorot_uniform_(torch.empty(n_out, n_in, *kernel, **kw), generator, self.kernel_dims)
+        phi = glorot_uniform_(torch.empty(n_out, n_in // self.groups, *kernel, **kw), generator, self.kernel_dims)
         self.phi = nn.Parameter(phi, train_phi)
         self.lam_in = nn.Parameter(torch.full((n_in,), float(lam_in_init), **kw), train_lam_in)
         self.lam_out = nn.Parameter(torch.full((n_out,), float(lam_out_init), **kw), train_lam_out)
@@ -189,8 +204,8 @@ class SpectralModule(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The direct-space weight [out, in, *kernel] (see `spectral_weight`)."""
-        return spectral_weight(self.phi, self.lam_in, self.lam_out, self.kernel_dims)
+        """The direct-space weight [out, in / groups, *kernel] (see `spectral_weight`)."""
+        return spectral_weight(self.phi, self.lam_in, self.lam_out, self.kernel_dims, self.groups)
 
     @property
     def terms(self) -> tuple[bool, bool, bool, bool]:
@@ -327,13 +342,29 @@ def _tuple(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * n
 
 
+def _depthwise_shape(in_channels: Any = 0, out_channels: Any = 0, kernel_size: Any = 0, stride: Any = 1, padding: Any = 0,
+                     dilation: Any = 1, groups: Any = 1, **options: Any) -> bool:
+    """Whether a convolution's constructor arguments make a depthwise one: groups == in_channels == out_channels > 1."""
+    return isinstance(groups, int) and groups > 1 and groups == in_channels == out_channels
+
+
 class _SpectralConvNd(SpectralModule):
     """A convolution trained in the spectral domain: one lam_out per output channel, one lam_in per input channel.
 
-    w[o, i, ...] = (lam_in_i - lam_out_o) * phi[o, i, ...]; phi [out, in, *kernel_size]. Same flags,
-    defaults and penalty as `SpectralLinear`. Only `groups=1` and zero padding (the `nn.ConvNd` defaults).
-    A subclass sets `kernel_dims`, `plain` and `functional`.
+    w[o, i, ...] = (lam_in_i - lam_out_o) * phi[o, i, ...]; phi [out, in / groups, *kernel_size]. Same flags,
+    defaults and penalty as `SpectralLinear`. Any `groups` (output o of group g = o // (out / groups) reads the
+    inputs g * in / groups + j: w[o, j] = (lam_in[g * in / groups + j] - lam_out_o) * phi[o, j]); only zero padding.
+    A depthwise one (groups == in == out > 1) is made as the depthwise subclass (`SpectralDepthwiseConv2d` etc.), its
+    own type so that Torch-Pruning couples its input and output channels. A subclass sets `kernel_dims`, `plain`
+    and `functional`.
     """
+
+    depthwise: ClassVar[bool] = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _SpectralConvNd:
+        if cls in _DEPTHWISE and _depthwise_shape(*args, **kwargs):
+            cls = _DEPTHWISE[cls]
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -343,6 +374,7 @@ class _SpectralConvNd(SpectralModule):
         stride: int | tuple[int, ...] = 1,
         padding: int | str | tuple[int, ...] = 0,
         dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -350,41 +382,48 @@ class _SpectralConvNd(SpectralModule):
         name = type(self).__name__
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"{name} channels must be positive integers, got {in_channels}x{out_channels}")
+        if not isinstance(groups, int) or groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"{name} groups must be a positive integer dividing in_channels and out_channels "
+                             f"({in_channels}x{out_channels}), got {groups!r}")
+        if self.depthwise and not groups == in_channels == out_channels:
+            raise ValueError(f"{name} needs groups == in_channels == out_channels, got groups={groups} for "
+                             f"{in_channels}x{out_channels}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _tuple(kernel_size, n)
         self.stride = _tuple(stride, n)
         self.padding = padding if isinstance(padding, str) else _tuple(padding, n)
         self.dilation = _tuple(dilation, n)
+        self.groups = groups
         if len(self.kernel_size) != n or min(self.kernel_size) < 1:
             raise ValueError(f"{name} kernel_size must be {n} positive integers, got {kernel_size!r}")
         self._init_spectral(in_channels, out_channels, self.kernel_size, **options)
 
     @classmethod
     def _shape(cls, layer: nn.Module) -> tuple:
-        return layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        return (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                layer.groups)
 
     def _functional_args(self) -> tuple:
-        return self.stride, self.padding, self.dilation
+        return self.stride, self.padding, self.dilation, self.groups
 
     @classmethod
     def unsupported(cls, layer: nn.Module) -> str | None:
         if (why := super().unsupported(layer)) is not None:
             return why
-        if layer.groups != 1:
-            return f"groups={layer.groups} (only groups=1 is supported)"
         if layer.padding_mode != "zeros":
             return f"padding_mode={layer.padding_mode!r} (only 'zeros' is supported)"
         return None
 
     def extra_repr(self) -> str:
         trains = "+".join(self.trainable_parts()) or "nothing"
+        groups = f", groups={self.groups}" if self.groups != 1 else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, trains={trains}")
+                f"padding={self.padding}, dilation={self.dilation}{groups}, bias={self.bias is not None}, trains={trains}")
 
 
 class SpectralConv1d(_SpectralConvNd):
-    """Spectral `nn.Conv1d` (see `_SpectralConvNd`): phi [out, in, k]."""
+    """Spectral `nn.Conv1d` (see `_SpectralConvNd`): phi [out, in / groups, k]."""
 
     kernel_dims = 1
     plain = nn.Conv1d
@@ -392,7 +431,7 @@ class SpectralConv1d(_SpectralConvNd):
 
 
 class SpectralConv2d(_SpectralConvNd):
-    """Spectral `nn.Conv2d` (see `_SpectralConvNd`): phi [out, in, kh, kw]."""
+    """Spectral `nn.Conv2d` (see `_SpectralConvNd`): phi [out, in / groups, kh, kw]."""
 
     kernel_dims = 2
     plain = nn.Conv2d
@@ -400,11 +439,39 @@ class SpectralConv2d(_SpectralConvNd):
 
 
 class SpectralConv3d(_SpectralConvNd):
-    """Spectral `nn.Conv3d` (see `_SpectralConvNd`): phi [out, in, kd, kh, kw]."""
+    """Spectral `nn.Conv3d` (see `_SpectralConvNd`): phi [out, in / groups, kd, kh, kw]."""
 
     kernel_dims = 3
     plain = nn.Conv3d
     functional = F.conv3d
+
+
+class SpectralDepthwiseConv1d(SpectralConv1d):
+    """A depthwise `SpectralConv1d` (groups == in_channels == out_channels; what `SpectralConv1d(C, C, k, groups=C)`
+    makes for C > 1): phi [C, 1, k], w[c] = (lam_in_c - lam_out_c) * phi[c]. Torch-Pruning removes its channel c as
+    input and output together (`pruning.graph.SPECTRAL_PRUNERS`), as for a depthwise `nn.Conv1d`."""
+
+    depthwise = True
+
+
+class SpectralDepthwiseConv2d(SpectralConv2d):
+    """A depthwise `SpectralConv2d` (groups == in_channels == out_channels), as `SpectralDepthwiseConv1d`."""
+
+    depthwise = True
+
+
+class SpectralDepthwiseConv3d(SpectralConv3d):
+    """A depthwise `SpectralConv3d` (groups == in_channels == out_channels), as `SpectralDepthwiseConv1d`."""
+
+    depthwise = True
+
+
+_DEPTHWISE: dict[type[_SpectralConvNd], type[_SpectralConvNd]] = {
+    SpectralConv1d: SpectralDepthwiseConv1d, SpectralConv2d: SpectralDepthwiseConv2d, SpectralConv3d: SpectralDepthwiseConv3d}
+
+DEPTHWISE_LAYERS: tuple[type[SpectralModule], ...] = tuple(_DEPTHWISE.values())
+"""The depthwise spectral convolutions (subclasses of `SPECTRAL_LAYERS`' convolutions, not listed there: they are not the
+twin of a plain type)."""
 
 
 SPECTRAL_LAYERS: tuple[type[SpectralModule], ...] = (SpectralLinear, SpectralConv1d, SpectralConv2d, SpectralConv3d)

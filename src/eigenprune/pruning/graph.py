@@ -36,7 +36,7 @@ from torch_pruning import ops
 
 from eigenprune.core.convert import despectralize
 from eigenprune.core.io import first_line
-from eigenprune.core.layers import PLAIN_LAYERS, SPECTRAL_LAYERS, SpectralModule, plain_names
+from eigenprune.core.layers import DEPTHWISE_LAYERS, PLAIN_LAYERS, SPECTRAL_LAYERS, SpectralModule, plain_names
 from eigenprune.core.structure import input_tuple
 from eigenprune.pruning.importance import node_importance, normalize
 from eigenprune.pruning.keep import KeepLike, PruneError, check_finite, count_to_keep, parse_keep, top_k_mask
@@ -45,10 +45,27 @@ Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 LayerRef = Union[nn.Module, str]
 
 
-class SpectralPruner(tp.pruner.function.BasePruningFunc):
-    """Torch-Pruning pruner for every spectral layer (`SPECTRAL_LAYERS`).
+def _even_per_group(layer: SpectralModule, n: int, idxs: Sequence[int], what: str) -> list[list[int]]:
+    """The kept indices within each of `layer`'s groups (of n // groups channels) when `idxs` (of n) go; a PruneError
+    unless every group loses as many as the others (else the groups would differ in size, which a convolution cannot)."""
+    groups = layer.groups
+    size = n // groups
+    drop = set(int(i) for i in idxs)
+    kept = [[j for j in range(size) if g * size + j not in drop] for g in range(groups)]
+    if len({len(k) for k in kept}) > 1:
+        lost = [size - len(k) for k in kept]
+        raise PruneError(f"cannot remove {what} channels {sorted(drop)} of {type(layer).__name__} with groups={groups} "
+                         f"({size} per group): every group must lose as many as the others, they would lose {lost}")
+    return kept
 
-    Output channel o is phi[o], lam_out[o], bias[o]; input channel i is phi[:, i] and lam_in[i].
+
+class SpectralPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning pruner for every spectral layer (`SPECTRAL_LAYERS`) but the depthwise convolutions.
+
+    Output channel o is phi[o], lam_out[o], bias[o]; input channel i is lam_in[i] and phi[:, i], or in a grouped
+    convolution (groups > 1) phi[o, j] for the outputs o of its group g, i = g * in / groups + j. A grouped
+    convolution must lose as many channels in each group as in the others (Torch-Pruning's pruners ask for that
+    through `get_in_channel_groups`/`get_out_channel_groups`, as for a grouped `nn.Conv2d`); a PruneError otherwise.
     Pass `SPECTRAL_PRUNERS` as `customized_pruners` to any Torch-Pruning pruner or DependencyGraph.
     """
 
@@ -65,6 +82,7 @@ class SpectralPruner(tp.pruner.function.BasePruningFunc):
         setattr(layer, name, nn.Parameter(value.contiguous(), old.requires_grad))
 
     def prune_out_channels(self, layer: SpectralModule, idxs: Sequence[int]) -> nn.Module:
+        _even_per_group(layer, layer.phi.shape[0], idxs, "output")
         keep = self._keep(layer.phi.shape[0], idxs)
         self._set(layer, "phi", layer.phi.data[keep])
         self._set(layer, "lam_out", layer.lam_out.data[keep])
@@ -74,22 +92,55 @@ class SpectralPruner(tp.pruner.function.BasePruningFunc):
         return layer
 
     def prune_in_channels(self, layer: SpectralModule, idxs: Sequence[int]) -> nn.Module:
-        keep = self._keep(layer.phi.shape[1], idxs)
-        self._set(layer, "phi", layer.phi.data[:, keep])
-        self._set(layer, "lam_in", layer.lam_in.data[keep])
-        setattr(layer, "in_features" if hasattr(layer, "in_features") else "in_channels", len(keep))
+        kept = _even_per_group(layer, layer.lam_in.shape[0], idxs, "input")
+        rows = layer.phi.shape[0] // layer.groups  # output channels per group
+        self._set(layer, "phi", torch.cat([layer.phi.data[g * rows : (g + 1) * rows][:, k] for g, k in enumerate(kept)]))
+        self._set(layer, "lam_in", layer.lam_in.data[self._keep(layer.lam_in.shape[0], idxs)])
+        setattr(layer, "in_features" if hasattr(layer, "in_features") else "in_channels", layer.lam_in.shape[0])
         return layer
 
     def get_out_channels(self, layer: SpectralModule) -> int:
         return layer.phi.shape[0]
 
     def get_in_channels(self, layer: SpectralModule) -> int:
-        return layer.phi.shape[1]
+        return layer.lam_in.shape[0]
+
+    def get_in_channel_groups(self, layer: SpectralModule) -> int:
+        return layer.groups
+
+    def get_out_channel_groups(self, layer: SpectralModule) -> int:
+        return layer.groups
+
+
+class SpectralDepthwisePruner(SpectralPruner):
+    """Torch-Pruning pruner for the depthwise spectral convolutions (`DEPTHWISE_LAYERS`), as its `DepthwiseConvPruner`
+    for a depthwise `nn.Conv2d`: channel c is input and output at once (phi[c], lam_in[c], lam_out[c], bias[c]), so
+    pruning one prunes the other (`prune_in_channels` is `prune_out_channels`: Torch-Pruning's sign of an intra-layer
+    dependency) and groups shrinks with the channels. Channel groups 1: every channel is a group of its own."""
+
+    TARGET_MODULES = DEPTHWISE_LAYERS
+
+    def prune_out_channels(self, layer: SpectralModule, idxs: Sequence[int]) -> nn.Module:
+        keep = self._keep(layer.phi.shape[0], idxs)
+        for name in ("phi", "lam_in", "lam_out", *(["bias"] if layer.bias is not None else [])):
+            self._set(layer, name, getattr(layer, name).data[keep])
+        layer.in_channels = layer.out_channels = layer.groups = len(keep)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_in_channel_groups(self, layer: SpectralModule) -> int:
+        return 1
+
+    def get_out_channel_groups(self, layer: SpectralModule) -> int:
+        return 1
 
 
 SPECTRAL_PRUNER = SpectralPruner()
-SPECTRAL_PRUNERS: dict[type[nn.Module], tp.pruner.function.BasePruningFunc] = {cls: SPECTRAL_PRUNER for cls in SPECTRAL_LAYERS}
-"""`customized_pruners` for Torch-Pruning: {spectral layer type: pruner}."""
+SPECTRAL_DEPTHWISE_PRUNER = SpectralDepthwisePruner()
+SPECTRAL_PRUNERS: dict[type[nn.Module], tp.pruner.function.BasePruningFunc] = {
+    **{cls: SPECTRAL_PRUNER for cls in SPECTRAL_LAYERS}, **{cls: SPECTRAL_DEPTHWISE_PRUNER for cls in DEPTHWISE_LAYERS}}
+"""`customized_pruners` for Torch-Pruning: {spectral layer type: pruner} (Torch-Pruning picks a pruner by exact type)."""
 
 
 class RMSNormPruner(tp.pruner.function.BasePruningFunc):
@@ -360,7 +411,7 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
                 why = "its channels are model outputs"
             elif _is_out(group, item.dep) and any(mname == i or mname.startswith(i + ".") for i in ignored):
                 why = f"{other} in ignored_layers"
-            elif isinstance(mod, PLAIN_LAYERS) and getattr(mod, "groups", 1) != 1:
+            elif isinstance(mod, _WEIGHTED) and getattr(mod, "groups", 1) != 1:
                 why = f"{other} a grouped convolution (groups={mod.groups})"
             elif not exact and _inexact_kind(mod):
                 through.append(_inexact_kind(mod) + ("" if isinstance(mod, ops._ElementWiseOp) else f" {mname}"))
@@ -492,11 +543,15 @@ def _whole_positions(chosen: torch.Tensor, blocks: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _zero(layer: nn.Module, idxs: list[int], out: bool) -> None:
-    if isinstance(layer, SpectralModule):
+    if isinstance(layer, SpectralModule):  # a grouped one's input i = g * size + j is phi[o, j] for the outputs o of group g
+        out = out or getattr(layer, "depthwise", False)  # a depthwise one's input c is its output c
         if out:
             layer.phi[idxs] = 0
         else:
-            layer.phi[:, idxs] = 0
+            size, rows = layer.lam_in.shape[0] // layer.groups, layer.phi.shape[0] // layer.groups
+            cut = torch.zeros(layer.groups, size, dtype=torch.bool, device=layer.phi.device)
+            cut.view(-1)[idxs] = True  # [group, j]
+            layer.phi[cut.repeat_interleave(rows, dim=0)] = 0
     elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
         if layer.affine:
             layer.weight[idxs] = 0

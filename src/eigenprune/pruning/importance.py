@@ -6,7 +6,8 @@ ordinary layer (or one whose lam_out is frozen at 1) it is the direct score M_i 
 actual weights keeps it exact when lam_in trains: a node with lam_out_i = 0 still has weights lam_in * phi_i.
 
 All functions accept a single layer ([O, I] tensors) or a stacked one ([S, O, I]). For a convolution a node is
-an output channel and its incoming weights are all its kernel entries (`node_importance` flattens them).
+an output channel and its incoming weights are all its kernel entries (`node_importance` flattens them); in a grouped
+one, those from its group's inputs (weight [O, I / groups, *kernel], each with its own lam_in: `spectral_weight`).
 """
 
 from __future__ import annotations
