@@ -87,6 +87,25 @@ def test_real_models_benchmark_quick_form(tmp_path):
     assert "| cnn-bn | spectral + eigenprune (ours) |" in proc.stdout
 
 
+def test_prune_speed_benchmark_quick_form(tmp_path):
+    """The --quick form of benchmarks/bench_prune_speed.py: every model, the five timings, the table (no time limit here)."""
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_prune_speed.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["quick"] and result["torch_pruning"] and result["date"]
+    assert [r["model"] for r in result["rows"]] == ["resnet18", "resnet50", "mobilenetv2"]
+    for r in result["rows"]:
+        assert set(r["seconds"]) == {"tp", "tp+copy", "tp eigen", "ours", "ours inplace"}
+        assert all(len(v) == 1 and v[0] > 0 for v in r["seconds"].values())
+        assert r["ratio"] == pytest.approx(r["median"]["ours"] / r["median"]["tp+copy"])
+        assert all(0 < k < r["params"] for k in r["kept_params"].values())
+        if r["model"].startswith("resnet"):  # no depthwise groups: both prune the same channels' worth
+            assert abs(r["kept_params"]["ours"] - r["kept_params"]["tp"]) <= 0.02 * r["params"]
+    assert "| resnet50 |" in proc.stdout and "target ratio <= 1.2:" in proc.stdout
+
+
 def test_alternate_runs_both_versions_in_turn(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text("name: tiny\ntrials: 1\ndata: {n_train: 200, n_test: 100}\nstudent: {widths: [10]}\n"

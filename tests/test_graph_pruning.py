@@ -289,3 +289,85 @@ def test_the_graph_path_refuses_a_diverged_model_or_nan_inputs():
         next(m for m in model.modules() if isinstance(m, SpectralModule)).phi[0, 0] = float("inf")
     with pytest.raises(PruneError, match="NaN/inf"):
         prune_nodes(model, 0.5, example_inputs=x)
+
+
+# --- one trace, at most one copy (issue #24 item 5; the times are in benchmarks/bench_prune_speed.py) ---------
+
+
+def _count_traces_and_copies(monkeypatch, model):
+    """Counters of `model`'s forward calls (its copies share the hook) and of graph.py's deep copies."""
+    import types
+
+    from eigenprune.pruning import graph
+
+    counts = {"forward": 0, "copy": 0}
+    model.register_forward_pre_hook(lambda m, args: counts.__setitem__("forward", counts["forward"] + 1))
+
+    def deepcopy(obj, *args):
+        counts["copy"] += 1
+        return copy.deepcopy(obj, *args)
+
+    monkeypatch.setattr(graph, "copy", types.SimpleNamespace(deepcopy=deepcopy))
+    return counts
+
+
+@pytest.mark.parametrize("how", ["default", "inplace", "select", "plan", "mask"])
+def test_one_call_runs_one_forward_and_copies_at_most_once(monkeypatch, how):
+    model, x = _spectral("cnn")
+    plan = select_channels(model, 0.5, x)
+    counts = _count_traces_and_copies(monkeypatch, model)
+    calls = {"default": lambda: prune_nodes(model, 0.5, example_inputs=x),
+             "inplace": lambda: prune_nodes(model, 0.5, example_inputs=x, inplace=True),
+             "select": lambda: select_channels(model, 0.5, x),
+             "plan": lambda: prune_graph(model, plan, x),
+             "mask": lambda: mask_graph(model, plan, x)}
+    calls[how]()
+    assert counts == {"forward": 1, "copy": 0 if how == "inplace" else 1}
+
+
+def test_inplace_refusals_leave_the_model_and_its_mode_alone():
+    model, x = _spectral("cnn")
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    for kwargs, pattern in [(dict(keep=0), "keep must be a count"), (dict(keep={"head": 2}), "not a prunable layer"),
+                            (dict(keep=2, example_inputs=torch.randn(4, 3, 8, 8, dtype=torch.float64)), "do not fit CNN")]:
+        kwargs.setdefault("example_inputs", x)
+        with pytest.raises(PruneError, match=pattern):
+            prune_nodes(model, inplace=True, **kwargs)
+        assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and model.c1.out_channels == 8
+
+
+def test_pruning_under_no_grad_traces_with_grad_on():
+    model, x = _spectral("cnn")
+    with torch.no_grad():
+        pruned = prune_nodes(model, 2, example_inputs=x)
+    assert pruned.c1.out_channels == 2
+
+
+def test_a_gradient_importance_reads_the_models_gradients_and_the_copy_keeps_none():
+    torch.manual_seed(0)
+    model = CNN().double().eval()
+    x = torch.randn(4, *MODELS["cnn"][1][1:], dtype=torch.float64)
+    model(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    plan = select_channels(model, 0.5, x, importance=tp.importance.TaylorImportance())
+    eigen = select_channels(model, 0.5, x)
+    assert any(not torch.equal(plan.kept[n], eigen.kept[n]) for n in plan.kept)  # the gradients changed the ranking
+    pruned = prune_nodes(model, 0.5, example_inputs=x, importance=tp.importance.TaylorImportance(), keep_spectral=True)
+    torch.testing.assert_close(pruned(x), prune_graph(model, plan, x, keep_spectral=True)(x))
+    assert all(p.grad is None for p in pruned.parameters())
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+
+
+def test_the_finite_check_tells_an_overflowing_sum_from_a_nan():
+    from eigenprune.pruning.keep import check_finite
+
+    big = nn.Linear(4, 4)
+    with torch.no_grad():
+        big.weight.fill_(3e38)  # finite, though its sum overflows
+    check_finite(big)
+    with torch.no_grad():
+        big.weight[0, 0], big.weight[0, 1] = float("inf"), -float("inf")
+    with pytest.raises(PruneError, match="the model's weight holds 2 NaN/inf"):
+        check_finite(big)

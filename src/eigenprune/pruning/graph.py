@@ -311,30 +311,44 @@ def _shapes(inputs: tuple[torch.Tensor, ...]) -> str:
     return ", ".join(str(list(t.shape)) for t in inputs)
 
 
-def _check_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """One line naming the model and the inputs if `model(*inputs)` fails or has no autograd graph."""
-    name = type(model).__name__
-    training = model.training
-    calls: dict[str, int] = {}
-    weighted = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.__setitem__(n, calls.get(n, 0) + 1)) for n, m in weighted]
-    try:
-        with torch.enable_grad():
-            out = model.eval()(*inputs)  # eval: a check must not move BatchNorm statistics
-    except Exception as err:  # noqa: BLE001 - any failure means these inputs do not fit this model
-        raise PruneError(f"example_inputs of shape {_shapes(inputs)} do not fit {name}: {type(err).__name__}: {first_line(err)}") from None
-    finally:
-        model.train(training)
-        for handle in handles:
-            handle.remove()
-    shared = [(n, k) for n, k in calls.items() if k > 1]
-    if shared:
-        raise PruneError(f"cannot prune {name}: its layer {shared[0][0]} is called {shared[0][1]} times in one forward pass (a shared "
-                         "layer), and one set of channels cannot fit every place it is used; give each use a layer of its own")
-    tensors = [t for t in tp.utils.flatten_as_list(out) if isinstance(t, torch.Tensor)]
-    if not tensors or all(t.grad_fn is None for t in tensors):
-        raise PruneError(f"cannot trace {name}: its output on example_inputs has no autograd graph "
-                         "(forward runs under no_grad or returns no tensor), so Torch-Pruning cannot follow it")
+def _checked_forward(inputs: tuple[torch.Tensor, ...], dg: tp.DependencyGraph, ignored: set[str] | None):
+    """The `forward_fn` for Torch-Pruning's trace, so that the one traced forward also runs eigenprune's checks.
+
+    In this order, each one line naming the model: `model(*inputs)` fails; a layer with parameters is called more
+    than once (a shared layer); the output has no autograd graph; a module no pruner handles is not under `ignored`
+    (None: no check). Torch-Pruning calls it in eval mode (a check must not move BatchNorm statistics).
+    """
+    def forward(model: nn.Module, _inputs: object) -> object:
+        name = type(model).__name__
+        calls: dict[str, int] = {}
+        weighted = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.__setitem__(n, calls.get(n, 0) + 1)) for n, m in weighted]
+        try:
+            out = model(*inputs)
+        except Exception as err:  # noqa: BLE001 - any failure means these inputs do not fit this model
+            raise PruneError(f"example_inputs of shape {_shapes(inputs)} do not fit {name}: "
+                             f"{type(err).__name__}: {first_line(err)}") from None
+        finally:
+            for handle in handles:
+                handle.remove()
+        shared = [(n, k) for n, k in calls.items() if k > 1]
+        if shared:
+            raise PruneError(f"cannot prune {name}: its layer {shared[0][0]} is called {shared[0][1]} times in one forward pass (a shared "
+                             "layer), and one set of channels cannot fit every place it is used; give each use a layer of its own")
+        tensors = [t for t in tp.utils.flatten_as_list(out) if isinstance(t, torch.Tensor)]
+        if not tensors or all(t.grad_fn is None for t in tensors):
+            raise PruneError(f"cannot trace {name}: its output on example_inputs has no autograd graph "
+                             "(forward runs under no_grad or returns no tensor), so Torch-Pruning cannot follow it")
+        bad = [] if ignored is None else [
+            (n, m) for n, m in _unsupported_modules(model, dg) if not any(n == i or n.startswith(i + ".") for i in ignored)]
+        if bad:
+            where, m = bad[0]
+            raise PruneError(f"cannot prune through {where} ({type(m).__name__}): Torch-Pruning has no pruner for it; supported: "
+                             "Linear, Conv, BatchNorm, LayerNorm, RMSNorm, MultiheadAttention, spectral layers and parameter-free "
+                             "operations; "
+                             "pass it in ignored_layers to leave its channels alone")
+        return out
+    return forward
 
 
 def _resolve(model: nn.Module, refs: Sequence[LayerRef] | None, names_of_original: dict[int, str]) -> set[str]:
@@ -364,23 +378,26 @@ def _unsupported_modules(model: nn.Module, dg: tp.DependencyGraph) -> list[tuple
 
 
 def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], ignored: set[str] | None) -> tp.DependencyGraph:
-    """The dependency graph of `model`; refuses modules no pruner handles unless under `ignored` (None: no check)."""
-    _check_forward(model, inputs)
+    """The dependency graph of `model`, from one traced forward that also runs `_checked_forward`'s checks.
+
+    `ignored`: layer names whose unsupported modules are allowed (None: no such check). `model`'s train/eval mode is
+    restored, also when a check fails.
+    """
     dg = tp.DependencyGraph()
     customized = {**SPECTRAL_PRUNERS, **{type(m): RMSNORM_PRUNER for m in model.modules() if is_rmsnorm(m)}}
     for cls, pruner in customized.items():
         dg.register_customized_layer(cls, pruner)
-    bad = [] if ignored is None else [
-        (n, m) for n, m in _unsupported_modules(model, dg) if not any(n == i or n.startswith(i + ".") for i in ignored)]
-    if bad:
-        name, m = bad[0]
-        raise PruneError(f"cannot prune through {name} ({type(m).__name__}): Torch-Pruning has no pruner for it; supported: "
-                         "Linear, Conv, BatchNorm, LayerNorm, RMSNorm, MultiheadAttention, spectral layers and parameter-free operations; "
-                         "pass it in ignored_layers to leave its channels alone")
+    training = model.training
     try:
-        return dg.build_dependency(model, example_inputs=inputs, customized_pruners=customized, verbose=False)
+        with torch.enable_grad():  # Torch-Pruning follows the autograd graph
+            return dg.build_dependency(model, example_inputs=inputs, forward_fn=_checked_forward(inputs, dg, ignored),
+                                       customized_pruners=customized, verbose=False)
+    except PruneError:
+        raise
     except Exception as err:  # noqa: BLE001 - Torch-Pruning raises many kinds; all mean "cannot trace"
         raise PruneError(f"Torch-Pruning could not trace {type(model).__name__}: {type(err).__name__}: {err}") from None
+    finally:
+        model.train(training)  # Torch-Pruning's tracing switches to eval mode
 
 
 def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: ChannelPlan, exact: bool = True) -> dict[str, object]:
@@ -439,33 +456,30 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
     return groups
 
 
-def select_channels(
-    model: nn.Module, keep: KeepLike | dict[str, KeepLike], example_inputs: Inputs, *,
-    importance: tp.importance.Importance | None = None, global_ranking: bool = False,
-    ignored_layers: Sequence[LayerRef] | None = None, exact: bool = True,
-) -> ChannelPlan:
-    """Which output channels of each prunable group to keep (`model` is not modified).
-
-    `importance`: any Torch-Pruning `Importance` (default `EigenImportance`; gradient-based ones such as
-    `TaylorImportance` read the gradients already in `model`'s parameters). The scores are kept in
-    the plan (`plan.scores`), so `choose_channels(plan, other_keep)` re-decides without re-scoring.
-    `keep` and `global_ranking`: see `choose_channels`. `exact` (default True): only groups whose
-    pruned model equals `mask_graph`'s; False also prunes groups through LayerNorm, GroupNorm,
-    RMSNorm-style modules and nn.MultiheadAttention (the network without those channels, each norm
-    recomputed over the kept ones; listed in `plan.inexact`). Channels split into attention heads or
-    GroupNorm groups score by position (the norm over the blocks) so every block keeps the same positions.
-    """
-    if not isinstance(exact, bool):
-        raise PruneError(f"exact must be True or False, got {exact!r}")
+def _refuse_scripted(model: nn.Module) -> None:
     scripted = next((n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
     if scripted is not None:
         raise PruneError(f"cannot prune {type(model).__name__}: {scripted or 'the model'} is a TorchScript module (torch.jit.script "
                          "or trace), which Torch-Pruning can neither trace nor cut; prune the Python module, then script it")
+
+
+def _copy_with_grads(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters carry copies of `model`'s gradients (Taylor-like importances read .grad)."""
     work = copy.deepcopy(model)
-    for p, q in zip(model.parameters(), work.parameters()):  # gradient-based importances (Taylor) read .grad
+    for p, q in zip(model.parameters(), work.parameters()):
         if p.grad is not None:
             q.grad = p.grad.detach().clone()
-    inputs = input_tuple(example_inputs, PruneError)
+    return work
+
+
+def _plan(
+    model: nn.Module, work: nn.Module, keep: KeepLike | dict[str, KeepLike], inputs: tuple[torch.Tensor, ...],
+    importance: tp.importance.Importance | None, global_ranking: bool, ignored_layers: Sequence[LayerRef] | None,
+    exact: bool = True,
+) -> tuple[ChannelPlan, tp.DependencyGraph]:
+    """The plan for `model`, scored on `work` (`model` itself or its copy) from one trace; that graph, to cut `work` with."""
+    if not isinstance(exact, bool):
+        raise PruneError(f"exact must be True or False, got {exact!r}")
     check_finite(model, *inputs)  # a diverged model (or NaN inputs) would rank garbage
     names_of_original = {id(m): n for n, m in model.named_modules()}
     ignored = _resolve(work, ignored_layers, names_of_original)
@@ -483,7 +497,28 @@ def select_channels(
         s = s.detach().flatten().double().cpu()
         blocks = plan.blocks.get(name, 1)  # one score per position, the norm over the blocks (heads) that share it
         plan.scores[name] = s.view(blocks, -1).norm(dim=0).repeat(blocks) if blocks > 1 else s
-    return choose_channels(plan, keep, global_ranking=global_ranking)
+    return choose_channels(plan, keep, global_ranking=global_ranking), dg
+
+
+def select_channels(
+    model: nn.Module, keep: KeepLike | dict[str, KeepLike], example_inputs: Inputs, *,
+    importance: tp.importance.Importance | None = None, global_ranking: bool = False,
+    ignored_layers: Sequence[LayerRef] | None = None, exact: bool = True,
+) -> ChannelPlan:
+    """Which output channels of each prunable group to keep (`model` is not modified: it is traced on a copy).
+
+    `importance`: any Torch-Pruning `Importance` (default `EigenImportance`; gradient-based ones such as
+    `TaylorImportance` read the gradients already in `model`'s parameters). The scores are kept in
+    the plan (`plan.scores`), so `choose_channels(plan, other_keep)` re-decides without re-scoring.
+    `keep` and `global_ranking`: see `choose_channels`. `exact` (default True): only groups whose
+    pruned model equals `mask_graph`'s; False also prunes groups through LayerNorm, GroupNorm,
+    RMSNorm-style modules and nn.MultiheadAttention (the network without those channels, each norm
+    recomputed over the kept ones; listed in `plan.inexact`). Channels split into attention heads or
+    GroupNorm groups score by position (the norm over the blocks) so every block keeps the same positions.
+    """
+    _refuse_scripted(model)
+    inputs = input_tuple(example_inputs, PruneError)
+    return _plan(model, _copy_with_grads(model), keep, inputs, importance, global_ranking, ignored_layers, exact)[0]
 
 
 def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, global_ranking: bool = False) -> ChannelPlan:
@@ -563,18 +598,27 @@ def _zero(layer: nn.Module, idxs: list[int], out: bool) -> None:
         layer.bias[idxs] = 0
 
 
-def _apply(model: nn.Module, plan: ChannelPlan, inputs: tuple[torch.Tensor, ...], mask: bool) -> nn.Module:
-    training = model.training
-    dg = _build(model, inputs, None)
+def _apply(model: nn.Module, plan: ChannelPlan, inputs: tuple[torch.Tensor, ...], mask: bool,
+           dg: tp.DependencyGraph | None = None) -> nn.Module:
+    """Cut (or, with `mask`, zero) the channels `plan` drops, in place, on `dg` (the graph of `model`; None: trace it).
+
+    Every group's width is checked against the plan before anything changes. Each group is taken from the graph
+    right before it is cut, as Torch-Pruning's pruners do (cutting one group changes the index maps of the next).
+    """
+    if dg is None:
+        dg = _build(model, inputs, None)
     modules = dict(model.named_modules())
+    drops = {}
     for name, kept in plan.kept.items():
         root = modules[name]
         width = dg.get_pruner_of_module(root).get_out_channels(root)
         if width != plan.widths[name]:
             raise PruneError(f"{name} has {width} channels, the plan was made for {plan.widths[name]}")
-        drop = sorted(set(range(width)) - set(kept.tolist()))
+        drops[name] = sorted(set(range(width)) - set(kept.tolist()))
+    for name, drop in drops.items():
         if not drop:
             continue
+        root = modules[name]
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, drop)
         cut = {int(i) for item in group if item.dep.target.module is root and _is_out(group, item.dep) for i in item.idxs}
         if len(cut) != len(drop):  # Torch-Pruning ties some of the root's channels to others of its own (a fused qkv)
@@ -586,7 +630,6 @@ def _apply(model: nn.Module, plan: ChannelPlan, inputs: tuple[torch.Tensor, ...]
                     _zero(item.dep.target.module, list(item.idxs), _is_out(group, item.dep))
         else:
             group.prune()
-    model.train(training)  # Torch-Pruning's tracing switches to eval mode
     return model
 
 
@@ -618,10 +661,20 @@ def prune_graph(
     `inplace`. The result computes what `mask_graph(model, plan, example_inputs)` computes, except with
     `exact=False` (see `select_channels`): then the groups in `plan.inexact` are cut out of the network and
     their norms and attention recomputed over the kept channels, which is NOT the masked model.
+    One call copies `model` at most once (never with `inplace`) and traces it once: the channels are
+    scored and cut on the same dependency graph.
     """
-    plan = keep if isinstance(keep, ChannelPlan) else select_channels(
-        model, keep, example_inputs, importance=importance, global_ranking=global_ranking, ignored_layers=ignored_layers,
-        exact=exact)
-    work = model if inplace else copy.deepcopy(model)
-    _apply(work, plan, input_tuple(example_inputs, PruneError), mask=False)
+    if not isinstance(keep, ChannelPlan):
+        _refuse_scripted(model)
+    inputs = input_tuple(example_inputs, PruneError)
+    if isinstance(keep, ChannelPlan):
+        work = model if inplace else copy.deepcopy(model)
+        _apply(work, keep, inputs, mask=False)
+    else:
+        work = model if inplace else _copy_with_grads(model)
+        plan, dg = _plan(model, work, keep, inputs, importance, global_ranking, ignored_layers, exact)
+        if not inplace:
+            for p in work.parameters():  # the gradients were copied for scoring; a copy never carries them
+                p.grad = None
+        _apply(work, plan, inputs, mask=False, dg=dg)
     return work if keep_spectral else despectralize(work)
