@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from eigenprune.batched.ensemble import Ensemble, bmm
+from eigenprune.batched.ensemble import Ensemble, ManualStep, bmm
 from eigenprune.batched.memory import reuse_freed_memory
 from eigenprune.batched.train import train_ensemble
 from eigenprune.core.plans import LayerPlan, make_student
@@ -174,10 +174,11 @@ def test_gradients_have_their_parameters_layout():
     index = torch.tensor([0, 1])
     for kind in ("spectral", "direct"):
         ens = Ensemble([make_student(10, _plans(w, kind), seed=w) for w in (5, 40)])
-        ens.loss_and_grads(x[index, :50], y[index, :50], "regression", torch.ones(2, dtype=torch.bool))
-        for p in ens.parameters():
-            if p.requires_grad:
-                assert p.grad.stride() == p.stride()
+        step = ManualStep(ens, "regression")
+        _, _, grads = step(x[index, :50], y[index, :50], torch.ones(2, dtype=torch.bool))
+        assert len(grads) == len(step.params) == sum(p.requires_grad for p in ens.parameters())
+        for p, g in zip(step.params, grads):
+            assert g.shape == p.shape and g.stride() == p.stride()
 
 
 def test_reuse_freed_memory_applies_on_glibc():
