@@ -116,12 +116,10 @@ def chunk_cost(cfg: Config, chunk: Chunk, n_fit: int | None = None) -> float:
 
 
 ACTIVATION_SECONDS = 4e-9
-"""Seconds per unit of `chunk_cost` (a first-layer activation of a training step): 4 ns, what the paper's widest
-chunks took per activation on this project's 2-core CPU, one thread per worker (docs/benchmarks.md, speed round 2;
-there `STEP_OVERHEAD` x 4 ns = 0.32 ms is the step's fixed cost). Nearly all of a long run's time goes to such
-bandwidth-bound steps; smaller, cache-resident ones took 1.9 ns (round 3), so the model errs long. It bounds chunks
-(`split_long_chunks`) without timing anything; `eigenprune plan --measure` times the machine at hand, and a GPU
-trains the wide chunks many times faster."""
+"""Seconds per unit of `chunk_cost` (a first-layer activation of a training step) in the cost model that bounds chunks
+(`split_long_chunks`) without timing anything: set from the paper's widest, bandwidth-bound chunks on a CPU, so that
+the model errs long on smaller ones (the measurements, machine and dates: docs/benchmarks.md, "The cost model's
+constant"). `eigenprune plan --measure` times the machine at hand."""
 
 
 def chunk_seconds(cfg: Config, chunk: Chunk, n_fit: int | None = None) -> float:
