@@ -71,7 +71,7 @@ def chunk_tile(cfg: Config, students: int, width: int, batch: int, device: torch
     is never tiled by auto)."""
     if cfg.tile != "auto":
         return cfg.tile
-    if cfg.backprop != "manual" or cfg.compile or device.type != "cpu" or tiled.applies(layers) is not None:
+    if cfg.backprop != "manual" or cfg.compile_step or device.type != "cpu" or tiled.applies(layers) is not None:
         return 0
     return tiled.TILE if students * batch * width > TILE_FROM else 0
 
