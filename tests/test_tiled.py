@@ -13,8 +13,8 @@ from eigenprune.core.training import TrainSpec, train_alone
 from eigenprune.experiments.builders import make_teacher
 from eigenprune.experiments.config import ConfigError, load_config, parse_config
 from eigenprune.experiments.data import TrialData
-from eigenprune.experiments.grid import TILE_FROM, chunk_tile, plan_chunks
-from eigenprune.experiments.measure import prepare_chunk
+from eigenprune.experiments.grid import plan_chunks
+from eigenprune.experiments.measure import TILE_FROM, chunk_tile, prepare_chunk
 
 
 def _plans(width, kind):

@@ -246,7 +246,7 @@ class Config(Settings):
     # CPU; the old name compile is read: RENAMED)
     compile_step: bool = False
     # backprop manual: the first layer in cache-sized tiles of this many activations (batched.tiled; 0: never);
-    # auto: on a CPU, for chunks whose steps hold more than grid.TILE_FROM first-layer activations
+    # auto: on a CPU, for chunks whose steps hold more than measure.TILE_FROM first-layer activations
     tile: Literal["auto"] | NonNegativeInt = "auto"
     methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
     data: DataConfig = DataConfig()
