@@ -4,7 +4,7 @@
     python benchmarks/bench_step.py --shapes spectral:1500:30:300 --variants eager tiled compile --rounds 6 --steps 40
 
 A shape is method:width:students:batch (students of the paper config's method, padded to `width`).
-Variants: eager (the hand-written step, the default), compile (`compile: true`), tiled (the first
+Variants: eager (the hand-written step, the default), compile (`compile_step: true`), tiled (the first
 layer in tiles of `batched.tiled.TILE` activations; tiled:N for N), tiled+compile. Each variant of a
 shape is built and warmed up once (compiling where asked: its seconds are reported), then the rounds
 run every variant in turn for `--steps` steps (whole epochs of random data) each, so that all see the
@@ -46,7 +46,7 @@ def build(cfg, shape: str, variant: str, batches: int) -> tuple[_Epoch, float]:
     x, y = torch.randn(trials, batches * batch, 10, generator=gen), torch.randn(trials, batches * batch, generator=gen)
     prep = prepare_chunk(cfg, chunk, TrialData(x, y, x[:, :1], y[:, :1], "regression", 1), torch.device("cpu"))
     kind, _, size = variant.partition(":")
-    spec = replace(prep.spec, batch_size=batch, compile="compile" in kind,
+    spec = replace(prep.spec, batch_size=batch, compile_step="compile" in kind,
                    tile=(int(size) if size else tiled.TILE) if kind.startswith("tiled") else 0)
     params = [p for p in prep.ens.parameters() if p.requires_grad]
     run = _Epoch(prep.ens, x, y, prep.trial_index, spec, adam(params, spec.lr, kind=spec.optimizer))

@@ -6,8 +6,8 @@ of 100 from the same data, same dtype, same number of steps. Variants:
   per-model      `train_alone` over the students one after another (autograd; the tests' oracle)
   manual         `train_ensemble`: the stacked students, hand-written batched backprop (the default)
   autograd       the same stacked students, batched forward differentiated by torch.autograd
-  compile        autograd of the batched forward compiled by torch.compile (`backprop: compile`)
-  manual+compile the hand-written step under torch.compile (`compile: true`)
+  compile        autograd of the batched forward compiled by torch.compile (`backprop: autograd_compiled`)
+  manual+compile the hand-written step under torch.compile (`compile_step: true`)
   fused          the same with the first layer in the Triton kernels of `eigenprune.batched.fused` (CUDA)
   +graph         either of the two with the epoch captured in a CUDA graph and replayed (CUDA)
 
@@ -78,7 +78,9 @@ def _sync(device: torch.device) -> None:
 
 def _spec(variant: str, epochs: int) -> TrainSpec:
     backprop, *extra = variant.split("+")
-    return TrainSpec(lr=0.005, batch_size=100, epochs=epochs, backprop=backprop, cuda_graph="graph" in extra, compile="compile" in extra)
+    backprop = "autograd_compiled" if backprop == "compile" else backprop  # the variant keeps its name in stored results
+    return TrainSpec(lr=0.005, batch_size=100, epochs=epochs, backprop=backprop, cuda_graph="graph" in extra,
+                     compile_step="compile" in extra)
 
 
 def bench(width: int, trials: int, steps: int, epochs: int, device: torch.device, variants: list[str], record) -> None:
@@ -148,7 +150,7 @@ def paper_grid(device: torch.device, variants: list[str], budget_s: float, confi
     for variant in variants:
         spec = _spec(variant, 1)
         cfg = load_config(config, {"device": str(device), "save_students": False, "backprop": spec.backprop,
-                                   "cuda_graphs": spec.cuda_graph, "compile": spec.compile})
+                                   "cuda_graphs": spec.cuda_graph, "compile_step": spec.compile_step})
         data = make_data(cfg).to(device) if data is None else data  # the variants change no data
         failed, warmed = None, False
         for chunk in plan_chunks(cfg):

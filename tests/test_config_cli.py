@@ -130,13 +130,42 @@ def test_plan_lists_the_chunks_with_memory_and_a_timed_estimate_and_writes_nothi
 def test_backprop_autograd_is_a_config_option_that_trains_like_the_hand_written_step(tmp_path):
     from eigenprune.experiments.runner import run_experiment
 
-    with pytest.raises(ConfigError, match="backprop autograd, cuda_graphs true, compile false: cuda_graph needs backprop='manual'"):
+    with pytest.raises(ConfigError, match="backprop autograd, cuda_graphs true, compile_step false: cuda_graph needs backprop='manual'"):
         parse_config({"backprop": "autograd", "cuda_graphs": True})
     body = {**TINY, "workers": 1, "dtype": "float64"}
     manual = run_experiment(parse_config(body), tmp_path / "manual", quiet=True)
     auto = run_experiment(parse_config({**body, "backprop": "autograd"}), tmp_path / "auto", quiet=True)
     a, b = pd.read_parquet(manual / "results.parquet"), pd.read_parquet(auto / "results.parquet")
     assert np.allclose(a.test_loss, b.test_loss, rtol=1e-9) and (a.effective_dim == b.effective_dim).all()
+
+
+def test_the_two_compile_options_have_names_that_say_what_they_do_and_old_configs_still_read(tmp_path):
+    """`compile` became `compile_step` (the hand-written step under torch.compile) and `backprop: compile` became
+    `backprop: autograd_compiled`: a user's config with an old name is read with one warning line; a run folder's
+    stored config.yaml from before is read silently, with the same digest (it resumes)."""
+    from eigenprune.experiments.config import ConfigDeprecation, safe_load
+
+    with pytest.warns(ConfigDeprecation, match="compile is now called compile_step"):
+        assert parse_config({"compile": True}).compile_step is True
+    with pytest.warns(ConfigDeprecation, match="backprop: compile is now called backprop: autograd_compiled"):
+        assert parse_config({"backprop": "compile"}).backprop == "autograd_compiled"
+    with pytest.raises(ConfigError, match="compile is the old name of compile_step; give compile_step alone"):
+        parse_config({"compile": True, "compile_step": False})
+    with pytest.raises(ConfigError, match="backprop: Input should be 'manual', 'fused', 'autograd' or 'autograd_compiled'"):
+        parse_config({"backprop": "compiled"})
+    new = Config()
+    old_yaml = new.to_yaml().replace("compile_step: false", "compile: false")
+    assert "compile: false" in old_yaml and "compile_step" not in old_yaml
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stored config says nothing
+        old = Config.model_validate(safe_load(old_yaml))
+    assert old == new and old.digest() == new.digest()
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("compile: true\nbackprop: manual\n")
+    code, err, out = _run(["config", str(cfg)])
+    assert code == 0 and err == f"warning: {cfg}: compile is now called compile_step (the old name is read for now)\n"
+    assert "compile_step: true" in out and "\ncompile:" not in out
 
 
 def test_widths_are_padded_together_only_in_small_steps():

@@ -13,8 +13,8 @@ from eigenprune.core.training import TrainSpec, train_alone
 from eigenprune.experiments.builders import make_teacher
 from eigenprune.experiments.config import ConfigError, load_config, parse_config
 from eigenprune.experiments.data import TrialData
-from eigenprune.experiments.grid import TILE_FROM, chunk_tile, plan_chunks
-from eigenprune.experiments.measure import prepare_chunk
+from eigenprune.experiments.grid import plan_chunks
+from eigenprune.experiments.measure import TILE_FROM, chunk_tile, prepare_chunk
 
 
 def _plans(width, kind):
@@ -108,7 +108,7 @@ def test_tile_auto_picks_the_wide_cpu_chunks_only():
     assert chunk_tile(paper, 30, 500, 500, cpu, layers) == tiled.TILE
     assert chunk_tile(paper, 30, 200, 300, cpu, layers) == 0 and 30 * 200 * 300 <= TILE_FROM
     assert chunk_tile(paper, 30, 1500, 300, torch.device("cuda"), layers) == 0
-    assert chunk_tile(parse_config({"compile": True}), 30, 1500, 300, cpu, layers) == 0
+    assert chunk_tile(parse_config({"compile_step": True}), 30, 1500, 300, cpu, layers) == 0
     assert chunk_tile(parse_config({"tile": 0}), 30, 1500, 300, cpu, layers) == 0
     assert chunk_tile(parse_config({"tile": 777}), 1, 2, 3, cpu, layers) == 777
     for name in (None, "cpu-paper"):  # the quick run's and cpu-paper's chunks keep the eager step
@@ -121,6 +121,6 @@ def test_tile_auto_picks_the_wide_cpu_chunks_only():
 
 def test_tile_config_is_checked_and_leaves_the_digest():
     assert parse_config({"tile": 4096}).digest() == parse_config({}).digest() == parse_config({"tile": "auto"}).digest()
-    for bad in ({"tile": 4096, "compile": True}, {"tile": 4096, "backprop": "autograd"}, {"tile": -1}, {"tile": "big"}):
+    for bad in ({"tile": 4096, "compile_step": True}, {"tile": 4096, "backprop": "autograd"}, {"tile": -1}, {"tile": "big"}):
         with pytest.raises(ConfigError):
             parse_config(bad)

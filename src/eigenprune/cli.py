@@ -8,7 +8,8 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -20,6 +21,7 @@ from eigenprune import __version__
 from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import OutputError, check_output, check_path, first_line, special_kind
 from eigenprune.experiments.config import (
+    ConfigDeprecation,
     YamlLimitError,
     config_description,
     load_config,
@@ -81,12 +83,25 @@ class _OneLineErrors(TyperGroup):
         status 2; Ctrl-C, SIGTERM or SIGHUP in a command without a message of its own says so, with exit status
         128 + the signal (typer itself would turn any of them into a silent 130)."""
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warnings(warnings.showwarning)
+                return super().invoke(ctx)
         except EigenpruneError as err:
             _fail(str(err))
         except KeyboardInterrupt as err:
             typer.echo("interrupted", err=True)
             raise typer.Exit(128 + getattr(err, "signum", signal.SIGINT)) from None
+
+
+def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """`warnings.showwarning` that writes a config's old option name (`ConfigDeprecation`) as one `warning:` line and
+    leaves every other warning to `show`."""
+    def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, ConfigDeprecation):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, *args, **kwargs)
+    return show_warning
 
 
 app = typer.Typer(

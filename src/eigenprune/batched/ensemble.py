@@ -170,16 +170,6 @@ class Ensemble(nn.Module):
             total = layer.penalty(total)
         return total
 
-    def loss_and_grads(
-        self, x: torch.Tensor, y: torch.Tensor, task: str, alive: torch.Tensor, fused: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One `ManualStep` (see there) with its gradients written to the parameters' `.grad`; returns (loss, ok)."""
-        step = ManualStep(self, task, fused)
-        loss, ok, grads = step(x, y, alive)
-        for p, g in zip(step.params, grads):
-            p.grad = g
-        return loss, ok
-
     def student(self, s: int) -> nn.Sequential:
         """Student `s` as a standalone, unpadded `nn.Sequential` (a copy)."""
         mods: list[nn.Module] = []

@@ -42,8 +42,8 @@ class _Epoch:
         self.manual = spec.backprop in ("manual", "fused")
         step = ManualStep(ens, spec.task, fused=spec.backprop == "fused", tile=spec.tile) if self.manual else None
         # the same step, its element-wise kernels fused by inductor (compiled once per shape, on first use)
-        self.train_step = torch.compile(step, dynamic=False) if spec.compile else step
-        self.autograd_loss = torch.compile(self._loss, dynamic=False) if spec.backprop == "compile" else self._loss
+        self.train_step = torch.compile(step, dynamic=False) if spec.compile_step else step
+        self.autograd_loss = torch.compile(self._loss, dynamic=False) if spec.backprop == "autograd_compiled" else self._loss
         s, dev = ens.n_students, x.device
         self.batches = batches(x.shape[1], spec.batch_size)
         self.x_rows, self.y_rows = x.reshape(-1, x.shape[2]), y.reshape(-1)  # [T * P, D], [T * P] (copies if x, y are views)

@@ -27,6 +27,9 @@ Data = Union[tuple[torch.Tensor, torch.Tensor], Iterable]
 class TrainingError(EigenpruneError, ValueError):
     """Training that cannot go on (a non-finite loss) or data it cannot use, stated in one line."""
 
+BACKPROPS = ("manual", "fused", "autograd", "autograd_compiled")
+"""How a batched step computes its gradients (`TrainSpec.backprop`)."""
+
 
 @dataclass(frozen=True)
 class TrainSpec:
@@ -38,17 +41,20 @@ class TrainSpec:
     task: Task = "regression"
     # the ensemble's hand-written gradients, the same with the first layer in fused kernels, autograd, or
     # autograd of the forward compiled by torch.compile (AOTAutograd compiles its backward too)
-    backprop: Literal["manual", "fused", "autograd", "compile"] = "manual"
+    backprop: Literal["manual", "fused", "autograd", "autograd_compiled"] = "manual"
     cuda_graph: bool = False  # on CUDA: capture an epoch once and replay it (see `train_ensemble`)
-    compile: bool = False  # the hand-written step under torch.compile (inductor fuses its element-wise kernels)
+    compile_step: bool = False  # backprop manual: the hand-written step under torch.compile (inductor fuses its element-wise kernels)
     tile: int = 0  # backprop manual: the first layer in tiles of this many activations (`batched.tiled`); 0: off
     optimizer: Literal["adam", "keras_adam"] = "adam"  # torch's fused Adam, or `KerasAdam` (the authors' form)
 
     def __post_init__(self) -> None:
-        if self.cuda_graph and self.backprop in ("autograd", "compile"):
+        if self.backprop not in BACKPROPS:
+            renamed = " (renamed 'autograd_compiled')" if self.backprop == "compile" else ""
+            raise ValueError(f"backprop must be one of {', '.join(map(repr, BACKPROPS))}, got {self.backprop!r}{renamed}")
+        if self.cuda_graph and self.backprop in ("autograd", "autograd_compiled"):
             raise ValueError("cuda_graph needs backprop='manual' or 'fused' (autograd's backward is not captured)")
-        if self.compile and self.backprop != "manual":
-            raise ValueError(f"compile applies to backprop='manual', not {self.backprop!r}")
+        if self.compile_step and self.backprop != "manual":
+            raise ValueError(f"compile_step applies to backprop='manual', not {self.backprop!r}")
         if self.tile and self.backprop != "manual":
             raise ValueError(f"tile applies to backprop='manual', not {self.backprop!r}")
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from eigenprune.core.errors import EigenpruneError
 from eigenprune.core.io import input_file
@@ -69,6 +70,34 @@ class ConfigError(EigenpruneError, ValueError):
     """A configuration problem, stated in one line."""
 
 
+class ConfigDeprecation(FutureWarning):
+    """A config uses an option's old name (see `RENAMED`): it is read, and the new name should replace it."""
+
+
+RENAMED = {"compile": "compile_step"}
+"""Old -> new name of a top-level key of `Config` (two options were called compile: this one and backprop's value)."""
+
+RENAMED_VALUES = {("backprop", "compile"): "autograd_compiled"}
+"""(key, old value) -> new value of a top-level key of `Config`."""
+
+
+def renamed(data: dict) -> tuple[dict, list[str]]:
+    """`data` (a config mapping) with the old names of `RENAMED` and `RENAMED_VALUES` replaced by the new ones, and a
+    note for each; ValueError where both an old key and its new one are given."""
+    notes = []
+    for old, new in RENAMED.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"{old} is the old name of {new}; give {new} alone")
+            data = {(new if k == old else k): v for k, v in data.items()}
+            notes.append(f"{old} is now called {new} (the old name is read for now)")
+    for (key, old), new in RENAMED_VALUES.items():
+        if isinstance(data.get(key), str) and data[key] == old:
+            data = {**data, key: new}
+            notes.append(f"{key}: {old} is now called {key}: {new} (the old name is read for now)")
+    return data, notes
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -92,7 +121,7 @@ class Schedule(StrictModel):
 
     def train_spec(self, task: str = "regression", **options: object) -> TrainSpec:
         """The `TrainSpec` of this schedule (the one place one is built from a config); `options` are
-        TrainSpec's run-wide fields (backprop, cuda_graph, compile, optimizer)."""
+        TrainSpec's run-wide fields (backprop, cuda_graph, compile_step, optimizer)."""
         return TrainSpec(lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, task=task, **options)
 
 
@@ -210,11 +239,14 @@ class Config(Settings):
     device: str = "cpu"
     cuda_graphs: bool = False  # on CUDA, capture each training epoch once in a CUDA graph and replay it
     # manual: the hand-written batched step; fused: its first layer in Triton kernels (CUDA, float32);
-    # autograd: the same batched forward differentiated by torch.autograd (slower here; docs/benchmarks.md)
-    backprop: Literal["manual", "fused", "autograd", "compile"] = "manual"
-    compile: bool = False  # backprop manual under torch.compile: fewer kernels per step (needs a C++ compiler on a CPU)
+    # autograd: the same batched forward differentiated by torch.autograd (slower here; docs/benchmarks.md);
+    # autograd_compiled: autograd of that forward compiled by torch.compile (the old name compile is read: RENAMED_VALUES)
+    backprop: Literal["manual", "fused", "autograd", "autograd_compiled"] = "manual"
+    # backprop manual: the hand-written step under torch.compile, fewer kernels per step (needs a C++ compiler on a
+    # CPU; the old name compile is read: RENAMED)
+    compile_step: bool = False
     # backprop manual: the first layer in cache-sized tiles of this many activations (batched.tiled; 0: never);
-    # auto: on a CPU, for chunks whose steps hold more than grid.TILE_FROM first-layer activations
+    # auto: on a CPU, for chunks whose steps hold more than measure.TILE_FROM first-layer activations
     tile: Literal["auto"] | NonNegativeInt = "auto"
     methods: Annotated[list[Literal["spectral", "direct"]], Field(min_length=1)] = ["spectral", "direct"]
     data: DataConfig = DataConfig()
@@ -230,6 +262,18 @@ class Config(Settings):
     workers: NonNegativeInt = 0
     max_memory_gb: Annotated[PositiveFloat, Field(le=MAX_MEMORY_GB)] | None = None  # None: 80% of the memory available at the start
     max_chunk_minutes: PositiveFloat | None = 10.0  # split chunks by trials to train within this (cost model); None: never
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any, info: ValidationInfo) -> Any:
+        """Read the old names of `RENAMED` (run folders and configs written before the rename); where the config is
+        a user's (`parse_config`), say so with a `ConfigDeprecation` warning."""
+        if not isinstance(data, dict):
+            return data
+        data, notes = renamed(data)
+        if notes and (info.context or {}).get("warn_renamed"):
+            warnings.warn(f"{info.context.get('source', 'config')}: {'; '.join(notes)}", ConfigDeprecation, stacklevel=2)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -259,11 +303,11 @@ class Config(Settings):
         try:  # the step options' rules live once, in TrainSpec
             self.train_spec(self.methods[0], "regression")
         except ValueError as err:
-            raise ValueError(f"backprop {self.backprop}, cuda_graphs {str(self.cuda_graphs).lower()}, compile "
-                             f"{str(self.compile).lower()}: {err}") from None
-        if self.tile not in ("auto", 0) and (self.backprop != "manual" or self.compile):
-            raise ValueError(f"tile applies to backprop: manual without compile, not {self.backprop}"
-                             + (" with compile" if self.compile else ""))
+            raise ValueError(f"backprop {self.backprop}, cuda_graphs {str(self.cuda_graphs).lower()}, compile_step "
+                             f"{str(self.compile_step).lower()}: {err}") from None
+        if self.tile not in ("auto", 0) and (self.backprop != "manual" or self.compile_step):
+            raise ValueError(f"tile applies to backprop: manual without compile_step, not {self.backprop}"
+                             + (" with compile_step" if self.compile_step else ""))
         return self
 
     @field_validator("device")
@@ -288,12 +332,12 @@ class Config(Settings):
     def train_spec(self, method: str, task: str) -> TrainSpec:
         """How `method`'s students train in this run: its schedule with the run-wide step options."""
         return self.method(method).train_spec(task, backprop=self.backprop, cuda_graph=self.cuda_graphs,
-                                              optimizer=self.parity.optimizer, compile=self.compile)
+                                              optimizer=self.parity.optimizer, compile_step=self.compile_step)
 
     def digest(self) -> str:
         """A hash of everything that changes results (not the device, CUDA graphs, kernels or tiling, the name, the worker
         count, the memory limit or the chunk time bound: they change floating-point rounding at most)."""
-        payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "compile", "tile", "name", "workers", "max_memory_gb",
+        payload = self.model_dump(exclude={"device", "cuda_graphs", "backprop", "compile_step", "tile", "name", "workers", "max_memory_gb",
                                            "max_chunk_minutes"})
         if self.parity == ParityConfig():  # the defaults: digests (and resumable folders) from before the option stay valid
             del payload["parity"]
@@ -429,7 +473,7 @@ def parse_config(data: object, source: str = "config", model: type[BaseModel] | 
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
     try:
-        return (model or Config).model_validate(data)
+        return (model or Config).model_validate(data, context={"warn_renamed": True, "source": source})
     except ValidationError as err:
         raise ConfigError(f"{source}: {_one_line(err)}") from None
 

@@ -14,9 +14,6 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from eigenprune.batched import tiled
 from eigenprune.experiments.config import Config, ConfigError
 
 
@@ -56,25 +53,6 @@ PAD_LIMIT = 2**22
 A small step is bound by its kernel launches and their Python, and its padding is nearly free; a large
 step is bound by memory bandwidth, where each padded zero costs what a real node costs and the widths
 train faster apart (measurements: docs/benchmarks.md, `grid.PAD_LIMIT`)."""
-
-TILE_FROM = 2**22
-"""With `tile: auto`, the first layer runs tiled (`batched.tiled`) in chunks whose step holds more than this
-many first-layer activations (students x batch rows x padded nodes), on a CPU: where the step is bound by
-memory traffic (see `PAD_LIMIT`). Measured on this project's 2-core CPU (docs/benchmarks.md, speed round 5):
-1.13-1.49x faster a step on the wide chunks (30 x 500..1500); no gain on a narrow one (60 x 60 x 300).
-The narrow chunks keep the eager step (the quick run's and cpu-paper's chunks are all below this)."""
-
-
-def chunk_tile(cfg: Config, students: int, width: int, batch: int, device: torch.device, layers) -> int:
-    """The `TrainSpec.tile` of a chunk of `students` padded to `width`, trained in batches of `batch` rows on
-    `device`; `layers`: its stacked layers or one student's layer plans (a first layer with bias, or a single layer,
-    is never tiled by auto)."""
-    if cfg.tile != "auto":
-        return cfg.tile
-    if cfg.backprop != "manual" or cfg.compile or device.type != "cpu" or tiled.applies(layers) is not None:
-        return 0
-    return tiled.TILE if students * batch * width > TILE_FROM else 0
-
 
 STEP_OVERHEAD = 80_000
 """What a training step's fixed cost is worth in first-layer activations (students x batch rows x nodes).

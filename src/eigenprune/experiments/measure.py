@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from eigenprune.batched import tiled
 from eigenprune.batched.curves import joint_search
 from eigenprune.batched.ensemble import Ensemble
 from eigenprune.batched.train import evaluate
@@ -19,7 +20,7 @@ from eigenprune.experiments.analysis import critical_point, normalized_importanc
 from eigenprune.experiments.builders import make_teacher, student_plans
 from eigenprune.experiments.config import Config
 from eigenprune.experiments.data import TrialData
-from eigenprune.experiments.grid import Chunk, chunk_tile
+from eigenprune.experiments.grid import Chunk
 from eigenprune.experiments.group import GroupResult, StudentGroup, eigenvalue_scores, measure_group
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.store import GROUP_KEYS, STUDENT_KEYS, ChunkResult
@@ -40,10 +41,28 @@ def importance_groups(cfg: Config, keys: list[tuple[int, int, float]]) -> torch.
     return torch.tensor([ids.setdefault((w, k), len(ids)) for w, _, k in keys])
 
 
+TILE_FROM = 2**22
+"""With `tile: auto`, the first layer runs tiled (`batched.tiled`) in chunks whose step holds more than this
+many first-layer activations (students x batch rows x padded nodes), on a CPU: where the step is bound by
+memory traffic (see `grid.PAD_LIMIT`); narrower chunks keep the eager step (measured: docs/benchmarks.md, speed
+round 5)."""
+
+
+def chunk_tile(cfg: Config, students: int, width: int, batch: int, device: torch.device, layers) -> int:
+    """The `TrainSpec.tile` of a chunk of `students` padded to `width`, trained in batches of `batch` rows on
+    `device`; `layers`: its stacked layers or one student's layer plans (a first layer with bias, or a single layer,
+    is never tiled by auto)."""
+    if cfg.tile != "auto":
+        return cfg.tile
+    if cfg.backprop != "manual" or cfg.compile_step or device.type != "cpu" or tiled.applies(layers) is not None:
+        return 0
+    return tiled.TILE if students * batch * width > TILE_FROM else 0
+
+
 def chunk_group(cfg: Config, chunk: Chunk, data: TrialData, device: torch.device) -> StudentGroup:
     """A chunk's students (of `cfg.for_teacher(chunk.teacher)`): plans, seeds (spectral and direct students of one
     (trial, width) start from the same parameters), trials, the method's training spec (tiled on `device` where
-    `grid.chunk_tile` says so) and every trial's batch order."""
+    `chunk_tile` says so) and every trial's batch order."""
     keys = chunk.keys()
     plans = [student_plans(cfg, chunk.method, w, k, data.n_outputs) for w, _, k in keys]
     n_fit = cfg.regularization.n_fit(data.x_train.shape[1])

@@ -1,5 +1,6 @@
-"""Planning a run before anything is written: memory (split or refuse chunks), the order of the work,
-Adam steps, where the local backend runs, and `plan_run`'s timed estimate."""
+"""Planning a run before anything is written: `plan_work` is the one plan of `eigenprune run` and `eigenprune plan`
+(the config's chunks, those a run folder already holds, the time bound's and the memory planner's splits, the order
+of the work, the device, workers and threads), and `plan_run` adds the timed estimate."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
@@ -116,12 +117,10 @@ def chunk_cost(cfg: Config, chunk: Chunk, n_fit: int | None = None) -> float:
 
 
 ACTIVATION_SECONDS = 4e-9
-"""Seconds per unit of `chunk_cost` (a first-layer activation of a training step): 4 ns, what the paper's widest
-chunks took per activation on this project's 2-core CPU, one thread per worker (docs/benchmarks.md, speed round 2;
-there `STEP_OVERHEAD` x 4 ns = 0.32 ms is the step's fixed cost). Nearly all of a long run's time goes to such
-bandwidth-bound steps; smaller, cache-resident ones took 1.9 ns (round 3), so the model errs long. It bounds chunks
-(`split_long_chunks`) without timing anything; `eigenprune plan --measure` times the machine at hand, and a GPU
-trains the wide chunks many times faster."""
+"""Seconds per unit of `chunk_cost` (a first-layer activation of a training step) in the cost model that bounds chunks
+(`split_long_chunks`) without timing anything: set from the paper's widest, bandwidth-bound chunks on a CPU, so that
+the model errs long on smaller ones (the measurements, machine and dates: docs/benchmarks.md, "The cost model's
+constant"). `eigenprune plan --measure` times the machine at hand."""
 
 
 def chunk_seconds(cfg: Config, chunk: Chunk, n_fit: int | None = None) -> float:
@@ -173,16 +172,50 @@ def adam_steps(cfg: Config, method: str, n_fit: int) -> tuple[int, int]:
     return batch, m.epochs * -(-n_fit // batch)
 
 
-def local_plan(cfg: Config, chunks: list[Chunk], spec: DataSpec):
-    """Where and how the local backend runs `chunks`: (device, worker processes, torch threads per
-    worker, the chunks after the memory planner, the memory figures). Raises ConfigError first."""
-    device = resolve_device(cfg.device)
-    if cfg.backprop == "fused":
-        check_fused(cfg, device, spec)
-    workers = min(cfg.workers or os.cpu_count() or 1, len(chunks)) if device.type == "cpu" else 1
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-    chunks, memory = check_memory(cfg, chunks, workers, device, spec)
-    return device, workers, threads, chunks, memory
+@dataclass
+class WorkPlan:
+    """What a run trains and where: the chunks still to train, in the order the workers take them (the costliest
+    first), the ids of those a run folder already holds (`finished`), the device, the worker processes (a Ray
+    backend: its CPUs, 0 for all), torch threads per worker, and the memory figures for the manifest."""
+
+    chunks: list[Chunk]
+    finished: list[str]
+    device: torch.device
+    workers: int
+    threads: int
+    memory: dict
+
+
+def plan_work(cfg: Config, spec: DataSpec, backend: str = "local", done: Callable[[str], bool] | None = None) -> WorkPlan:
+    """The plan of a run of `cfg` on data of `spec`; ConfigError before anything is written.
+
+    The config's chunks (`grid.plan_chunks`); those `done(chunk id)` says a run folder holds are kept whole (an
+    earlier run under another time bound finished them); the rest are split by the time bound (`split_long_chunks`),
+    ordered by cost, fitted into memory (`check_memory`, which may split them further), and parts already done are
+    skipped. Local backend: the config's device, one worker per core (or `cfg.workers`) on a CPU, one on CUDA.
+    Ray: each task resolves and checks its own device; memory is planned here only for a CPU or a set limit."""
+    done = done or (lambda chunk_id: False)
+    whole = plan_chunks(cfg)
+    finished = [c.id for c in whole if done(c.id)]
+    parts = split_long_chunks(cfg, [c for c in whole if not done(c.id)], spec.n_fit)
+    finished += [c.id for c in parts if done(c.id)]  # parts of a chunk split by the same time bound
+    todo = sorted((c for c in parts if c.id not in finished), key=lambda c: -chunk_cost(cfg, c))
+    if backend == "ray":
+        device, threads, memory = torch.device(cfg.device if cfg.device != "auto" else "cpu"), 1, {}
+        if cfg.backprop == "fused":
+            check_fused(cfg, None, spec)
+        workers = cfg.workers
+        if device.type == "cpu" or cfg.max_memory_gb:
+            todo, memory = check_memory(cfg, todo, 1, torch.device("cpu"), spec)
+    else:
+        device = resolve_device(cfg.device)
+        if cfg.backprop == "fused":
+            check_fused(cfg, device, spec)
+        workers = min(cfg.workers or os.cpu_count() or 1, len(todo)) if device.type == "cpu" else 1
+        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        todo, memory = check_memory(cfg, todo, workers, device, spec)
+    split_done = [c.id for c in todo if c.split and done(c.id)]  # parts of a chunk the memory planner split alike
+    return WorkPlan([c for c in todo if c.id not in split_done], finished + split_done, device, workers, threads, memory)
 
 
 def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
@@ -195,11 +228,11 @@ def plan_run(cfg: Config, measure_steps: int = 0) -> tuple[pd.DataFrame, dict]:
     """
     spec = data_spec(cfg)
     n_fit = spec.n_fit
-    chunks = sorted(split_long_chunks(cfg, plan_chunks(cfg), n_fit), key=lambda c: -chunk_cost(cfg, c))
-    device, workers, threads, chunks, memory = local_plan(cfg, chunks, spec)
+    work = plan_work(cfg, spec)
+    device, workers, threads, memory = work.device, work.workers, work.threads, work.memory
     rows = []
     steps_of = {m: adam_steps(cfg, m, n_fit) for m in cfg.methods}
-    for c in chunks:
+    for c in work.chunks:
         batch, steps = steps_of[c.method]
         row = {"chunk": c.id, "students": c.size, "padded_width": max(c.widths), "steps": steps,
                "memory_gb": memory["memory_estimate_bytes"][c.id] / 1e9, "model_min": chunk_seconds(cfg, c, n_fit) / 60}

@@ -25,9 +25,9 @@ from eigenprune.core.io import first_line
 from eigenprune.experiments.backends import BackendError, ray_session, require_ray, run_local, run_ray
 from eigenprune.experiments.config import Config, ConfigError
 from eigenprune.experiments.data import DataSpec, TrialData, check_same_data, data_spec, make_data
-from eigenprune.experiments.grid import Chunk, plan_chunks
+from eigenprune.experiments.grid import Chunk
 from eigenprune.experiments.measure import summarize, train_chunk
-from eigenprune.experiments.plan import check_fused, check_memory, chunk_cost, local_plan, resolve_device, split_long_chunks
+from eigenprune.experiments.plan import plan_work, resolve_device
 from eigenprune.experiments.progress import Progress
 from eigenprune.experiments.regpath import select_strengths
 from eigenprune.experiments.store import ChunkResult, RunFolder, RunFolderError, parquet_writer
@@ -124,19 +124,6 @@ def _remedy(err: OSError) -> str:
     """What to do before resuming after a failed commit (pyarrow's OSErrors carry the errno only in their text)."""
     code = err.errno or next((c for c in _REMEDY if f"[errno {c}]" in str(err)), None)
     return _REMEDY.get(code, "make the folder writable")
-def _ray_plan(cfg: Config, chunks: list[Chunk], spec: DataSpec):
-    """`plan.local_plan`'s answer for the Ray backend: (device, workers, threads per task, the chunks after the
-    memory planner, the memory figures); each task resolves and checks its own device."""
-    require_ray()
-    device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
-    if cfg.backprop == "fused":
-        check_fused(cfg, None, spec)  # the students; each task checks its own device
-    memory: dict = {}
-    if device.type == "cpu" or cfg.max_memory_gb:
-        chunks, memory = check_memory(cfg, chunks, 1, torch.device("cpu"), spec)
-    return device, cfg.workers, 1, chunks, memory
-
-
 def run_experiment(
     cfg: Config, out: str | Path, fresh: bool = False, quiet: bool = False, backend: Backend = "local", address: str | None = None,
     finish: Callable[[RunFolder], object] | None = None,
@@ -146,7 +133,7 @@ def run_experiment(
     local: on the CPU, chunks run in `cfg.workers` processes (0 = one per core); on CUDA, in this
     process. ray: each chunk is a Ray task (`address` of a cluster, or a private local instance).
     Finished chunks are committed as they arrive, so an interrupted run resumes where it stopped; a chunk
-    longer than `cfg.max_chunk_minutes` trains as groups of trials (`plan.split_long_chunks`), each committed.
+    longer than `cfg.max_chunk_minutes` trains as groups of trials (`plan.plan_work`), each committed.
     `finish(folder)` runs last, while the folder is still locked (the CLI builds the report there).
     """
     if address is not None and backend != "ray":
@@ -155,16 +142,12 @@ def run_experiment(
     spec = data_spec(cfg, real)
     folder = RunFolder(out)
     resumable = not fresh and folder.check_ours() is not None  # prepare() below refuses another config's or data's folder
-    chunks = [part for c in plan_chunks(cfg)  # a whole chunk an earlier run (another bound) finished is kept whole
-              for part in ([c] if resumable and folder.done(c.id) else split_long_chunks(cfg, [c], spec.n_fit))]
-    skipped = [c.id for c in chunks if resumable and folder.done(c.id)]
-    todo = sorted((c for c in chunks if c.id not in skipped), key=lambda c: -chunk_cost(cfg, c))
-    device, workers, threads, todo, memory = (_ray_plan(cfg, todo, spec) if backend == "ray" else local_plan(cfg, todo, spec))
-    split_done = [c.id for c in todo if c.split and resumable and folder.done(c.id)]  # resuming a split chunk
-    skipped += split_done
-    todo = [c for c in todo if c.id not in split_done]
+    if backend == "ray":
+        require_ray()
+    work = plan_work(cfg, spec, backend, done=folder.done if resumable else None)
+    todo, skipped, device, workers, threads = work.chunks, work.finished, work.device, work.workers, work.threads
     run = {"backend": backend, "ray_address": address, "ray": _version("ray") if backend == "ray" else None,
-           "workers": workers, "threads_per_worker": threads, **memory}
+           "workers": workers, "threads_per_worker": threads, **work.memory}
     with contextlib.ExitStack() as stack:
         if backend == "ray":
             stack.enter_context(ray_session(address, cfg.workers or None))  # before anything is written

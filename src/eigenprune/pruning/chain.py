@@ -50,11 +50,11 @@ def _chain(model: nn.Module) -> nn.Sequential:
     return chain
 
 
-def _plain_copy(model: nn.Module) -> nn.Sequential:
-    """A deep copy of the MLP as a flat `nn.Sequential` whose linear layers are all `nn.Linear`; PruneError for a model
-    with forward hooks (the copy is rebuilt from its layers: a hook on the model would be lost, one on a pruned layer
-    would see other widths)."""
-    chain = _chain(model)
+def _plain_copy(model: nn.Module, chain: nn.Sequential | None = None) -> nn.Sequential:
+    """A deep copy of the MLP as a flat `nn.Sequential` whose linear layers are all `nn.Linear` (`chain`: the model's
+    `_chain`, if already read); PruneError for a model with forward hooks (the copy is rebuilt from its layers: a hook
+    on the model would be lost, one on a pruned layer would see other widths)."""
+    chain = _chain(model) if chain is None else chain
     for name, m in [("the model", model), *((f"its {type(m).__name__} (module {i})", m) for i, m in enumerate(chain))]:
         if m._forward_pre_hooks or m._forward_hooks:
             raise PruneError(f"{name} has a forward hook, which pruning a chain MLP would drop or feed other widths; "
@@ -186,17 +186,17 @@ ScoreFn = Callable[..., torch.Tensor]
 """criterion(model, layer, x, y) -> scores [N]; every `eigenprune.pruning.criteria.Criterion` is one."""
 
 
-def _default_scores(model: nn.Module, layer: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
-                    task: Task = "regression") -> torch.Tensor:
-    return node_importance(linear_layers(as_sequential(model))[layer])
-
-
 def ranked_layers(model: nn.Module) -> list[int]:
     """The hidden linear layers a training method ranks, the default of `select_nodes`: the `SpectralLinear`
     layers whose training ranks their nodes (`SpectralModule.ranked`: trained eigenvalues, or a sparsity/L2
     term on what trains; the method's layer of an eigenprune student, every layer of a deep or `spectralize`d
     one). A model with none (plain `nn.Linear` layers, say) gets all its hidden layers."""
-    hidden = linear_layers(_chain(model))[:-1]
+    return _ranked(linear_layers(_chain(model)))
+
+
+def _ranked(linears: list[nn.Module]) -> list[int]:
+    """`ranked_layers` of a chain whose linear layers are `linears`."""
+    hidden = linears[:-1]
     ranked = [i for i, m in enumerate(hidden) if isinstance(m, SpectralLinear) and m.ranked]
     return ranked or list(range(len(hidden)))
 
@@ -220,15 +220,21 @@ def select_nodes(
 
     (Longer than 60 lines: the checks of every option come first, in one place, before any layer is scored.)
     """
-    criterion = criterion or _default_scores
-    n_linear = len(linear_layers(_chain(model)))
+    chain = _chain(model)  # the model's structure, read once
+    linears = linear_layers(chain)
+
+    def node_scores(model: nn.Module, layer: int, *data: object, **options: object) -> torch.Tensor:
+        return node_importance(linears[layer])
+
+    criterion = criterion or node_scores
+    n_linear = len(linears)
     if isinstance(keep, dict):
         if layers is not None:
             raise PruneError("pass either a per-layer keep dict or layers=, not both")
         specs = {int(k): parse_keep(v) for k, v in keep.items()}
     else:
         try:
-            hidden = ranked_layers(model) if layers is None else [operator.index(i) for i in layers if not isinstance(i, bool)]
+            hidden = _ranked(linears) if layers is None else [operator.index(i) for i in layers if not isinstance(i, bool)]
         except TypeError:
             hidden = None
         if hidden is None or (layers is not None and len(hidden) < len(list(layers))):
@@ -244,7 +250,7 @@ def select_nodes(
     if not (math.isfinite(rtol) and math.isfinite(atol) and rtol >= 0 and atol >= 0):
         raise PruneError(f"rtol and atol must be finite numbers >= 0, got rtol={rtol}, atol={atol}")
     check_finite(model, x_val if needs_data else None, y_val if needs_data else None, names=("x_val", "y_val"))
-    current, kept = _plain_copy(model).eval(), {}
+    current, kept = _plain_copy(model, chain).eval(), {}
     limit = float("inf")
     if needs_data:
         dtype = next(current.parameters()).dtype
