@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from eigenprune import despectralize, spectral_penalty, spectralize
+from eigenprune.core import fit
 from eigenprune.pruning import ChannelPlan, EigenImportance, choose_channels, prune_graph, select_channels
 
 CRITERIA: dict[str, Callable[[], tp.importance.Importance]] = {
@@ -57,18 +58,8 @@ def build(builder: Callable[[], nn.Module], training: str, seed: int) -> nn.Modu
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, *, lr: float = 3e-3, batch: int = 64,
           seed: int = 0) -> nn.Module:
-    """Adam on cross-entropy + the spectral layers' penalty; returns the model (in eval mode)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(batch):
-            loss = F.cross_entropy(model(x[idx]), y[idx]) + spectral_penalty(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    """Adam on cross-entropy + the spectral layers' penalty (the library's `fit`); returns the model (in eval mode)."""
+    return fit(model, (x, y), epochs=epochs, lr=lr, batch_size=batch, seed=seed, penalty=spectral_penalty).eval()
 
 
 @torch.no_grad()
