@@ -28,6 +28,7 @@ from typing import Union
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch_pruning import ops
 
 from eigenprune.core.convert import despectralize
@@ -35,7 +36,7 @@ from eigenprune.core.io import first_line
 from eigenprune.core.layers import PLAIN_LAYERS, SPECTRAL_LAYERS, SpectralModule, plain_names
 from eigenprune.core.structure import input_tuple
 from eigenprune.pruning.importance import node_importance, normalize
-from eigenprune.pruning.keep import KeepLike, PruneError, check_finite, count_to_keep, parse_keep, top_k_mask
+from eigenprune.pruning.keep import KeepLike, KeepSpec, PruneError, check_finite, count_to_keep, parse_keep, top_k_mask
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 LayerRef = Union[nn.Module, str]
@@ -101,6 +102,12 @@ def _is_out(group, dep) -> bool:
     return group._DG.is_out_channel_pruning_fn(dep.handler)
 
 
+def _is_depthwise(layer: nn.Module) -> bool:
+    """A depthwise convolution (groups = in = out channels > 1): each channel has its own kernel."""
+    groups = getattr(layer, "groups", 1)
+    return groups > 1 and groups == getattr(layer, "in_channels", 0) == getattr(layer, "out_channels", 0)
+
+
 class EigenImportance(tp.importance.Importance):
     """eigenprune's criterion as a Torch-Pruning `Importance`: the norm of each channel's incoming weights.
 
@@ -109,6 +116,9 @@ class EigenImportance(tp.importance.Importance):
     (a residual sum) it is the norm of all their incoming weights, sqrt(sum over layers of the squares).
     A BatchNorm right after a layer (its only consumer) is part of the channel's incoming weights: its scale
     gamma / sqrt(var + eps) multiplies them (otherwise the normalisation would hide how small a channel's weights are).
+    A depthwise convolution in the group maps each channel on by its own kernel, so the norm of the channel's weights
+    from the group's inputs to the depthwise output is the product: the score is multiplied by the kernel's norm
+    (times its BatchNorm's scale).
     Use it with any Torch-Pruning pruner, e.g. `tp.pruner.MetaPruner(model, x, importance=EigenImportance(),
     customized_pruners=SPECTRAL_PRUNERS, root_module_types=ROOT_TYPES)`.
     """
@@ -125,7 +135,7 @@ class EigenImportance(tp.importance.Importance):
                 m = bn.module
                 factor = m.weight.abs() / (m.running_var + m.eps).sqrt() if m.running_var is not None else m.weight.abs()
                 scale[id(source)] = factor.double()
-        total = None
+        total = factor = None
         for item in group:
             dep, idxs = item.dep, item.idxs
             layer = dep.target.module
@@ -134,11 +144,17 @@ class EigenImportance(tp.importance.Importance):
             scores = node_importance(layer).double()
             if id(layer) in scale:
                 scores = scores * scale[id(layer)].to(scores.device)
-            scores = scores[list(idxs)].square()
+            root = torch.as_tensor(item.root_idxs, device=scores.device)
+            if _is_depthwise(layer):
+                factor = torch.ones(len(group[0].idxs), dtype=torch.float64, device=scores.device) if factor is None else factor
+                factor[root] = factor[root] * scores[list(idxs)]
+                continue
             if total is None:
                 total = torch.zeros(len(group[0].idxs), dtype=torch.float64, device=scores.device)
-            total.index_add_(0, torch.as_tensor(item.root_idxs, device=scores.device), scores)
-        return None if total is None else total.sqrt()
+            total.index_add_(0, root, scores[list(idxs)].square())
+        if total is None:
+            return factor
+        return total.sqrt() if factor is None else total.sqrt() * factor
 
 
 @dataclass
@@ -148,7 +164,10 @@ class ChannelPlan:
     `kept`: root layer name -> sorted kept output-channel indices; `widths`: root layer name -> its
     width; `members`: every layer producing a group's channels (e.g. both convolutions of a residual
     sum) -> the group's root layer name; `left_alone`: name -> why its channels are not pruned;
-    `scores`: root layer name -> the importance of each of its channels.
+    `scores`: root layer name -> the importance of each of its channels; `channel_groups`: root layer name -> the
+    number of conv groups its channels fall into (a grouped convolution's groups; absent: 1): each loses the same
+    positions, and `scores` then holds one score per position (the norm over the groups); `unwrapped`: the
+    bare parameters cut with the channels they scale or shift, {name: dim}.
     """
 
     kept: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -156,6 +175,8 @@ class ChannelPlan:
     members: dict[str, str] = field(default_factory=dict)
     left_alone: dict[str, str] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    channel_groups: dict[str, int] = field(default_factory=dict)
+    unwrapped: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{name}: keep {len(idx)} of {self.widths[name]}" for name, idx in self.kept.items()]
@@ -206,36 +227,150 @@ def _resolve(model: nn.Module, refs: Sequence[LayerRef] | None, names_of_origina
     return out
 
 
-def _unsupported_modules(model: nn.Module, dg: tp.DependencyGraph) -> list[tuple[str, nn.Module]]:
-    """Modules with parameters of their own that no registered or customised pruner handles."""
-    bad = []
-    for name, m in model.named_modules():
-        if not any(True for _ in m.parameters(recurse=False)):
-            continue
-        if isinstance(m, nn.MultiheadAttention) or type(m) in dg.CUSTOMIZED_PRUNERS:
-            continue
-        if dg.get_pruner_of_module(m) is None or ops.module2type(m) == ops.OPTYPE.ELEMENTWISE:
-            bad.append((name, m))
-    return bad
+class _ReshapeLog(TorchFunctionMode):
+    """Records the input and output shapes of every view/reshape/flatten in a forward pass, by the output's grad_fn."""
+
+    NAMES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: dict[object, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in self.NAMES and isinstance(out, torch.Tensor) and out.grad_fn is not None \
+                and args and isinstance(args[0], torch.Tensor):
+            self.shapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
+        return out
 
 
-def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], ignored: set[str] | None) -> tp.DependencyGraph:
-    """The dependency graph of `model`; refuses modules no pruner handles unless under `ignored` (None: no check)."""
+def _unwrapped(model: nn.Module, refs: Sequence[tuple[object, int]] | None, names_of_original: dict[int, str]) -> dict[str, int]:
+    """{parameter name: pruning dim} for `unwrapped_parameters` entries (parameter of the original model, or its name; dim)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for entry in refs or ():
+        ref, dim = entry if isinstance(entry, (tuple, list)) and len(entry) == 2 else (entry, None)
+        name = ref if isinstance(ref, str) else names_of_original.get(id(ref))
+        if name not in params:
+            raise PruneError(f"unwrapped_parameters entry {ref if isinstance(ref, str) else type(ref).__name__!r} is not a parameter of "
+                             f"{type(model).__name__}; give (parameter or its name, dim) pairs, e.g. ({next(iter(params), '')!r}, 0)")
+        if not isinstance(dim, int) or not -params[name].dim() <= dim < params[name].dim():
+            raise PruneError(f"unwrapped_parameters: the dim of {name} must be an int in {-params[name].dim()}..{params[name].dim() - 1} "
+                             f"(its shape is {list(params[name].shape)}); got {dim!r}")
+        out[name] = dim % params[name].dim()
+    return out
+
+
+def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], unwrapped: dict[str, int] | None = None) -> tp.DependencyGraph:
+    """The dependency graph of `model`, traced on `inputs`.
+
+    Parameters used outside a layer Torch-Pruning knows (a layer scale, a class token) are its "unwrapped parameters":
+    those in `unwrapped` ({name: dim}) are cut along that dim, the others along their last dimension longer than 1.
+    The graph also keeps the traced inputs (`dg.traced_inputs`, to find channels tied to them) and the shapes of every
+    reshape (`dg.reshapes`, to find reshapes that split channels).
+    """
     _check_forward(model, inputs)
     dg = tp.DependencyGraph()
-    for cls, pruner in SPECTRAL_PRUNERS.items():
-        dg.register_customized_layer(cls, pruner)
-    bad = [] if ignored is None else [
-        (n, m) for n, m in _unsupported_modules(model, dg) if not any(n == i or n.startswith(i + ".") for i in ignored)]
-    if bad:
-        name, m = bad[0]
-        raise PruneError(f"cannot prune through {name} ({type(m).__name__}): Torch-Pruning has no pruner for it; supported: "
-                         "Linear, Conv, BatchNorm, LayerNorm, MultiheadAttention, spectral layers and parameter-free operations; "
-                         "pass it in ignored_layers to leave its channels alone")
+    params = dict(model.named_parameters())
+    pairs = [(params[n], d) for n, d in (unwrapped or {}).items()]
+    traced = tuple(t.detach().clone().requires_grad_(True) if t.is_floating_point() else t for t in inputs)
+    log = _ReshapeLog()
     try:
-        return dg.build_dependency(model, example_inputs=inputs, customized_pruners=SPECTRAL_PRUNERS, verbose=False)
+        with log:
+            dg.build_dependency(model, example_inputs=traced, customized_pruners=SPECTRAL_PRUNERS, unwrapped_parameters=pairs,
+                                verbose=False)
     except Exception as err:  # noqa: BLE001 - Torch-Pruning raises many kinds; all mean "cannot trace"
         raise PruneError(f"Torch-Pruning could not trace {type(model).__name__}: {type(err).__name__}: {err}") from None
+    dg.traced_inputs, dg.reshapes = traced, log.shapes
+    return dg
+
+
+_PARAM_OPS = frozenset({"MulBackward0", "AddBackward0", "SubBackward0", "CatBackward0"})
+"""Operations through which a bare parameter's slice can be cut exactly: it scales, shifts or is concatenated to the channels."""
+
+
+def _op(node) -> str:
+    return type(node.grad_fn).__name__ if node.grad_fn is not None else type(node.module).__name__
+
+
+def _splits(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    """Whether reshaping `before` into `after` splits a dimension other than the first into several longer than 1."""
+    i = j = 0
+    while i < len(before) and j < len(after):
+        start_i, start_j, a, b = i, j, before[i], after[j]
+        i, j = i + 1, j + 1
+        while a != b:
+            if a < b:
+                a, i = a * before[i], i + 1
+            else:
+                b, j = b * after[j], j + 1
+        if i - start_i == 1 and start_i > 0 and sum(d > 1 for d in after[start_j:j]) > 1:
+            return True
+    return False
+
+
+def _param_reason(node, other: str) -> str | None:
+    consumers = [n for c in node.outputs for n in (c.outputs if _op(c) == "ExpandBackward0" else [c])]
+    bad = next((_op(c) for c in consumers if _op(c) not in _PARAM_OPS), None)
+    return None if bad is None else (f"{other} a parameter read by {bad}, which cannot lose channels exactly (exact: a parameter "
+                                     "that multiplies, is added to or is concatenated to the channels)")
+
+
+def _op_reason(node, dg: tp.DependencyGraph) -> str | None:
+    reads = [f.variable for f, _ in getattr(node.grad_fn, "next_functions", ()) if f is not None and hasattr(f, "variable")]
+    if any(v is t for v in reads for t in dg.traced_inputs):
+        return "its channels meet a model input (e.g. a residual sum with the input), whose channels cannot be removed"
+    if node.grad_fn in dg.reshapes and _splits(*dg.reshapes[node.grad_fn]):
+        before, after = dg.reshapes[node.grad_fn]
+        return (f"its channels pass through a reshape from {list(before)} to {list(after)} that splits a dimension (e.g. a channel "
+                "shuffle), which Torch-Pruning cannot follow")
+    return None
+
+
+def _conv_reason(item, conv: nn.Module, out: bool, other: str) -> str | None:
+    """Why the channels of a grouped or depthwise plain convolution in a group cannot be cut (None: they can)."""
+    if conv.groups == conv.out_channels:  # Torch-Pruning's depthwise convolution: its channels go with its input's
+        return None if conv.in_channels == conv.out_channels else (
+            f"{other} a depthwise convolution with a channel multiplier ({conv.in_channels} -> {conv.out_channels} channels)")
+    width = conv.out_channels if out else conv.in_channels
+    if list(item.idxs) != list(range(width)) or list(item.root_idxs) != list(range(width)):
+        return f"{other} a grouped convolution (groups={conv.groups}) reached through a concatenation, split or slice"
+    return None
+
+
+def _reason(group, item, root: nn.Module, names: dict[int, str], ignored: set[str], dg: tp.DependencyGraph) -> str | None:
+    """Why one item of a group keeps the group from being cut out exactly (None: it does not)."""
+    target = item.dep.target
+    mod, out = target.module, _is_out(group, item.dep)
+    mname = names.get(id(mod), repr(mod))
+    other = "it is" if mod is root else f"it shares channels with {mname}, which is"
+    if isinstance(mod, ops._OutputOp) or (not target.outputs and out):
+        return "its channels are model outputs"
+    if out and any(mname == i or mname.startswith(i + ".") for i in ignored):
+        return f"{other} in ignored_layers"
+    if isinstance(mod, nn.Parameter):
+        return _param_reason(target, other)
+    if type(mod).__module__ == ops.__name__:
+        return _op_reason(target, dg)
+    if getattr(mod, "groups", 1) != 1:
+        if not isinstance(mod, PLAIN_LAYERS):
+            return f"{other} a grouped {type(mod).__name__} (groups={mod.groups})"
+        return _conv_reason(item, mod, out, other)
+    if not isinstance(mod, _EXACT):
+        return (f"{other} a {type(mod).__name__}, which cannot lose channels exactly (exact: {plain_names()}, "
+                "BatchNorm, their spectral forms, parameters that scale or shift channels, and parameter-free operations)")
+    return None
+
+
+def _channel_groups(group) -> int:
+    """How many conv groups the group's channels fall into (each must lose the same positions): the lcm of the
+    `groups` of its grouped, not depthwise, convolutions (1 if none)."""
+    g = 1
+    for item in group:
+        conv = item.dep.target.module
+        if isinstance(conv, PLAIN_LAYERS) and getattr(conv, "groups", 1) > 1 and conv.groups != conv.out_channels:
+            g = math.lcm(g, conv.groups)
+    return g
 
 
 def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: ChannelPlan) -> dict[str, object]:
@@ -252,48 +387,39 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
     for group in dg.get_all_groups(root_module_types=ROOT_TYPES):
         root = group[0].dep.target.module
         rname = names[id(root)]
-        why = None
-        for item in group:
-            target = item.dep.target
-            mod = target.module
-            mname = names.get(id(mod), repr(mod))
-            other = "it is" if mod is root else f"it shares channels with {mname}, which is"
-            if isinstance(mod, ops._OutputOp) or (not target.outputs and _is_out(group, item.dep)):
-                why = "its channels are model outputs"
-            elif _is_out(group, item.dep) and any(mname == i or mname.startswith(i + ".") for i in ignored):
-                why = f"{other} in ignored_layers"
-            elif isinstance(mod, PLAIN_LAYERS) and getattr(mod, "groups", 1) != 1:
-                why = f"{other} a grouped convolution (groups={mod.groups})"
-            elif not (isinstance(mod, _EXACT) or type(mod).__module__ == ops.__name__):
-                why = (f"{other} a {type(mod).__name__}, which cannot lose channels exactly (exact: {plain_names()}, "
-                       "BatchNorm, their spectral forms and parameter-free operations)")
-            if why:
-                break
+        why = next((w for item in group if (w := _reason(group, item, root, names, ignored, dg))), None)
+        width, g = len(group[0].idxs), _channel_groups(group)
+        if why is None and width % g:
+            why = f"its {width} channels do not split evenly into the {g} groups of its grouped convolutions"
+        producers = [names[id(item.dep.target.module)] for item in group
+                     if isinstance(item.dep.target.module, _WEIGHTED) and _is_out(group, item.dep)]
         if why:
             plan.left_alone[rname] = why
-            for item in group:
-                if isinstance(item.dep.target.module, _WEIGHTED) and _is_out(group, item.dep):
-                    plan.left_alone.setdefault(names[id(item.dep.target.module)], why)
+            for name in producers:
+                plan.left_alone.setdefault(name, why)
         else:
             groups[rname] = group
-            plan.widths[rname] = len(group[0].idxs)
-            for item in group:
-                if isinstance(item.dep.target.module, _WEIGHTED) and _is_out(group, item.dep):
-                    plan.members[names[id(item.dep.target.module)]] = rname
+            plan.widths[rname] = width
+            if g > 1:
+                plan.channel_groups[rname] = g
+            for name in producers:
+                plan.members[name] = rname
     return groups
 
 
 def select_channels(
     model: nn.Module, keep: KeepLike | dict[str, KeepLike], example_inputs: Inputs, *,
     importance: tp.importance.Importance | None = None, global_ranking: bool = False,
-    ignored_layers: Sequence[LayerRef] | None = None,
+    ignored_layers: Sequence[LayerRef] | None = None, unwrapped_parameters: Sequence[tuple[object, int]] | None = None,
 ) -> ChannelPlan:
     """Which output channels of each prunable group to keep (`model` is not modified).
 
     `importance`: any Torch-Pruning `Importance` (default `EigenImportance`; gradient-based ones such as
     `TaylorImportance` read the gradients already in `model`'s parameters). The scores are kept in
     the plan (`plan.scores`), so `choose_channels(plan, other_keep)` re-decides without re-scoring.
-    `keep` and `global_ranking`: see `choose_channels`.
+    `keep` and `global_ranking`: see `choose_channels`. `unwrapped_parameters`: (parameter or its name, dim) pairs
+    for bare parameters that scale or shift channels (a layer scale, a class token, a position embedding), cut
+    along dim; any other bare parameter is cut along its last dimension longer than 1 (Torch-Pruning's default).
     """
     scripted = next((n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
     if scripted is not None:
@@ -307,8 +433,9 @@ def select_channels(
     check_finite(model, *inputs)  # a diverged model (or NaN inputs) would rank garbage
     names_of_original = {id(m): n for n, m in model.named_modules()}
     ignored = _resolve(work, ignored_layers, names_of_original)
-    dg = _build(work, inputs, ignored)
-    plan = ChannelPlan()
+    names_of_original.update({id(p): n for n, p in model.named_parameters()})
+    plan = ChannelPlan(unwrapped=_unwrapped(work, unwrapped_parameters, names_of_original))
+    dg = _build(work, inputs, plan.unwrapped)
     groups = _groups(work, dg, ignored, plan)
     if not groups:
         raise PruneError(f"{type(model).__name__} has no channels that can be pruned: " +
@@ -318,7 +445,9 @@ def select_channels(
         s = importance(group)
         if s is None:
             raise PruneError(f"the importance {type(importance).__name__} gives no scores for the group of {name}")
-        plan.scores[name] = s.detach().flatten().double().cpu()
+        s = s.detach().flatten().double().cpu()
+        g = plan.channel_groups.get(name, 1)
+        plan.scores[name] = s.view(g, -1).square().sum(0).sqrt() if g > 1 else s
     return choose_channels(plan, keep, global_ranking=global_ranking)
 
 
@@ -329,10 +458,13 @@ def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, 
     score normalised by its maximum, or a dict {layer name: keep} (other groups untouched; any layer
     producing a group's channels names the group). With `global_ranking`, a count or a fraction is
     of all prunable channels together, ranked by score normalised by each group's maximum (each group
-    keeps at least its top channel).
+    keeps at least its top channel). A group through grouped convolutions (`plan.channel_groups`) keeps
+    the same positions in each conv group: a count is rounded up to a multiple of the groups, and in
+    global ranking a position counts once.
     """
     scores = plan.scores
-    new = ChannelPlan(widths=dict(plan.widths), members=dict(plan.members), left_alone=dict(plan.left_alone), scores=scores)
+    new = ChannelPlan(widths=dict(plan.widths), members=dict(plan.members), left_alone=dict(plan.left_alone), scores=scores,
+                      channel_groups=dict(plan.channel_groups), unwrapped=dict(plan.unwrapped))
     if isinstance(keep, dict):
         if global_ranking:
             raise PruneError("global_ranking ranks all groups together: give one keep value, not a per-layer dict")
@@ -350,7 +482,7 @@ def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, 
         specs = {name: spec for name in scores}
     if global_ranking and spec.kind in ("count", "fraction"):
         flat = torch.cat([normalize(scores[n]) for n in specs])
-        total = sum(new.widths[n] for n in specs)
+        total = sum(scores[n].numel() for n in specs)
         wanted = int(spec.value) if spec.kind == "count" else math.ceil(spec.value * total - 1e-9)
         if not len(specs) <= wanted <= total:
             raise PruneError(f"global keep={wanted} must be between the number of groups {len(specs)} and the "
@@ -360,13 +492,26 @@ def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, 
         start = 0
         for name in specs:
             n = scores[name].numel()
-            new.kept[name] = chosen[start : start + n].nonzero().flatten()
+            new.kept[name] = _expand(chosen[start : start + n].nonzero().flatten(), new, name)
             start += n
         return new
     for name, spec in specs.items():
+        g = new.channel_groups.get(name, 1)
+        if spec.kind == "count" and g > 1:
+            if spec.value > new.widths[name]:
+                raise PruneError(f"keep={int(spec.value)} exceeds the width {new.widths[name]} of {name}; give a count in "
+                                 f"1..{new.widths[name]}")
+            spec = KeepSpec("count", math.ceil(spec.value / g))
         k = count_to_keep(spec, scores[name], name)
-        new.kept[name] = top_k_mask(scores[name], k).nonzero().flatten()
+        new.kept[name] = _expand(top_k_mask(scores[name], k).nonzero().flatten(), new, name)
     return new
+
+
+def _expand(positions: torch.Tensor, plan: ChannelPlan, name: str) -> torch.Tensor:
+    """The channels at `positions` of each conv group of `name`'s group (the positions themselves if it has none)."""
+    g = plan.channel_groups.get(name, 1)
+    per = plan.widths[name] // g
+    return torch.cat([positions + j * per for j in range(g)]) if g > 1 else positions
 
 
 @torch.no_grad()
@@ -381,6 +526,10 @@ def _zero(layer: nn.Module, idxs: list[int], out: bool) -> None:
             layer.weight[idxs] = 0
     elif out:
         layer.weight[idxs] = 0
+    elif getattr(layer, "groups", 1) > 1:  # input channel i of a grouped conv: weight[:, i % per] of its group's outputs only
+        per, out_per = layer.weight.shape[1], layer.weight.shape[0] // layer.groups
+        for i in idxs:
+            layer.weight[i // per * out_per : (i // per + 1) * out_per, i % per] = 0
     else:
         layer.weight[:, idxs] = 0
     if out and getattr(layer, "bias", None) is not None:
@@ -389,7 +538,7 @@ def _zero(layer: nn.Module, idxs: list[int], out: bool) -> None:
 
 def _apply(model: nn.Module, plan: ChannelPlan, inputs: tuple[torch.Tensor, ...], mask: bool) -> nn.Module:
     training = model.training
-    dg = _build(model, inputs, None)
+    dg = _build(model, inputs, plan.unwrapped)
     modules = dict(model.named_modules())
     for name, kept in plan.kept.items():
         root = modules[name]
@@ -402,8 +551,12 @@ def _apply(model: nn.Module, plan: ChannelPlan, inputs: tuple[torch.Tensor, ...]
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, drop)
         if mask:
             for item in group:
-                if isinstance(item.dep.target.module, _EXACT):
-                    _zero(item.dep.target.module, list(item.idxs), _is_out(group, item.dep))
+                target = item.dep.target
+                if isinstance(target.module, _EXACT):
+                    _zero(target.module, list(item.idxs), _is_out(group, item.dep))
+                elif isinstance(target.module, nn.Parameter):  # a layer scale, class token, position embedding
+                    with torch.no_grad():
+                        target.module.index_fill_(target.pruning_dim, torch.as_tensor(list(item.idxs)), 0)
         else:
             group.prune()
     model.train(training)  # Torch-Pruning's tracing switches to eval mode
@@ -419,7 +572,8 @@ def mask_graph(model: nn.Module, plan: ChannelPlan, example_inputs: Inputs) -> n
 def prune_graph(
     model: nn.Module, keep: KeepLike | dict[str, KeepLike] | ChannelPlan, example_inputs: Inputs, *,
     importance: tp.importance.Importance | None = None, global_ranking: bool = False,
-    ignored_layers: Sequence[LayerRef] | None = None, keep_spectral: bool = False, inplace: bool = False,
+    ignored_layers: Sequence[LayerRef] | None = None, unwrapped_parameters: Sequence[tuple[object, int]] | None = None,
+    keep_spectral: bool = False, inplace: bool = False,
 ) -> nn.Module:
     """A physically smaller `model` with only the important channels of each prunable group.
 
@@ -429,7 +583,8 @@ def prune_graph(
     `inplace`. The result computes what `mask_graph(model, plan, example_inputs)` computes.
     """
     plan = keep if isinstance(keep, ChannelPlan) else select_channels(
-        model, keep, example_inputs, importance=importance, global_ranking=global_ranking, ignored_layers=ignored_layers)
+        model, keep, example_inputs, importance=importance, global_ranking=global_ranking, ignored_layers=ignored_layers,
+        unwrapped_parameters=unwrapped_parameters)
     work = model if inplace else copy.deepcopy(model)
     _apply(work, plan, input_tuple(example_inputs, PruneError), mask=False)
     return work if keep_spectral else despectralize(work)
