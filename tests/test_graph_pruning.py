@@ -204,7 +204,8 @@ def test_bad_input_is_one_line_and_leaves_the_model_alone():
     with pytest.raises(PruneError, match=r"^unwrapped_parameters entry 'nope' is not a parameter of Sequential"):
         prune_nodes(nn.Sequential(nn.Linear(4, 4), Scaled(), nn.Linear(4, 1)), 2, example_inputs=torch.randn(2, 4),
                     unwrapped_parameters=[("nope", 0)])
-    with pytest.raises(PruneError, match=r"^unwrapped_parameters: the dim of 1.scale must be an int in -1..0 \(its shape is \[4\]\); got 3$"):
+    with pytest.raises(PruneError, match=r"^unwrapped_parameters: the dim of 1.scale must be an int in -1..0 \(its shape is \[4\]\); "
+                                         r"got 3$"):
         prune_nodes(nn.Sequential(nn.Linear(4, 4), Scaled(), nn.Linear(4, 1)), 2, example_inputs=torch.randn(2, 4),
                     unwrapped_parameters=[("1.scale", 3)])
     with pytest.raises(PruneError, match=r"^cannot trace NoGrad: its output on example_inputs has no autograd graph"):

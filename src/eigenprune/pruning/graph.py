@@ -33,7 +33,7 @@ from torch_pruning import ops
 
 from eigenprune.core.convert import despectralize
 from eigenprune.core.io import first_line
-from eigenprune.core.layers import PLAIN_LAYERS, SPECTRAL_LAYERS, SpectralModule, plain_names
+from eigenprune.core.layers import PLAIN_LAYERS, SPECTRAL_LAYERS, SpectralLinear, SpectralModule, plain_names
 from eigenprune.core.structure import input_tuple
 from eigenprune.pruning.importance import node_importance, normalize
 from eigenprune.pruning.keep import KeepLike, KeepSpec, PruneError, check_finite, count_to_keep, parse_keep, top_k_mask
@@ -244,6 +244,24 @@ class _ReshapeLog(TorchFunctionMode):
         return out
 
 
+class _Graph(tp.DependencyGraph):
+    """Torch-Pruning's DependencyGraph, told (as it tells itself for nn.Linear) when a spectral linear layer sees
+    [batch, tokens, features] inputs: it then does not mistake token-flattening reshapes for channel ones."""
+
+    def _trace(self, model, *args, **kwargs):
+        dims: list[int] = []
+        hooks = [m.register_forward_hook(lambda mod, inp, out: dims.append(out.dim())) for m in model.modules()
+                 if isinstance(m, SpectralLinear)]
+        try:
+            traced = super()._trace(model, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if 3 in dims:
+            self._2d_4d = False
+        return traced
+
+
 def _unwrapped(model: nn.Module, refs: Sequence[tuple[object, int]] | None, names_of_original: dict[int, str]) -> dict[str, int]:
     """{parameter name: pruning dim} for `unwrapped_parameters` entries (parameter of the original model, or its name; dim)."""
     params = dict(model.named_parameters())
@@ -270,7 +288,7 @@ def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], unwrapped: dict[s
     reshape (`dg.reshapes`, to find reshapes that split channels).
     """
     _check_forward(model, inputs)
-    dg = tp.DependencyGraph()
+    dg = _Graph()
     params = dict(model.named_parameters())
     pairs = [(params[n], d) for n, d in (unwrapped or {}).items()]
     traced = tuple(t.detach().clone().requires_grad_(True) if t.is_floating_point() else t for t in inputs)
