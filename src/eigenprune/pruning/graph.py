@@ -10,9 +10,12 @@ through `prune_nodes(model, keep, example_inputs=x)`). Layers are named by their
 What "removing" a channel means here: the channel is cut out of the network, i.e. every slice of
 its group is removed (its rows in the producing layers, its BatchNorm entries, its columns in the
 consuming layers). `mask_graph` builds the same-size reference with exactly those slices zeroed;
-the pruned model computes what it computes. Groups that cannot be cut out exactly are left alone
-and listed: channels that are model outputs, and channels normalised together with others
-(LayerNorm, GroupNorm), mixed by attention, or read by a layer Torch-Pruning has no pruner for.
+the pruned model computes what it computes. Depthwise convolutions go with their input's channels,
+grouped ones lose the same positions in every conv group, and bare parameters (a layer scale, a class
+token) are sliced with their channels, as Torch-Pruning does. Groups that cannot be cut out exactly
+are left alone and listed: channels that are model outputs or meet a model input, and channels
+normalised together with others (LayerNorm, GroupNorm), mixed by attention, shuffled by a reshape, or
+read by a layer or parameter that cannot lose them exactly.
 Unlike the chain path (`pruning.chain`), a removed node's constant output act(b_j) is not folded
 into the next layer's bias.
 """
