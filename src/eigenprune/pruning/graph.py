@@ -230,20 +230,42 @@ def _resolve(model: nn.Module, refs: Sequence[LayerRef] | None, names_of_origina
     return out
 
 
-class _ReshapeLog(TorchFunctionMode):
-    """Records the input and output shapes of every view/reshape/flatten in a forward pass, by the output's grad_fn."""
+def _leaves(obj) -> list:
+    """The tensors (and other leaves) inside nested tuples, lists and dicts."""
+    if isinstance(obj, (tuple, list)):
+        return [leaf for o in obj for leaf in _leaves(o)]
+    if isinstance(obj, dict):
+        return [leaf for o in obj.values() for leaf in _leaves(o)]
+    return [obj]
 
-    NAMES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
 
-    def __init__(self):
+class _TraceLog(TorchFunctionMode):
+    """What Torch-Pruning's trace cannot see, recorded during its forward pass by the grad_fn of each result:
+    `reshapes`, the input and output shapes of every view/reshape/flatten; `reads_input`, the operations that
+    combine a model input (or a tensor computed from the inputs alone, which has no autograd graph) with others."""
+
+    RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
+
+    def __init__(self, inputs: tuple[torch.Tensor, ...]):
         super().__init__()
-        self.shapes: dict[object, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.reshapes: dict[object, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.reads_input: set[object] = set()
+        self._derived = list(inputs)  # kept alive, so that their ids stay theirs
+        self._ids = {id(t) for t in inputs}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") in self.NAMES and isinstance(out, torch.Tensor) and out.grad_fn is not None \
+        leaves = _leaves((args, kwargs))
+        if any(isinstance(a, torch.Tensor) and id(a) in self._ids for a in leaves):
+            for o in _leaves(out):
+                if isinstance(o, torch.Tensor) and o.grad_fn is None:
+                    self._derived.append(o)
+                    self._ids.add(id(o))
+                elif isinstance(o, torch.Tensor):
+                    self.reads_input.add(o.grad_fn)
+        if getattr(func, "__name__", "") in self.RESHAPES and isinstance(out, torch.Tensor) and out.grad_fn is not None \
                 and args and isinstance(args[0], torch.Tensor):
-            self.shapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
+            self.reshapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
         return out
 
 
@@ -287,22 +309,21 @@ def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], unwrapped: dict[s
 
     Parameters used outside a layer Torch-Pruning knows (a layer scale, a class token) are its "unwrapped parameters":
     those in `unwrapped` ({name: dim}) are cut along that dim, the others along their last dimension longer than 1.
-    The graph also keeps the traced inputs (`dg.traced_inputs`, to find channels tied to them) and the shapes of every
-    reshape (`dg.reshapes`, to find reshapes that split channels).
+    The graph also keeps what `_TraceLog` saw (`dg.reads_input`, to find channels tied to a model input, and
+    `dg.reshapes`, to find reshapes that split channels).
     """
     _check_forward(model, inputs)
     dg = _Graph()
     params = dict(model.named_parameters())
     pairs = [(params[n], d) for n, d in (unwrapped or {}).items()]
-    traced = tuple(t.detach().clone().requires_grad_(True) if t.is_floating_point() else t for t in inputs)
-    log = _ReshapeLog()
+    log = _TraceLog(inputs)
     try:
         with log:
-            dg.build_dependency(model, example_inputs=traced, customized_pruners=SPECTRAL_PRUNERS, unwrapped_parameters=pairs,
+            dg.build_dependency(model, example_inputs=inputs, customized_pruners=SPECTRAL_PRUNERS, unwrapped_parameters=pairs,
                                 verbose=False)
     except Exception as err:  # noqa: BLE001 - Torch-Pruning raises many kinds; all mean "cannot trace"
         raise PruneError(f"Torch-Pruning could not trace {type(model).__name__}: {type(err).__name__}: {err}") from None
-    dg.traced_inputs, dg.reshapes = traced, log.shapes
+    dg.reads_input, dg.reshapes = log.reads_input, log.reshapes
     return dg
 
 
@@ -338,8 +359,7 @@ def _param_reason(node, other: str) -> str | None:
 
 
 def _op_reason(node, dg: tp.DependencyGraph) -> str | None:
-    reads = [f.variable for f, _ in getattr(node.grad_fn, "next_functions", ()) if f is not None and hasattr(f, "variable")]
-    if any(v is t for v in reads for t in dg.traced_inputs):
+    if node.grad_fn in dg.reads_input:
         return "its channels meet a model input (e.g. a residual sum with the input), whose channels cannot be removed"
     if node.grad_fn in dg.reshapes and _splits(*dg.reshapes[node.grad_fn]):
         before, after = dg.reshapes[node.grad_fn]
