@@ -185,3 +185,23 @@ def test_pruned_zoo_exports_to_onnx(tmp_path, kind):
     assert _params(pruned) < 0.9 * _params(model)
     path = export_module_onnx(pruned, x, tmp_path / f"{kind}.onnx")
     assert check_onnx(path, pruned, torch.randn(3, 3, 16, 16)) < 1e-4
+
+
+class ConcatIntoGroupedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.g(torch.relu(torch.cat([self.a(x), self.b(x)], 1))).mean((2, 3)))
+
+
+def test_a_grouped_convolution_behind_a_concatenation_is_left_alone():
+    """Its conv groups straddle the concatenated inputs: which positions go together is not the inputs' own."""
+    model, x = ConcatIntoGroupedConv().double(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    plan = select_channels(model, 0.5, x)
+    assert set(plan.kept) == {"g"} and plan.left_alone["a"] == plan.left_alone["b"] == (
+        "it shares channels with g, which is a grouped convolution (groups=4) reached through a concatenation, split or slice")
+    torch.testing.assert_close(prune_graph(model, plan, x)(x), mask_graph(model, plan, x)(x), rtol=1e-10, atol=1e-12)

@@ -337,6 +337,8 @@ def _op(node) -> str:
 
 def _splits(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
     """Whether reshaping `before` into `after` splits a dimension other than the first into several longer than 1."""
+    if 0 in before or math.prod(before) != math.prod(after):
+        return False
     i = j = 0
     while i < len(before) and j < len(after):
         start_i, start_j, a, b = i, j, before[i], after[j]
