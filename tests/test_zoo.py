@@ -227,3 +227,20 @@ def test_spectralized_grouped_and_depthwise_convs_are_pruned_through_as_the_plai
         ours = _params(prune_nodes(spectral, keep, example_inputs=x)) / _params(model)  # back to plain layers
         plain = _params(prune_nodes(model, keep, example_inputs=x)) / _params(model)
         assert ours == plain, (keep, ours, plain)
+
+
+@pytest.mark.parametrize("name", ["convnext", "vit"])
+def test_exact_false_prunes_the_layer_norm_streams_with_their_bare_parameters_as_far_as_torch_pruning(name):
+    """exact=False with bare parameters on the stream (ConvNeXt's layer scale; a ViT's class token and position
+    embedding, nn.MultiheadAttention): the stream is pruned (not exactly: through its LayerNorms) with its parameters
+    sliced, plain and spectralized alike, to Torch-Pruning's fraction with no group left out."""
+    model = make(name)
+    x = torch.randn(*ZOO[name][1])
+    for keep in (0.5, 0.25):
+        theirs = _torch_pruning_fraction(model, x, keep)
+        for m in (model, spectralize(copy.deepcopy(model))):
+            plan = select_channels(m, keep, x, exact=False)
+            assert any("LayerNorm" in through for through in plan.inexact.values())
+            small = prune_nodes(m, keep, example_inputs=x, exact=False)
+            assert small(x).shape == model(x).shape
+            assert abs(_params(small) / _params(model) - theirs) < 0.02, (keep, _params(small) / _params(model), theirs)

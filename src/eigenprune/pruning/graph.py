@@ -567,11 +567,11 @@ def _reason(group, item, root: nn.Module, names: dict[int, str], ignored: set[st
         return "its channels are model outputs"
     if out and any(mname == i or mname.startswith(i + ".") for i in ignored):
         return f"{other} in ignored_layers"
+    if isinstance(mod, nn.Parameter):
+        return _param_reason(target, other)
     if not exact and _inexact_kind(mod):
         through.append(_inexact_kind(mod) + ("" if isinstance(mod, ops._ElementWiseOp) else f" {mname}"))
         return None
-    if isinstance(mod, nn.Parameter):
-        return _param_reason(target, other)
     if type(mod).__module__ == ops.__name__:
         return _op_reason(target, dg, _attends(group))
     if getattr(mod, "groups", 1) != 1:
