@@ -28,7 +28,7 @@ Pruning: one layer per channel group is named in each model's PRUNE; at kept fra
 k = max(1, round(f * width)) channels of every group (computed here, not by either library's rounding), the k with the
 highest scores, removed with Torch-Pruning's DependencyGraph; the benchmark asserts equal parameter counts across
 pipelines at every f. Ours is cross-checked against `eigenprune.prune_nodes(model, {layer: k}, example_inputs=x)`
-on the spectral model (same outputs), where prune_nodes can prune every group (it leaves depthwise groups alone).
+on the spectral model (same outputs), on every group prune_nodes prunes (since issue #24, depthwise ones too).
 
 Measure: over the fraction GRID, scanned from 1 down, the smallest kept parameter fraction (parameters of the pruned
 model / of the unpruned one) whose test accuracy is at least the STANDARD unpruned model's minus 1 point, at this f

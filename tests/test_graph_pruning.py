@@ -158,6 +158,15 @@ class Scaled(nn.Module):
         return x * self.scale
 
 
+class MatParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x @ self.w
+
+
 class NoGrad(nn.Module):
     def __init__(self):
         super().__init__()
@@ -192,17 +201,36 @@ def test_bad_input_is_one_line_and_leaves_the_model_alone():
         prune_nodes(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), 2, keep_spectral=True)
     with pytest.raises(PruneError, match=r"^importance, inplace: options of the graph path; pass example_inputs"):
         prune_nodes(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), 2, importance=EigenImportance(), inplace=False)
-    with pytest.raises(PruneError, match=r"^cannot prune through 1 \(Scaled\): Torch-Pruning has no pruner for it"):
-        prune_nodes(nn.Sequential(nn.Linear(4, 4), Scaled(), nn.Linear(4, 1)), 2, example_inputs=torch.randn(2, 4))
+    with pytest.raises(PruneError, match=r"^unwrapped_parameters entry 'nope' is not a parameter of Sequential"):
+        prune_nodes(nn.Sequential(nn.Linear(4, 4), Scaled(), nn.Linear(4, 1)), 2, example_inputs=torch.randn(2, 4),
+                    unwrapped_parameters=[("nope", 0)])
+    with pytest.raises(PruneError, match=r"^unwrapped_parameters: the dim of 1.scale must be an int in -1..0 \(its shape is \[4\]\); "
+                                         r"got 3$"):
+        prune_nodes(nn.Sequential(nn.Linear(4, 4), Scaled(), nn.Linear(4, 1)), 2, example_inputs=torch.randn(2, 4),
+                    unwrapped_parameters=[("1.scale", 3)])
     with pytest.raises(PruneError, match=r"^cannot trace NoGrad: its output on example_inputs has no autograd graph"):
         prune_nodes(NoGrad(), 2, example_inputs=torch.randn(2, 4))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and model.c1.out_channels == 8
 
 
-def test_an_unsupported_layer_can_be_ignored():
+def test_a_bare_parameter_is_cut_with_its_channels_or_its_group_left_alone():
+    """A parameter outside any layer (a layer scale) is sliced with the channels it scales (Torch-Pruning's unwrapped
+    parameters), exactly; one read by a matrix product leaves its group alone; none is refused."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4), Scaled(), nn.Linear(4, 1))
-    small = prune_nodes(model, 3, example_inputs=torch.randn(2, 4), ignored_layers=["3"])
-    assert small[0].out_features == 3 and small[2].out_features == 4
+    with torch.no_grad():
+        model[3].scale.uniform_(0.5, 1.5)
+    x = torch.randn(2, 4)
+    for unwrapped in (None, [(model[3].scale, 0)], [("3.scale", -1)]):
+        plan = select_channels(model, 2, x, unwrapped_parameters=unwrapped)
+        assert plan.members == {"0": "0", "2": "2"}
+        small = prune_graph(model, plan, x)
+        assert small[3].scale.shape == (2,) and small[2].out_features == 2
+        torch.testing.assert_close(small(x), mask_graph(model, plan, x)(x), rtol=0, atol=1e-6)
+    assert prune_nodes(model, 3, example_inputs=x, ignored_layers=["3"])[2].out_features == 4
+    plan = select_channels(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4), MatParam(), nn.Linear(4, 1)), 2, x)
+    assert plan.left_alone["2"].startswith("it shares channels with 3.w, which is a parameter read by MmBackward0, which "
+                                           "cannot lose channels exactly")
 
 
 # --- ONNX ------------------------------------------------------------------------------------------------

@@ -10,13 +10,15 @@ through `prune_nodes(model, keep, example_inputs=x)`). Layers are named by their
 What "removing" a channel means here: the channel is cut out of the network, i.e. every slice of
 its group is removed (its rows in the producing layers, its BatchNorm entries, its columns in the
 consuming layers). `mask_graph` builds the same-size reference with exactly those slices zeroed;
-the pruned model computes what it computes. Groups that cannot be cut out exactly are left alone
-and listed: channels that are model outputs, and channels normalised together with others
-(LayerNorm, GroupNorm, RMSNorm), mixed by nn.MultiheadAttention, split into attention heads of
-unknown count, or read by a layer Torch-Pruning has no pruner for. With `exact=False` the groups
-through norms and nn.MultiheadAttention are pruned too (the network without those channels, each
-norm recomputed over the kept ones: not the masked model, so `mask_graph` refuses such a plan).
-Channels split into heads or norm groups are chosen head-consistently (each block keeps the same positions).
+the pruned model computes what it computes. Depthwise convolutions go with their input's channels,
+and bare parameters (a layer scale, a class token) are sliced with their channels, as Torch-Pruning does.
+Channels split into equal blocks (the groups of a grouped convolution, attention heads, GroupNorm groups)
+lose the same positions in every block. Groups that cannot be cut out exactly are left alone and listed:
+channels that are model outputs or meet a model input, and channels normalised together with others
+(LayerNorm, GroupNorm, RMSNorm), mixed by nn.MultiheadAttention, split into attention heads of unknown
+count, shuffled by a reshape, or read by a layer or parameter that cannot lose them exactly. With
+`exact=False` the groups through norms and nn.MultiheadAttention are pruned too (the network without those
+channels, each norm recomputed over the kept ones: not the masked model, so `mask_graph` refuses such a plan).
 Unlike the chain path (`pruning.chain`), a removed node's constant output act(b_j) is not folded
 into the next layer's bias.
 """
@@ -32,14 +34,15 @@ from typing import Union
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch_pruning import ops
 
 from eigenprune.core.convert import despectralize
 from eigenprune.core.io import first_line
-from eigenprune.core.layers import DEPTHWISE_LAYERS, PLAIN_LAYERS, SPECTRAL_LAYERS, SpectralModule, plain_names
+from eigenprune.core.layers import DEPTHWISE_LAYERS, PLAIN_LAYERS, SPECTRAL_LAYERS, SpectralLinear, SpectralModule, plain_names
 from eigenprune.core.structure import input_tuple
 from eigenprune.pruning.importance import node_importance, normalize
-from eigenprune.pruning.keep import KeepLike, PruneError, check_finite, count_to_keep, parse_keep, top_k_mask
+from eigenprune.pruning.keep import KeepLike, KeepSpec, PruneError, check_finite, count_to_keep, parse_keep, top_k_mask
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 LayerRef = Union[nn.Module, str]
@@ -193,6 +196,18 @@ def _is_out(group, dep) -> bool:
     return group._DG.is_out_channel_pruning_fn(dep.handler)
 
 
+def _is_depthwise(layer: nn.Module) -> bool:
+    """A depthwise convolution (groups = in = out channels > 1, plain or spectral): each channel has its own kernel."""
+    groups = getattr(layer, "groups", 1)
+    return groups > 1 and groups == getattr(layer, "in_channels", 0) == getattr(layer, "out_channels", 0)
+
+
+def _conv_groups(layer: nn.Module) -> int:
+    """Into how many equal blocks a grouped (not depthwise) convolution splits its channels (1 for any other layer)."""
+    groups = getattr(layer, "groups", 1) if isinstance(layer, _WEIGHTED) else 1
+    return groups if groups > 1 and groups != layer.out_channels else 1
+
+
 def _inexact_kind(mod: nn.Module) -> str | None:
     """What `exact=False` lets a group pass through (a norm or attention), else None."""
     if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)) or is_rmsnorm(mod):
@@ -203,12 +218,15 @@ def _inexact_kind(mod: nn.Module) -> str | None:
 
 
 def _blocks(modules: dict[str, nn.Module], names: dict[int, str], group, exact: bool) -> tuple[int, str | None]:
-    """(blocks, why not): into how many equal blocks the group's channels are split (attention heads, GroupNorm
-    groups; each block must keep the same positions), or why the group cannot be cut: heads of unknown count, or
-    (when `exact`) F.scaled_dot_product_attention, whose default scale 1/sqrt(head width) changes with the cut."""
+    """(blocks, why not): into how many equal blocks the group's channels are split, each of which must keep the same
+    positions: the lcm of its attention heads, GroupNorm groups and grouped convolutions' groups; or why the group
+    cannot be cut: heads of unknown count, or (when `exact`) F.scaled_dot_product_attention, whose default scale
+    1/sqrt(head width) changes with the cut."""
     counts, heads, matmul, mha, stacked = set(), set(), None, False, 1
     for item in group:
         mod = item.dep.target.module
+        if _conv_groups(mod) > 1:
+            counts.add(_conv_groups(mod))
         if isinstance(mod, nn.MultiheadAttention):  # its products (traced inside it) are head-split by its own num_heads
             counts.add(mod.num_heads)
             mha = True
@@ -235,8 +253,16 @@ def _blocks(modules: dict[str, nn.Module], names: dict[int, str], group, exact: 
         counts |= {h * stacked for h in heads}
     blocks = math.lcm(*counts) if counts else 1
     if len(group[0].idxs) % blocks:
-        return 1, f"its {len(group[0].idxs)} channels are split into {sorted(counts)} heads or groups, which no cut keeps equal"
+        return 1, (f"its {len(group[0].idxs)} channels are split into {sorted(counts)} heads or groups (of attention, "
+                   "GroupNorm or grouped convolutions), which no cut keeps equal")
     return blocks, None
+
+
+def _attends(group) -> bool:
+    """Whether the group's channels are split into attention heads (nn.MultiheadAttention, a batched matrix product or
+    scaled_dot_product_attention): a reshape that splits them is then the split into heads, which `_blocks` follows."""
+    return any(isinstance(m, nn.MultiheadAttention) or (isinstance(m, ops._ElementWiseOp) and (
+        str(m._grad_fn) in _MATMULS or "ScaledDotProduct" in str(m._grad_fn))) for m in (i.dep.target.module for i in group))
 
 
 class EigenImportance(tp.importance.Importance):
@@ -247,6 +273,9 @@ class EigenImportance(tp.importance.Importance):
     (a residual sum) it is the norm of all their incoming weights, sqrt(sum over layers of the squares).
     A BatchNorm right after a layer (its only consumer) is part of the channel's incoming weights: its scale
     gamma / sqrt(var + eps) multiplies them (otherwise the normalisation would hide how small a channel's weights are).
+    A depthwise convolution in the group maps each channel on by its own kernel, so the norm of the channel's weights
+    from the group's inputs to the depthwise output is the product: the score is multiplied by the kernel's norm
+    (times its BatchNorm's scale).
     Use it with any Torch-Pruning pruner, e.g. `tp.pruner.MetaPruner(model, x, importance=EigenImportance(),
     customized_pruners=SPECTRAL_PRUNERS, root_module_types=ROOT_TYPES)`.
     """
@@ -263,7 +292,7 @@ class EigenImportance(tp.importance.Importance):
                 m = bn.module
                 factor = m.weight.abs() / (m.running_var + m.eps).sqrt() if m.running_var is not None else m.weight.abs()
                 scale[id(source)] = factor.double()
-        total = None
+        total = factor = None
         for item in group:
             dep, idxs = item.dep, item.idxs
             layer = dep.target.module
@@ -272,11 +301,17 @@ class EigenImportance(tp.importance.Importance):
             scores = node_importance(layer).double()
             if id(layer) in scale:
                 scores = scores * scale[id(layer)].to(scores.device)
-            scores = scores[list(idxs)].square()
+            root = torch.as_tensor(item.root_idxs, device=scores.device)
+            if _is_depthwise(layer):
+                factor = torch.ones(len(group[0].idxs), dtype=torch.float64, device=scores.device) if factor is None else factor
+                factor[root] = factor[root] * scores[list(idxs)]
+                continue
             if total is None:
                 total = torch.zeros(len(group[0].idxs), dtype=torch.float64, device=scores.device)
-            total.index_add_(0, torch.as_tensor(item.root_idxs, device=scores.device), scores)
-        return None if total is None else total.sqrt()
+            total.index_add_(0, root, scores[list(idxs)].square())
+        if total is None:
+            return factor
+        return total.sqrt() if factor is None else total.sqrt() * factor
 
 
 @dataclass
@@ -286,10 +321,12 @@ class ChannelPlan:
     `kept`: root layer name -> sorted kept output-channel indices; `widths`: root layer name -> its
     width; `members`: every layer producing a group's channels (e.g. both convolutions of a residual
     sum) -> the group's root layer name; `left_alone`: name -> why its channels are not pruned;
-    `scores`: root layer name -> the importance of each of its channels; `blocks`: root layer name ->
-    into how many equal blocks its channels are split (attention heads, GroupNorm groups), each of
-    which keeps the same positions (absent: 1); `inexact`: root layer name -> the norms and attention
-    its group passes through (only with exact=False: cutting it is not masking it).
+    `scores`: root layer name -> the importance of each of its channels, or with blocks of each position;
+    `blocks`: root layer name -> into how many equal blocks its channels are split (the lcm of its
+    attention heads, GroupNorm groups and grouped convolutions' groups; absent: 1): every block keeps the
+    same positions, and `scores` holds one score per position (the norm over the blocks); `inexact`: root
+    layer name -> the norms and attention its group passes through (only with exact=False: cutting it is
+    not masking it); `unwrapped`: the bare parameters cut with the channels they scale or shift, {name: dim}.
     """
 
     kept: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -299,6 +336,7 @@ class ChannelPlan:
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     blocks: dict[str, int] = field(default_factory=dict)
     inexact: dict[str, str] = field(default_factory=dict)
+    unwrapped: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{name}: keep {len(idx)} of {self.widths[name]}" + (f" (not exact: through {self.inexact[name]})"
@@ -311,12 +349,12 @@ def _shapes(inputs: tuple[torch.Tensor, ...]) -> str:
     return ", ".join(str(list(t.shape)) for t in inputs)
 
 
-def _checked_forward(inputs: tuple[torch.Tensor, ...], dg: tp.DependencyGraph, ignored: set[str] | None):
+def _checked_forward(inputs: tuple[torch.Tensor, ...]):
     """The `forward_fn` for Torch-Pruning's trace, so that the one traced forward also runs eigenprune's checks.
 
     In this order, each one line naming the model: `model(*inputs)` fails; a layer with parameters is called more
-    than once (a shared layer); the output has no autograd graph; a module no pruner handles is not under `ignored`
-    (None: no check). Torch-Pruning calls it in eval mode (a check must not move BatchNorm statistics).
+    than once (a shared layer); the output has no autograd graph. Torch-Pruning calls it in eval mode (a check must
+    not move BatchNorm statistics).
     """
     def forward(model: nn.Module, _inputs: object) -> object:
         name = type(model).__name__
@@ -339,14 +377,6 @@ def _checked_forward(inputs: tuple[torch.Tensor, ...], dg: tp.DependencyGraph, i
         if not tensors or all(t.grad_fn is None for t in tensors):
             raise PruneError(f"cannot trace {name}: its output on example_inputs has no autograd graph "
                              "(forward runs under no_grad or returns no tensor), so Torch-Pruning cannot follow it")
-        bad = [] if ignored is None else [
-            (n, m) for n, m in _unsupported_modules(model, dg) if not any(n == i or n.startswith(i + ".") for i in ignored)]
-        if bad:
-            where, m = bad[0]
-            raise PruneError(f"cannot prune through {where} ({type(m).__name__}): Torch-Pruning has no pruner for it; supported: "
-                             "Linear, Conv, BatchNorm, LayerNorm, RMSNorm, MultiheadAttention, spectral layers and parameter-free "
-                             "operations; "
-                             "pass it in ignored_layers to leave its channels alone")
         return out
     return forward
 
@@ -364,40 +394,194 @@ def _resolve(model: nn.Module, refs: Sequence[LayerRef] | None, names_of_origina
     return out
 
 
-def _unsupported_modules(model: nn.Module, dg: tp.DependencyGraph) -> list[tuple[str, nn.Module]]:
-    """Modules with parameters of their own that no registered or customised pruner handles."""
-    bad = []
-    for name, m in model.named_modules():
-        if not any(True for _ in m.parameters(recurse=False)):
-            continue
-        if isinstance(m, nn.MultiheadAttention) or type(m) in dg.CUSTOMIZED_PRUNERS:
-            continue
-        if dg.get_pruner_of_module(m) is None or ops.module2type(m) == ops.OPTYPE.ELEMENTWISE:
-            bad.append((name, m))
-    return bad
+def _leaves(obj) -> list:
+    """The tensors (and other leaves) inside nested tuples, lists and dicts."""
+    if isinstance(obj, (tuple, list)):
+        return [leaf for o in obj for leaf in _leaves(o)]
+    if isinstance(obj, dict):
+        return [leaf for o in obj.values() for leaf in _leaves(o)]
+    return [obj]
 
 
-def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], ignored: set[str] | None) -> tp.DependencyGraph:
+class _TraceLog(TorchFunctionMode):
+    """What Torch-Pruning's trace cannot see, recorded during its forward pass by the grad_fn of each result:
+    `reshapes`, the input and output shapes of every view/reshape/flatten; `reads_input`, the operations that
+    combine a model input (or a tensor computed from the inputs alone, which has no autograd graph) with others."""
+
+    RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
+
+    def __init__(self, inputs: tuple[torch.Tensor, ...]):
+        super().__init__()
+        self.reshapes: dict[object, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.reads_input: set[object] = set()
+        self._derived = list(inputs)  # kept alive, so that their ids stay theirs
+        self._ids = {id(t) for t in inputs}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = _leaves((args, kwargs))
+        if any(isinstance(a, torch.Tensor) and id(a) in self._ids for a in leaves):
+            for o in _leaves(out):
+                if isinstance(o, torch.Tensor) and o.grad_fn is None:
+                    self._derived.append(o)
+                    self._ids.add(id(o))
+                elif isinstance(o, torch.Tensor):
+                    self.reads_input.add(o.grad_fn)
+        if getattr(func, "__name__", "") in self.RESHAPES and isinstance(out, torch.Tensor) and out.grad_fn is not None \
+                and args and isinstance(args[0], torch.Tensor):
+            self.reshapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
+        return out
+
+
+class _Graph(tp.DependencyGraph):
+    """Torch-Pruning's DependencyGraph, told (as it tells itself for nn.Linear) when a spectral linear layer sees
+    [batch, tokens, features] inputs: it then does not mistake token-flattening reshapes for channel ones."""
+
+    def _trace(self, model, *args, **kwargs):
+        dims: list[int] = []
+        hooks = [m.register_forward_hook(lambda mod, inp, out: dims.append(out.dim())) for m in model.modules()
+                 if isinstance(m, SpectralLinear)]
+        try:
+            traced = super()._trace(model, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if 3 in dims:
+            self._2d_4d = False
+        return traced
+
+
+def _unwrapped(model: nn.Module, refs: Sequence[tuple[object, int]] | None, names_of_original: dict[int, str]) -> dict[str, int]:
+    """{parameter name: pruning dim} for `unwrapped_parameters` entries (parameter of the original model, or its name; dim)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for entry in refs or ():
+        ref, dim = entry if isinstance(entry, (tuple, list)) and len(entry) == 2 else (entry, None)
+        name = ref if isinstance(ref, str) else names_of_original.get(id(ref))
+        if name not in params:
+            raise PruneError(f"unwrapped_parameters entry {ref if isinstance(ref, str) else type(ref).__name__!r} is not a parameter of "
+                             f"{type(model).__name__}; give (parameter or its name, dim) pairs, e.g. ({next(iter(params), '')!r}, 0)")
+        if not isinstance(dim, int) or not -params[name].dim() <= dim < params[name].dim():
+            raise PruneError(f"unwrapped_parameters: the dim of {name} must be an int in {-params[name].dim()}..{params[name].dim() - 1} "
+                             f"(its shape is {list(params[name].shape)}); got {dim!r}")
+        out[name] = dim % params[name].dim()
+    return out
+
+
+def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], unwrapped: dict[str, int] | None = None) -> tp.DependencyGraph:
     """The dependency graph of `model`, from one traced forward that also runs `_checked_forward`'s checks.
 
-    `ignored`: layer names whose unsupported modules are allowed (None: no such check). `model`'s train/eval mode is
-    restored, also when a check fails.
+    Parameters used outside a layer Torch-Pruning knows (a layer scale, a class token) are its "unwrapped parameters":
+    those in `unwrapped` ({name: dim}) are cut along that dim, the others along their last dimension longer than 1.
+    The graph also keeps what `_TraceLog` saw (`dg.reads_input`, to find channels tied to a model input, and
+    `dg.reshapes`, to find reshapes that split channels). `model`'s train/eval mode is restored, also when a check fails.
     """
-    dg = tp.DependencyGraph()
+    dg = _Graph()
     customized = {**SPECTRAL_PRUNERS, **{type(m): RMSNORM_PRUNER for m in model.modules() if is_rmsnorm(m)}}
     for cls, pruner in customized.items():
         dg.register_customized_layer(cls, pruner)
+    params = dict(model.named_parameters())
+    pairs = [(params[n], d) for n, d in (unwrapped or {}).items()]
+    log = _TraceLog(inputs)
     training = model.training
     try:
-        with torch.enable_grad():  # Torch-Pruning follows the autograd graph
-            return dg.build_dependency(model, example_inputs=inputs, forward_fn=_checked_forward(inputs, dg, ignored),
-                                       customized_pruners=customized, verbose=False)
+        with torch.enable_grad(), log:  # Torch-Pruning follows the autograd graph
+            dg.build_dependency(model, example_inputs=inputs, forward_fn=_checked_forward(inputs), customized_pruners=customized,
+                                unwrapped_parameters=pairs, verbose=False)
     except PruneError:
         raise
     except Exception as err:  # noqa: BLE001 - Torch-Pruning raises many kinds; all mean "cannot trace"
         raise PruneError(f"Torch-Pruning could not trace {type(model).__name__}: {type(err).__name__}: {err}") from None
     finally:
         model.train(training)  # Torch-Pruning's tracing switches to eval mode
+    dg.reads_input, dg.reshapes = log.reads_input, log.reshapes
+    return dg
+
+
+_PARAM_OPS = frozenset({"MulBackward0", "AddBackward0", "SubBackward0", "CatBackward0"})
+"""Operations through which a bare parameter's slice can be cut exactly: it scales, shifts or is concatenated to the channels."""
+
+
+def _op(node) -> str:
+    return type(node.grad_fn).__name__ if node.grad_fn is not None else type(node.module).__name__
+
+
+def _splits(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    """Whether reshaping `before` into `after` splits a dimension other than the first into several longer than 1."""
+    if 0 in before or math.prod(before) != math.prod(after):
+        return False
+    i = j = 0
+    while i < len(before) and j < len(after):
+        start_i, start_j, a, b = i, j, before[i], after[j]
+        i, j = i + 1, j + 1
+        while a != b:
+            if a < b:
+                a, i = a * before[i], i + 1
+            else:
+                b, j = b * after[j], j + 1
+        if i - start_i == 1 and start_i > 0 and sum(d > 1 for d in after[start_j:j]) > 1:
+            return True
+    return False
+
+
+def _param_reason(node, other: str) -> str | None:
+    consumers = [n for c in node.outputs for n in (c.outputs if _op(c) == "ExpandBackward0" else [c])]
+    bad = next((_op(c) for c in consumers if _op(c) not in _PARAM_OPS), None)
+    return None if bad is None else (f"{other} a parameter read by {bad}, which cannot lose channels exactly (exact: a parameter "
+                                     "that multiplies, is added to or is concatenated to the channels)")
+
+
+def _op_reason(node, dg: tp.DependencyGraph, heads: bool) -> str | None:
+    """Why a parameter-free operation keeps its group from being cut: it meets a model input, or it is a reshape that
+    splits the channels (unless `heads`: the group is split into attention heads, which `_blocks` follows)."""
+    if node.grad_fn in dg.reads_input:
+        return "its channels meet a model input (e.g. a residual sum with the input), whose channels cannot be removed"
+    if not heads and node.grad_fn in dg.reshapes and _splits(*dg.reshapes[node.grad_fn]):
+        before, after = dg.reshapes[node.grad_fn]
+        return (f"its channels pass through a reshape from {list(before)} to {list(after)} that splits a dimension (e.g. a channel "
+                "shuffle), which Torch-Pruning cannot follow")
+    return None
+
+
+def _conv_reason(item, conv: nn.Module, out: bool, other: str) -> str | None:
+    """Why the channels of a grouped or depthwise convolution (plain or spectral) in a group cannot be cut (None: they
+    can). A spectral one is sliced per group by `SPECTRAL_PRUNERS` as Torch-Pruning slices a plain one."""
+    if conv.groups == conv.out_channels:  # Torch-Pruning's depthwise convolution: its channels go with its input's
+        return None if conv.in_channels == conv.out_channels else (
+            f"{other} a depthwise convolution with a channel multiplier ({conv.in_channels} -> {conv.out_channels} channels)")
+    width = conv.out_channels if out else conv.in_channels
+    if list(item.idxs) != list(range(width)) or list(item.root_idxs) != list(range(width)):
+        return f"{other} a grouped convolution (groups={conv.groups}) reached through a concatenation, split or slice"
+    return None
+
+
+def _reason(group, item, root: nn.Module, names: dict[int, str], ignored: set[str], dg: tp.DependencyGraph, exact: bool,
+            through: list[str]) -> str | None:
+    """Why one item of a group keeps the group from being cut out exactly (None: it does not). With `exact=False`, a
+    norm or attention is no reason: it is appended to `through` instead."""
+    target = item.dep.target
+    mod, out = target.module, _is_out(group, item.dep)
+    mname = names.get(id(mod), repr(mod))
+    other = "it is" if mod is root else f"it shares channels with {mname}, which is"
+    if isinstance(mod, ops._OutputOp) or (not target.outputs and out):
+        return "its channels are model outputs"
+    if out and any(mname == i or mname.startswith(i + ".") for i in ignored):
+        return f"{other} in ignored_layers"
+    if isinstance(mod, nn.Parameter):
+        return _param_reason(target, other)
+    if not exact and _inexact_kind(mod):
+        through.append(_inexact_kind(mod) + ("" if isinstance(mod, ops._ElementWiseOp) else f" {mname}"))
+        return None
+    if type(mod).__module__ == ops.__name__:
+        return _op_reason(target, dg, _attends(group))
+    if getattr(mod, "groups", 1) != 1:
+        if not isinstance(mod, _WEIGHTED):
+            return f"{other} a grouped {type(mod).__name__} (groups={mod.groups})"
+        return _conv_reason(item, mod, out, other)
+    if not isinstance(mod, _EXACT):
+        return (f"{other} a {type(mod).__name__}, which cannot lose channels exactly (exact: {plain_names()}, "
+                "BatchNorm, their spectral forms, parameters that scale or shift channels, and parameter-free operations)")
+    return None
 
 
 def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: ChannelPlan, exact: bool = True) -> dict[str, object]:
@@ -418,31 +602,15 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
     for group in dg.get_all_groups(root_module_types=ROOT_TYPES):
         root = group[0].dep.target.module
         rname = names[id(root)]
-        why, through = None, []
-        for item in group:
-            target = item.dep.target
-            mod = target.module
-            mname = names.get(id(mod), repr(mod))
-            other = "it is" if mod is root else f"it shares channels with {mname}, which is"
-            if isinstance(mod, ops._OutputOp) or (not target.outputs and _is_out(group, item.dep)):
-                why = "its channels are model outputs"
-            elif _is_out(group, item.dep) and any(mname == i or mname.startswith(i + ".") for i in ignored):
-                why = f"{other} in ignored_layers"
-            elif isinstance(mod, _WEIGHTED) and getattr(mod, "groups", 1) != 1:
-                why = f"{other} a grouped convolution (groups={mod.groups})"
-            elif not exact and _inexact_kind(mod):
-                through.append(_inexact_kind(mod) + ("" if isinstance(mod, ops._ElementWiseOp) else f" {mname}"))
-            elif not (isinstance(mod, _EXACT) or type(mod).__module__ == ops.__name__):
-                why = (f"{other} a {type(mod).__name__}, which cannot lose channels exactly (exact: {plain_names()}, "
-                       "BatchNorm, their spectral forms and parameter-free operations)")
-            if why:
-                break
+        through: list[str] = []
+        why = next((w for item in group if (w := _reason(group, item, root, names, ignored, dg, exact, through))), None)
         blocks, why = (1, why) if why else _blocks(modules, names, group, exact)
+        producers = [names[id(item.dep.target.module)] for item in group
+                     if isinstance(item.dep.target.module, _WEIGHTED) and _is_out(group, item.dep)]
         if why:
             plan.left_alone[rname] = why
-            for item in group:
-                if isinstance(item.dep.target.module, _WEIGHTED) and _is_out(group, item.dep):
-                    plan.left_alone.setdefault(names[id(item.dep.target.module)], why)
+            for name in producers:
+                plan.left_alone.setdefault(name, why)
         else:
             groups[rname] = group
             plan.widths[rname] = len(group[0].idxs)
@@ -450,9 +618,8 @@ def _groups(model: nn.Module, dg: tp.DependencyGraph, ignored: set[str], plan: C
                 plan.blocks[rname] = blocks
             if through:
                 plan.inexact[rname] = ", ".join(dict.fromkeys(through))
-            for item in group:
-                if isinstance(item.dep.target.module, _WEIGHTED) and _is_out(group, item.dep):
-                    plan.members[names[id(item.dep.target.module)]] = rname
+            for name in producers:
+                plan.members[name] = rname
     return groups
 
 
@@ -475,7 +642,7 @@ def _copy_with_grads(model: nn.Module) -> nn.Module:
 def _plan(
     model: nn.Module, work: nn.Module, keep: KeepLike | dict[str, KeepLike], inputs: tuple[torch.Tensor, ...],
     importance: tp.importance.Importance | None, global_ranking: bool, ignored_layers: Sequence[LayerRef] | None,
-    exact: bool = True,
+    exact: bool = True, unwrapped_parameters: Sequence[tuple[object, int]] | None = None,
 ) -> tuple[ChannelPlan, tp.DependencyGraph]:
     """The plan for `model`, scored on `work` (`model` itself or its copy) from one trace; that graph, to cut `work` with."""
     if not isinstance(exact, bool):
@@ -483,8 +650,9 @@ def _plan(
     check_finite(model, *inputs)  # a diverged model (or NaN inputs) would rank garbage
     names_of_original = {id(m): n for n, m in model.named_modules()}
     ignored = _resolve(work, ignored_layers, names_of_original)
-    dg = _build(work, inputs, ignored)
-    plan = ChannelPlan()
+    names_of_original.update({id(p): n for n, p in model.named_parameters()})
+    plan = ChannelPlan(unwrapped=_unwrapped(work, unwrapped_parameters, names_of_original))
+    dg = _build(work, inputs, plan.unwrapped)
     groups = _groups(work, dg, ignored, plan, exact)
     if not groups:
         raise PruneError(f"{type(model).__name__} has no channels that can be pruned: " +
@@ -495,8 +663,8 @@ def _plan(
         if s is None:
             raise PruneError(f"the importance {type(importance).__name__} gives no scores for the group of {name}")
         s = s.detach().flatten().double().cpu()
-        blocks = plan.blocks.get(name, 1)  # one score per position, the norm over the blocks (heads) that share it
-        plan.scores[name] = s.view(blocks, -1).norm(dim=0).repeat(blocks) if blocks > 1 else s
+        blocks = plan.blocks.get(name, 1)  # one score per position, the norm over the blocks that share it
+        plan.scores[name] = s.view(blocks, -1).norm(dim=0) if blocks > 1 else s
     return choose_channels(plan, keep, global_ranking=global_ranking), dg
 
 
@@ -504,6 +672,7 @@ def select_channels(
     model: nn.Module, keep: KeepLike | dict[str, KeepLike], example_inputs: Inputs, *,
     importance: tp.importance.Importance | None = None, global_ranking: bool = False,
     ignored_layers: Sequence[LayerRef] | None = None, exact: bool = True,
+    unwrapped_parameters: Sequence[tuple[object, int]] | None = None,
 ) -> ChannelPlan:
     """Which output channels of each prunable group to keep (`model` is not modified: it is traced on a copy).
 
@@ -513,12 +682,16 @@ def select_channels(
     `keep` and `global_ranking`: see `choose_channels`. `exact` (default True): only groups whose
     pruned model equals `mask_graph`'s; False also prunes groups through LayerNorm, GroupNorm,
     RMSNorm-style modules and nn.MultiheadAttention (the network without those channels, each norm
-    recomputed over the kept ones; listed in `plan.inexact`). Channels split into attention heads or
-    GroupNorm groups score by position (the norm over the blocks) so every block keeps the same positions.
+    recomputed over the kept ones; listed in `plan.inexact`). Channels split into equal blocks (attention heads,
+    GroupNorm groups, a grouped convolution's groups; `plan.blocks`) score by position (the norm over the blocks) so
+    every block keeps the same positions. `unwrapped_parameters`: (parameter or its name, dim) pairs for bare
+    parameters that scale or shift channels (a layer scale, a class token, a position embedding), cut along dim;
+    any other bare parameter is cut along its last dimension longer than 1 (Torch-Pruning's default).
     """
     _refuse_scripted(model)
     inputs = input_tuple(example_inputs, PruneError)
-    return _plan(model, _copy_with_grads(model), keep, inputs, importance, global_ranking, ignored_layers, exact)[0]
+    return _plan(model, _copy_with_grads(model), keep, inputs, importance, global_ranking, ignored_layers, exact,
+                 unwrapped_parameters)[0]
 
 
 def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, global_ranking: bool = False) -> ChannelPlan:
@@ -528,11 +701,13 @@ def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, 
     score normalised by its maximum, or a dict {layer name: keep} (other groups untouched; any layer
     producing a group's channels names the group). With `global_ranking`, a count or a fraction is
     of all prunable channels together, ranked by score normalised by each group's maximum (each group
-    keeps at least its top channel).
+    keeps at least its top channel). A group split into equal blocks (`plan.blocks`) keeps the same
+    positions in each block: a count is rounded up to a multiple of the blocks, and in global ranking a
+    position counts once.
     """
     scores = plan.scores
     new = ChannelPlan(widths=dict(plan.widths), members=dict(plan.members), left_alone=dict(plan.left_alone), scores=scores,
-                      blocks=dict(plan.blocks), inexact=dict(plan.inexact))
+                      blocks=dict(plan.blocks), inexact=dict(plan.inexact), unwrapped=dict(plan.unwrapped))
     if isinstance(keep, dict):
         if global_ranking:
             raise PruneError("global_ranking ranks all groups together: give one keep value, not a per-layer dict")
@@ -550,7 +725,7 @@ def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, 
         specs = {name: spec for name in scores}
     if global_ranking and spec.kind in ("count", "fraction"):
         flat = torch.cat([normalize(scores[n]) for n in specs])
-        total = sum(new.widths[n] for n in specs)
+        total = sum(scores[n].numel() for n in specs)
         wanted = int(spec.value) if spec.kind == "count" else math.ceil(spec.value * total - 1e-9)
         if not len(specs) <= wanted <= total:
             raise PruneError(f"global keep={wanted} must be between the number of groups {len(specs)} and the "
@@ -564,16 +739,20 @@ def choose_channels(plan: ChannelPlan, keep: KeepLike | dict[str, KeepLike], *, 
             start += n
         return new
     for name, spec in specs.items():
+        blocks = new.blocks.get(name, 1)
+        if spec.kind == "count" and blocks > 1:
+            if spec.value > new.widths[name]:
+                raise PruneError(f"keep={int(spec.value)} exceeds the width {new.widths[name]} of {name}; give a count in "
+                                 f"1..{new.widths[name]}")
+            spec = KeepSpec("count", math.ceil(spec.value / blocks))
         k = count_to_keep(spec, scores[name], name)
-        new.kept[name] = _whole_positions(top_k_mask(scores[name], k).bool(), new.blocks.get(name, 1))
+        new.kept[name] = _whole_positions(top_k_mask(scores[name], k).bool(), blocks)
     return new
 
 
 def _whole_positions(chosen: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Kept indices: the chosen channels, rounded up so that each of `blocks` equal blocks keeps the same positions."""
-    if blocks > 1:
-        chosen = chosen.view(blocks, -1).any(dim=0).repeat(blocks)
-    return chosen.nonzero().flatten()
+    """Kept channel indices: the chosen positions (a mask, one per position) in each of `blocks` equal blocks."""
+    return chosen.bool().repeat(blocks).nonzero().flatten()
 
 
 @torch.no_grad()
@@ -592,6 +771,10 @@ def _zero(layer: nn.Module, idxs: list[int], out: bool) -> None:
             layer.weight[idxs] = 0
     elif out:
         layer.weight[idxs] = 0
+    elif getattr(layer, "groups", 1) > 1:  # input channel i of a grouped conv: weight[:, i % per] of its group's outputs only
+        per, out_per = layer.weight.shape[1], layer.weight.shape[0] // layer.groups
+        for i in idxs:
+            layer.weight[i // per * out_per : (i // per + 1) * out_per, i % per] = 0
     else:
         layer.weight[:, idxs] = 0
     if out and getattr(layer, "bias", None) is not None:
@@ -606,7 +789,7 @@ def _apply(model: nn.Module, plan: ChannelPlan, inputs: tuple[torch.Tensor, ...]
     right before it is cut, as Torch-Pruning's pruners do (cutting one group changes the index maps of the next).
     """
     if dg is None:
-        dg = _build(model, inputs, None)
+        dg = _build(model, inputs, plan.unwrapped)
     modules = dict(model.named_modules())
     drops = {}
     for name, kept in plan.kept.items():
@@ -626,8 +809,12 @@ def _apply(model: nn.Module, plan: ChannelPlan, inputs: tuple[torch.Tensor, ...]
                              "among themselves in a way the plan does not follow; pass it in ignored_layers")
         if mask:
             for item in group:
-                if isinstance(item.dep.target.module, _EXACT):
-                    _zero(item.dep.target.module, list(item.idxs), _is_out(group, item.dep))
+                target = item.dep.target
+                if isinstance(target.module, _EXACT):
+                    _zero(target.module, list(item.idxs), _is_out(group, item.dep))
+                elif isinstance(target.module, nn.Parameter):  # a layer scale, class token, position embedding
+                    with torch.no_grad():
+                        target.module.index_fill_(target.pruning_dim, torch.as_tensor(list(item.idxs)), 0)
         else:
             group.prune()
     return model
@@ -650,8 +837,8 @@ def mask_graph(model: nn.Module, plan: ChannelPlan, example_inputs: Inputs) -> n
 def prune_graph(
     model: nn.Module, keep: KeepLike | dict[str, KeepLike] | ChannelPlan, example_inputs: Inputs, *,
     importance: tp.importance.Importance | None = None, global_ranking: bool = False,
-    ignored_layers: Sequence[LayerRef] | None = None, keep_spectral: bool = False, inplace: bool = False,
-    exact: bool = True,
+    ignored_layers: Sequence[LayerRef] | None = None, unwrapped_parameters: Sequence[tuple[object, int]] | None = None,
+    keep_spectral: bool = False, inplace: bool = False, exact: bool = True,
 ) -> nn.Module:
     """A physically smaller `model` with only the important channels of each prunable group.
 
@@ -672,7 +859,7 @@ def prune_graph(
         _apply(work, keep, inputs, mask=False)
     else:
         work = model if inplace else _copy_with_grads(model)
-        plan, dg = _plan(model, work, keep, inputs, importance, global_ranking, ignored_layers, exact)
+        plan, dg = _plan(model, work, keep, inputs, importance, global_ranking, ignored_layers, exact, unwrapped_parameters)
         if not inplace:
             for p in work.parameters():  # the gradients were copied for scoring; a copy never carries them
                 p.grad = None

@@ -20,8 +20,8 @@ def prune_nodes(
     layers: list[int] | None = None, criterion: ScoreFn | None = None, x_val: torch.Tensor | None = None,
     y_val: torch.Tensor | None = None, rtol: float | None = None, atol: float | None = None, task: Task | None = None,
     importance: tp.importance.Importance | None = None, global_ranking: bool | None = None,
-    ignored_layers: Sequence[LayerRef] | None = None, keep_spectral: bool | None = None, inplace: bool | None = None,
-    exact: bool | None = None,
+    ignored_layers: Sequence[LayerRef] | None = None, unwrapped_parameters: Sequence[tuple[object, int]] | None = None,
+    keep_spectral: bool | None = None, inplace: bool | None = None, exact: bool | None = None,
 ) -> nn.Module:
     """A physically smaller copy of `model` keeping only its most important nodes (channels).
 
@@ -46,17 +46,20 @@ def prune_nodes(
       plain layers unless `keep_spectral`) computes exactly what `mask_graph` (every slice of the channel
       zeroed) computes. For a bias-free ReLU MLP the two paths give the same model. Options:
       `importance` (any Torch-Pruning `Importance`, default `EigenImportance`), `global_ranking`,
-      `ignored_layers`, `keep_spectral`, `inplace` (all off by default), `exact` (default True: groups
-      through LayerNorm, GroupNorm, RMSNorm or nn.MultiheadAttention are left alone; False prunes them
-      too, recomputing each norm over the kept channels: NOT equal to the masked model; see
-      `select_channels`); keep='auto' is chain-only.
+      `ignored_layers`, `unwrapped_parameters` ((parameter, dim) pairs for bare parameters such as a layer
+      scale or class token; others are found and cut along their last dimension longer than 1),
+      `keep_spectral`, `inplace` (all off by default), `exact` (default True: groups through LayerNorm,
+      GroupNorm, RMSNorm or nn.MultiheadAttention are left alone; False prunes them too, recomputing each
+      norm over the kept channels: NOT equal to the masked model; see `select_channels`); keep='auto' is
+      chain-only.
 
     An option of the other path is a PruneError, as is any request either path cannot carry out.
     """
     chain_options = {"layers": layers, "criterion": criterion, "x_val": x_val, "y_val": y_val, "rtol": rtol, "atol": atol,
                      "task": task}
     graph_options = {"importance": importance, "global_ranking": global_ranking, "ignored_layers": ignored_layers,
-                     "keep_spectral": keep_spectral, "inplace": inplace, "exact": exact}
+                     "unwrapped_parameters": unwrapped_parameters, "keep_spectral": keep_spectral, "inplace": inplace,
+                     "exact": exact}
     if example_inputs is not None:
         if given := [name for name, value in chain_options.items() if value is not None]:
             raise PruneError("with example_inputs, choose layers by name in keep={name: value} and the criterion with "
