@@ -40,6 +40,9 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prune_zoo import BasicBlock  # noqa: E402
 
 from eigenprune.pruning import prune_nodes  # noqa: E402
 from eigenprune.pruning.graph import ROOT_TYPES, SPECTRAL_PRUNERS, EigenImportance  # noqa: E402
@@ -52,20 +55,13 @@ def _w(n: int, width: float) -> int:
     return max(4, int(round(n * width)))
 
 
-class Basic(nn.Module):
+class Basic(BasicBlock):
+    """ResNet-18's basic block: `prune_zoo`'s, as wide out as in the middle."""
+
     expansion = 1
 
     def __init__(self, cin: int, mid: int, stride: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
-        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, 1, 1, bias=False), nn.BatchNorm2d(mid)
-        self.down = None
-        if stride != 1 or cin != mid:
-            self.down = nn.Sequential(nn.Conv2d(cin, mid, 1, stride, bias=False), nn.BatchNorm2d(mid))
-
-    def forward(self, x):
-        h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(h + (x if self.down is None else self.down(x)))
+        super().__init__(cin, mid, mid, stride)
 
 
 class Bottleneck(nn.Module):
