@@ -3,6 +3,8 @@
     nice -n 5 python benchmarks/bench_real_models.py --quick            # CI smoke form: tiny models, 1 seed, 2 strengths
     nice -n 5 python benchmarks/bench_real_models.py --jobs 2           # full form: 6 models, 5 seeds, 3 strengths
     python benchmarks/bench_real_models.py --models cnn-bn,mlp --seeds 2 --strengths 0,2 --out x.json   # a part
+    python benchmarks/bench_real_models.py --models mlp --kinds spectral --ours all,pruned,out   # variants of ours only
+    python benchmarks/bench_real_models.py --merge a.json b.json --out merged.json          # parts into one result
 
 Six models (benchmarks/prune_zoo.py): a VGG-style CNN with and without BatchNorm, a ResNet-style CNN, a
 MobileNetV2-style net (inverted residuals, depthwise convolutions), a transformer encoder whose feed-forward layers are
@@ -11,13 +13,19 @@ pruned, an MLP. Data ship with scikit-learn: the 8x8 digits (1,797 images) for t
 
 Trainings (same optimizer, epochs, batches and initialisation for all; Adam, cross-entropy):
   standard      no sparsity term: the common target, and the model the post-training criteria prune
-  spectral      ours: `spectralize(model, l2_phi=0.01*m, l2_lam=5e-4*m)` + `spectral_penalty` in the loss
+  spectral      ours: `spectralize(model, l2_phi=0.01*m, l2_lam=5e-4*m)` + `spectral_penalty` in the loss, in one of
+                the SPECTRAL_VARIANTS (--ours): by default "pruned", only the layers that produce pruned channels
+                are spectral (`spectralize(model, include=select_channels(model, 1.0, x).members)`), the rest stays
+                plain and unpenalised; "all" layers spectral (the README's first recipe; "wide": the same with
+                m down to 0.01); or the layers reading the pruned channels gated on their inputs ("out")
   group-norm    Torch-Pruning's GroupNormPruner: `pruner.regularize(model)` after every backward
   growing-reg   Torch-Pruning's GrowingRegPruner: `regularize` after every backward, `update_reg()` after every epoch
   slimming      Torch-Pruning's BNScalePruner (L1 on BatchNorm scales), models with BatchNorm only
-Each sparsity training gets a sweep of STRENGTHS (3 values, 10x apart); the strength is chosen per seed on the
-VALIDATION split (smallest kept parameter fraction within 1 point of the standard model's validation accuracy, ties
-to the higher unpruned validation accuracy), and only the chosen model is measured on the test split.
+Each sparsity training gets a sweep of STRENGTHS (3 values); the strength is chosen per seed on the VALIDATION split,
+once for each column of the measure: the without-fine-tuning column takes the strength with the smallest kept
+parameter fraction within 1 point of the standard model's validation accuracy without fine-tuning, the
+with-fine-tuning column the one with the smallest such fraction after fine-tuning (ties: the smaller fraction without
+fine-tuning, then the higher unpruned validation accuracy); only the chosen models are measured on the test split.
 
 Pipelines (training + ranking): standard + TP L1 / L2 magnitude, Taylor, LAMP; slimming + BNScaleImportance (L1
 magnitude on groups without BatchNorm, e.g. the CNN's dense layer, which Torch-Pruning's slimming would not prune);
@@ -75,12 +83,24 @@ TOLERANCE = 1.0
 LR, BATCH = 2e-3, 64
 FT_EPOCHS, FT_LR = 2, 1e-3
 STRENGTHS = {
-    "spectral": [0.1, 0.3, 1.0],  # multiplier on the default penalty (l2_phi 0.01, l2_lam 5e-4)
     "group-norm": [1e-4, 1e-3, 1e-2],  # GroupNormPruner reg (its default 1e-4)
     "growing-reg": [1e-4, 1e-3, 1e-2],  # GrowingRegPruner reg; delta_reg = reg / 4 per epoch
     "slimming": [1e-4, 1e-3, 1e-2],  # BNScalePruner reg (L1 on BatchNorm weights; its default 1e-5)
 }
-PIPELINES = [  # (name, training, importance)
+SPECTRAL_VARIANTS = {  # name -> (which layers are spectral and penalised, strengths m: l2_phi = 0.01 m, l2_lam = 5e-4 m,
+    #                          the criterion)
+    "all": ("all", [0.1, 0.3, 1.0], "eigenprune"),  # round 2 preliminary: every Linear/Conv spectral, penalty on all
+    "pruned": ("pruned", [0.1, 0.3, 1.0], "eigenprune"),  # only the layers producing pruned channels; the rest plain
+    # the eigenvalue on the outgoing side: every layer reading pruned channels is gated on its inputs,
+    # w[o, i] = lam_in_i * phi[o, i] (lam_out = 0 frozen), scored by its columns (EigenImportance(side="out"))
+    "out": ("out", [0.1, 0.3, 1.0], "eigenprune-out"),
+    "wide": ("all", [0.01, 0.1, 1.0], "eigenprune"),  # as "all", strengths 10x apart like the peers', down to 0.01
+}
+OURS = ["pruned"]
+"""The spectral variants measured (--ours); the first is "spectral + eigenprune (ours)", the others spectral[v].
+"pruned" became the default on docs/pruning.md's round-2 variant table: the lowest mean kept fraction after
+fine-tuning over the six models, the fewest unpruned models below the target, the smallest accuracy cost."""
+PEERS = [  # (name, training, importance)
     ("standard + tp-l1", "standard", "tp-l1"),
     ("standard + tp-l2", "standard", "tp-l2"),
     ("standard + tp-taylor", "standard", "tp-taylor"),
@@ -88,9 +108,22 @@ PIPELINES = [  # (name, training, importance)
     ("slimming + bn-scale", "slimming", "tp-bn-scale"),
     ("group-norm + group-l2", "group-norm", "tp-group-l2"),
     ("growing-reg + group-l2", "growing-reg", "tp-group-l2"),
-    ("spectral + eigenprune (ours)", "spectral", "eigenprune"),
-    ("spectral + tp-l1 (diagnostic)", "spectral", "tp-l1"),
 ]
+
+
+def pipelines(ours: list[str]) -> list[tuple[str, str, str]]:
+    """The peers, then each spectral variant with eigenprune's criterion (the first: ours, with a TP L1 diagnostic)."""
+    out = list(PEERS)
+    for i, v in enumerate(ours):
+        crit = SPECTRAL_VARIANTS[v][2]
+        out.append(("spectral + eigenprune (ours)" if i == 0 else f"spectral[{v}] + eigenprune", f"spectral/{v}", crit))
+        if i == 0:
+            out.append(("spectral + tp-l1 (diagnostic)", f"spectral/{v}", "tp-l1"))
+    return out
+
+
+def strengths(kind: str) -> list[float]:
+    return SPECTRAL_VARIANTS[kind.split("/", 1)[1]][1] if kind.startswith("spectral/") else STRENGTHS[kind]
 
 
 def importance(name: str):
@@ -102,6 +135,7 @@ def importance(name: str):
         "tp-bn-scale": lambda: tp.importance.BNScaleImportance(),
         "tp-group-l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
         "eigenprune": EigenImportance,
+        "eigenprune-out": lambda: EigenImportance(side="out"),
     }[name]()
 
 
@@ -123,9 +157,9 @@ def widths(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     return {r: dg.get_pruner_of_module(mods[r]).get_out_channels(mods[r]) for r in model.PRUNE}
 
 
-def ignored_for(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
-    """Layers Torch-Pruning's sparsity pruners must leave alone: every Linear/Conv whose output channels are in no
-    PRUNE group, and attention (so they regularize exactly the groups everyone prunes)."""
+def producers(model: nn.Module, x: torch.Tensor, *, out: bool = True) -> set[int]:
+    """id() of every layer whose output channels are in a PRUNE group (e.g. both convolutions of a residual sum);
+    with out=False, of every layer whose input channels are."""
     dg = _graph(model, x)
     mods = dict(model.named_modules())
     members = set()
@@ -133,8 +167,15 @@ def ignored_for(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
         w = dg.get_pruner_of_module(mods[r]).get_out_channels(mods[r])
         group = _group(dg, mods[r], list(range(w)))
         for item in group:
-            if dg.is_out_channel_pruning_fn(item.dep.handler):
+            if dg.is_out_channel_pruning_fn(item.dep.handler) == out:
                 members.add(id(item.dep.target.module))
+    return members
+
+
+def ignored_for(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
+    """Layers Torch-Pruning's sparsity pruners must leave alone: every Linear/Conv whose output channels are in no
+    PRUNE group, and attention (so they regularize exactly the groups everyone prunes)."""
+    members = producers(model, x)
     out = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and id(m) not in members]
     return out + [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
 
@@ -219,8 +260,21 @@ def trained(builder, kind: str, strength, splits, epochs: int, seed: int) -> nn.
     x = train_data[0]
     if kind == "standard":
         return train(model, train_data, epochs, seed)
-    if kind == "spectral":
-        model = spectralize(model, l2_phi=0.01 * strength, l2_lam=5e-4 * strength)
+    if kind.startswith("spectral/"):
+        scope = SPECTRAL_VARIANTS[kind.split("/", 1)[1]][0]
+        include, gates = None, {}
+        if scope in ("pruned", "out"):
+            ids = producers(model, x, out=scope == "pruned")
+            include = [n for n, m in model.named_modules() if id(m) in ids and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+                       and getattr(m, "groups", 1) == 1]
+        if scope == "out":
+            gates = dict(train_lam_in=True, train_lam_out=False)
+        model = spectralize(model, include=include, l2_phi=0.01 * strength, l2_lam=5e-4 * strength, **gates)
+        if scope == "out":  # the same function with lam_in = 1, lam_out = 0, phi = W: w[o, i] = lam_in_i * phi[o, i]
+            with torch.no_grad():
+                for name in include:
+                    layer = model.get_submodule(name)
+                    layer.lam_in.fill_(1.0), layer.lam_out.zero_(), layer.phi.neg_()
         return train(model, train_data, epochs, seed, penalty=spectral_penalty)
     ignored = ignored_for(model, x)
     common = dict(ignored_layers=ignored, pruning_ratio=0.5)
@@ -264,7 +318,7 @@ def scan(model, score, width, data, target, x_ex, *, start: int = 0, finetune=No
     return best, best_acc, seen, sizes
 
 
-def check_prune_nodes(spectral_model, plain, score, width, x, f: float = 0.5) -> dict:
+def check_prune_nodes(spectral_model, plain, score, width, x, f: float = 0.5, crit: str = "eigenprune") -> dict:
     """Ours through the library: prune_nodes on the spectral model with the same counts must give our pruned model.
 
     Groups prune_nodes leaves alone (e.g. a depthwise convolution's) are kept whole on both sides and listed.
@@ -273,22 +327,62 @@ def check_prune_nodes(spectral_model, plain, score, width, x, f: float = 0.5) ->
     alone = {}
     for r in keep:
         try:
-            prune_nodes(spectral_model, {r: keep[r]}, example_inputs=x[:2])
+            prune_nodes(spectral_model, {r: keep[r]}, example_inputs=x[:2], importance=importance(crit))
         except Exception as err:  # noqa: BLE001 - recorded: a group prune_nodes refuses
             alone[r] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
     keep_lib = {r: k for r, k in keep.items() if r not in alone}
     if not keep_lib:
         return {"fraction": f, "ok": None, "left_alone": alone}
     mine = prune(plain, score, {r: (keep[r] if r in keep_lib else width[r]) for r in keep}, x)
-    lib = prune_nodes(spectral_model, keep_lib, example_inputs=x[:2])
+    lib = prune_nodes(spectral_model, keep_lib, example_inputs=x[:2], importance=importance(crit))
     with torch.no_grad():
         diff = float((lib.eval()(x) - mine(x)).abs().max())
     return {"fraction": f, "ok": diff < 1e-4 and n_params(lib) == n_params(mine), "max_abs_diff": diff,
             "params_prune_nodes": n_params(lib), "params_bench": n_params(mine), "left_alone": alone}
 
 
-def run_one(name: str, seed: int, quick: bool, strength_idx: list[int]) -> dict:
-    """Every pipeline on one model and seed."""
+def measure(plain, score, width, data, target, x, ft, params_at, full_params, *, with_ft: bool = True) -> dict:
+    """The measure on `data` (validation or test): kept parameter fraction within `target`, without fine-tuning and
+    (with_ft) with it, the fine-tuning scan starting below the without-fine-tuning answer."""
+    best, acc0, seen0, size0 = scan(plain, score, width, data, target, x, params_at=params_at)
+    out = {"fraction_no_ft": 1.0 if best is None else params_at[GRID[best]] / full_params, "within_no_ft": best is not None,
+           "accuracy_no_ft": acc0, "unpruned_accuracy": seen0[1.0], "seen_no_ft": seen0, "sizes": dict(size0)}
+    if not with_ft:
+        return out
+    first = 1 if best is None else best + 1
+    best_ft, acc1, seen1, size1 = None, None, {}, {}
+    if first < len(GRID):
+        best_ft, acc1, seen1, size1 = scan(plain, score, width, data, target, x, start=first, finetune=ft, params_at=params_at)
+    if best_ft is None:
+        best_ft, acc1 = best, acc0
+    out.update(fraction_ft=1.0 if best_ft is None else params_at[GRID[best_ft]] / full_params, within_ft=best_ft is not None,
+               accuracy_ft=acc1, seen_ft=seen1)
+    out["sizes"].update(size1)
+    return out
+
+
+def sweep_kind(kind, builder, splits, epochs, seed, strength_idx, crit, width, std_val, ft, params_at, full_params):
+    """Train `kind` at each strength and measure it on the validation split; choose one strength for the
+    without-fine-tuning column (its validation measure without fine-tuning) and one for the with-fine-tuning column
+    (its validation measure with fine-tuning); ties go to the higher unpruned validation accuracy."""
+    (x, y), val = splits[0], splits[1]
+    sweep = []
+    for s in [strengths(kind)[i] for i in strength_idx]:
+        m = trained(builder, kind, s, splits, epochs, seed)
+        plain = despectralize(copy.deepcopy(m)) if kind.startswith("spectral/") else m
+        r = measure(plain, scores(plain, crit, x, y), width, val, std_val - TOLERANCE, x, ft, params_at, full_params)
+        sweep.append({"strength": s, "val_accuracy": r["unpruned_accuracy"], "val_fraction": r["fraction_no_ft"],
+                      "val_within": r["within_no_ft"], "val_fraction_ft": r["fraction_ft"], "val_within_ft": r["within_ft"],
+                      "model": m, "plain": plain})
+    no_ft = min(sweep, key=lambda r: (r["val_fraction"], -r["val_accuracy"]))
+    with_ft = min(sweep, key=lambda r: (r["val_fraction_ft"], r["val_fraction"], -r["val_accuracy"]))
+    public = [{k: v for k, v in r.items() if k not in ("model", "plain")} for r in sweep]
+    return {"no_ft": no_ft, "ft": with_ft, "sweep": public}
+
+
+def run_one(name: str, seed: int, quick: bool, strength_idx: list[int], ours: list[str] | None = None,
+            kinds: list[str] | None = None) -> dict:
+    """Every pipeline (or those of `kinds`' trainings, standard always) on one model and seed."""
     global GRID, FT_EPOCHS
     torch.set_num_threads(1)
     if quick:  # a smoke test: 3 fractions, 1 epoch of fine-tuning (set here too: --jobs workers import afresh)
@@ -297,64 +391,52 @@ def run_one(name: str, seed: int, quick: bool, strength_idx: list[int]) -> dict:
     splits = load()
     train_data, val, test = splits
     x, y = train_data
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     base = trained(builder, "standard", None, splits, epochs, seed)
     width = widths(base, x)
     full_params = n_params(base)
     std_val, std_test = accuracy(base, val), accuracy(base, test)
     params_at: dict[float, int] = {}
     ft = lambda m: train(m, train_data, FT_EPOCHS, seed + 1, lr=FT_LR)  # noqa: E731
-
-    models = {"standard": {"model": base, "strength": None, "sweep": None}}
-    kinds = ["spectral", "group-norm", "growing-reg"] + (["slimming"] if has_bn else [])
-    own = {t: c for _, t, c in PIPELINES if t != "standard" and c != "tp-l1"}
-    for kind in kinds:
-        sweep = []
-        for s in [STRENGTHS[kind][i] for i in strength_idx]:
-            m = trained(builder, kind, s, splits, epochs, seed)
-            plain = despectralize(copy.deepcopy(m)) if kind == "spectral" else m
-            best, _, seen, _ = scan(plain, scores(plain, own[kind], x, y), width, val, std_val - TOLERANCE, x,
-                                 params_at=params_at)
-            frac = 1.0 if best is None else params_at[GRID[best]] / full_params
-            sweep.append({"strength": s, "val_accuracy": seen[1.0], "val_fraction": frac, "val_within": best is not None,
-                          "model": m, "plain": plain})
-        chosen = min(sweep, key=lambda r: (r["val_fraction"], -r["val_accuracy"]))
-        models[kind] = {"model": chosen["model"], "plain": chosen["plain"], "strength": chosen["strength"],
-                        "sweep": [{k: v for k, v in r.items() if k not in ("model", "plain")} for r in sweep]}
+    plan = [p for p in pipelines(ours or OURS) if p[1] != "slimming" or has_bn]
+    if kinds is not None:
+        plan = [p for p in plan if p[1] == "standard" or p[1].split("/")[0] in kinds]
+    own = {t: c for _, t, c in plan if t != "standard" and c != "tp-l1"}
+    chosen = {"standard": {"no_ft": {"model": base, "plain": base, "strength": None},
+                           "ft": {"model": base, "plain": base, "strength": None}, "sweep": None}}
+    for kind, crit in own.items():
+        chosen[kind] = sweep_kind(kind, builder, splits, epochs, seed, strength_idx, crit, width, std_val, ft, params_at,
+                                  full_params)
 
     rows = []
-    for pipeline, kind, crit in PIPELINES:
-        if kind not in models:
-            continue
-        entry = models[kind]
-        plain = entry.get("plain", entry["model"])
-        sc = scores(plain, crit, x, y)
-        target = std_test - TOLERANCE
-        best, acc0, seen0, size0 = scan(plain, sc, width, test, target, x, params_at=params_at)
+    target = std_test - TOLERANCE
+    for pipeline, kind, crit in plan:
+        entry = chosen[kind]
+        a, b = entry["no_ft"], entry["ft"]
+        sc_a = scores(a["plain"], crit, x, y)
+        ra = measure(a["plain"], sc_a, width, test, target, x, ft, params_at, full_params, with_ft=a is b)
+        if a is b:
+            rb, sc_b = ra, sc_a
+        else:
+            sc_b = scores(b["plain"], crit, x, y)
+            rb = measure(b["plain"], sc_b, width, test, target, x, ft, params_at, full_params)
         row = {"model": name, "seed": seed, "pipeline": pipeline, "training": kind, "criterion": crit,
-               "strength": entry["strength"], "sweep": entry["sweep"], "unpruned_test_accuracy": accuracy(plain, test),
-               "standard_test_accuracy": std_test, "target": target, "params_full": full_params}
-        row["fraction_no_ft"] = 1.0 if best is None else params_at[GRID[best]] / full_params
-        row["within_no_ft"] = best is not None
-        row["accuracy_no_ft"] = acc0
-        first = 1 if best is None else best + 1
-        best_ft, acc1, seen1, size1 = None, None, {}, {}
-        if first < len(GRID):
-            best_ft, acc1, seen1, size1 = scan(plain, sc, width, test, target, x, start=first, finetune=ft, params_at=params_at)
-        if best_ft is None:
-            best_ft, acc1 = best, acc0
-        row["fraction_ft"] = 1.0 if best_ft is None else params_at[GRID[best_ft]] / full_params
-        row["within_ft"] = best_ft is not None
-        row["accuracy_ft"] = acc1
-        row["params_by_fraction"] = {str(f): p for f, p in {**size0, **size1}.items()}  # every pruned model it measured
-        row["accuracy_by_fraction"] = {"no_ft": {str(f): a for f, a in seen0.items()}, "ft": {str(f): a for f, a in seen1.items()}}
-        if crit == "eigenprune":
-            row["prune_nodes_check"] = check_prune_nodes(entry["model"], plain, sc, width, x)
+               "strength": b["strength"], "strength_no_ft": a["strength"], "sweep": entry["sweep"],
+               "unpruned_test_accuracy": rb["unpruned_accuracy"], "unpruned_test_accuracy_no_ft": ra["unpruned_accuracy"],
+               "standard_test_accuracy": std_test, "target": target, "params_full": full_params,
+               "fraction_no_ft": ra["fraction_no_ft"], "within_no_ft": ra["within_no_ft"], "accuracy_no_ft": ra["accuracy_no_ft"],
+               "fraction_ft": rb["fraction_ft"], "within_ft": rb["within_ft"], "accuracy_ft": rb["accuracy_ft"],
+               "ft_model_fraction_no_ft": rb["fraction_no_ft"]}  # the FT column's model (its strength) without fine-tuning
+        row["params_by_fraction"] = {str(f): p for f, p in {**ra["sizes"], **rb["sizes"]}.items()}  # every pruned model measured
+        row["accuracy_by_fraction"] = {"no_ft": {str(f): v for f, v in ra["seen_no_ft"].items()},
+                                       "ft": {str(f): v for f, v in rb["seen_ft"].items()}}
+        if crit.startswith("eigenprune"):
+            row["prune_nodes_check"] = check_prune_nodes(b["model"], b["plain"], sc_b, width, x, crit=crit)
         rows.append(row)
-    seconds = time.perf_counter() - start
-    print(f"{name} seed {seed}: {seconds:.0f} s", flush=True)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(f"{name} seed {seed}: {seconds:.0f} s ({cpu:.0f} CPU-s)", flush=True)
     return {"rows": rows, "params_at": {str(f): p for f, p in sorted(params_at.items(), reverse=True)}, "widths": width,
-            "params_full": full_params, "seconds": seconds, "model": name, "seed": seed}
+            "params_full": full_params, "seconds": seconds, "cpu_seconds": cpu, "model": name, "seed": seed}
 
 
 def _run_task(task: tuple) -> dict:
@@ -375,9 +457,15 @@ def markdown(result: dict) -> str:
         per = ", ".join("fail" if bad else f"{v:.3f}" for v, bad in zip(vals, fails))
         return f"{sum(vals) / len(vals):.3f}{'†' if any(fails) else ''} [{per}]"
 
-    lines = ["| model | pipeline | strength | unpruned acc % | kept params, no FT | kept params, FT |", "|---|---|---|---|---|---|"]
+    def chosen(r):
+        if r["strength"] is None:
+            return "-"
+        return f"{r['strength_no_ft']:g}/{r['strength']:g}"
+
+    lines = ["| model | pipeline | strength no FT/FT | unpruned acc % | kept params, no FT | kept params, FT |",
+             "|---|---|---|---|---|---|"]
     for (model, pipeline), rs in groups.items():
-        strength = ", ".join("-" if r["strength"] is None else f"{r['strength']:g}" for r in rs)
+        strength = ", ".join(chosen(r) for r in rs)
         acc = sum(r["unpruned_test_accuracy"] for r in rs) / len(rs)
         lines.append(f"| {model} | {pipeline} | {strength} | {acc:.1f} | {cell(rs, 'no_ft')} | {cell(rs, 'ft')} |")
     return "\n".join(lines)
@@ -397,16 +485,53 @@ def machine() -> dict:
             "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
+def merge(paths: list[Path], out: Path) -> dict:
+    """One result from several runs' JSON (parts of one benchmark: other models, seeds or trainings). Rows are keyed by
+    (model, seed, pipeline); a key found twice must have the same numbers (the standard pipelines, which every part
+    runs) and is kept once. Equal sizes are checked across all parts."""
+    parts = [json.loads(Path(q).read_text()) for q in paths]
+    rows, seen, models = [], {}, {}
+    for part in parts:
+        for r in part["rows"]:
+            key = (r["model"], r["seed"], r["pipeline"])
+            if key in seen:  # the standard pipelines run in every part: the same numbers (deterministic), kept once
+                if seen[key] != (r["fraction_no_ft"], r["fraction_ft"]):
+                    raise SystemExit(f"{key} differs between the merged files: {seen[key]} and "
+                                     f"{(r['fraction_no_ft'], r['fraction_ft'])}")
+                continue
+            seen[key] = (r["fraction_no_ft"], r["fraction_ft"])
+            rows.append(r)
+        for name, info in part["models"].items():
+            ref = models.setdefault(name, info)["params_at"]
+            if any(ref.get(f, v) != v for f, v in info["params_at"].items()):
+                raise SystemExit(f"unequal sizes across the merged files for {name}")
+    order = {name: i for i, name in enumerate(prune_zoo.models(False))}
+    rows.sort(key=lambda r: (order.get(r["model"], 99), r["seed"]))
+    result = {"merged_from": [str(q) for q in paths], "runs": [{k: v for k, v in part.items() if k not in ("rows", "table")}
+                                                                for part in parts], "models": models, "rows": rows}
+    result["table"] = markdown(result)
+    out.write_text(json.dumps(result, indent=1))
+    print(result["table"])
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="merge these result files into --out and stop")
     parser.add_argument("--quick", action="store_true", help="CI form: tiny models and data, 1 seed, strengths 0 and 2")
     parser.add_argument("--seeds", type=int, default=None, help="how many seeds (default 5; 1 with --quick)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+n-1 (default 0): split a run in parts")
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ", ".join(prune_zoo.models(True)))
     parser.add_argument("--strengths", default=None, help="indices into each sweep, e.g. 0,2 (default all 3; 0,2 with --quick)")
+    parser.add_argument("--ours", default=",".join(OURS),
+                        help="spectral variant(s) to measure, the first as ours: " + ", ".join(SPECTRAL_VARIANTS))
+    parser.add_argument("--kinds", default=None, help="only these trainings besides standard, e.g. spectral "
+                        "(default all: spectral, group-norm, growing-reg, slimming)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes over (model, seed) (default 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "real_models.json")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     names = list(prune_zoo.models(args.quick))
     if args.models:
         unknown = [m for m in args.models.split(",") if m not in names]
@@ -423,7 +548,11 @@ def main(argv=None) -> dict:
     if args.quick:
         GRID, FT_EPOCHS = QUICK_GRID, 1
     seed_list = list(range(args.first_seed, args.first_seed + seeds))
-    tasks = [(n, s, args.quick, idx) for n in names for s in seed_list]
+    ours = args.ours.split(",")
+    if any(v not in SPECTRAL_VARIANTS for v in ours):
+        parser.error(f"--ours takes variants of {list(SPECTRAL_VARIANTS)}, got {ours}")
+    kinds = args.kinds.split(",") if args.kinds else None
+    tasks = [(n, s, args.quick, idx, ours, kinds) for n in names for s in seed_list]
     info = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     start = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -450,10 +579,13 @@ def main(argv=None) -> dict:
         **info, "seconds": time.perf_counter() - start, "quick": args.quick, "seeds": seed_list, "jobs": args.jobs,
         "grid": GRID, "tolerance_points": TOLERANCE, "epochs": {n: prune_zoo.models(args.quick)[n][2] for n in names},
         "lr": LR, "batch": BATCH, "finetune": {"epochs": FT_EPOCHS, "lr": FT_LR},
-        "strengths": {k: [v[i] for i in idx] for k, v in STRENGTHS.items()},
+        "strengths": {**{k: [v[i] for i in idx] for k, v in STRENGTHS.items()},
+                      **{f"spectral/{v}": [SPECTRAL_VARIANTS[v][1][i] for i in idx] for v in ours}},
+        "ours": ours, "variants": {v: SPECTRAL_VARIANTS[v][0] for v in ours}, "kinds": kinds,
         "models": {p["model"]: {"params_full": p["params_full"], "widths": p["widths"], "params_at": p["params_at"]}
                    for p in parts},
         "per_run_seconds": {f"{p['model']}/{p['seed']}": p["seconds"] for p in parts},
+        "per_run_cpu_seconds": {f"{p['model']}/{p['seed']}": p["cpu_seconds"] for p in parts},
         "rows": [r for p in parts for r in p["rows"]],
     }
     for p in parts:  # equal sizes across seeds too

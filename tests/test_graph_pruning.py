@@ -73,6 +73,23 @@ def test_the_default_ranking_is_node_importance():
     assert plan.kept["c2"].tolist() == sorted(both.argsort(descending=True)[:3].tolist())
 
 
+def test_the_outgoing_side_ranks_by_the_reading_layers_columns():
+    model, x = _spectral("transformer")
+    incoming = node_importance(model.encoder.linear1).double()
+    outgoing = model.encoder.linear2.weight.detach().double().norm(dim=0)  # column i: how linear2 reads neuron i
+    assert not torch.equal(incoming.argsort(), outgoing.argsort())
+    for side, expected in (("out", outgoing), ("both", incoming * outgoing)):
+        plan = select_channels(model, 5, x, importance=EigenImportance(side=side))
+        torch.testing.assert_close(plan.scores["encoder.linear1"], expected)
+        assert plan.kept["encoder.linear1"].tolist() == sorted(expected.argsort(descending=True)[:5].tolist())
+    model, x = _spectral("cnn")  # a flattening dense layer reads each channel at several positions: all its columns count
+    scores = select_channels(model, 3, x, importance=EigenImportance(side="out")).scores["c3"]
+    per_channel = model.head.weight.detach().double().view(10, 6, 6).square().sum((0, 2)).sqrt()  # [10, 6 channels x 6]
+    torch.testing.assert_close(scores, per_channel)
+    with pytest.raises(PruneError, match="side must be one of in, out, both, got 'down'"):
+        EigenImportance(side="down")
+
+
 def test_per_layer_keep_global_ranking_and_ignored_layers():
     model, x = _spectral("cnn")
     small = prune_nodes(model, {"c1": 3}, example_inputs=x, keep_spectral=True)

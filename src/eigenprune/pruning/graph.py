@@ -278,10 +278,46 @@ class EigenImportance(tp.importance.Importance):
     (times its BatchNorm's scale).
     Use it with any Torch-Pruning pruner, e.g. `tp.pruner.MetaPruner(model, x, importance=EigenImportance(),
     customized_pruners=SPECTRAL_PRUNERS, root_module_types=ROOT_TYPES)`.
+
+    `side="out"` scores a channel by its outgoing weights instead: the norm of its columns in every layer that reads
+    it (|lam_in_i| ||phi[:, i]|| on a layer gated on its inputs, lam_out = 0), which a BatchNorm after the reading
+    layer does not cancel; `side="both"` multiplies the two norms. The default, "in", is the paper's criterion.
     """
+
+    SIDES = ("in", "out", "both")
+
+    def __init__(self, side: str = "in") -> None:
+        if side not in self.SIDES:
+            raise PruneError(f"EigenImportance side must be one of {', '.join(self.SIDES)}, got {side!r}")
+        self.side = side
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:
+        if self.side == "in":
+            return self._incoming(group)
+        out = self._outgoing(group)
+        if self.side == "out" or out is None:
+            return out
+        inc = self._incoming(group)
+        return None if inc is None else inc * out
+
+    @staticmethod
+    def _outgoing(group) -> torch.Tensor | None:
+        """Per channel, the norm of its columns in every ungrouped weighted layer that reads it."""
+        total = None
+        for item in group:
+            layer = item.dep.target.module
+            if not isinstance(layer, _WEIGHTED) or _is_out(group, item.dep) or getattr(layer, "groups", 1) != 1:
+                continue
+            w = layer.weight.detach().double()
+            cols = w.transpose(0, 1).flatten(1).square().sum(1)[list(item.idxs)]
+            if total is None:
+                total = torch.zeros(len(group[0].idxs), dtype=torch.float64, device=cols.device)
+            total.index_add_(0, torch.as_tensor(item.root_idxs, device=cols.device), cols)
+        return None if total is None else total.sqrt()
+
+    @staticmethod
+    def _incoming(group) -> torch.Tensor | None:
         scale = {}  # a BatchNorm right after a layer multiplies its channel o by gamma_o / sqrt(var_o + eps)
         for item in group:
             bn = item.dep.target
