@@ -146,7 +146,7 @@ def _bad(name):
         "bad strength": ({"strengths": [-1.0]}, "a strength must be a finite number >= 0, a dict of spectralize options or 'standard', "
                          "got -1.0"),
         "unknown option": ({"strengths": [{"l2_phi": 0.01, "l2_lamda": 1e-3}]}, "a strength's spectralize options must be among "
-                           "train_phi, train_lam_in, train_lam_out, train_bias, l2_phi, l2_lam, l1_lam, group_lasso; got l2_lamda"),
+                           "train_phi, train_lam_in, train_lam_out, train_bias, l2_phi, l2_lam, l1_lam, group_lasso, include, exclude; got l2_lamda"),
         "bad fraction": ({"fractions": [1.5]}, "fractions must be a non-empty list of floats in (0, 1) (kept shares), got [1.5]"),
         "empty data": ({"train": (x[:0], y[:0])}, "the training data is empty"),
         "unequal lengths": ({"train": (x, y[:10])}, "the training data has 64 inputs but 10 targets"),
@@ -223,3 +223,18 @@ def test_the_digits_example_runs_in_tiny_form():
     assert table[0].startswith("| training | strength | kept | params") and {"reference", "spectral", "standard"} <= {
         r.split(" | ")[0][2:] for r in table[1:]}
     assert "shrink: strength 0.1, kept 0.5" in done.stderr and "test accuracy: chosen" in done.stdout
+
+
+def test_spectral_training_is_on_the_layers_whose_channels_are_pruned_and_the_default_path_ends_with_standard():
+    """The benchmark's winning variant (docs/pruning.md): the head, whose outputs are the model's, stays plain."""
+    from eigenprune import SpectralLinear
+    from eigenprune.pruning.shrink import DEFAULT_STRENGTHS
+
+    train, val = _blobs(600, 0), _blobs(300, 1)
+    result = shrink(_mlp(), train, val, tolerance=0.05, training=QUICK, finetune=None, strengths=(3.0,), fractions=FRACTIONS)
+    kinds = [type(m) for m in result.trained.modules() if isinstance(m, (nn.Linear, SpectralLinear))]
+    assert kinds == [SpectralLinear, SpectralLinear, nn.Linear]
+    everything = shrink(_mlp(), train, val, tolerance=0.05, training=QUICK, finetune=None,
+                        strengths=({"l2_phi": 0.03, "l2_lam": 1.5e-3, "include": ["0", "2", "4"]},), fractions=(0.5,))
+    assert all(isinstance(m, SpectralLinear) for m in everything.trained.modules() if isinstance(m, (nn.Linear, SpectralLinear)))
+    assert DEFAULT_STRENGTHS[-1] == "standard"

@@ -38,9 +38,11 @@ pruned by the same criterion)."""
 BASE_PENALTY = {"l2_phi": 0.01, "l2_lam": 5e-4}
 """The spectral layers' default coefficients; a numeric strength m multiplies both."""
 
-DEFAULT_STRENGTHS: tuple[Strength, ...] = (0.1, 0.3, 1.0)
-"""The default path: the benchmark's spectral sweep (benchmarks/bench_real_models.py), where 0.1 was chosen on every
-model and seed of its preliminary round (docs/pruning.md); replace it by the penalty form and strength that win."""
+DEFAULT_STRENGTHS: tuple[Strength, ...] = (0.1, 0.3, 1.0, "standard")
+"""The default path: the benchmark's spectral sweep (benchmarks/bench_real_models.py, where the strength chosen on
+validation ranged over 0.1-1 by model and seed) and standard training, which the same benchmark found as good or
+better on several models (docs/pruning.md, "Real models, round 2"); it costs only fine-tuning (the reference model
+is already trained), and the smallest model within tolerance wins whichever training made it."""
 
 DEFAULT_FRACTIONS = (0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.07, 0.05)
 """Kept fractions of every channel group tried after the unpruned model, largest first (the benchmark's grid)."""
@@ -172,8 +174,9 @@ def _check_args(tolerance: float, task: str, reference: object, strengths: Seque
     if isinstance(strengths, (str, dict)) or not len(strengths):
         raise PruneError(f"strengths must be a non-empty list (numbers, dicts of spectralize options, 'standard'), got {strengths!r}")
     for s in strengths:
-        if isinstance(s, dict) and (unknown := sorted(set(s) - set(OPTIONS))):
-            raise PruneError(f"a strength's spectralize options must be among {', '.join(OPTIONS)}; got {', '.join(map(str, unknown))}")
+        if isinstance(s, dict) and (unknown := sorted(set(s) - {*OPTIONS, "include", "exclude"})):
+            raise PruneError(f"a strength's spectralize options must be among {', '.join(OPTIONS)}, include, exclude; "
+                             f"got {', '.join(map(str, unknown))}")
         if not (s == "standard" or isinstance(s, dict) or (isinstance(s, (int, float)) and not isinstance(s, bool)
                                                            and math.isfinite(s) and s >= 0)):
             raise PruneError(f"a strength must be a finite number >= 0, a dict of spectralize options or 'standard', got {s!r}")
@@ -237,6 +240,8 @@ def _trained(model: nn.Module, strength: Strength, run: _Run, standard: nn.Modul
             standard = run.fit(copy.deepcopy(model), run.training, "standard training")
         return standard
     options = dict(strength) if isinstance(strength, dict) else {k: v * strength for k, v in BASE_PENALTY.items()}
+    if "include" not in options and "exclude" not in options:  # spectral only where channels are pruned (see shrink)
+        options["include"] = list(select_channels(model, 1.0, run.example, ignored_layers=run.prune_options["ignored_layers"]).members)
     work = spectralize(copy.deepcopy(model), **options)
     run.say(f"strength {_label(strength)}: spectral training ({run.training.epochs} epochs)")
     return run.fit(work, run.training, f"spectral training at strength {_label(strength)}", penalty=spectral_penalty)
@@ -306,7 +311,9 @@ def shrink(
     of `model` trained with the same budget and no sparsity term, as the benchmark measures against), "as-given"
     (`model` itself, e.g. already trained) or a number.
 
-    For each point of `strengths` (see `Strength`) a copy of `model` is spectralized and trained (`training`:
+    For each point of `strengths` (see `Strength`) a copy of `model` is spectralized (only the layers that produce
+    prunable channels, the variant that pruned furthest in the benchmark: docs/pruning.md; a dict strength with
+    `include` or `exclude` chooses otherwise) and trained (`training`:
     lr, batch size, epochs; Adam on the task loss + `spectral_penalty`; batches shuffled from `seed`), scored once
     (`select_channels`: `importance`, default `EigenImportance`; `global_ranking`; `ignored_layers`), then cut to each
     of `fractions` (every channel group keeps that share, ceil, largest first; `choose_channels` + `prune_graph`),
