@@ -146,7 +146,8 @@ def _bad(name):
         "bad strength": ({"strengths": [-1.0]}, "a strength must be a finite number >= 0, a dict of spectralize options or 'standard', "
                          "got -1.0"),
         "unknown option": ({"strengths": [{"l2_phi": 0.01, "l2_lamda": 1e-3}]}, "a strength's spectralize options must be among "
-                           "train_phi, train_lam_in, train_lam_out, train_bias, l2_phi, l2_lam, l1_lam, group_lasso, include, exclude; got l2_lamda"),
+                           "train_phi, train_lam_in, train_lam_out, train_bias, l2_phi, l2_lam, l1_lam, group_lasso, include, "
+                           "exclude; got l2_lamda"),
         "bad fraction": ({"fractions": [1.5]}, "fractions must be a non-empty list of floats in (0, 1) (kept shares), got [1.5]"),
         "empty data": ({"train": (x[:0], y[:0])}, "the training data is empty"),
         "unequal lengths": ({"train": (x, y[:10])}, "the training data has 64 inputs but 10 targets"),
