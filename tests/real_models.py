@@ -14,6 +14,25 @@ def _randomize(layer, seed=0):
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=g, dtype=layer.bias.dtype))
 
 
+def assert_formula_outputs_and_gradients(layer, x, conv, **options):
+    """`layer(x)` and its gradients equal autograd on the formula written out per entry (the oracle):
+    w[o, j] = (lam_in[g * in/groups + j] - lam_out[o]) * phi[o, j], g = o // (out/groups), then `conv(x, w, bias,
+    groups=layer.groups, **options)`."""
+    phi, lam_in, lam_out, bias = (p.detach().clone().requires_grad_(True) for p in (layer.phi, layer.lam_in, layer.lam_out, layer.bias))
+    n_out, per_in = phi.shape[0], phi.shape[1]
+    per_out = n_out // layer.groups
+    w = torch.stack([torch.stack([(lam_in[o // per_out * per_in + j] - lam_out[o]) * phi[o, j] for j in range(per_in)])
+                     for o in range(n_out)])
+    want = conv(x, w, bias, groups=layer.groups, **options)
+    got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    (want * g).sum().backward()
+    (got * g).sum().backward()
+    for mine, ref in ((layer.phi, phi), (layer.lam_in, lam_in), (layer.lam_out, lam_out), (layer.bias, bias)):
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-12, atol=1e-12)
+
+
 class CNN(nn.Module):
     def __init__(self):
         super().__init__()

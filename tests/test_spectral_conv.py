@@ -19,7 +19,7 @@ from eigenprune.core.layers import (
     spectral_twin,
     spectral_weight,
 )
-from real_models import CNN, MODELS, CNN3d, TinyTransformer, _randomize, _settle
+from real_models import CNN, MODELS, CNN3d, TinyTransformer, _randomize, _settle, assert_formula_outputs_and_gradients
 
 
 @pytest.mark.parametrize("cls,conv,shape", [(SpectralConv1d, F.conv1d, (3, 4, 11)), (SpectralConv2d, F.conv2d, (3, 4, 7, 6)),
@@ -27,19 +27,8 @@ from real_models import CNN, MODELS, CNN3d, TinyTransformer, _randomize, _settle
 def test_spectral_conv_outputs_and_gradients_match_autograd_on_the_formula(cls, conv, shape):
     layer = cls(4, 5, 3, stride=2, padding=1, dilation=1, bias=True, train_lam_in=True, dtype=torch.float64)
     _randomize(layer)
-    x = torch.randn(*shape, dtype=torch.float64)
     # the oracle: the formula written out per entry, differentiated by autograd
-    phi, lam_in, lam_out = (p.detach().clone().requires_grad_(True) for p in (layer.phi, layer.lam_in, layer.lam_out))
-    bias = layer.bias.detach().clone().requires_grad_(True)
-    w = torch.stack([torch.stack([(lam_in[i] - lam_out[o]) * phi[o, i] for i in range(4)]) for o in range(5)])
-    want = conv(x, w, bias, stride=2, padding=1)
-    got = layer(x)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(want)
-    (want * g).sum().backward()
-    (got * g).sum().backward()
-    for mine, ref in ((layer.phi, phi), (layer.lam_in, lam_in), (layer.lam_out, lam_out), (layer.bias, bias)):
-        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-12, atol=1e-12)
+    assert_formula_outputs_and_gradients(layer, torch.randn(*shape, dtype=torch.float64), conv, stride=2, padding=1)
 
 
 @pytest.mark.parametrize("plain", [nn.Conv1d(3, 6, 5, padding="same", bias=True),

@@ -31,7 +31,7 @@ from eigenprune.pruning.graph import (
     select_channels,
 )
 from eigenprune.pruning.keep import PruneError
-from real_models import _randomize, _settle
+from real_models import _randomize, _settle, assert_formula_outputs_and_gradients
 
 PLAIN = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 SPECTRAL = {1: SpectralConv1d, 2: SpectralConv2d, 3: SpectralConv3d}
@@ -120,19 +120,7 @@ def test_a_grouped_weight_is_the_formula_with_each_groups_lam_in(groups):
     """w[o, j] = (lam_in[g * in/groups + j] - lam_out_o) * phi[o, j], g = o // (out/groups); outputs and gradients."""
     layer = SpectralConv2d(8, 12, 3, padding=1, groups=groups, bias=True, train_lam_in=True, dtype=torch.float64)
     _randomize(layer)
-    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
-    phi, lam_in, lam_out, bias = (p.detach().clone().requires_grad_(True) for p in (layer.phi, layer.lam_in, layer.lam_out, layer.bias))
-    per_in, per_out = 8 // groups, 12 // groups
-    w = torch.stack([torch.stack([(lam_in[o // per_out * per_in + j] - lam_out[o]) * phi[o, j] for j in range(per_in)])
-                     for o in range(12)])
-    want = F.conv2d(x, w, bias, padding=1, groups=groups)
-    got = layer(x)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(want)
-    (want * g).sum().backward()
-    (got * g).sum().backward()
-    for mine, ref in ((layer.phi, phi), (layer.lam_in, lam_in), (layer.lam_out, lam_out), (layer.bias, bias)):
-        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-12, atol=1e-12)
+    assert_formula_outputs_and_gradients(layer, torch.randn(2, 8, 5, 5, dtype=torch.float64), F.conv2d, padding=1)
 
 
 def test_a_depthwise_layer_is_its_own_type_and_stays_so():
