@@ -192,6 +192,16 @@ _MATMULS = ("BmmBackward0", "BaddbmmBackward0")
 are split into heads. (MmBackward0 is left out: Torch-Pruning shows a bias-free Linear's own product as one.)"""
 
 
+def _attention_op(mod: nn.Module) -> str | None:
+    """"sdpa" for an F.scaled_dot_product_attention call, "matmul" for a product of channels with channels
+    (`_MATMULS`), else None (Torch-Pruning's element-wise ops carry their autograd node's name)."""
+    if not isinstance(mod, ops._ElementWiseOp):
+        return None
+    if "ScaledDotProduct" in str(mod._grad_fn):
+        return "sdpa"
+    return "matmul" if str(mod._grad_fn) in _MATMULS else None
+
+
 def _is_out(group, dep) -> bool:
     return group._DG.is_out_channel_pruning_fn(dep.handler)
 
@@ -212,7 +222,7 @@ def _inexact_kind(mod: nn.Module) -> str | None:
     """What `exact=False` lets a group pass through (a norm or attention), else None."""
     if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)) or is_rmsnorm(mod):
         return type(mod).__name__
-    if isinstance(mod, ops._ElementWiseOp) and "ScaledDotProduct" in str(mod._grad_fn):
+    if _attention_op(mod) == "sdpa":
         return "scaled_dot_product_attention"
     return None
 
@@ -225,19 +235,19 @@ def _blocks(modules: dict[str, nn.Module], names: dict[int, str], group, exact: 
     counts, heads, matmul, mha, stacked = set(), set(), None, False, 1
     for item in group:
         mod = item.dep.target.module
-        if _conv_groups(mod) > 1:
-            counts.add(_conv_groups(mod))
+        if (conv_groups := _conv_groups(mod)) > 1:
+            counts.add(conv_groups)
         if isinstance(mod, nn.MultiheadAttention):  # its products (traced inside it) are head-split by its own num_heads
             counts.add(mod.num_heads)
             mha = True
         elif isinstance(mod, nn.GroupNorm):
             counts.add(mod.num_groups)
-        elif isinstance(mod, ops._ElementWiseOp) and "ScaledDotProduct" in str(mod._grad_fn):
+        elif _attention_op(mod) == "sdpa":
             if exact:
                 return 1, ("its channels pass through scaled_dot_product_attention, whose scale 1/sqrt(head width) "
                            "changes when they are cut (exact=False prunes them)")
             matmul = str(mod._grad_fn)
-        elif isinstance(mod, ops._ElementWiseOp) and str(mod._grad_fn) in _MATMULS:
+        elif _attention_op(mod) == "matmul":
             matmul = str(mod._grad_fn)
         elif isinstance(mod, ops._UnbindOp) and mod.offsets:  # a fused qkv projection: q, k, v stacked, each split in heads
             stacked = max(stacked, len(mod.offsets) - 1)
@@ -261,8 +271,7 @@ def _blocks(modules: dict[str, nn.Module], names: dict[int, str], group, exact: 
 def _attends(group) -> bool:
     """Whether the group's channels are split into attention heads (nn.MultiheadAttention, a batched matrix product or
     scaled_dot_product_attention): a reshape that splits them is then the split into heads, which `_blocks` follows."""
-    return any(isinstance(m, nn.MultiheadAttention) or (isinstance(m, ops._ElementWiseOp) and (
-        str(m._grad_fn) in _MATMULS or "ScaledDotProduct" in str(m._grad_fn))) for m in (i.dep.target.module for i in group))
+    return any(isinstance(m, nn.MultiheadAttention) or _attention_op(m) is not None for m in (i.dep.target.module for i in group))
 
 
 class EigenImportance(tp.importance.Importance):
@@ -597,7 +606,7 @@ def _reason(group, item, root: nn.Module, names: dict[int, str], ignored: set[st
     norm or attention is no reason: it is appended to `through` instead."""
     target = item.dep.target
     mod, out = target.module, _is_out(group, item.dep)
-    mname = names.get(id(mod), repr(mod))
+    mname = names[id(mod)] if id(mod) in names else repr(mod)  # repr only when it has no name
     other = "it is" if mod is root else f"it shares channels with {mname}, which is"
     if isinstance(mod, ops._OutputOp) or (not target.outputs and out):
         return "its channels are model outputs"
@@ -605,8 +614,8 @@ def _reason(group, item, root: nn.Module, names: dict[int, str], ignored: set[st
         return f"{other} in ignored_layers"
     if isinstance(mod, nn.Parameter):
         return _param_reason(target, other)
-    if not exact and _inexact_kind(mod):
-        through.append(_inexact_kind(mod) + ("" if isinstance(mod, ops._ElementWiseOp) else f" {mname}"))
+    if not exact and (kind := _inexact_kind(mod)):
+        through.append(kind + ("" if isinstance(mod, ops._ElementWiseOp) else f" {mname}"))
         return None
     if type(mod).__module__ == ops.__name__:
         return _op_reason(target, dg, _attends(group))
