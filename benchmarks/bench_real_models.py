@@ -381,13 +381,15 @@ def sweep_kind(kind, builder, splits, epochs, seed, strength_idx, crit, width, s
 
 
 def run_one(name: str, seed: int, quick: bool, strength_idx: list[int], ours: list[str] | None = None,
-            kinds: list[str] | None = None) -> dict:
-    """Every pipeline (or those of `kinds`' trainings, standard always) on one model and seed."""
+            kinds: list[str] | None = None, epochs_scale: float = 1.0) -> dict:
+    """Every pipeline (or those of `kinds`' trainings, standard always) on one model and seed; every training (not the
+    fine-tuning) runs for the model's epochs times `epochs_scale`."""
     global GRID, FT_EPOCHS
     torch.set_num_threads(1)
     if quick:  # a smoke test: 3 fractions, 1 epoch of fine-tuning (set here too: --jobs workers import afresh)
         GRID, FT_EPOCHS = QUICK_GRID, 1
     builder, load, epochs, has_bn = prune_zoo.models(quick)[name]
+    epochs = max(1, round(epochs * epochs_scale))
     splits = load()
     train_data, val, test = splits
     x, y = train_data
@@ -527,6 +529,8 @@ def main(argv=None) -> dict:
                         help="spectral variant(s) to measure, the first as ours: " + ", ".join(SPECTRAL_VARIANTS))
     parser.add_argument("--kinds", default=None, help="only these trainings besides standard, e.g. spectral "
                         "(default all: spectral, group-norm, growing-reg, slimming)")
+    parser.add_argument("--epochs-scale", type=float, default=1.0,
+                        help="train every model for its epochs times this (default 1; fine-tuning unchanged)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes over (model, seed) (default 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "real_models.json")
     args = parser.parse_args(argv)
@@ -552,7 +556,9 @@ def main(argv=None) -> dict:
     if any(v not in SPECTRAL_VARIANTS for v in ours):
         parser.error(f"--ours takes variants of {list(SPECTRAL_VARIANTS)}, got {ours}")
     kinds = args.kinds.split(",") if args.kinds else None
-    tasks = [(n, s, args.quick, idx, ours, kinds) for n in names for s in seed_list]
+    if not args.epochs_scale > 0:
+        parser.error(f"--epochs-scale must be > 0, got {args.epochs_scale}")
+    tasks = [(n, s, args.quick, idx, ours, kinds, args.epochs_scale) for n in names for s in seed_list]
     info = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     start = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -575,9 +581,11 @@ def main(argv=None) -> dict:
         for t in tasks:
             keep(run_one(*t))
     parts.sort(key=lambda p: (names.index(p["model"]), p["seed"]))
+    zoo = prune_zoo.models(args.quick)
     result = {
         **info, "seconds": time.perf_counter() - start, "quick": args.quick, "seeds": seed_list, "jobs": args.jobs,
-        "grid": GRID, "tolerance_points": TOLERANCE, "epochs": {n: prune_zoo.models(args.quick)[n][2] for n in names},
+        "grid": GRID, "tolerance_points": TOLERANCE, "epochs": {n: max(1, round(zoo[n][2] * args.epochs_scale)) for n in names},
+        "epochs_scale": args.epochs_scale,
         "lr": LR, "batch": BATCH, "finetune": {"epochs": FT_EPOCHS, "lr": FT_LR},
         "strengths": {**{k: [v[i] for i in idx] for k, v in STRENGTHS.items()},
                       **{f"spectral/{v}": [SPECTRAL_VARIANTS[v][1][i] for i in idx] for v in ours}},

@@ -59,6 +59,7 @@ def test_real_models_benchmark_quick_form(tmp_path):
     result = json.loads(out.read_text())
     models = {"cnn-bn", "cnn-plain", "resnet", "mobilenet", "transformer-ff", "mlp"}
     assert set(result["models"]) == models and result["seeds"] == [0] and result["quick"]
+    assert result["epochs_scale"] == 1.0 and result["epochs"]["mlp"] == 2  # --quick trains 2 epochs
     assert result["machine"]["cpu"] and result["date"]
     pipelines = {(r["model"], r["pipeline"]) for r in result["rows"]}
     assert len(pipelines) == len(result["rows"]) == 3 * 9 + 3 * 8  # slimming only where there is BatchNorm (3 models)
@@ -85,6 +86,15 @@ def test_real_models_benchmark_quick_form(tmp_path):
     assert all(c["ok"] for c in checks.values()), checks
     assert not checks["mobilenet"]["left_alone"]  # its depthwise groups too (left alone before issue #24)
     assert "| cnn-bn | spectral + eigenprune (ours) |" in proc.stdout
+
+
+@pytest.mark.parametrize("scale", ["0", "-1", "nan"])
+def test_real_models_benchmark_refuses_a_bad_epochs_scale(tmp_path, scale):
+    out = tmp_path / "real.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_real_models.py"), "--quick", "--epochs-scale", scale,
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and f"--epochs-scale must be > 0, got {float(scale)}" in proc.stderr
+    assert not out.exists()
 
 
 def test_prune_speed_benchmark_quick_form(tmp_path):
