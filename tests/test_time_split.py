@@ -131,3 +131,26 @@ def test_whole_chunks_an_earlier_run_finished_are_kept_whole_under_a_new_bound(t
     run_experiment(split, out, quiet=True)  # the tiny bound would split every chunk: none is retrained
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["chunks_resumed"]) == sorted(manifest["chunks"]) == ["direct-w6_12", "spectral-w6_12"]
+
+
+def test_run_times_tables_every_committed_chunk_against_the_cost_model(runs, tmp_path):
+    """benchmarks/run_times.py (issue #25's record of a long run): one row per committed chunk, in the plan's chunks."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run_times.py"
+    spec = importlib.util.spec_from_file_location("run_times", path)
+    run_times = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_times)
+    _, split, cfg = runs
+    t = run_times.chunk_times(split)
+    assert [r["chunk"] for r in t["done"]] and not t["left"]
+    assert sorted(r["chunk"] for r in t["done"]) == sorted(p.name for p in (split / "chunks").iterdir())
+    assert all(r["seconds"] > 0 and r["model_min"] > 0 and r["ratio"] > 0 for r in t["done"])
+    assert t["chunk_seconds_done"] == pytest.approx(sum(r["seconds"] for r in t["done"]))
+    copy = tmp_path / "copy"
+    shutil.copytree(split, copy)
+    shutil.rmtree(copy / "chunks" / t["done"][0]["chunk"])  # a chunk not committed yet is left, not an error
+    assert [r["chunk"] for r in run_times.chunk_times(copy)["left"]] == [t["done"][0]["chunk"]]
+    with pytest.raises(SystemExit, match="config.yaml is missing"):
+        run_times.chunk_times(split / "chunks")
