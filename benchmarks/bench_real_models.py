@@ -95,6 +95,9 @@ SPECTRAL_VARIANTS = {  # name -> (which layers are spectral and penalised, stren
     # w[o, i] = lam_in_i * phi[o, i] (lam_out = 0 frozen), scored by its columns (EigenImportance(side="out"))
     "out": ("out", [0.1, 0.3, 1.0], "eigenprune-out"),
     "wide": ("all", [0.01, 0.1, 1.0], "eigenprune"),  # as "all", strengths 10x apart like the peers', down to 0.01
+    # "pruned"'s training, channels ranked by incoming norm x outgoing norm (EigenImportance(side="both")): the score
+    # a ReLU network's rescaling (incoming x a, outgoing / a) leaves unchanged
+    "both": ("pruned", [0.1, 0.3, 1.0], "eigenprune-both"),
 }
 OURS = ["pruned"]
 """The spectral variants measured (--ours); the first is "spectral + eigenprune (ours)", the others spectral[v].
@@ -136,6 +139,7 @@ def importance(name: str):
         "tp-group-l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
         "eigenprune": EigenImportance,
         "eigenprune-out": lambda: EigenImportance(side="out"),
+        "eigenprune-both": lambda: EigenImportance(side="both"),
     }[name]()
 
 
