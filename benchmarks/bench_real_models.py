@@ -17,7 +17,8 @@ Trainings (same optimizer, epochs, batches and initialisation for all; Adam, cro
                 the SPECTRAL_VARIANTS (--ours): by default "pruned", only the layers that produce pruned channels
                 are spectral (`spectralize(model, include=select_channels(model, 1.0, x).members)`), the rest stays
                 plain and unpenalised; "all" layers spectral (the README's first recipe; "wide": the same with
-                m down to 0.01); or the layers reading the pruned channels gated on their inputs ("out")
+                m down to 0.01); or the layers reading the pruned channels gated on their inputs ("out"); "both" is
+                "pruned"'s training ranked by incoming x outgoing norm
   group-norm    Torch-Pruning's GroupNormPruner: `pruner.regularize(model)` after every backward
   growing-reg   Torch-Pruning's GrowingRegPruner: `regularize` after every backward, `update_reg()` after every epoch
   slimming      Torch-Pruning's BNScalePruner (L1 on BatchNorm scales), models with BatchNorm only
