@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import subprocess
@@ -385,6 +386,11 @@ def sweep_kind(kind, builder, splits, epochs, seed, strength_idx, crit, width, s
     return {"no_ft": no_ft, "ft": with_ft, "sweep": public}
 
 
+def scaled(epochs: int, scale: float) -> int:
+    """A model's training epochs under --epochs-scale (at least 1)."""
+    return max(1, round(epochs * scale))
+
+
 def run_one(name: str, seed: int, quick: bool, strength_idx: list[int], ours: list[str] | None = None,
             kinds: list[str] | None = None, epochs_scale: float = 1.0) -> dict:
     """Every pipeline (or those of `kinds`' trainings, standard always) on one model and seed; every training (not the
@@ -394,7 +400,7 @@ def run_one(name: str, seed: int, quick: bool, strength_idx: list[int], ours: li
     if quick:  # a smoke test: 3 fractions, 1 epoch of fine-tuning (set here too: --jobs workers import afresh)
         GRID, FT_EPOCHS = QUICK_GRID, 1
     builder, load, epochs, has_bn = prune_zoo.models(quick)[name]
-    epochs = max(1, round(epochs * epochs_scale))
+    epochs = scaled(epochs, epochs_scale)
     splits = load()
     train_data, val, test = splits
     x, y = train_data
@@ -561,8 +567,8 @@ def main(argv=None) -> dict:
     if any(v not in SPECTRAL_VARIANTS for v in ours):
         parser.error(f"--ours takes variants of {list(SPECTRAL_VARIANTS)}, got {ours}")
     kinds = args.kinds.split(",") if args.kinds else None
-    if not args.epochs_scale > 0:
-        parser.error(f"--epochs-scale must be > 0, got {args.epochs_scale}")
+    if not (math.isfinite(args.epochs_scale) and args.epochs_scale > 0):
+        parser.error(f"--epochs-scale must be a finite number > 0, got {args.epochs_scale}")
     tasks = [(n, s, args.quick, idx, ours, kinds, args.epochs_scale) for n in names for s in seed_list]
     info = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     start = time.perf_counter()
@@ -589,7 +595,7 @@ def main(argv=None) -> dict:
     zoo = prune_zoo.models(args.quick)
     result = {
         **info, "seconds": time.perf_counter() - start, "quick": args.quick, "seeds": seed_list, "jobs": args.jobs,
-        "grid": GRID, "tolerance_points": TOLERANCE, "epochs": {n: max(1, round(zoo[n][2] * args.epochs_scale)) for n in names},
+        "grid": GRID, "tolerance_points": TOLERANCE, "epochs": {n: scaled(zoo[n][2], args.epochs_scale) for n in names},
         "epochs_scale": args.epochs_scale,
         "lr": LR, "batch": BATCH, "finetune": {"epochs": FT_EPOCHS, "lr": FT_LR},
         "strengths": {**{k: [v[i] for i in idx] for k, v in STRENGTHS.items()},

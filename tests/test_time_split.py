@@ -142,7 +142,7 @@ def test_run_times_tables_every_committed_chunk_against_the_cost_model(runs, tmp
     spec = importlib.util.spec_from_file_location("run_times", path)
     run_times = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_times)
-    _, split, cfg = runs
+    _, split, _ = runs
     t = run_times.chunk_times(split)
     assert [r["chunk"] for r in t["done"]] and not t["left"]
     assert sorted(r["chunk"] for r in t["done"]) == sorted(p.name for p in (split / "chunks").iterdir())
