@@ -22,22 +22,22 @@ from eigenprune.experiments.store import RunFolder, RunFolderError
 
 
 def chunk_times(run: Path) -> dict:
+    folder = RunFolder(run)
     try:
-        cfg = RunFolder(run).read_config()
+        plan, _ = plan_run(folder.read_config())
+        seconds = folder.chunk_seconds(list(plan.chunk))["chunk_seconds"]  # the run's own reader of timing.json
+        committed = {c: folder.entry(f"chunks/{c}").stat().st_mtime for c in seconds}
     except RunFolderError as err:
         raise SystemExit(str(err)) from None
-    plan, _ = plan_run(cfg)
     rows, left = [], []
     for r in plan.to_dict("records"):
-        timing = run / "chunks" / r["chunk"] / "timing.json"
-        if not timing.is_file():
-            left.append({"chunk": r["chunk"], "model_min": r["model_min"]})
+        c = r["chunk"]
+        if c not in seconds:
+            left.append({"chunk": c, "model_min": r["model_min"]})
             continue
-        t = json.loads(timing.read_text())
-        seconds = t.get("seconds", t["train_seconds"])
-        done = datetime.fromtimestamp(timing.parent.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
-        rows.append({"chunk": r["chunk"], "model_min": r["model_min"], "seconds": seconds,
-                     "ratio": seconds / (60 * r["model_min"]), "committed": done})
+        done = datetime.fromtimestamp(committed[c], timezone.utc).isoformat(timespec="seconds")
+        rows.append({"chunk": c, "model_min": r["model_min"], "seconds": seconds[c], "ratio": seconds[c] / (60 * r["model_min"]),
+                     "committed": done})
     rows.sort(key=lambda r: r["committed"])
     return {"run": str(run), "done": rows, "left": left, "model_min_done": sum(r["model_min"] for r in rows),
             "model_min_left": sum(r["model_min"] for r in left), "chunk_seconds_done": sum(r["seconds"] for r in rows)}
