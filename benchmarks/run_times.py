@@ -56,14 +56,17 @@ def markdown(t: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run folder of `eigenprune run`")
-    parser.add_argument("--json", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the table to this new file")
     args = parser.parse_args(argv)
     if not args.run.is_dir():
         parser.error(f"run folder not found: {args.run}")
+    if args.json and (args.json.exists() or args.json.is_symlink()):
+        parser.error(f"--json {args.json} exists; give a new path (this script does not replace files)")
     t = chunk_times(args.run)
     print(markdown(t))
     if args.json:
-        args.json.write_text(json.dumps(t, indent=1))
+        with open(args.json, "x") as fh:  # exclusive create: never replaces a file or writes through a link
+            fh.write(json.dumps(t, indent=1))
     return t
 
 

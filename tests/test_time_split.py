@@ -154,3 +154,10 @@ def test_run_times_tables_every_committed_chunk_against_the_cost_model(runs, tmp
     assert [r["chunk"] for r in run_times.chunk_times(copy)["left"]] == [t["done"][0]["chunk"]]
     with pytest.raises(SystemExit, match="config.yaml is missing"):
         run_times.chunk_times(split / "chunks")
+    mine = tmp_path / "mine.json"
+    mine.write_text("a user's file")
+    with pytest.raises(SystemExit):
+        run_times.main([str(split), "--json", str(mine)])
+    assert mine.read_text() == "a user's file"
+    run_times.main([str(split), "--json", str(tmp_path / "new.json")])
+    assert json.loads((tmp_path / "new.json").read_text())["done"] == t["done"]
