@@ -1,6 +1,7 @@
 """Critical point, exponential fit, collapse measure, path statistics and the report builder."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,8 +172,6 @@ def test_a_tiny_run_shows_the_papers_effect(tmp_path):
 def test_the_full_scale_run_rebuilds_from_its_stored_tables(tmp_path):
     """results/paper-full (the real full-scale run, issue #25) is complete enough for `eigenprune report` to rebuild
     every figure, the path figure included, and its summary holds the 540 trainings docs/reproduction.md reports."""
-    import shutil
-
     stored = Path(__file__).resolve().parents[1] / "results" / "paper-full"
     summary = json.loads((stored / "summary.json").read_text())
     groups = pd.DataFrame(summary["groups"])
