@@ -18,7 +18,9 @@ Trainings (same optimizer, epochs, batches and initialisation for all; Adam, cro
                 are spectral (`spectralize(model, include=select_channels(model, 1.0, x).members)`), the rest stays
                 plain and unpenalised; "all" layers spectral (the README's first recipe; "wide": the same with
                 m down to 0.01); or the layers reading the pruned channels gated on their inputs ("out"); "both" is
-                "pruned"'s training ranked by incoming x outgoing norm
+                "pruned"'s training ranked by incoming x outgoing norm; "wide-l1", "pruned-l1", "out-l1" are those
+                trainings ranked by Torch-Pruning's group L1 magnitude; "pruned-norm" and "norm" ("all" layers) normalise
+                the penalty per layer (`per_layer`)
   group-norm    Torch-Pruning's GroupNormPruner: `pruner.regularize(model)` after every backward
   growing-reg   Torch-Pruning's GrowingRegPruner: `regularize` after every backward, `update_reg()` after every epoch
   slimming      Torch-Pruning's BNScalePruner (L1 on BatchNorm scales), models with BatchNorm only
@@ -71,6 +73,7 @@ sys.path.insert(0, str(ROOT))
 import prune_zoo  # noqa: E402
 
 from eigenprune import despectralize, prune_nodes, spectral_penalty, spectralize  # noqa: E402
+from eigenprune.core.layers import SpectralModule  # noqa: E402
 
 try:  # where the graph criterion lives today; the pruning package is being restructured
     from eigenprune.pruning.graph import EigenImportance
@@ -100,6 +103,15 @@ SPECTRAL_VARIANTS = {  # name -> (which layers are spectral and penalised, stren
     # "pruned"'s training, channels ranked by incoming norm x outgoing norm (EigenImportance(side="both")): the score
     # a ReLU network's rescaling (incoming x a, outgoing / a) leaves unchanged
     "both": ("pruned", [0.1, 0.3, 1.0], "eigenprune-both"),
+    # spectral training, channels ranked by Torch-Pruning's group L1 magnitude (the whole dependency group: producers'
+    # rows, BatchNorm, readers' columns); each strength chosen on validation with that ranking
+    "wide-l1": ("all", [0.01, 0.1, 1.0], "group-l1"),
+    "pruned-l1": ("pruned", [0.1, 0.3, 1.0], "group-l1"),
+    "out-l1": ("out", [0.1, 0.3, 1.0], "group-l1"),
+    # a penalty normalised per layer: each spectral layer's coefficients times (mean phi size / its phi size), so every
+    # layer's mean square weight counts alike, whatever its size ("pruned-norm": the default's layers; "norm": all)
+    "pruned-norm": ("pruned", [0.1, 0.3, 1.0], "eigenprune", "per-layer"),
+    "norm": ("all", [0.01, 0.1, 1.0], "eigenprune", "per-layer"),
 }
 OURS = ["pruned"]
 """The spectral variants measured (--ours); the first is "spectral + eigenprune (ours)", the others spectral[v].
@@ -134,6 +146,7 @@ def strengths(kind: str) -> list[float]:
 def importance(name: str):
     return {
         "tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
+        "group-l1": lambda: tp.importance.MagnitudeImportance(p=1),  # tp-l1, as the criterion of a spectral variant
         "tp-l2": lambda: tp.importance.MagnitudeImportance(p=2),
         "tp-taylor": lambda: tp.importance.TaylorImportance(),
         "tp-lamp": lambda: tp.importance.LAMPImportance(p=2),
@@ -258,6 +271,16 @@ def accuracy(model: nn.Module, data) -> float:
     return 100.0 * float((model.eval()(x).argmax(1) == y).float().mean())
 
 
+def per_layer(model: nn.Module) -> nn.Module:
+    """Normalise the penalty per layer (in place): each spectral layer's l2_phi and l2_lam times (the mean number of
+    phi entries over the spectral layers / its own), so that every layer's mean square weight counts alike."""
+    layers = [m for m in model.modules() if isinstance(m, SpectralModule)]
+    mean = sum(m.phi.numel() for m in layers) / len(layers)
+    for m in layers:
+        m.l2_phi, m.l2_lam = m.l2_phi * mean / m.phi.numel(), m.l2_lam * mean / m.phi.numel()
+    return model
+
+
 def trained(builder, kind: str, strength, splits, epochs: int, seed: int) -> nn.Module:
     """A model trained by `kind` at `strength`, as plain layers (spectral ones converted back, exactly)."""
     train_data = splits[0]
@@ -281,6 +304,8 @@ def trained(builder, kind: str, strength, splits, epochs: int, seed: int) -> nn.
                 for name in include:
                     layer = model.get_submodule(name)
                     layer.lam_in.fill_(1.0), layer.lam_out.zero_(), layer.phi.neg_()
+        if SPECTRAL_VARIANTS[kind.split("/", 1)[1]][3:] == ("per-layer",):
+            per_layer(model)
         return train(model, train_data, epochs, seed, penalty=spectral_penalty)
     ignored = ignored_for(model, x)
     common = dict(ignored_layers=ignored, pruning_ratio=0.5)

@@ -129,3 +129,31 @@ def test_alternate_runs_both_versions_in_turn(tmp_path):
     assert all(r["wall_s"] > 0 and set(r["chunk_seconds"]) == {"spectral-w10", "direct-w10"} for r in rows)
     worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     assert "eigenprune-alternate-" not in worktrees  # its worktree is removed
+
+
+def test_real_models_benchmark_round4_variants(monkeypatch):
+    """Round 4's variants of ours: a group-L1-ranked variant is trained and ranked by its own criterion (not dropped
+    as the TP L1 diagnostic), and the per-layer penalty gives every spectral layer the same coefficient x phi size."""
+    pytest.importorskip("sklearn")
+    import bench_real_models as bench
+    import torch
+
+    for name in ("GRID", "FT_EPOCHS"):  # run_one's quick form sets them; put them back afterwards
+        monkeypatch.setattr(bench, name, getattr(bench, name))
+    threads = torch.get_num_threads()  # and it runs on one thread
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    part = bench.run_one("mlp", 0, True, [0, 2], ours=["wide-l1", "pruned-norm"], kinds=["spectral"])
+    by = {r["pipeline"]: r for r in part["rows"]}
+    assert by["spectral + eigenprune (ours)"]["training"] == "spectral/wide-l1"
+    assert by["spectral + eigenprune (ours)"]["criterion"] == "group-l1"
+    assert [s["strength"] for s in by["spectral + eigenprune (ours)"]["sweep"]] == [0.01, 1.0]
+    assert by["spectral[pruned-norm] + eigenprune"]["training"] == "spectral/pruned-norm"
+
+    builder, load, _, _ = bench.prune_zoo.models(True)["mlp"]
+    model = bench.trained(builder, "spectral/norm", 1.0, load(), 1, 0)
+    layers = [m for m in model.modules() if isinstance(m, bench.SpectralModule)]
+    assert len(layers) == 3 and len({m.phi.numel() for m in layers}) > 1  # sizes differ, so the scaling shows
+    mean = sum(m.phi.numel() for m in layers) / len(layers)
+    for m in layers:
+        assert m.l2_phi * m.phi.numel() == pytest.approx(0.01 * mean) and m.l2_lam * m.phi.numel() == pytest.approx(5e-4 * mean)
+    assert torch.get_num_threads() == threads
