@@ -146,7 +146,7 @@ def strengths(kind: str) -> list[float]:
 def importance(name: str):
     return {
         "tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
-        "group-l1": lambda: tp.importance.MagnitudeImportance(p=1),  # tp-l1, as the criterion of a spectral variant
+        "group-l1": lambda: tp.importance.MagnitudeImportance(p=1),  # tp-l1 under the name a spectral variant records
         "tp-l2": lambda: tp.importance.MagnitudeImportance(p=2),
         "tp-taylor": lambda: tp.importance.TaylorImportance(),
         "tp-lamp": lambda: tp.importance.LAMPImportance(p=2),
@@ -290,7 +290,8 @@ def trained(builder, kind: str, strength, splits, epochs: int, seed: int) -> nn.
     if kind == "standard":
         return train(model, train_data, epochs, seed)
     if kind.startswith("spectral/"):
-        scope = SPECTRAL_VARIANTS[kind.split("/", 1)[1]][0]
+        variant = SPECTRAL_VARIANTS[kind.split("/", 1)[1]]
+        scope = variant[0]
         include, gates = None, {}
         if scope in ("pruned", "out"):
             ids = producers(model, x, out=scope == "pruned")
@@ -304,7 +305,7 @@ def trained(builder, kind: str, strength, splits, epochs: int, seed: int) -> nn.
                 for name in include:
                     layer = model.get_submodule(name)
                     layer.lam_in.fill_(1.0), layer.lam_out.zero_(), layer.phi.neg_()
-        if SPECTRAL_VARIANTS[kind.split("/", 1)[1]][3:] == ("per-layer",):
+        if variant[3:] == ("per-layer",):
             per_layer(model)
         return train(model, train_data, epochs, seed, penalty=spectral_penalty)
     ignored = ignored_for(model, x)
@@ -439,7 +440,10 @@ def run_one(name: str, seed: int, quick: bool, strength_idx: list[int], ours: li
     plan = [p for p in pipelines(ours or OURS) if p[1] != "slimming" or has_bn]
     if kinds is not None:
         plan = [p for p in plan if p[1] == "standard" or p[1].split("/")[0] in kinds]
-    own = {t: c for _, t, c in plan if t != "standard" and c != "tp-l1"}
+    own: dict[str, str] = {}  # each training's strength is chosen with the criterion of its first pipeline (ours, not
+    for _, t, c in plan:      # the TP L1 diagnostic on the same training)
+        if t != "standard":
+            own.setdefault(t, c)
     chosen = {"standard": {"no_ft": {"model": base, "plain": base, "strength": None},
                            "ft": {"model": base, "plain": base, "strength": None}, "sweep": None}}
     for kind, crit in own.items():
